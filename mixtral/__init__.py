@@ -1,0 +1,35 @@
+"""mixtral: the Mixtral 8x7B system in PyTorch — model, checkpoints, chat, generation.
+
+Stable API: `mixtral.load(path, dtype=None, device="cpu")` and `mixtral.chat.encode(messages)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from mixtral.model import Transformer
+
+__version__ = "0.1.0"
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+         device: torch.device | str = "cpu") -> Transformer:
+    """Load a Mixtral checkpoint (Hugging Face or Mistral layout) into a model in eval mode.
+
+    Calling the model on a [B, T] LongTensor of token ids returns fp32 logits [B, T, vocab]."""
+    from mixtral.checkpoint import load as _load
+
+    return _load(path, dtype, device)
+
+
+def __getattr__(name: str) -> Any:
+    # `mixtral.chat.encode(...)` works after a bare `import mixtral`; submodules load on first use
+    if name in {"chat", "checkpoint", "config", "formats", "generate", "model", "sampling",
+                "tokenizer", "completion", "cache"}:
+        return importlib.import_module(f"mixtral.{name}")
+    raise AttributeError(f"module 'mixtral' has no attribute {name!r}")

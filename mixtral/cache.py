@@ -1,0 +1,41 @@
+"""The KV cache, owned by the caller (generation loop, engine) and passed into the model.
+
+Preallocated once: [layers, B, K, max_seq_len, A] for keys and for values. Slot s of a row holds
+the key/value of position s, so a row can be prefilled in chunks and decoded one token at a time
+and rows of different lengths can share a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mixtral.config import ModelArgs
+
+
+class KVCache:
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (args.n_layers, batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[3]
+
+    def span(self, positions: Tensor) -> int:
+        """How many slots this call attends over: up to the furthest position written."""
+        end = int(positions.max()) + 1
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache holds {self.max_seq_len} positions; "
+                             f"position {end - 1} does not fit")
+        return end
+
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor,
+               span: int) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, K, T, A] at positions [B, T]; return this layer's [B, K, span, A]."""
+        idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, K, T, A]
+        self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
+        self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
+        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]

@@ -1,0 +1,396 @@
+"""Checkpoints on disk: find the files, read them strictly into a model, write them atomically.
+
+What each layout means lives in `formats.py`; this module deals with files. Reading is strict:
+an unknown or missing tensor, a shape or dtype that contradicts the config, a truncated or
+corrupt file or a missing shard raises `CheckpointError` naming the file, the tensor and what
+was expected. Loading builds the model on the meta device and reads every tensor straight into
+its final buffer, so the weights are never held twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mixtral.config import ModelArgs
+from mixtral.formats import (
+    LAYOUTS,
+    ConfigError,
+    Layout,
+    args_from_hf_config,
+    args_from_params,
+    detect_layout,
+    dtype_name,
+    file_tensors,
+    hf_config,
+    params_json,
+    parse_dtype,
+    read_canonical,
+    write_canonical,
+)
+from mixtral.model import Transformer
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int = 0  # absolute byte range in a safetensors file
+    end: int = 0
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Parse and check a safetensors header: 8-byte little-endian length, then JSON."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}; "
+                                  "the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    entries = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_DTYPES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
+                                  f"{meta!r}") from None
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] "
+                                  f"but {meta['dtype']}{list(shape)} needs {nbytes} bytes")
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + end} but the "
+                                  f"file has {size} bytes: the file is truncated")
+        entries[name] = TensorEntry(path, dtype, shape, 8 + n + begin, 8 + n + end)
+    return entries
+
+
+def _read_safetensor(entry: TensorEntry) -> Tensor:
+    # Read straight into a fresh tensor: the page cache is not our memory, and no mmap of the
+    # whole file stays alive beside the model.
+    out = torch.empty(entry.shape, dtype=entry.dtype)
+    nbytes = entry.end - entry.start
+    if nbytes:
+        buf = (ctypes.c_ubyte * nbytes).from_address(out.data_ptr())
+        with open(entry.file, "rb") as f:
+            f.seek(entry.start)
+            if f.readinto(buf) != nbytes:
+                raise CheckpointError(f"{entry.file}: short read of a tensor at byte "
+                                      f"{entry.start}: the file changed while loading")
+    return out
+
+
+def _load_torch_file(path: Path) -> dict[str, Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad zip or pickle
+        raise CheckpointError(f"{path}: cannot read this PyTorch checkpoint "
+                              f"(truncated or corrupt?): {e}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return sd
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    config_file: Path
+    weight_files: list[Path]
+    layout: Layout
+    args: ModelArgs
+    dtype: torch.dtype
+    entries: dict[str, TensorEntry] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.dtype.itemsize * _numel(e.shape) for e in self.entries.values())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _find_files(path: Path) -> tuple[Path, list[Path]]:
+    """-> (config file, weight files). Decided by the files present, never by folder names."""
+    if path.is_file():
+        folder, weights = path.parent, [path]
+    elif path.is_dir():
+        folder = path
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weights = _index_shards(index)
+        else:
+            weights = sorted(p for p in folder.glob("*.safetensors")
+                             if p.name != "consolidated.safetensors")
+            weights = weights or sorted(folder.glob("consolidated.safetensors"))
+            weights = weights or sorted(folder.glob("consolidated.*.pth"))
+            weights = weights or sorted(folder.glob("consolidated.*.pt"))
+        if not weights:
+            raise CheckpointError(
+                f"{path}: no weights found (looked for model.safetensors.index.json, *.safetensors,"
+                " consolidated.safetensors, consolidated.*.pth, consolidated.*.pt)")
+    else:
+        raise CheckpointError(f"{path}: no such file or directory")
+    mistral_weights = weights[0].name.startswith("consolidated")
+    candidates = ["params.json", "config.json"] if mistral_weights else ["config.json"]
+    for name in candidates:
+        if (folder / name).exists():
+            return folder / name, weights
+    raise CheckpointError(f"{folder}: no {' or '.join(candidates)} beside the weights "
+                          f"{weights[0].name}; the model's shape cannot be known")
+
+
+def _index_shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+    missing = [s for s in shards if not (index.parent / s).exists()]
+    if missing:
+        raise CheckpointError(f"{index}: shard {missing[0]} is missing from {index.parent}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return [index.parent / s for s in shards]
+
+
+def _read_config(config_file: Path) -> ModelArgs:
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object")
+    try:
+        if config_file.name == "params.json":
+            return args_from_params(cfg, str(config_file))
+        return args_from_hf_config(cfg, str(config_file))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def inspect(path: str | os.PathLike) -> CheckpointInfo:
+    """Find a checkpoint's files and check every tensor's name, shape and dtype against its
+    config, reading only headers (and, for .pt/.pth, the pickled tensor metadata)."""
+    path = Path(path)
+    config_file, weight_files = _find_files(path)
+    args = _read_config(config_file)
+    entries: dict[str, TensorEntry] = {}
+    for f in weight_files:
+        if f.suffix == ".safetensors":
+            found = read_safetensors_header(f)
+        else:
+            found = {k: TensorEntry(f, v.dtype, tuple(v.shape))
+                     for k, v in _load_torch_file(f).items()}
+        for k, e in found.items():
+            if k in entries:
+                raise CheckpointError(f"tensor {k!r} appears in both {entries[k].file} and {f}")
+            entries[k] = e
+    _check_index(path, entries)
+    layout = detect_layout(set(entries))
+    if layout is None:
+        raise CheckpointError(f"{path}: not a Mixtral checkpoint in a known layout; it holds "
+                              f"{', '.join(sorted(entries)[:4])}, ... ({len(entries)} tensors)")
+    expected = file_tensors(layout, args)
+    where = weight_files[0] if len(weight_files) == 1 else path
+    for k in sorted(set(entries) - set(expected)):
+        raise CheckpointError(f"{entries[k].file}: unexpected tensor {k!r} for a {layout.name} "
+                              f"checkpoint of {args.n_layers} layers, {args.num_experts} experts "
+                              f"(config {config_file.name})")
+    for k in sorted(set(expected) - set(entries)):
+        raise CheckpointError(f"{where}: tensor {k!r} is missing (expected shape "
+                              f"{list(expected[k])} for the {layout.name} layout)")
+    declared = _declared_dtype(config_file)
+    first = next(iter(entries.values())).dtype
+    dtype = declared or first
+    for k, e in entries.items():
+        if e.shape != expected[k]:
+            raise CheckpointError(f"{e.file}: tensor {k!r} has shape {list(e.shape)}, but "
+                                  f"{config_file.name} implies {list(expected[k])}")
+        if e.dtype != dtype:
+            what = f"{config_file.name} declares {dtype_name(dtype)}" if declared else \
+                f"the other tensors are {dtype_name(dtype)}"
+            raise CheckpointError(f"{e.file}: tensor {k!r} is {dtype_name(e.dtype)} but {what}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CheckpointError(f"{path}: weights are {dtype_name(dtype)}; expected a float dtype")
+    return CheckpointInfo(path, config_file, weight_files, layout, args, dtype, entries)
+
+
+def _check_index(path: Path, entries: dict[str, TensorEntry]) -> None:
+    index = path / "model.safetensors.index.json" if path.is_dir() else None
+    if index is None or not index.exists():
+        return
+    for k, shard in json.loads(index.read_text())["weight_map"].items():
+        if k not in entries:
+            raise CheckpointError(f"{index}: lists tensor {k!r} in {shard}, but no shard holds it")
+        if entries[k].file.name != shard:
+            raise CheckpointError(f"{index}: lists tensor {k!r} in {shard}, but it is in "
+                                  f"{entries[k].file.name}")
+
+
+def _declared_dtype(config_file: Path) -> torch.dtype | None:
+    cfg = json.loads(config_file.read_text())
+    name = cfg.get("torch_dtype") or cfg.get("dtype")
+    if name is None:
+        return None
+    try:
+        return parse_dtype(name)
+    except ValueError:
+        raise CheckpointError(f"{config_file}: unknown dtype {name!r}") from None
+
+
+def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
+    """Yield the canonical tensors one by one, in `dtype` (default: the checkpoint's)."""
+    target = dtype or info.dtype
+    torch_files: dict[Path, dict[str, Tensor]] = {}
+
+    def read(key: str) -> Tensor:
+        entry = info.entries[key]
+        if entry.file.suffix == ".safetensors":
+            return _read_safetensor(entry)
+        if entry.file not in torch_files:
+            torch_files.clear()  # keep one memory-mapped .pt file open at a time
+            torch_files[entry.file] = _load_torch_file(entry.file)
+        return torch_files[entry.file][key].clone()
+
+    def make(shape: tuple[int, ...]) -> Tensor:
+        return torch.empty(shape, dtype=target, device=device)
+
+    yield from read_canonical(info.layout, info.args, read, make)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+         device: torch.device | str = "cpu") -> Transformer:
+    """Load a checkpoint (HF or Mistral layout) into a model; weights keep their dtype unless
+    one is asked for."""
+    info = inspect(path)
+    with torch.device("meta"):
+        model = Transformer(info.args)
+    state = dict(read_state_dict(info, parse_dtype(dtype), device))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, layout: str = "hf",
+         max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Write canonical tensors as an `hf` (config.json + model*.safetensors) or `mistral`
+    (params.json + consolidated.safetensors) checkpoint. Every file is written atomically."""
+    if layout not in ("hf", "mistral"):
+        raise ValueError(f"cannot write layout {layout!r}; choose 'hf' or 'mistral'")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = [p.name for p in out.iterdir() if p.suffix in (".safetensors", ".pt", ".pth")
+                or p.name in ("config.json", "params.json", "model.safetensors.index.json")]
+    if existing:
+        raise CheckpointError(f"{out}: already holds a checkpoint ({', '.join(sorted(existing))});"
+                              " write into an empty directory")
+    dtype = next(iter(state.values())).dtype
+    tensors = write_canonical(LAYOUTS[layout], args, state)
+    if layout == "mistral":
+        _write_json(out / "params.json", params_json(args))
+        files = [out / "consolidated.safetensors"]
+        sd = dict(tensors)
+        _atomic_write(files[0], lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        return [out / "params.json", *files]
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    _write_json(out / "config.json", hf_config(args, dtype))
+    files = [out / "config.json"]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards, strict=True):
+        _atomic_write(out / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        files.append(out / name)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    if len(shards) > 1:  # the index goes last: a reader never sees it before its shards
+        _write_json(out / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        files.append(out / "model.safetensors.index.json")
+    return files
+
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json",
+                    "tokenizer_config.json", "special_tokens_map.json")
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str,
+            dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Read any supported layout and write `to` ('hf' or 'mistral'); tokenizer files come along."""
+    info = inspect(src)
+    state = dict(read_state_dict(info, parse_dtype(dtype)))
+    files = save(state, info.args, dst, to, max_shard_bytes)
+    folder = info.path if info.path.is_dir() else info.path.parent
+    for name in _TOKENIZER_FILES:
+        if (folder / name).exists():
+            shutil.copyfile(folder / name, Path(dst) / name)
+            files.append(Path(dst) / name)
+    return files

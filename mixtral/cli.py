@@ -1,0 +1,266 @@
+"""`mixtral` command line: chat, generate, info, convert. Thin: parse, call the library, print.
+
+Nothing imports this module; it imports the rest lazily so `mixtral info` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mixtral.completion import SamplingParams
+    from mixtral.model import Transformer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from mixtral.chat import ChatError
+    from mixtral.checkpoint import CheckpointError
+
+    try:
+        return args.run(args)
+    except (CheckpointError, ChatError, ValueError, KeyError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mixtral {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixtral", description="Mixtral 8x7B: chat, generate, "
+                                "inspect and convert checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", metavar="PATH", help="checkpoint folder or file (HF or "
+                        "Mistral layout); default: the built-in default model")
+        sp.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the checkpoint's)")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+
+    def sampling_args(sp: argparse.ArgumentParser, max_tokens: int) -> None:
+        sp.add_argument("--max-tokens", type=int, default=max_tokens)
+        sp.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--seed", type=int, help="same seed and prompt -> same output")
+        sp.add_argument("--system", help="system prompt")
+        sp.add_argument("--safe-prompt", action="store_true",
+                        help="prepend Mistral's guardrail system prompt")
+
+    sp = sub.add_parser("chat", help="interactive multi-turn chat, streamed")
+    model_args(sp)
+    sampling_args(sp, max_tokens=512)
+    sp.set_defaults(run=_chat)
+
+    sp = sub.add_parser("generate", help="complete one prompt")
+    model_args(sp)
+    sampling_args(sp, max_tokens=128)
+    sp.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
+    sp.add_argument("--chat", action="store_true", help="send the prompt as a user message in "
+                    "the instruct format (default: raw text after BOS)")
+    sp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sp.add_argument("--json", action="store_true", help="print text, finish reason and usage")
+    sp.set_defaults(run=_generate)
+
+    sp = sub.add_parser("info", help="sizes of a preset or checkpoint, and a checkpoint's layout")
+    sp.add_argument("target", help="a preset name (mixtral-8x7b, bench, tiny) or a path")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(run=_info)
+
+    sp = sub.add_parser("convert", help="rewrite a checkpoint in the HF or Mistral layout")
+    sp.add_argument("src")
+    sp.add_argument("dst", help="an empty or new folder")
+    sp.add_argument("--to", required=True, choices=["hf", "mistral"])
+    sp.add_argument("--dtype", help="cast to bf16, fp16 or fp32 (default: keep)")
+    sp.add_argument("--shard-size", default="5GB", help="largest HF shard, e.g. 5GB, 500MB")
+    sp.set_defaults(run=_convert)
+    return p
+
+
+# --- running models ------------------------------------------------------------------------------
+
+def _load(args: argparse.Namespace) -> Transformer:
+    from mixtral.formats import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    if args.model is None:
+        from mixtral.default_model import LABEL, load_default
+
+        print(f"[mixtral] {LABEL}", file=sys.stderr)
+        return load_default(dtype, args.device)
+    from mixtral.checkpoint import load
+
+    return load(args.model, dtype, args.device)
+
+
+def _params(args: argparse.Namespace, stop: list[str] | None = None) -> SamplingParams:
+    from mixtral.completion import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, stop=tuple(stop or ()))
+
+
+def _system(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mixtral import chat
+    from mixtral.completion import stream
+    from mixtral.tokenizer import default_tokenizer
+
+    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    tokenizer = default_tokenizer()
+    if args.chat or args.system or args.safe_prompt:
+        messages = [*_system(args), {"role": "user", "content": prompt_text}]
+        prompt = chat.encode(messages, args.safe_prompt, tokenizer)
+    else:
+        prompt = tokenizer.encode(prompt_text, bos=True)
+    model = _load(args)
+    parts, last = [], None
+    for last in stream(model, tokenizer, prompt, _params(args, args.stop)):
+        parts.append(last.text)
+        if not args.json:
+            print(last.text, end="", flush=True)
+    assert last is not None
+    if args.json:
+        print(json.dumps({"text": "".join(parts), "finish_reason": last.finish_reason,
+                          "usage": {"prompt_tokens": last.prompt_tokens,
+                                    "completion_tokens": last.completion_tokens}},
+                         ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from mixtral import chat
+    from mixtral.completion import stream
+    from mixtral.tokenizer import default_tokenizer
+
+    model = _load(args)
+    tokenizer = default_tokenizer()
+    messages = _system(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with Mixtral. /reset starts over, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = _system(args)
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            prompt = chat.encode(messages, args.safe_prompt, tokenizer)
+            reply = []
+            for delta in stream(model, tokenizer, prompt, _params(args)):
+                reply.append(delta.text)
+                print(delta.text, end="", flush=True)
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+        except KeyboardInterrupt:  # stop this answer, keep the conversation
+            print("\n[interrupted]", file=sys.stderr)
+            messages.pop()
+        except ValueError as e:  # e.g. the conversation no longer fits the context
+            print(f"[error: {e}; /reset to start over]", file=sys.stderr)
+            messages.pop()
+    return 0
+
+
+# --- inspecting and converting -------------------------------------------------------------------
+
+def _info(args: argparse.Namespace) -> int:
+    from mixtral.config import PRESETS, kv_cache_bytes_per_token, param_counts, weight_bytes
+
+    report: dict[str, Any] = {"target": args.target}
+    if args.target in PRESETS and not Path(args.target).exists():
+        margs = PRESETS[args.target]
+        report["source"] = "preset"
+    else:
+        from mixtral.checkpoint import inspect
+        from mixtral.formats import dtype_name
+
+        ckpt = inspect(args.target)
+        margs = ckpt.args
+        report["source"] = "checkpoint"
+        report["checkpoint"] = {
+            "layout": ckpt.layout.name, "layout_description": ckpt.layout.description,
+            "dtype": dtype_name(ckpt.dtype), "config": str(ckpt.config_file),
+            "files": [str(f) for f in ckpt.weight_files], "tensors": len(ckpt.entries),
+            "bytes": ckpt.nbytes}
+    counts = param_counts(margs)
+    kv = kv_cache_bytes_per_token(margs)
+    report.update({
+        "args": margs.to_dict(),
+        "params": {"total": counts["total"], "active": counts["active"]},
+        "weight_bytes": {"bf16": weight_bytes(margs, 16), "int8": weight_bytes(margs, 8),
+                         "int4": weight_bytes(margs, 4)},
+        "kv_cache_bytes": {"per_token_bf16": kv, "full_context_bf16": kv * margs.max_seq_len},
+    })
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    a = margs
+    print(f"{args.target} ({report['source']})")
+    print(f"  architecture  dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} "
+          f"kv heads x {a.head_dim}, {a.num_experts} experts (top-{a.num_experts_per_tok}) of "
+          f"hidden {a.hidden_dim}, vocab {a.vocab_size}")
+    print(f"                rope_theta {a.rope_theta:g}, norm_eps {a.norm_eps:g}, context "
+          f"{a.max_seq_len}, sliding window {a.sliding_window or 'none'}")
+    print(f"  parameters    {_count(counts['total'])} total / {_count(counts['active'])} active "
+          f"per token ({counts['total']:,} / {counts['active']:,})")
+    wb = report["weight_bytes"]
+    print(f"  weights       bf16 {_bytes(wb['bf16'])} | int8 {_bytes(wb['int8'])} | "
+          f"int4 {_bytes(wb['int4'])} (int8/int4: matmul weights quantized, per-row / "
+          f"group-128 scales; embeddings, norms, router bf16)")
+    print(f"  KV cache      {_bytes(kv)} per token (bf16), {_bytes(kv * a.max_seq_len)} per "
+          f"{a.max_seq_len}-token sequence")
+    if "checkpoint" in report:
+        c = report["checkpoint"]
+        print(f"  checkpoint    layout {c['layout']} ({c['layout_description']})")
+        print(f"                dtype {c['dtype']}, {c['tensors']} tensors, {_bytes(c['bytes'])} "
+              f"in {len(c['files'])} file(s); config {Path(c['config']).name}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from mixtral.checkpoint import convert
+
+    files = convert(args.src, args.dst, args.to, args.dtype, _parse_size(args.shard_size))
+    for f in files:
+        print(f)
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+             "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * units[unit])
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"--shard-size {text!r}: use a size like 5GB, 500MB or 2GiB")

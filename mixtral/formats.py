@@ -1,0 +1,373 @@
+"""Checkpoint formats as data: config readers/writers, key tables and the one q/k permutation.
+
+Our canonical state dict uses Mistral's names with each layer's experts stacked:
+`layers.{l}.feed_forward.experts.w1` [E, F, D] and so on. A layout says, for every canonical
+tensor, which file tensor(s) hold it and which fixed transform maps one to the other:
+
+  same       the file tensor is the canonical tensor
+  rope       q/k rows in Hugging Face's rotate-half order; permuted to adjacent pairs
+  stack      one file tensor per expert (`{e}` in the key), stacked along a new dim 0
+  gate/up    halves of HF's fused `gate_up_proj` [E, 2F, D] (gate = w1 first, up = w3 second)
+  flat       experts concatenated along rows, [E*F, D] (the hub's consolidated.0X.pt)
+  flat_t     the same, but stored transposed ([E*F, D] for a [E, D, F] bank)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mixtral.config import ModelArgs
+
+
+# canonical name -> shape, per layer where the name has {l}
+def canonical_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    D, V, E, F = args.dim, args.vocab_size, args.num_experts, args.hidden_dim
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_layer = {
+        "attention_norm.weight": (D,),
+        "attention.wq.weight": (q, D),
+        "attention.wk.weight": (kv, D),
+        "attention.wv.weight": (kv, D),
+        "attention.wo.weight": (D, q),
+        "ffn_norm.weight": (D,),
+        "feed_forward.gate.weight": (E, D),
+        "feed_forward.experts.w1": (E, F, D),
+        "feed_forward.experts.w2": (E, D, F),
+        "feed_forward.experts.w3": (E, F, D),
+    }
+    shapes = {"tok_embeddings.weight": (V, D)}
+    for layer in range(args.n_layers):
+        shapes.update({f"layers.{layer}.{k}": v for k, v in per_layer.items()})
+    shapes.update({"norm.weight": (D,), "output.weight": (V, D)})
+    return shapes
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    # canonical key suffix (after `layers.{l}.` for per-layer ones) -> (file key, transform)
+    table: dict[str, tuple[str, str]]
+
+    def source(self, canonical: str) -> tuple[str, str, int | None]:
+        """canonical name -> (file key template with {e} left in, transform, layer)."""
+        if canonical.startswith("layers."):
+            _, layer, suffix = canonical.split(".", 2)
+            key, transform = self.table[suffix]
+            return key.replace("{l}", layer), transform, int(layer)
+        key, transform = self.table[canonical]
+        return key, transform, None
+
+
+_HF_COMMON = {
+    "tok_embeddings.weight": ("model.embed_tokens.weight", "same"),
+    "norm.weight": ("model.norm.weight", "same"),
+    "output.weight": ("lm_head.weight", "same"),
+    "attention_norm.weight": ("model.layers.{l}.input_layernorm.weight", "same"),
+    "attention.wq.weight": ("model.layers.{l}.self_attn.q_proj.weight", "rope"),
+    "attention.wk.weight": ("model.layers.{l}.self_attn.k_proj.weight", "rope"),
+    "attention.wv.weight": ("model.layers.{l}.self_attn.v_proj.weight", "same"),
+    "attention.wo.weight": ("model.layers.{l}.self_attn.o_proj.weight", "same"),
+    "ffn_norm.weight": ("model.layers.{l}.post_attention_layernorm.weight", "same"),
+}
+_MISTRAL_COMMON = {
+    "tok_embeddings.weight": ("tok_embeddings.weight", "same"),
+    "norm.weight": ("norm.weight", "same"),
+    "output.weight": ("output.weight", "same"),
+    "attention_norm.weight": ("layers.{l}.attention_norm.weight", "same"),
+    "attention.wq.weight": ("layers.{l}.attention.wq.weight", "same"),
+    "attention.wk.weight": ("layers.{l}.attention.wk.weight", "same"),
+    "attention.wv.weight": ("layers.{l}.attention.wv.weight", "same"),
+    "attention.wo.weight": ("layers.{l}.attention.wo.weight", "same"),
+    "ffn_norm.weight": ("layers.{l}.ffn_norm.weight", "same"),
+}
+_HF_MOE = "model.layers.{l}.block_sparse_moe"
+
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
+    Layout("hf", "Hugging Face safetensors, one tensor per expert (the hub's files)", {
+        **_HF_COMMON,
+        "feed_forward.gate.weight": (f"{_HF_MOE}.gate.weight", "same"),
+        **{f"feed_forward.experts.{w}": (f"{_HF_MOE}.experts.{{e}}.{w}.weight", "stack")
+           for w in ("w1", "w2", "w3")},
+    }),
+    Layout("hf-fused", "Hugging Face safetensors, fused expert banks (transformers v5 in memory)", {
+        **_HF_COMMON,
+        "feed_forward.gate.weight": ("model.layers.{l}.mlp.gate.weight", "same"),
+        "feed_forward.experts.w1": ("model.layers.{l}.mlp.experts.gate_up_proj", "gate"),
+        "feed_forward.experts.w3": ("model.layers.{l}.mlp.experts.gate_up_proj", "up"),
+        "feed_forward.experts.w2": ("model.layers.{l}.mlp.experts.down_proj", "same"),
+    }),
+    Layout("mistral", "Mistral consolidated (params.json + consolidated.safetensors or .pth)", {
+        **_MISTRAL_COMMON,
+        "feed_forward.gate.weight": ("layers.{l}.feed_forward.gate.weight", "same"),
+        **{f"feed_forward.experts.{w}": (f"layers.{{l}}.feed_forward.experts.{{e}}.{w}.weight",
+                                         "stack") for w in ("w1", "w2", "w3")},
+    }),
+    Layout("mistral-fused", "Mistral's original release (consolidated.0X.pt, fused experts)", {
+        **_MISTRAL_COMMON,
+        "feed_forward.gate.weight": ("layers.{l}.block_sparse_moe.gate.weight", "same"),
+        "feed_forward.experts.w1": ("layers.{l}.block_sparse_moe.w1", "flat"),
+        "feed_forward.experts.w3": ("layers.{l}.block_sparse_moe.w3", "flat"),
+        "feed_forward.experts.w2": ("layers.{l}.block_sparse_moe.w2", "flat_t"),
+    }),
+)}
+
+# A key that only one layout has, to tell layouts apart by what a file holds (never by its name).
+_SIGNATURES = {
+    "hf": "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+    "hf-fused": "model.layers.0.mlp.experts.gate_up_proj",
+    "mistral": "layers.0.feed_forward.experts.0.w1.weight",
+    "mistral-fused": "layers.0.block_sparse_moe.w1",
+}
+
+
+def detect_layout(keys: set[str]) -> Layout | None:
+    found = [name for name, key in _SIGNATURES.items() if key in keys]
+    return LAYOUTS[found[0]] if len(found) == 1 else None
+
+
+# --- the q/k permutation -------------------------------------------------------------------------
+# HF rotates (i, i + A/2) within each head, Mistral rotates (2i, 2i+1). HF's converter reorders
+# the rows of wq/wk so the same weights give the same attention; these two undo and redo it.
+
+def rope_hf_to_mistral(w: Tensor, head_dim: int) -> Tensor:
+    heads = w.shape[0] // head_dim
+    return w.view(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def rope_mistral_to_hf(w: Tensor, head_dim: int) -> Tensor:
+    heads = w.shape[0] // head_dim
+    return w.view(heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def file_tensors(layout: Layout, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint in this layout must hold, with its shape."""
+    out: dict[str, tuple[int, ...]] = {}
+    E = args.num_experts
+    for name, shape in canonical_shapes(args).items():
+        key, transform, _ = layout.source(name)
+        if transform == "stack":
+            out.update({key.format(e=e): shape[1:] for e in range(E)})
+        elif transform in ("gate", "up"):
+            out[key] = (E, 2 * shape[1], shape[2])
+        elif transform == "flat":
+            out[key] = (E * shape[1], shape[2])
+        elif transform == "flat_t":
+            out[key] = (E * shape[2], shape[1])
+        else:
+            out[key] = shape
+    return out
+
+
+def read_canonical(layout: Layout, args: ModelArgs, read: Callable[[str], Tensor],
+                   make: Callable[[tuple[int, ...]], Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Yield (canonical name, tensor), one at a time. `read(file_key)` returns a file tensor
+    (already checked for shape and dtype); `make(shape)` allocates the destination, so that
+    stacking experts never holds more than the model plus one file tensor."""
+    for name, shape in canonical_shapes(args).items():
+        key, transform, _ = layout.source(name)
+        if transform == "same":
+            yield name, _into(make(shape), read(key))
+            continue
+        dest = make(shape)
+        if transform == "stack":
+            for e in range(args.num_experts):
+                dest[e].copy_(read(key.format(e=e)))
+        elif transform == "rope":
+            dest.copy_(rope_hf_to_mistral(read(key), args.head_dim))
+        elif transform in ("gate", "up"):
+            half = shape[1]
+            src = read(key)  # [E, 2F, D]
+            dest.copy_(src[:, :half] if transform == "gate" else src[:, half:])
+        elif transform == "flat":
+            dest.copy_(read(key).view(shape))
+        elif transform == "flat_t":
+            E, D, F = shape
+            dest.copy_(read(key).view(E, F, D).transpose(1, 2))
+        yield name, dest
+
+
+def _into(dest: Tensor, src: Tensor) -> Tensor:
+    # A fresh file tensor of the right dtype and device is used as is: no second copy.
+    if dest.dtype == src.dtype and dest.device == src.device and not dest.is_meta:
+        return src
+    return dest.copy_(src)
+
+
+def write_canonical(layout: Layout, args: ModelArgs,
+                    state: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """Yield (file key, contiguous tensor) for the split layouts we write (hf, mistral)."""
+    for name in canonical_shapes(args):
+        key, transform, _ = layout.source(name)
+        t = state[name]
+        if transform == "same":
+            yield key, t.contiguous()
+        elif transform == "rope":
+            yield key, rope_mistral_to_hf(t, args.head_dim).contiguous()
+        elif transform == "stack":
+            for e in range(args.num_experts):
+                yield key.format(e=e), t[e].clone()
+        else:
+            raise ValueError(f"writing the {layout.name!r} layout is not supported; "
+                             f"write 'hf' or 'mistral'")
+
+
+# --- configs -------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    pass
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _get(cfg: dict, key: str, source: str, default: object = ..., kind: type = int) -> object:
+    if key not in cfg or cfg[key] is None:
+        if default is ...:
+            raise ConfigError(f"{source}: required field {key!r} is missing")
+        return default
+    value = cfg[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is int and isinstance(value, str) and value.isdigit():
+        value = int(value)  # some params.json files carry numbers as strings
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{source}: field {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _build(source: str, **fields: object) -> ModelArgs:
+    try:
+        return ModelArgs(**fields)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
+    model_type = cfg.get("model_type", "mixtral")
+    if model_type != "mixtral":
+        raise ConfigError(f"{source}: model_type is {model_type!r}; only 'mixtral' is supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} is not Mixtral's 'silu'")
+    if cfg.get("tie_word_embeddings"):
+        raise ConfigError(f"{source}: tie_word_embeddings=true is not a Mixtral checkpoint")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ConfigError(f"{source}: RoPE scaling {rope!r} is not supported")
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6))
+    dim = _get(cfg, "hidden_size", source)
+    heads = _get(cfg, "num_attention_heads", source)
+    return _build(
+        source,
+        dim=dim,
+        n_layers=_get(cfg, "num_hidden_layers", source),
+        n_heads=heads,
+        n_kv_heads=_get(cfg, "num_key_value_heads", source, heads),
+        head_dim=_get(cfg, "head_dim", source, dim // heads if heads else 0),
+        hidden_dim=_get(cfg, "intermediate_size", source),
+        num_experts=_get(cfg, "num_local_experts", source),
+        num_experts_per_tok=_get(cfg, "num_experts_per_tok", source),
+        vocab_size=_get(cfg, "vocab_size", source),
+        rope_theta=_get({"rope_theta": theta}, "rope_theta", source, kind=float),
+        norm_eps=_get(cfg, "rms_norm_eps", source, 1e-5, float),
+        max_seq_len=_get(cfg, "max_position_embeddings", source, 32768),
+        sliding_window=_get(cfg, "sliding_window", source, None),
+        router_aux_loss_coef=_get(cfg, "router_aux_loss_coef", source, 0.02, float),
+    )
+
+
+def args_from_params(params: dict, source: str = "params.json") -> ModelArgs:
+    if "hidden_size" in params:  # HF-named params.json, as shipped beside consolidated.0X.pt
+        return args_from_hf_config({"model_type": "mixtral", **params}, source)
+    moe = params.get("moe")
+    if not isinstance(moe, dict):
+        raise ConfigError(f"{source}: no 'moe' section: this is a dense model, not Mixtral")
+    dim = _get(params, "dim", source)
+    heads = _get(params, "n_heads", source)
+    window = _get(params, "sliding_window", source, None)
+    return _build(
+        source,
+        dim=dim,
+        n_layers=_get(params, "n_layers", source),
+        n_heads=heads,
+        n_kv_heads=_get(params, "n_kv_heads", source, heads),
+        head_dim=_get(params, "head_dim", source, dim // heads if heads else 0),
+        hidden_dim=_get(params, "hidden_dim", source),
+        num_experts=_get(moe, "num_experts", f"{source} moe"),
+        num_experts_per_tok=_get(moe, "num_experts_per_tok", f"{source} moe"),
+        vocab_size=_get(params, "vocab_size", source),
+        # params.json of 8x7B has no rope_theta: Mistral's code infers 1e6 (1e4 with SWA)
+        rope_theta=_get(params, "rope_theta", source, 1e6 if window is None else 1e4, float),
+        norm_eps=_get(params, "norm_eps", source, 1e-5, float),
+        max_seq_len=_get(params, "max_seq_len", source, 32768),
+        sliding_window=window,
+    )
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """config.json as the hub ships it (readable by transformers 4.36+ and 5.x)."""
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "num_local_experts": args.num_experts,
+        "num_experts_per_tok": args.num_experts_per_tok,
+        "vocab_size": args.vocab_size,
+        "rope_theta": args.rope_theta,
+        "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len,
+        "sliding_window": args.sliding_window,
+        "router_aux_loss_coef": args.router_aux_loss_coef,
+        "output_router_logits": False,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype_name(dtype),
+        "use_cache": True,
+    }
+
+
+def params_json(args: ModelArgs) -> dict:
+    """params.json as Mistral ships it; fields with their Mixtral value are left implicit."""
+    params: dict = {
+        "dim": args.dim, "n_layers": args.n_layers, "head_dim": args.head_dim,
+        "hidden_dim": args.hidden_dim, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+        "norm_eps": args.norm_eps, "vocab_size": args.vocab_size,
+        "moe": {"num_experts_per_tok": args.num_experts_per_tok, "num_experts": args.num_experts},
+    }
+    inferred_theta = 1e6 if args.sliding_window is None else 1e4
+    if not math.isclose(args.rope_theta, inferred_theta):
+        params["rope_theta"] = args.rope_theta
+    if args.sliding_window is not None:
+        params["sliding_window"] = args.sliding_window
+    if args.max_seq_len != 32768:
+        params["max_seq_len"] = args.max_seq_len
+    return params
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+               "float": "float32"}
+    name = aliases.get(value, value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; use one of bf16, fp16, fp32")
+    return DTYPES[name]
