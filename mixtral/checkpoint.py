@@ -10,7 +10,9 @@ its final buffer, so the weights are never held twice.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -113,6 +115,23 @@ def _read_safetensor(entry: TensorEntry) -> Tensor:
                 raise CheckpointError(f"{entry.file}: short read of a tensor at byte "
                                       f"{entry.start}: the file changed while loading")
     return out
+
+
+def _release_pages(t: Tensor) -> None:
+    """Drop a memory-mapped tensor's pages from our resident set once it has been copied, so
+    that a .pt/.pth load does not count the file beside the model. The pages are clean and
+    private; touching them again re-reads the file."""
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor
+    if last > first and hasattr(os, "sched_getaffinity"):  # Linux
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # DONTNEED
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _load_torch_file(path: Path) -> dict[str, Tensor]:
@@ -259,7 +278,8 @@ def _check_index(path: Path, entries: dict[str, TensorEntry]) -> None:
         return
     for k, shard in json.loads(index.read_text())["weight_map"].items():
         if k not in entries:
-            raise CheckpointError(f"{index}: lists tensor {k!r} in {shard}, but no shard holds it")
+            raise CheckpointError(f"{index}: lists tensor {k!r} in {shard}, but no shard the "
+                                  "index lists holds it")
         if entries[k].file.name != shard:
             raise CheckpointError(f"{index}: lists tensor {k!r} in {shard}, but it is in "
                                   f"{entries[k].file.name}")
@@ -289,7 +309,10 @@ def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
         if entry.file not in torch_files:
             torch_files.clear()  # keep one memory-mapped .pt file open at a time
             torch_files[entry.file] = _load_torch_file(entry.file)
-        return torch_files[entry.file][key].clone()
+        mapped = torch_files[entry.file][key]
+        out = mapped.clone()
+        _release_pages(mapped)
+        return out
 
     def make(shape: tuple[int, ...]) -> Tensor:
         return torch.empty(shape, dtype=target, device=device)

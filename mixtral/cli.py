@@ -168,7 +168,8 @@ def _chat(args: argparse.Namespace) -> int:
                 reply.append(delta.text)
                 print(delta.text, end="", flush=True)
             print()
-            messages.append({"role": "assistant", "content": "".join(reply)})
+            if reply_text := "".join(reply):  # an empty turn is invalid; the user turns merge
+                messages.append({"role": "assistant", "content": reply_text})
         except KeyboardInterrupt:  # stop this answer, keep the conversation
             print("\n[interrupted]", file=sys.stderr)
             messages.pop()

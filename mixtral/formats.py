@@ -256,9 +256,10 @@ def args_from_hf_config(cfg: dict, source: str = "config.json") -> ModelArgs:
         raise ConfigError(f"{source}: hidden_act {cfg['hidden_act']!r} is not Mixtral's 'silu'")
     if cfg.get("tie_word_embeddings"):
         raise ConfigError(f"{source}: tie_word_embeddings=true is not a Mixtral checkpoint")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConfigError(f"{source}: RoPE scaling {rope!r} is not supported")
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 moved rope_theta in here
+    for scaling in (rope, cfg.get("rope_scaling") or {}):
+        if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ConfigError(f"{source}: RoPE scaling {scaling!r} is not supported")
     theta = cfg.get("rope_theta", rope.get("rope_theta", 1e6))
     dim = _get(cfg, "hidden_size", source)
     heads = _get(cfg, "num_attention_heads", source)

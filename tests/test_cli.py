@@ -1,0 +1,89 @@
+"""The `mixtral` command line, run in-process (and once as a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mixtral.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_preset(capsys):
+    code, out, _ = run(capsys, "info", "mixtral-8x7b")
+    assert code == 0
+    assert "46.7B total / 12.9B active" in out
+    assert "bf16 86.99 GiB" in out and "128.00 KiB per token" in out and "4.00 GiB per 32768" in out
+    code, out, _ = run(capsys, "info", "mixtral-8x7b", "--json")
+    report = json.loads(out)
+    assert report["params"] == {"total": 46_702_792_704, "active": 12_879_925_248}
+    assert report["kv_cache_bytes"]["per_token_bf16"] == 131072
+    assert report["weight_bytes"]["int4"] < report["weight_bytes"]["int8"] \
+        < report["weight_bytes"]["bf16"]
+
+
+def test_info_checkpoint(capsys, hf_tiny_dir):
+    code, out, _ = run(capsys, "info", str(hf_tiny_dir))
+    assert code == 0
+    assert "layout hf (Hugging Face safetensors, one tensor per expert" in out
+    assert "dtype float32" in out
+
+
+def test_generate_default_model_is_labelled(capsys):
+    code, out, err = run(capsys, "generate", "--prompt", "Hello", "--max-tokens", "6",
+                         "--seed", "3", "--json")
+    assert code == 0
+    assert "RANDOM weights" in err
+    result = json.loads(out)
+    assert result["usage"] == {"prompt_tokens": 2, "completion_tokens": 6}
+    assert result["finish_reason"] == "length"
+    code, again, _ = run(capsys, "generate", "--prompt", "Hello", "--max-tokens", "6",
+                         "--seed", "3", "--json")
+    assert json.loads(again)["text"] == result["text"]
+
+
+def test_generate_chat_from_checkpoint(capsys, hf_tiny_dir, tmp_path):
+    # vocab 320 model: the chat prompt has ids beyond its vocabulary -> a clear error
+    code, _, err = run(capsys, "generate", "--model", str(hf_tiny_dir), "--prompt", "Hi",
+                       "--chat", "--safe-prompt")
+    assert code == 2 and "outside the vocabulary [0, 320)" in err
+
+
+def test_chat_session(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there\n/reset\nAgain\n/exit\nignored\n"))
+    code, out, err = run(capsys, "chat", "--max-tokens", "4", "--temperature", "0",
+                         "--system", "Be brief.")
+    assert code == 0
+    assert "[conversation reset]" in err
+    assert len(out.splitlines()) == 2  # two answers, then /exit
+
+
+def test_convert_and_errors(capsys, hf_tiny_dir, tmp_path):
+    code, out, _ = run(capsys, "convert", str(hf_tiny_dir), str(tmp_path / "m"), "--to",
+                       "mistral")
+    assert code == 0 and "consolidated.safetensors" in out
+    code, _, err = run(capsys, "info", str(tmp_path / "missing"))
+    assert code == 2 and "no such file or directory" in err
+    code, _, err = run(capsys, "convert", str(hf_tiny_dir), str(tmp_path / "x"), "--to", "hf",
+                       "--shard-size", "lots")
+    assert code == 2 and "--shard-size 'lots'" in err
+    with pytest.raises(SystemExit):
+        main(["convert", str(hf_tiny_dir), str(tmp_path / "y"), "--to", "gguf"])
+
+
+def test_python_dash_m_and_console_script():
+    for cmd in ([sys.executable, "-m", "mixtral", "info", "tiny"],
+                [str(__import__("pathlib").Path(sys.executable).parent / "mixtral"), "info",
+                 "tiny"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert "tiny (preset)" in out
