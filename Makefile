@@ -24,7 +24,9 @@ chat: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check mixtral tests
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check mixtral tests
+	$(VENV)/bin/mypy

@@ -40,7 +40,8 @@ def encode(messages: list[dict[str, Any]], safe_prompt: bool = False,
     if safe_prompt:
         checked.insert(0, {"role": "system", "content": SAFE_PROMPT})
     try:
-        request = ChatCompletionRequest(messages=checked)
+        request: ChatCompletionRequest = ChatCompletionRequest.model_validate(
+            {"messages": checked})
         return tokenizer.mistral.encode_chat_completion(request).tokens
     except ValidationError as e:
         raise ChatError(f"invalid messages: {_first_error(e)}") from None

@@ -16,7 +16,7 @@ import mmap
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,7 +334,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
 
 # --- writing -------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -345,6 +345,10 @@ def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-ty
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _save_safetensors(tensors: dict[str, Tensor], path: str) -> None:
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -369,8 +373,7 @@ def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, lay
     if layout == "mistral":
         _write_json(out / "params.json", params_json(args))
         files = [out / "consolidated.safetensors"]
-        sd = dict(tensors)
-        _atomic_write(files[0], lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        _atomic_write(files[0], functools.partial(_save_safetensors, dict(tensors)))
         return [out / "params.json", *files]
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -389,7 +392,7 @@ def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, lay
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
     for name, shard in zip(names, shards, strict=True):
-        _atomic_write(out / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+        _atomic_write(out / name, functools.partial(_save_safetensors, shard))
         files.append(out / name)
         for key, t in shard.items():
             weight_map[key] = name

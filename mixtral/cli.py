@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,8 +164,10 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         try:
             prompt = chat.encode(messages, args.safe_prompt, tokenizer)
+            room = model.args.max_seq_len - len(prompt)  # answer within what is left
+            params = replace(_params(args), max_tokens=min(args.max_tokens, max(room, 1)))
             reply = []
-            for delta in stream(model, tokenizer, prompt, _params(args)):
+            for delta in stream(model, tokenizer, prompt, params):
                 reply.append(delta.text)
                 print(delta.text, end="", flush=True)
             print()

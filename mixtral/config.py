@@ -7,6 +7,7 @@ anything. Readers for `config.json` / `params.json` live with the formats (`form
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def with_(self, **changes: object) -> ModelArgs:
+    def with_(self, **changes: Any) -> ModelArgs:
         return replace(self, **changes)
 
 

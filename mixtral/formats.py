@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,7 +29,7 @@ from mixtral.config import ModelArgs
 def canonical_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     D, V, E, F = args.dim, args.vocab_size, args.num_experts, args.hidden_dim
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    per_layer = {
+    per_layer: dict[str, tuple[int, ...]] = {
         "attention_norm.weight": (D,),
         "attention.wq.weight": (q, D),
         "attention.wk.weight": (kv, D),
@@ -40,7 +41,7 @@ def canonical_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         "feed_forward.experts.w2": (E, D, F),
         "feed_forward.experts.w3": (E, F, D),
     }
-    shapes = {"tok_embeddings.weight": (V, D)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (V, D)}
     for layer in range(args.n_layers):
         shapes.update({f"layers.{layer}.{k}": v for k, v in per_layer.items()})
     shapes.update({"norm.weight": (D,), "output.weight": (V, D)})
@@ -226,7 +227,7 @@ class ConfigError(ValueError):
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _get(cfg: dict, key: str, source: str, default: object = ..., kind: type = int) -> object:
+def _get(cfg: dict, key: str, source: str, default: Any = ..., kind: type = int) -> Any:
     if key not in cfg or cfg[key] is None:
         if default is ...:
             raise ConfigError(f"{source}: required field {key!r} is missing")

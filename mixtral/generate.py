@@ -5,7 +5,7 @@ Token ids in, token ids out. Text, chat templates and stop strings live above (`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ def _forward(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCac
 
 def generate(model: Transformer, prompt: list[int], max_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None,
-             stop_ids: tuple[int, ...] = (2,)) -> Iterator[int]:
+             stop_ids: tuple[int, ...] = (2,)) -> Generator[int, None, None]:
     """Yield up to max_tokens new ids; a stop id (EOS) is yielded and ends the stream.
 
     Close the iterator to stop early: the cache is freed with it."""

@@ -69,6 +69,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, A]
         if cache is not None:
+            assert mask is not None  # with a cache, the model always builds the mask
             k, v = cache.update(layer, positions, k, v, span=mask.shape[-1])  # [B, K, S, A]
         # mask None means plain causal attention over exactly these T tokens
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
