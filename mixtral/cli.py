@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mixtral.completion import SamplingParams
+    from mixtral.generate import GenerationParams
     from mixtral.model import Transformer
 
 
@@ -66,6 +66,18 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print text, finish reason and usage")
     sp.set_defaults(run=_generate)
 
+    sp = sub.add_parser("serve", help="serve the Mistral chat API and a web chat page")
+    model_args(sp)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", help="require this bearer key on /v1/* (default: the "
+                    "MIXTRAL_API_KEY environment variable; none: open)")
+    sp.add_argument("--max-queue", type=int, default=16,
+                    help="requests that may wait for the engine before 429 (default 16)")
+    sp.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get "
+                    "to finish on SIGTERM/Ctrl-C before they are cancelled (default 10)")
+    sp.set_defaults(run=_serve)
+
     sp = sub.add_parser("info", help="sizes of a preset or checkpoint, and a checkpoint's layout")
     sp.add_argument("target", help="a preset name (mixtral-8x7b, bench, tiny) or a path")
     sp.add_argument("--json", action="store_true")
@@ -97,11 +109,11 @@ def _load(args: argparse.Namespace) -> Transformer:
     return load(args.model, dtype, args.device)
 
 
-def _params(args: argparse.Namespace, stop: list[str] | None = None) -> SamplingParams:
-    from mixtral.completion import SamplingParams
+def _params(args: argparse.Namespace) -> GenerationParams:
+    from mixtral.generate import GenerationParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, stop=tuple(stop or ()))
+    return GenerationParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed)
 
 
 def _system(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -122,7 +134,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(prompt_text, bos=True)
     model = _load(args)
     parts, last = [], None
-    for last in stream(model, tokenizer, prompt, _params(args, args.stop)):
+    for last in stream(model, tokenizer, prompt, _params(args), tuple(args.stop)):
         parts.append(last.text)
         if not args.json:
             print(last.text, end="", flush=True)
@@ -180,6 +192,46 @@ def _chat(args: argparse.Namespace) -> int:
             print(f"[error: {e}; /reset to start over]", file=sys.stderr)
             messages.pop()
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    import uvicorn
+
+    from mixtral.server.app import Settings, create_app
+
+    if args.model is None:
+        from mixtral.default_model import NAME as name
+    else:
+        path = Path(args.model)
+        name = (path if path.is_dir() else path.parent).resolve().name
+    settings = Settings(name=name, api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY"),
+                        max_queue=args.max_queue)
+    app = create_app(lambda: _load(args), settings, _json_constraints())
+    url = f"http://{args.host}:{args.port}"
+    print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"
+          + (" (bearer key required)" if settings.api_key else ""), file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.grace)
+    # On SIGTERM/Ctrl-C uvicorn stops accepting, lets in-flight requests finish for --grace
+    # seconds, cancels the rest, then re-raises the signal. A drained server is a clean exit:
+    # let that re-raised signal land on a handler that does nothing.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _json_constraints():  # type: ignore[no-untyped-def]
+    try:
+        from mixtral.grammar import json_constraint_factory
+    except ImportError:
+        return None
+    from mixtral.tokenizer import default_tokenizer
+
+    return json_constraint_factory(default_tokenizer())
 
 
 # --- inspecting and converting -------------------------------------------------------------------

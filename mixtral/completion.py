@@ -1,8 +1,9 @@
-"""Text completion on top of the token-level loop: streaming deltas, stop strings, usage.
+"""Text on top of the token-level loop: streaming deltas, stop strings, finish reasons, usage.
 
-This is where ids become text: deltas are whole UTF-8 characters that join to exactly the final
-text, and a stop string is matched on the decoded text and never appears in the output (text
-that might be the start of one is held back until it is known not to be).
+`TextStream` is the one place where generated ids become text. Its deltas are whole UTF-8
+characters that join to exactly the final text, and a stop string is matched on the decoded text
+and never appears in the output: text that might be the start of one is held back until it is
+known not to be. The CLI drives it from `generate`, the server from the engine's thread.
 """
 
 from __future__ import annotations
@@ -10,18 +11,54 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mixtral.generate import generate
+from mixtral.generate import GenerationParams, TokenConstraint, generate
 from mixtral.model import Transformer
 from mixtral.tokenizer import StreamDecoder, Tokenizer
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int | None = None  # None: up to the end of the context
-    temperature: float = 0.7
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+class TextStream:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (),
+                 context: list[int] | None = None) -> None:
+        self.decoder = StreamDecoder(tokenizer, context)
+        self.stop = tuple(s for s in stop if s)
+        self.pending = ""  # decoded, not yet emitted
+        self.stopped = False  # a stop string was found: the text is complete
+
+    def push(self, token: int) -> str:
+        """Feed one generated (non-EOS) token; return the text that is now safe to emit."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.push(token)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The end of generation: return whatever text is still held back."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.flush()  # a character left incomplete, as U+FFFD
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        keep = 0 if final else _held(self.pending, self.stop)
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out
+
+
+def _held(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
 
 
 @dataclass
@@ -41,61 +78,33 @@ class Completion:
 
 
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int],
-           params: SamplingParams) -> Iterator[Delta]:
+           params: GenerationParams, stop: tuple[str, ...] = (),
+           constraint: TokenConstraint | None = None) -> Iterator[Delta]:
     """Yield text deltas; the last one carries finish_reason and the token counts."""
-    max_tokens = params.max_tokens
-    if max_tokens is None:
-        max_tokens = model.args.max_seq_len - len(prompt)
-    stops = tuple(s for s in params.stop if s)
-    decoder = StreamDecoder(tokenizer)
-    pending = ""  # decoded text not yet emitted
-    n = 0  # tokens generated, EOS included
-    finish = "length"
-    tokens = generate(model, prompt, max_tokens, params.temperature, params.top_p, params.seed,
-                      stop_ids=(tokenizer.eos_id,))
+    text = TextStream(tokenizer, stop)
+    n, finish = 0, "length"
+    tokens = generate(model, prompt, params, constraint)
     try:
         for token in tokens:
             n += 1
-            if token == tokenizer.eos_id:
+            if token in params.stop_ids:
                 finish = "stop"
                 break
-            pending += decoder.push(token)
-            cut = _find_stop(pending, stops)
-            if cut is not None:
-                yield Delta(pending[:cut], "stop", len(prompt), n)
+            delta = text.push(token)
+            if text.stopped:
+                yield Delta(delta, "stop", len(prompt), n)
                 return
-            emit = len(pending) - _held(pending, stops)
-            if emit:
-                yield Delta(pending[:emit])
-                pending = pending[emit:]
+            if delta:
+                yield Delta(delta)
     finally:
-        tokens.close()
-    pending += decoder.flush()  # a character left incomplete at the end, as U+FFFD
-    cut = _find_stop(pending, stops)
-    if cut is not None:
-        pending, finish = pending[:cut], "stop"
-    yield Delta(pending, finish, len(prompt), n)
+        tokens.close()  # frees the cache at once when we stop early
+    yield Delta(text.finish(), finish, len(prompt), n)
 
 
 def complete(model: Transformer, tokenizer: Tokenizer, prompt: list[int],
-             params: SamplingParams) -> Completion:
-    parts = list(stream(model, tokenizer, prompt, params))
+             params: GenerationParams, stop: tuple[str, ...] = (),
+             constraint: TokenConstraint | None = None) -> Completion:
+    parts = list(stream(model, tokenizer, prompt, params, stop, constraint))
     last = parts[-1]
     return Completion("".join(p.text for p in parts), last.finish_reason or "length",
                       last.prompt_tokens, last.completion_tokens)
-
-
-def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _held(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

@@ -1,11 +1,14 @@
 """The reference decode loop: prefill a prompt, then decode one token at a time with a KV cache.
 
-Token ids in, token ids out. Text, chat templates and stop strings live above (`completion.py`).
+Token ids in, token ids out. Text, chat templates and stop strings live above (`completion.py`);
+a grammar (JSON mode) reaches this loop only as a `TokenConstraint` that masks the logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -15,20 +18,49 @@ from mixtral.model import Transformer
 from mixtral.sampling import make_generator, sample
 
 
-def check_request(model: Transformer, prompt: list[int], max_tokens: int) -> None:
-    """Raise ValueError for a prompt or length the model cannot take."""
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int | None = None  # None: up to the end of the context
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None  # same seed, prompt and params -> same tokens
+    min_tokens: int = 0  # stop ids are masked until this many tokens exist
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # ... times how often it was generated
+    stop_ids: tuple[int, ...] = (2,)
+
+
+class TokenConstraint(Protocol):
+    """Which tokens may come next (e.g. a JSON grammar); the loop reports each chosen token."""
+
+    def allowed(self) -> Tensor:
+        """bool [vocab]: True where the token may be sampled next."""
+        ...
+
+    def advance(self, token: int) -> None: ...
+
+
+def max_new_tokens(model: Transformer, prompt: list[int], params: GenerationParams) -> int:
+    """The number of tokens the request may generate; ValueError if it cannot run."""
     args = model.args
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     bad = [t for t in prompt if not 0 <= t < args.vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {args.vocab_size})")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-    if len(prompt) + max_tokens > args.max_seq_len:
-        raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {max_tokens} = "
-                         f"{len(prompt) + max_tokens} exceeds the model's context of "
+    room = args.max_seq_len - len(prompt)
+    if params.max_tokens is None:
+        if room < 1:
+            raise ValueError(f"the prompt of {len(prompt)} tokens fills the model's context of "
+                             f"{args.max_seq_len} tokens")
+        return room
+    if params.max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {params.max_tokens}")
+    if params.max_tokens > room:
+        raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} = "
+                         f"{len(prompt) + params.max_tokens} exceeds the model's context of "
                          f"{args.max_seq_len} tokens")
+    return params.max_tokens
 
 
 @torch.inference_mode()
@@ -36,25 +68,41 @@ def _forward(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCac
     return model(tokens, positions, cache, last_only=True)[:, -1]  # [B, V]
 
 
-def generate(model: Transformer, prompt: list[int], max_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None,
-             stop_ids: tuple[int, ...] = (2,)) -> Generator[int, None, None]:
-    """Yield up to max_tokens new ids; a stop id (EOS) is yielded and ends the stream.
+def generate(model: Transformer, prompt: list[int], params: GenerationParams,
+             constraint: TokenConstraint | None = None) -> Generator[int, None, None]:
+    """Yield new token ids; a stop id (EOS) is yielded and ends the stream.
 
-    Close the iterator to stop early: the cache is freed with it."""
-    check_request(model, prompt, max_tokens)
+    Close the generator to stop early: the cache is freed with it."""
+    n = max_new_tokens(model, prompt, params)
+    if n == 0:
+        return
     weight = model.tok_embeddings.weight  # embeddings are never quantized: dtype, device
     device = weight.device
-    cache = KVCache(model.args, 1, len(prompt) + max_tokens, weight.dtype, device)
-    generator = make_generator(seed, device)
-    tokens = torch.tensor([prompt], device=device)
-    positions = torch.arange(len(prompt), device=device)[None]
-    logits = _forward(model, tokens, positions, cache)
-    for i in range(max_tokens):
-        token = sample(logits, temperature, top_p, generator)  # [1]
+    cache = KVCache(model.args, 1, len(prompt) + n, weight.dtype, device)
+    generator = make_generator(params.seed, device)
+    counts = torch.zeros(model.args.vocab_size, device=device)  # of each generated token
+    stop_ids = torch.tensor(params.stop_ids, device=device, dtype=torch.long)
+    penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
+    logits = _forward(model, torch.tensor([prompt], device=device),
+                      torch.arange(len(prompt), device=device)[None], cache)
+    for i in range(n):
+        if penalised:
+            logits = (logits - params.presence_penalty * (counts > 0)
+                      - params.frequency_penalty * counts)
+        if i < params.min_tokens:
+            logits = logits.index_fill(1, stop_ids, float("-inf"))
+        if constraint is not None:
+            allowed = constraint.allowed().to(device)
+            if not allowed.any():
+                raise RuntimeError("the output constraint allows no token at all")
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        token = sample(logits, params.temperature, params.top_p, generator)  # [1]
         token_id = int(token)
+        if constraint is not None:
+            constraint.advance(token_id)
         yield token_id
-        if token_id in stop_ids or i == max_tokens - 1:
+        if token_id in params.stop_ids or i == n - 1:
             return
+        counts[token_id] += 1
         positions = torch.tensor([[len(prompt) + i]], device=device)
         logits = _forward(model, token[:, None], positions, cache)

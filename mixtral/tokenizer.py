@@ -57,11 +57,13 @@ class StreamDecoder:
     holding it back while it ends in U+FFFD. The window keeps the cost per token constant.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: list[int] | None = None) -> None:
+        """context: ids already shown to the user (an assistant prefix being continued), so
+        that the first new piece keeps its leading space."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context or [])
         self.prefix = 0  # window start
-        self.read = 0  # ids up to here have been emitted as text
+        self.read = len(self.ids)  # ids up to here have been emitted as text
         self.text = ""  # everything emitted so far
 
     def push(self, token_id: int) -> str:

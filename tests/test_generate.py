@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixtral.completion import SamplingParams, complete, stream
+from mixtral.completion import TextStream, complete, stream
 from mixtral.config import ModelArgs
 from mixtral.default_model import load_default
-from mixtral.generate import generate
+from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
 from mixtral.sampling import make_generator, sample, top_p_filter
 from mixtral.tokenizer import StreamDecoder, default_tokenizer
@@ -54,7 +54,7 @@ def test_sampling_rejects_bad_settings():
 
 def test_cached_greedy_equals_full_rescoring(model):
     prompt = TOK.encode("The grass is green. The sky is", bos=True)
-    out = list(generate(model, prompt, 12))
+    out = list(generate(model, prompt, GenerationParams(max_tokens=12)))
     ids = list(prompt)
     with torch.no_grad():
         for token in out:  # re-score the whole sequence without a cache at every step
@@ -64,9 +64,10 @@ def test_cached_greedy_equals_full_rescoring(model):
 
 def test_seed_reproducibility(model):
     prompt = TOK.encode("Once upon a time", bos=True)
-    a = list(generate(model, prompt, 16, temperature=1.0, seed=7))
-    b = list(generate(model, prompt, 16, temperature=1.0, seed=7))
-    c = list(generate(model, prompt, 16, temperature=1.0, seed=8))
+    def run(seed):
+        return list(generate(model, prompt, GenerationParams(16, temperature=1.0, seed=seed)))
+
+    a, b, c = run(7), run(7), run(8)
     assert a == b and a != c
 
 
@@ -74,11 +75,13 @@ def test_context_limit_is_a_clear_error(model):
     n = model.args.max_seq_len
     with pytest.raises(ValueError, match=rf"prompt of 10 tokens \+ max_tokens {n} = {n + 10} "
                        rf"exceeds the model's context of {n} tokens"):
-        list(generate(model, [1] * 10, n))
+        list(generate(model, [1] * 10, GenerationParams(max_tokens=n)))
     with pytest.raises(ValueError, match="prompt is empty"):
-        list(generate(model, [], 3))
+        list(generate(model, [], GenerationParams(3)))
     with pytest.raises(ValueError, match="token id 32000 is outside the vocabulary"):
-        list(generate(model, [1, 32000], 3))
+        list(generate(model, [1, 32000], GenerationParams(3)))
+    with pytest.raises(ValueError, match=f"prompt of {n} tokens fills the model's context"):
+        list(generate(model, [1] * n, GenerationParams()))
 
 
 # --- text: a model that says exactly what we script ---------------------------------------------
@@ -105,7 +108,7 @@ class Scripted(Transformer):
 
 def run(script, stop=(), max_tokens=None, prompt=(1, 415)):
     deltas = list(stream(Scripted(script), TOK, list(prompt),
-                         SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)))
+                         GenerationParams(max_tokens=max_tokens), stop))
     return [d.text for d in deltas], deltas[-1]
 
 
@@ -119,6 +122,41 @@ def test_deltas_are_whole_characters_and_join_to_the_text():
     assert not texts[0].startswith(" ")
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == \
         ("stop", 2, len(PARROT) + 1)
+
+
+def test_min_tokens_penalties_and_constraints():
+    def run_ids(script, **kw):
+        return list(generate(Scripted(script), [1, 415], GenerationParams(max_tokens=6, **kw)))
+
+    assert run_ids([2]) == [2]  # says EOS at once
+    held = run_ids([2], min_tokens=3)
+    assert 2 not in held[:3] and held[3] == 2
+    assert run_ids([7]) == [7] * 6
+    penalised = run_ids([7], presence_penalty=2.0)  # 1 - 2 < 0: once said, 7 loses
+    assert penalised[0] == 7 and 7 not in penalised[1:]
+
+    class OnlyOdd:
+        def __init__(self):
+            self.seen = []
+
+        def allowed(self):
+            mask = torch.zeros(32000, dtype=torch.bool)
+            mask[1::2] = True
+            return mask
+
+        def advance(self, token):
+            self.seen.append(token)
+
+    constraint = OnlyOdd()
+    out = list(generate(Scripted([8]), [1, 415], GenerationParams(max_tokens=4), constraint))
+    assert all(t % 2 for t in out) and constraint.seen == out
+
+
+def test_text_stream_continues_a_prefix():
+    prefix = TOK.encode("Hello", bos=False)
+    rest = TOK.encode("Hello world", bos=False)[len(prefix):]
+    text = TextStream(TOK, context=prefix)
+    assert "".join(text.push(t) for t in rest) + text.finish() == " world"
 
 
 def test_max_tokens_finishes_with_length():
@@ -141,11 +179,13 @@ def test_stop_strings_end_the_text_and_never_leak(stop, expected):
 
 def test_complete_and_usage(model):
     prompt = TOK.encode("Hello", bos=True)
-    result = complete(model, TOK, prompt, SamplingParams(max_tokens=5, temperature=0.0))
+    result = complete(model, TOK, prompt, GenerationParams(max_tokens=5))
     assert result.prompt_tokens == len(prompt)
     assert result.completion_tokens <= 5
-    again = complete(model, TOK, prompt, SamplingParams(max_tokens=5, temperature=0.0))
+    again = complete(model, TOK, prompt, GenerationParams(max_tokens=5))
     assert again.text == result.text
+    empty = complete(model, TOK, prompt, GenerationParams(max_tokens=0))
+    assert (empty.text, empty.finish_reason, empty.completion_tokens) == ("", "length", 0)
 
 
 # --- the streaming decoder on its own ------------------------------------------------------------

@@ -1,0 +1,520 @@
+"""`mixtral serve`: the Mistral chat API (and the OpenAI clients' view of it) over one engine.
+
+request JSON -> protocol.ChatCompletionRequest -> chat.encode -> ids -> engine (worker thread)
+-> ids -> completion.TextStream -> JSON or SSE. The web page at `/` uses the same API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mixtral import chat
+from mixtral.completion import TextStream
+from mixtral.engine import Engine, Job, QueueFull
+from mixtral.generate import GenerationParams, TokenConstraint, max_new_tokens
+from mixtral.model import Transformer
+from mixtral.server import protocol
+from mixtral.server.protocol import ChatCompletionRequest, error_body
+from mixtral.tokenizer import Tokenizer, default_tokenizer
+
+ConstraintFactory = Callable[[dict[str, Any] | None], TokenConstraint]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.headers = headers
+
+
+@dataclass
+class Settings:
+    name: str  # the loaded model's own id
+    api_key: str | None = None
+    max_queue: int = 16
+    keepalive_s: float = 10.0  # SSE comment when no token came for this long
+    max_body_bytes: int = 8 * 2**20
+    description: str = "Mixtral 8x7B"
+
+
+@dataclass
+class State:
+    settings: Settings
+    engine: Engine | None = None
+    tokenizer: Tokenizer = field(default_factory=default_tokenizer)
+    json_constraint: ConstraintFactory | None = None
+    load_error: str | None = None
+
+
+class Metrics:
+    def __init__(self, state: State) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mixtral_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("mixtral_prompt_tokens", "prompt tokens", registry=r)
+        self.completion_tokens = Counter("mixtral_completion_tokens", "generated tokens",
+                                         registry=r)
+        self.ttft = Histogram("mixtral_time_to_first_token_seconds", "request to first token",
+                              registry=r, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.tps = Histogram("mixtral_decode_tokens_per_second", "decode speed per request",
+                             registry=r, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))
+        queue = Gauge("mixtral_queue_depth", "requests waiting for the engine", registry=r)
+        queue.set_function(lambda: state.engine.queue_depth if state.engine else 0)
+        running = Gauge("mixtral_requests_running", "requests generating now", registry=r)
+        running.set_function(lambda: int(state.engine.busy) if state.engine else 0)
+
+
+def create_app(load: Callable[[], Transformer], settings: Settings,
+               json_constraint: ConstraintFactory | None = None) -> FastAPI:
+    """The ASGI app. `load` runs in a thread at start-up; until it returns, the API says 503."""
+    state = State(settings, json_constraint=json_constraint)
+    metrics = Metrics(state)
+
+    def start() -> None:
+        try:
+            state.engine = Engine(load(), settings.max_queue)
+        except Exception as e:  # reported by /health and every API call
+            state.load_error = f"{type(e).__name__}: {e}"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=start, name="mixtral-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.stop(timeout=5)
+
+    app = FastAPI(title="mixtral", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
+    app.state.mixtral = state
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.type, exc.code), exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
+                  for e in exc.errors()]
+        return JSONResponse(error_body({"detail": detail}, "invalid_request_error",
+                                       detail=detail), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"),
+                            exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body("internal error", "internal_error"), 500)
+
+    def ready() -> State:
+        if state.load_error:
+            raise APIError(503, f"the model failed to load: {state.load_error}",
+                           "service_unavailable")
+        if state.engine is None:
+            raise APIError(503, "the model is still loading; retry shortly",
+                           "service_unavailable", headers={"Retry-After": "5"})
+        return state
+
+    def names() -> list[str]:
+        return [settings.name, *[a for a in protocol.ALIASES if a != settings.name]]
+
+    def context() -> int:
+        return state.engine.model.args.max_seq_len if state.engine else 32768
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files("mixtral.server").joinpath("static/index.html").read_text()
+        return HTMLResponse(html)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, 503)
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ok", "model": settings.name})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_route() -> Response:
+        return Response(generate_latest(metrics.registry),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        all_names = names()
+        return {"object": "list",
+                "data": [protocol.model_card(n, [a for a in all_names if a != n], context(),
+                                             settings.description) for n in all_names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        all_names = names()
+        if model_id not in all_names:
+            raise APIError(404, f"Invalid model: {model_id}", "invalid_model", "1500")
+        return protocol.model_card(model_id, [a for a in all_names if a != model_id], context(),
+                                   settings.description)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest,
+                               request: Request) -> JSONResponse | StreamingResponse:
+        st = ready()
+        assert st.engine is not None
+        if body.model not in names():
+            raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
+        plan = _plan(body, st)
+        if st.engine.queue_depth >= settings.max_queue:  # refuse before any byte is sent
+            raise _queue_full(f"{settings.max_queue} requests are already waiting")
+        metrics.prompt_tokens.inc(len(plan.prompt))
+        if body.stream:
+            return StreamingResponse(_sse(plan, st, metrics, settings.keepalive_s),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        result = await _until_disconnect(request, _collect(plan, st, metrics))
+        return JSONResponse(result)
+
+    app.add_middleware(_CountRequests, metrics=metrics)
+    app.add_middleware(_LimitBody, limit=settings.max_body_bytes)
+    app.add_middleware(_RequireKey, key=settings.api_key)
+    return app
+
+
+# --- one request ---------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """A validated request, as ids and settings."""
+    id: str
+    created: int
+    model: str
+    prompt: list[int]
+    params: GenerationParams
+    stop: tuple[str, ...]
+    n: int
+    prefix: str  # an assistant prefix being continued: the answer starts with it
+    prefix_ids: list[int]
+    json_schema: dict[str, Any] | None
+    json_mode: bool
+    include_usage: bool
+    constraint: TokenConstraint | None = None  # choice 0's, built early to check the schema
+
+
+def _plan(body: ChatCompletionRequest, st: State) -> Plan:
+    if body.tools:
+        raise APIError(400, "tools are not supported: Mixtral-8x7B's v1 tokenizer has no "
+                       "function-calling format", code="3051")
+    if body.logprobs:
+        raise APIError(400, "logprobs are not supported by this server", code="3051")
+    messages = [m.as_chat() for m in body.messages]
+    try:
+        prompt = chat.encode(messages, body.safe_prompt or body.safe_mode, st.tokenizer)
+    except chat.ChatError as e:
+        raise APIError(400, str(e).removeprefix("invalid conversation: "),
+                       "invalid_request_message_order", "3230") from None
+    last = body.messages[-1]
+    prefix = ""
+    if last.role == "assistant" and last.prefix:
+        prefix = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else \
+            "\n\n".join(c["text"] for c in messages[-1]["content"] if c["text"])
+    temperature = 0.7 if body.temperature is None else body.temperature
+    if body.top_p == 0:
+        temperature = 0.0  # nothing but the most likely token
+    params = GenerationParams(
+        max_tokens=body.max_new_tokens, temperature=temperature, top_p=body.top_p or 1.0,
+        seed=body.sampling_seed, min_tokens=body.min_tokens or 0,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        stop_ids=(st.tokenizer.eos_id,))
+    assert st.engine is not None
+    try:
+        max_new_tokens(st.engine.model, prompt, params)
+    except ValueError as e:
+        raise APIError(400, str(e), code="3210") from None
+    fmt = body.response_format
+    json_mode = fmt is not None and fmt.type != "text"
+    if json_mode and st.json_constraint is None:
+        raise APIError(400, "JSON mode is not available on this server", code="3051")
+    plan = Plan(
+        id=protocol.new_id(), created=protocol.now(), model=body.model, prompt=prompt,
+        params=params, stop=body.stop_strings, n=body.n or 1, prefix=prefix,
+        prefix_ids=st.tokenizer.encode(prefix, bos=False) if prefix else [],
+        json_schema=fmt.json_schema.schema_ if fmt is not None and fmt.json_schema else None,
+        json_mode=json_mode,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage))
+    plan.constraint = _constraint(plan, st)
+    return plan
+
+
+@dataclass
+class _Done:
+    error: BaseException | None
+
+
+_KEEPALIVE = object()
+
+
+@dataclass
+class Choice:
+    """One answer being generated: its engine job and the ids arriving from it."""
+    index: int
+    job: Job
+    events: asyncio.Queue[int | _Done]
+
+
+def _start(plan: Plan, st: State, index: int) -> Choice:
+    """Queue one choice on the engine; 429 when the queue is full, 400 for a bad schema."""
+    assert st.engine is not None
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[int | _Done] = asyncio.Queue()
+    params = plan.params
+    if plan.n > 1 and params.seed is not None:  # n different answers, still reproducible
+        params = replace(params, seed=params.seed + index)
+    constraint = plan.constraint if index == 0 else _constraint(plan, st)
+    try:
+        job = st.engine.submit(plan.prompt, params,
+                               lambda t: loop.call_soon_threadsafe(events.put_nowait, t),
+                               lambda e: loop.call_soon_threadsafe(events.put_nowait, _Done(e)),
+                               constraint)
+    except QueueFull as e:
+        raise _queue_full(str(e)) from None
+    return Choice(index, job, events)
+
+
+def _queue_full(why: str) -> APIError:
+    return APIError(429, f"Rate limit exceeded: {why}", "rate_limited", "1300",
+                    headers={"Retry-After": "2"})
+
+
+def _constraint(plan: Plan, st: State) -> TokenConstraint | None:
+    if not plan.json_mode:
+        return None
+    assert st.json_constraint is not None
+    try:
+        return st.json_constraint(plan.json_schema)
+    except ValueError as e:
+        raise APIError(400, f"response_format: {e}", code="3051") from None
+
+
+async def _run(plan: Plan, st: State, metrics: Metrics, choice: Choice,
+               keepalive_s: float | None) -> AsyncIterator[Any]:
+    """Yield text deltas (str) for one choice, keep-alive markers when idle, and finally a
+    (finish_reason, completion_tokens) tuple. Closing the iterator cancels the job."""
+    text = TextStream(st.tokenizer, plan.stop, plan.prefix_ids)
+    start, first, n, finish = time.monotonic(), 0.0, 0, "length"
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(choice.events.get(), keepalive_s)
+            except asyncio.TimeoutError:
+                yield _KEEPALIVE
+                continue
+            if isinstance(event, _Done):
+                if event.error is not None:
+                    raise event.error
+                break
+            n += 1
+            if n == 1:
+                first = time.monotonic()
+                metrics.ttft.observe(first - start)
+            if event in plan.params.stop_ids:
+                finish = "stop"
+                break
+            delta = text.push(event)
+            if delta:
+                yield delta
+            if text.stopped:
+                finish = "stop"
+                break
+        if finish == "length" and (tail := text.finish()):
+            yield tail
+        if n > 1:
+            metrics.tps.observe((n - 1) / max(time.monotonic() - first, 1e-9))
+        metrics.completion_tokens.inc(n)
+        yield (finish, n)
+    finally:
+        choice.job.cancel()  # a no-op when it already ended; frees the slot at once otherwise
+
+
+async def _collect(plan: Plan, st: State, metrics: Metrics) -> dict[str, Any]:
+    choices, total = [], 0
+    for i in range(plan.n):
+        parts, finish = [plan.prefix], "length"
+        async for item in _run(plan, st, metrics, _start(plan, st, i), None):
+            if isinstance(item, str):
+                parts.append(item)
+            elif isinstance(item, tuple):
+                finish, n = item
+                total += n
+        choices.append(("".join(parts), finish))
+    return protocol.completion_response(plan.id, plan.created, plan.model, choices,
+                                        len(plan.prompt), total)
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse(plan: Plan, st: State, metrics: Metrics,
+               keepalive_s: float) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], index: int, finish: str | None = None,
+              use: dict[str, int] | None = None) -> bytes:
+        return _event(protocol.chunk(plan.id, plan.created, plan.model, delta, index, finish, use))
+
+    total = 0
+    try:
+        for i in range(plan.n):
+            yield chunk({"role": "assistant", "content": ""}, i)
+            held = plan.prefix  # each content chunk is sent once the next is known, so the
+            choice = _start(plan, st, i)  # last one carries the usage
+            async for item in _run(plan, st, metrics, choice, keepalive_s):
+                if item is _KEEPALIVE:
+                    yield b": ping\n\n"
+                elif isinstance(item, str):
+                    if held:
+                        yield chunk({"content": held}, i)
+                    held = item
+                elif isinstance(item, tuple):
+                    finish, n = item
+                    total += n
+                    last = i == plan.n - 1
+                    yield chunk({"content": held}, i, finish,
+                                protocol.usage(len(plan.prompt), total) if last else None)
+        if plan.include_usage:
+            yield _event({"id": plan.id, "object": "chat.completion.chunk",
+                          "created": plan.created, "model": plan.model, "choices": [],
+                          "usage": protocol.usage(len(plan.prompt), total)})
+        yield b"data: [DONE]\n\n"
+    except APIError as e:  # after the 200 went out, errors travel in the stream
+        yield _event({"error": {"message": e.message, "type": e.type, "param": None,
+                                "code": e.code}})
+    except Exception:
+        yield _event({"error": {"message": "internal error during generation",
+                                "type": "internal_error", "param": None, "code": "500"}})
+
+
+async def _until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Run `work`, but cancel it (and with it the engine job) if the client goes away."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise APIError(499, "client disconnected", "client_closed_request")
+    return task.result()
+
+
+# --- middleware (pure ASGI: no BaseHTTPMiddleware, so disconnects reach the handlers) -----------
+
+async def _send_json(send: Send, status: int, body: dict[str, Any],
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(data)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _RequireKey:
+    """Bearer key on /v1/* (constant-time compare); the page, /health and /metrics stay open."""
+
+    def __init__(self, app: ASGIApp, key: str | None) -> None:
+        self.app = app
+        self.digest = hashlib.sha256(key.encode()).digest() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.digest and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            given = hashlib.sha256(token.strip().encode()).digest()
+            if scheme.lower() != "bearer" or not secrets.compare_digest(given, self.digest):
+                await _send_json(send, 401, protocol.unauthorized_body(),
+                                 [(b"www-authenticate", b"Bearer")])
+                return
+        await self.app(scope, receive, send)
+
+
+class _LimitBody:
+    """Read request bodies up front (they are small JSON) and refuse oversized ones with 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await _send_json(send, 413, error_body(
+                    f"request body larger than {self.limit} bytes", "invalid_request_error"))
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: wait for the disconnect
+
+        await self.app(scope, replay, send)
+
+
+class _CountRequests:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def spy(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, spy)
+        finally:
+            route = scope["path"] if scope["path"] in _ROUTES else "other"
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"}

@@ -1,0 +1,187 @@
+"""The Mistral chat API on the wire: request schema, response and stream shapes, error bodies.
+
+Shapes follow what every version of the official clients parses (mistralai 0.4.2 to 3.x, openai;
+see shared/reference/mistral-api-contract.md): `content` is always a string, `finish_reason` is
+"stop" or "length", usage has all three counts, model cards carry `capabilities` and `type`.
+Unknown request fields are refused (422) as the real API does, but the OpenAI fields that
+clients send are accepted and mapped: `seed` -> `random_seed`, `max_completion_tokens` ->
+`max_tokens`, `stream_options.include_usage`; `user`, `store`, `metadata` are ignored.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ALIASES = ("open-mixtral-8x7b", "mistral-small", "mistral-small-2312")
+CREATED = 1702252800  # 2023-12-11, Mixtral 8x7B's release
+
+
+class TextChunk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # per-message extras of newer clients are harmless
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextChunk] | None = None
+    prefix: bool = False
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None  # OpenAI clients may name a participant; ignored
+
+    def as_chat(self) -> dict[str, Any]:
+        content: Any = self.content
+        if isinstance(content, list):
+            content = [c.model_dump() for c in content]
+        out: dict[str, Any] = {"role": self.role, "content": content}
+        if self.role == "assistant":
+            out["prefix"] = self.prefix
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        return out
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    messages: list[Message]
+    temperature: float | None = Field(None, ge=0.0, le=1.5)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's name
+    min_tokens: int | None = Field(None, ge=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    random_seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0)  # OpenAI's name
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: int | None = Field(None, ge=1, le=8)
+    safe_prompt: bool = False
+    safe_mode: bool = False  # the Dec-2023 name of safe_prompt
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 16:
+            raise ValueError("at most 16 stop strings")
+        return v
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def sampling_seed(self) -> int | None:
+        return self.random_seed if self.random_seed is not None else self.seed
+
+
+def new_id() -> str:
+    return secrets.token_hex(16)  # 32 hex characters, like the real API's ids
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def completion_response(id_: str, created: int, model: str, choices: list[tuple[str, str]],
+                        prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """choices: (content, finish_reason) per choice."""
+    return {
+        "id": id_, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": content,
+                                             "tool_calls": None, "prefix": False},
+                     "finish_reason": finish} for i, (content, finish) in enumerate(choices)],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunk(id_: str, created: int, model: str, delta: dict[str, Any], index: int = 0,
+          finish_reason: str | None = None,
+          usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
+            "usage": usage_}
+
+
+def model_card(id_: str, aliases: list[str], context: int, description: str) -> dict[str, Any]:
+    return {
+        "id": id_, "object": "model", "created": CREATED, "owned_by": "mistralai",
+        "capabilities": {"completion_chat": True, "function_calling": False,
+                         "completion_fim": False, "fine_tuning": False, "vision": False},
+        "name": id_, "description": description, "max_context_length": context,
+        "aliases": aliases, "deprecation": None, "default_model_temperature": 0.7,
+        "type": "base",
+    }
+
+
+def error_body(message: str | dict[str, Any], type_: str, code: str | None = None,
+               detail: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Mistral's flat error shape, plus OpenAI's nested `error` (harmless to both clients)."""
+    text = message if isinstance(message, str) else str(message)
+    body: dict[str, Any] = {"object": "error", "message": message, "type": type_, "param": None,
+                            "code": code,
+                            "error": {"message": text, "type": type_, "param": None, "code": code}}
+    if detail is not None:
+        body["detail"] = detail  # mistralai >= 1 parses it into HTTPValidationError.data
+    return body
+
+
+def unauthorized_body() -> dict[str, Any]:
+    return {"message": "Unauthorized", "request_id": new_id(),
+            "error": {"message": "Unauthorized", "type": "authentication_error", "param": None,
+                      "code": None}}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,65 @@
+"""A live server on a free loopback port, in a thread of the test process, for the clients."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import uvicorn
+
+from mixtral.default_model import load_default
+from mixtral.model import Transformer
+from mixtral.server.app import Settings, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, load: Callable[[], Transformer] = load_default,
+                 json_constraint=None, wait_ready: bool = True, **settings) -> None:
+        settings.setdefault("name", "mixtral-tiny-random")
+        self.app = create_app(load, Settings(**settings), json_constraint)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        while wait_ready and self.state.engine is None:
+            assert self.state.load_error is None, self.state.load_error
+            assert time.monotonic() < deadline, "model did not load"
+            time.sleep(0.02)
+
+    @property
+    def state(self):
+        return self.app.state.mixtral
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class Slow(Transformer):
+    """The default model, `delay` seconds slower per forward call (for queue/disconnect tests)."""
+
+    def __init__(self, delay: float, prefill_delay: float = 0.0) -> None:
+        base = load_default()
+        super().__init__(base.args)
+        self.load_state_dict(base.state_dict())
+        self.eval()
+        self.delay, self.prefill_delay = delay, prefill_delay
+
+    def forward(self, tokens, *args, **kwargs):
+        time.sleep(self.prefill_delay if tokens.shape[1] > 1 else self.delay)
+        return super().forward(tokens, *args, **kwargs)
