@@ -15,6 +15,9 @@ $(VENV)/.runtime: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) -e '.[test]'
+	# the oldest official client line (0.x) cannot share a venv with mistralai 3.x
+	python3 -m venv $(VENV)/mistralai-0.4.2
+	$(VENV)/mistralai-0.4.2/bin/python -m pip install --quiet --disable-pip-version-check mistralai==0.4.2
 	touch $@
 
 install: $(VENV)/.runtime

@@ -200,7 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from mixtral.server.app import Settings, create_app
+    from mixtral.server.app import Settings, create_app, json_constraints
 
     if args.model is None:
         from mixtral.default_model import NAME as name
@@ -209,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
         name = (path if path.is_dir() else path.parent).resolve().name
     settings = Settings(name=name, api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY"),
                         max_queue=args.max_queue)
-    app = create_app(lambda: _load(args), settings, _json_constraints())
+    app = create_app(lambda: _load(args), settings, json_constraints())
     url = f"http://{args.host}:{args.port}"
     print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"
           + (" (bearer key required)" if settings.api_key else ""), file=sys.stderr)
@@ -222,16 +222,6 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
     return 0
-
-
-def _json_constraints():  # type: ignore[no-untyped-def]
-    try:
-        from mixtral.grammar import json_constraint_factory
-    except ImportError:
-        return None
-    from mixtral.tokenizer import default_tokenizer
-
-    return json_constraint_factory(default_tokenizer())
 
 
 # --- inspecting and converting -------------------------------------------------------------------

@@ -33,8 +33,9 @@ class GenerationParams:
 class TokenConstraint(Protocol):
     """Which tokens may come next (e.g. a JSON grammar); the loop reports each chosen token."""
 
-    def allowed(self) -> Tensor:
-        """bool [vocab]: True where the token may be sampled next."""
+    def allowed(self, remaining: int | None = None) -> Tensor:
+        """bool [vocab]: True where the token may be sampled next; `remaining` is how many
+        tokens the budget still allows, this one included (to finish in time)."""
         ...
 
     def advance(self, token: int) -> None: ...
@@ -89,10 +90,13 @@ def generate(model: Transformer, prompt: list[int], params: GenerationParams,
         if penalised:
             logits = (logits - params.presence_penalty * (counts > 0)
                       - params.frequency_penalty * counts)
+        allowed = None if constraint is None else constraint.allowed(n - i).to(device)
         if i < params.min_tokens:
-            logits = logits.index_fill(1, stop_ids, float("-inf"))
-        if constraint is not None:
-            allowed = constraint.allowed().to(device)
+            if allowed is None:
+                logits = logits.index_fill(1, stop_ids, float("-inf"))
+            elif allowed.index_fill(0, stop_ids, False).any():  # unless only a stop may follow
+                allowed = allowed.index_fill(0, stop_ids, False)
+        if allowed is not None:
             if not allowed.any():
                 raise RuntimeError("the output constraint allows no token at all")
             logits = logits.masked_fill(~allowed, float("-inf"))

@@ -9,6 +9,7 @@ mistral-common ships the exact file (`tokenizer.model.v1`, the same bytes as the
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -29,6 +30,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._sp.n_words
+
+    @property
+    def model_file(self) -> Path:
+        """The SentencePiece model file (for tools that read the vocabulary themselves)."""
+        return Path(self._sp.file_path)
 
     @property
     def special_ids(self) -> set[int]:

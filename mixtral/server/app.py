@@ -201,6 +201,13 @@ def create_app(load: Callable[[], Transformer], settings: Settings,
     return app
 
 
+def json_constraints() -> ConstraintFactory:
+    """JSON mode's grammar engine for the default tokenizer (built once, ~0.1 s)."""
+    from mixtral.grammar import json_constraint_factory
+
+    return json_constraint_factory(default_tokenizer())
+
+
 # --- one request ---------------------------------------------------------------------------------
 
 @dataclass
