@@ -139,7 +139,7 @@ def test_min_tokens_penalties_and_constraints():
         def __init__(self):
             self.seen = []
 
-        def allowed(self):
+        def allowed(self, remaining=None):
             mask = torch.zeros(32000, dtype=torch.bool)
             mask[1::2] = True
             return mask
