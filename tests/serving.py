@@ -22,9 +22,9 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, load: Callable[[], Transformer] = load_default,
-                 json_constraint=None, wait_ready: bool = True, **settings) -> None:
+                 json_constraint=None, wait_ready: bool = True, app=None, **settings) -> None:
         settings.setdefault("name", "mixtral-tiny-random")
-        self.app = create_app(load, Settings(**settings), json_constraint)
+        self.app = app or create_app(load, Settings(**settings), json_constraint)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",

@@ -179,6 +179,8 @@ def test_models(api):
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
      400, "invalid_request_message_order", "Expected last role User"),
     ({"messages": []}, 400, "invalid_request_message_order", "at least one message"),
+    ({"messages": [], "safe_prompt": True}, 400, "invalid_request_message_order",
+     "at least one message"),  # found by the fuzzer: once a 500
     ({"messages": HELLO, "max_tokens": 5000}, 400, "invalid_request_error",
      "prompt of 9 tokens + max_tokens 5000 = 5009 exceeds the model's context of 2048 tokens"),
     ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f",

@@ -235,6 +235,9 @@ def _plan(body: ChatCompletionRequest, st: State) -> Plan:
     if body.logprobs:
         raise APIError(400, "logprobs are not supported by this server", code="3051")
     messages = [m.as_chat() for m in body.messages]
+    if not messages:  # checked before the safe prompt could make the list non-empty
+        raise APIError(400, "Conversation must have at least one message",
+                       "invalid_request_message_order", "3230")
     try:
         prompt = chat.encode(messages, body.safe_prompt or body.safe_mode, st.tokenizer)
     except chat.ChatError as e:
