@@ -1,11 +1,12 @@
 # Two entry points on a fresh machine (Python >= 3.10 with venv):
-#   make chat   install into .venv and chat with the built-in default model
+#   make serve  install into .venv and serve the chat API + web page on the default model
 #   make test   install with the test extras and run the whole test suite
+# (make chat: the same install, then an interactive chat in the terminal)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: chat test lint install
+.PHONY: serve chat test lint install browser
 
 $(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,10 +23,19 @@ $(VENV)/.test: $(VENV)/.runtime
 
 install: $(VENV)/.runtime
 
-chat: $(VENV)/.runtime
-	$(VENV)/bin/mixtral chat
+serve: $(VENV)/.runtime
+	$(VENV)/bin/mixtral serve $(ARGS)
 
-test: $(VENV)/.test
+chat: $(VENV)/.runtime
+	$(VENV)/bin/mixtral chat $(ARGS)
+
+# The page tests drive Debian's Chromium (never a downloaded browser); install it if we can.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	  >/dev/null; } || echo "note: no chromium; the web-page tests will be skipped"
+
+test: $(VENV)/.test browser
 	$(VENV)/bin/ruff check mixtral tests
 	$(VENV)/bin/mypy
 	$(PY) -m pytest

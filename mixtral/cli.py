@@ -204,11 +204,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.model is None:
         from mixtral.default_model import NAME as name
+        description = "tiny Mixtral with RANDOM weights (no trained default yet): output is noise"
     else:
         path = Path(args.model)
         name = (path if path.is_dir() else path.parent).resolve().name
+        description = "Mixtral 8x7B"
     settings = Settings(name=name, api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY"),
-                        max_queue=args.max_queue)
+                        max_queue=args.max_queue, description=description)
     app = create_app(lambda: _load(args), settings, json_constraints())
     url = f"http://{args.host}:{args.port}"
     print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"

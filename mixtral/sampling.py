@@ -13,7 +13,10 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    # shift so the best logit is 0: a tiny temperature then gives 0 and -inf, never inf - inf
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1:
         probs = top_p_filter(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -43,6 +43,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert drawn == {0, 1}
 
 
+def test_tiny_temperature_is_greedy_not_nan():
+    # found by the API fuzzer: temperature 5e-324 overflowed logits / T into inf - inf = nan
+    logits = torch.randn(2, 50)
+    for t in (1e-300, 5e-324):
+        assert torch.equal(sample(logits, t, 1.0, make_generator(0)), logits.argmax(-1))
+        assert torch.equal(sample(logits, t, 0.5, make_generator(0)), logits.argmax(-1))
+
+
 def test_sampling_rejects_bad_settings():
     with pytest.raises(ValueError, match="temperature >= 0 and 0 < top_p <= 1"):
         sample(torch.zeros(1, 4), -1.0)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -34,6 +35,7 @@ from mixtral.server import protocol
 from mixtral.server.protocol import ChatCompletionRequest, error_body
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 
+log = logging.getLogger("mixtral.server")
 ConstraintFactory = Callable[[dict[str, Any] | None], TokenConstraint]
 
 
@@ -126,6 +128,7 @@ def create_app(load: Callable[[], Transformer], settings: Settings,
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=exc)  # the details stay in the server's log
         return JSONResponse(error_body("internal error", "internal_error"), 500)
 
     def ready() -> State:
@@ -418,7 +421,8 @@ async def _sse(plan: Plan, st: State, metrics: Metrics,
     except APIError as e:  # after the 200 went out, errors travel in the stream
         yield _event({"error": {"message": e.message, "type": e.type, "param": None,
                                 "code": e.code}})
-    except Exception:
+    except Exception as e:
+        log.error("stream failed", exc_info=e)
         yield _event({"error": {"message": "internal error during generation",
                                 "type": "internal_error", "param": None, "code": "500"}})
 
