@@ -13,10 +13,11 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    # shift so the best logit is 0: a tiny temperature then gives 0 and -inf, never inf - inf
+    # Shift so the best logit is 0, divide in fp64: a tiny temperature (even 5e-324, which is
+    # 0 in fp32) then gives 0 and -inf, never inf - inf = nan.
+    logits = logits.double()
     scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    probs = torch.softmax(scaled, dim=-1)
+    probs = torch.softmax(scaled, dim=-1).float()
     if top_p < 1:
         probs = top_p_filter(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
