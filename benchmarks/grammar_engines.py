@@ -1,0 +1,482 @@
+#!/usr/bin/env python3
+"""Grammar-constrained decoding benchmark: llguidance vs xgrammar vs outlines-core
+on Mixtral's v1 SentencePiece vocabulary (32000 pieces, byte_fallback).
+
+Usage (in a venv with torch==2.13.0, mistral-common[sentencepiece], jsonschema and the three
+libraries: pip install llguidance xgrammar outlines-core):
+        python benchmarks/grammar_engines.py [--runs 50] [--timing-runs 20] [--budget 300]
+        [--libs llguidance,xgrammar,outlines-core] [--out results.json]
+
+Per decode step we time (a) mask computation into an int32 bitmask [1, 1000] and
+(b) advancing the matcher with the sampled token ("engine overhead"), and separately
+(c) applying the bitmask to the logits + sampling (same pure-torch code for all libs).
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jsonschema
+import mistral_common
+import sentencepiece as spm
+import torch
+
+torch.set_num_threads(1)
+
+SP_PATH = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+V = 32000
+UNK, BOS, EOS = 0, 1, 2
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+# same schema with bounded strings/arrays so random-logit decoding terminates
+SCHEMA_BOUNDED = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 3},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+ANY_OBJECT = {"type": "object"}
+
+GRAMMARS = {
+    # name: (kind, schema used for validation)
+    "json_object": ("object", ANY_OBJECT),
+    "schema": ("schema", SCHEMA),
+    "schema_bounded": ("schema", SCHEMA_BOUNDED),
+    # schema_bounded + an optional single leading space before '{' (lets the model emit
+    # the SentencePiece-canonical '▁{' / '▁{"' first token)
+    "schema_bounded_lead": ("schema_lead", SCHEMA_BOUNDED),
+}
+
+
+# --------------------------------------------------------------------------- vocab
+def load_sp_vocab():
+    """Return (sp, token_bytes) where token_bytes[i] is the raw bytes of piece i,
+    or None for special/control pieces (unk, <s>, </s>)."""
+    sp = spm.SentencePieceProcessor(model_file=str(SP_PATH))
+    assert sp.get_piece_size() == V
+    toks = []
+    for i in range(V):
+        p = sp.id_to_piece(i)
+        if sp.is_control(i) or sp.is_unknown(i):
+            toks.append(None)
+        elif sp.is_byte(i):  # <0xNN>
+            toks.append(bytes([int(p[3:5], 16)]))
+        else:
+            toks.append(p.replace("\u2581", " ").encode("utf-8"))
+    assert toks[UNK] is None and toks[BOS] is None and toks[EOS] is None
+    assert toks[3] == b"\x00" and toks[258] == b"\xff"
+    return sp, toks
+
+
+def sp_encode_no_prefix(sp, s: str):
+    """SentencePiece encode WITHOUT the dummy-prefix '▁' that Mixtral's model adds to
+    every encode() call (even when s already starts with a space: ' {' -> ['▁', '▁{']).
+    llguidance calls this to tokenize grammar literals mid-stream, so the extra '▁'
+    must go, otherwise its forced-token masks are wrong."""
+    ids = sp.encode(s)
+    if ids:
+        first = sp.id_to_piece(ids[0])
+        if first == "\u2581":
+            ids = ids[1:]
+        elif first.startswith("\u2581"):
+            rest = first[1:]
+            rid = sp.piece_to_id(rest)
+            if rid != UNK and sp.id_to_piece(rid) == rest:
+                ids = [rid] + ids[1:]
+            else:  # rare: remainder is not a piece -> byte-fallback tokens
+                ids = [3 + b for b in rest.encode("utf-8")] + ids[1:]
+    return ids
+
+
+# --------------------------------------------------------------------------- engines
+class LLGuidanceEngine:
+    name = "llguidance"
+
+    def __init__(self, sp, toks, flexible_ws=True):
+        import llguidance
+        import llguidance.torch as llt
+
+        self.llg, self.llt = llguidance, llt
+        self.flexible_ws = flexible_ws
+
+        class _SPTok:  # duck-typed object for llguidance.TokenizerWrapper
+            eos_token_id = EOS
+            bos_token_id = BOS
+            # specials get the 0xFF prefix (convention of llguidance's llama.cpp adapter)
+            tokens = [t if t is not None else b"\xff" + sp.id_to_piece(i).encode()
+                      for i, t in enumerate(toks)]
+            special_token_ids = [UNK, BOS, EOS]
+
+            def __call__(self, s):
+                if isinstance(s, bytes):
+                    s = s.decode("utf-8", errors="replace")
+                return sp_encode_no_prefix(sp, s)
+
+        t0 = time.perf_counter()
+        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SPTok()), n_vocab=V, eos_token=EOS)
+        self.tok_build_s = time.perf_counter() - t0
+
+    def compile(self, kind, schema):
+        opts = None if self.flexible_ws else {"whitespace_flexible": False,
+                                              "item_separator": ", ", "key_separator": ": "}
+        if kind == "schema_lead":
+            sch = dict(schema, **({"x-guidance": opts} if opts else {}))
+            g = self.llg.LLMatcher.grammar_from_lark('start: " "? obj\nobj: %json ' + json.dumps(sch))
+        else:
+            g = self.llg.LLMatcher.grammar_from_json_schema(schema, overrides=opts)
+        m = self.llg.LLMatcher(self.tok, g)  # lexer/grammar built here
+        if m.is_error():
+            raise RuntimeError(m.get_error())
+        return g
+
+    def matcher(self, compiled):
+        return self.llg.LLMatcher(self.tok, compiled)
+
+    def fill(self, m, bm):
+        self.llt.fill_next_token_bitmask(m, bm)
+
+    def advance(self, m, t):
+        ok = m.consume_token(t)
+        return ok and not m.is_error()
+
+    def done(self, m):
+        return m.is_stopped()
+
+
+class XGrammarEngine:
+    name = "xgrammar"
+
+    def __init__(self, sp, toks, flexible_ws=True):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.flexible_ws = flexible_ws
+        # RAW vocab of bytes; specials as b"" and EOS given explicitly
+        enc = [t if t is not None else b"" for t in toks]
+        t0 = time.perf_counter()
+        self.info = xgr.TokenizerInfo(enc, xgr.VocabType.RAW, vocab_size=V,
+                                      stop_token_ids=[EOS], add_prefix_space=True)
+        self.tok_build_s = time.perf_counter() - t0
+
+    def compile(self, kind, schema):
+        # fresh compiler with cache disabled so repeated compiles are really measured
+        c = self.xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
+        kw = {} if self.flexible_ws else {"any_whitespace": False, "separators": (", ", ": ")}
+        # (builtin JSON grammar accepts any JSON value; json_object uses schema {"type":"object"})
+        if kind == "schema_lead":
+            xg = self.xgr.Grammar
+            return c.compile_grammar(xg.concat(xg.from_ebnf('root ::= "" | " "'),
+                                               xg.from_json_schema(json.dumps(schema), **kw)))
+        return c.compile_json_schema(schema, **kw)
+
+    def matcher(self, compiled):
+        return self.xgr.GrammarMatcher(compiled)
+
+    def fill(self, m, bm):
+        m.fill_next_token_bitmask(bm)
+
+    def advance(self, m, t):
+        return m.accept_token(t)
+
+    def done(self, m):
+        return m.is_terminated()
+
+
+class OutlinesCoreEngine:
+    name = "outlines-core"
+
+    def __init__(self, sp, toks, flexible_ws=True):
+        import outlines_core as oc
+
+        self.oc = oc
+        self.flexible_ws = flexible_ws
+        t0 = time.perf_counter()
+        m = {}
+        for i, t in enumerate(toks):
+            if t is None:
+                continue
+            m.setdefault(t, []).append(i)  # ' ' maps to both '▁' and <0x20>
+        self.vocab = oc.Vocabulary(EOS, m)
+        self.tok_build_s = time.perf_counter() - t0
+
+    def compile(self, kind, schema):
+        # outlines-core is regex-only: {"type":"object"} becomes a depth-bounded regex
+        regex = self.oc.json_schema.build_regex_from_schema(json.dumps(schema))
+        if kind == "schema_lead":
+            regex = "[ ]?" + regex
+        return self.oc.Index(regex, self.vocab)
+
+    def matcher(self, compiled):
+        return self.oc.Guide(compiled)
+
+    def fill(self, m, bm):
+        m.write_mask_into(bm.data_ptr(), bm.numel(), 4)
+
+    def advance(self, m, t):
+        if t == EOS:
+            return m.is_finished()
+        m.advance(t, return_tokens=False)
+        return True
+
+    def done(self, m):
+        return False  # outlines-core never forces a stop; EOS is sampled when allowed
+
+
+ENGINES = {"llguidance": LLGuidanceEngine, "xgrammar": XGrammarEngine,
+           "outlines-core": OutlinesCoreEngine}
+
+# --------------------------------------------------------------------------- helpers
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmask_(logits, bm):
+    """bm: int32 [1, ceil(V/32)], bit j of word w => token 32*w+j allowed."""
+    allowed = ((bm[0].unsqueeze(-1) >> _SHIFTS) & 1).bool().view(-1)[: logits.shape[-1]]
+    logits.masked_fill_(~allowed, float("-inf"))
+    return allowed
+
+
+def allowed_ids(bm):
+    return ((bm[0].unsqueeze(-1) >> _SHIFTS) & 1).bool().view(-1)[:V].nonzero().flatten().tolist()
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    f = int(k)
+    c = min(f + 1, len(xs) - 1)
+    return xs[f] + (xs[c] - xs[f]) * (k - f)
+
+
+def decode(toks, ids):
+    return b"".join(toks[i] for i in ids if toks[i] is not None)
+
+
+def run_one(eng, compiled, toks, seed, budget):
+    g = torch.Generator().manual_seed(seed)
+    m = eng.matcher(compiled)
+    bm = torch.full((1, (V + 31) // 32), -1, dtype=torch.int32)
+    out, t_eng, t_apply = [], [], []
+    status = "budget"
+    for _ in range(budget):
+        if eng.done(m):
+            status = "stopped"
+            break
+        logits = torch.randn(V, generator=g)
+        t0 = time.perf_counter_ns()
+        eng.fill(m, bm)
+        t1 = time.perf_counter_ns()
+        apply_bitmask_(logits, bm)
+        probs = torch.softmax(logits, -1)
+        tok = int(torch.multinomial(probs, 1, generator=g))
+        t2 = time.perf_counter_ns()
+        ok = eng.advance(m, tok)
+        t3 = time.perf_counter_ns()
+        t_eng.append((t1 - t0) + (t3 - t2))
+        t_apply.append(t2 - t1)
+        if not ok:
+            status = "reject"
+            break
+        if tok == EOS:
+            status = "eos"
+            break
+        out.append(tok)
+    return out, status, t_eng, t_apply
+
+
+def leading_space_probe(eng, compiled, sp, toks):
+    """Which first tokens are allowed, and does the grammar accept the canonical
+    SentencePiece tokenization (with dummy-prefix '▁') of a valid document?"""
+    m = eng.matcher(compiled)
+    bm = torch.full((1, (V + 31) // 32), -1, dtype=torch.int32)
+    eng.fill(m, bm)
+    first = allowed_ids(bm)
+    first_strs = sorted({toks[i].decode("utf-8", "replace") if toks[i] is not None else sp.id_to_piece(i)
+                         for i in first})
+    doc = '{"name": "Bob", "age": 42, "tags": ["x"]}'
+    res = {}
+    for label, ids in (("sp.encode (▁ prefix)", sp.encode(doc)),
+                       ("no ▁ prefix", sp_encode_no_prefix(sp, doc))):
+        m = eng.matcher(compiled)
+        n = 0
+        for t in ids + [EOS]:
+            eng.fill(m, bm)
+            if not ((int(bm[0, t // 32]) >> (t % 32)) & 1):
+                break
+            if not eng.advance(m, t):
+                break
+            n += 1
+        res[label] = {"first_piece": sp.id_to_piece(ids[0]), "accepted_tokens": n,
+                      "total_tokens": len(ids) + 1, "full_accept": n == len(ids) + 1}
+    return {"n_first_allowed": len(first), "first_allowed_sample": first_strs[:12],
+            "space_first_allowed": any(toks[i] is not None and toks[i][:1].isspace() for i in first),
+            "tokenization": res}
+
+
+def validate(text, schema):
+    try:
+        obj = json.loads(text)
+    except Exception as e:
+        return False, False, f"json: {e}"[:80]
+    try:
+        jsonschema.validate(obj, schema)
+        return True, True, ""
+    except jsonschema.ValidationError as e:
+        return True, False, f"schema: {e.message}"[:80]
+
+
+def bench_apply_kernels(n=200):
+    """Cost of applying a 32000-token bitmask to fp32 logits on CPU (1 thread)."""
+    g = torch.Generator().manual_seed(0)
+    bm = torch.randint(-2**31, 2**31 - 1, (1, (V + 31) // 32), dtype=torch.int32, generator=g)
+    base = torch.randn(1, V, generator=g)
+    cands = {"generic torch (bench.py apply_bitmask_)": lambda l: apply_bitmask_(l[0], bm)}
+    try:
+        import xgrammar as xgr
+        cands["xgrammar.apply_token_bitmask_inplace (cpu)"] = lambda l: xgr.apply_token_bitmask_inplace(l, bm)
+    except Exception:
+        pass
+    try:
+        import llguidance.torch as llt
+        cands["llguidance.torch.apply_token_bitmask_inplace (torch.compile)"] = lambda l: llt.apply_token_bitmask_inplace(l, bm)
+    except Exception:
+        pass
+    ref = base.clone(); apply_bitmask_(ref[0], bm)
+    out = {}
+    for k, f in cands.items():
+        try:
+            l = base.clone(); t0 = time.perf_counter(); f(l); first = time.perf_counter() - t0
+            assert torch.equal(l, ref), "mismatch"
+            ts = []
+            for _ in range(n):
+                l = base.clone(); t0 = time.perf_counter_ns(); f(l); ts.append(time.perf_counter_ns() - t0)
+            out[k] = {"median_us": statistics.median(ts) / 1e3, "first_call_ms": first * 1e3}
+        except Exception as e:
+            out[k] = {"error": repr(e)[:200]}
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def bench_lib(lib, sp, toks, args, flexible_ws):
+    eng = ENGINES[lib](sp, toks, flexible_ws=flexible_ws)
+    r = {"tokenizer_build_s": eng.tok_build_s, "grammars": {}}
+    for gname, (kind, schema) in GRAMMARS.items():
+        gr = {}
+        # compile time (median of N fresh compiles) + first mask latency
+        ct = []
+        for _ in range(args.compile_reps):
+            gc.collect()
+            t0 = time.perf_counter()
+            compiled = eng.compile(kind, schema)
+            ct.append(time.perf_counter() - t0)
+        m = eng.matcher(compiled)
+        bm = torch.full((1, (V + 31) // 32), -1, dtype=torch.int32)
+        t0 = time.perf_counter()
+        eng.fill(m, bm)
+        gr["first_mask_ms"] = (time.perf_counter() - t0) * 1e3
+        gr["compile_ms_median"] = statistics.median(ct) * 1e3
+        gr["compile_ms_first"] = ct[0] * 1e3
+        gr["leading_space"] = leading_space_probe(eng, compiled, sp, toks)
+
+        eng_all, app_all, tot_ns, ntoks = [], [], 0, 0
+        statuses, parse_ok, schema_ok, errs, lens = {}, 0, 0, [], []
+        for seed in range(args.runs):
+            out, status, te, ta = run_one(eng, compiled, toks, seed, args.budget)
+            if seed < args.timing_runs:
+                eng_all += te
+                app_all += ta
+                tot_ns += sum(te)
+                ntoks += len(te)
+            statuses[status] = statuses.get(status, 0) + 1
+            lens.append(len(out))
+            if status in ("eos", "stopped"):
+                try:
+                    text = decode(toks, out).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    errs.append(f"utf8: {e}"[:80])
+                    continue
+                p, s, e = validate(text, schema)
+                parse_ok += p
+                schema_ok += s
+                if e:
+                    errs.append(e + " :: " + text[:60])
+                if seed == 0 or "example" not in gr:
+                    gr["example"] = text[:200]
+        gr.update({
+            "engine_us_per_token_median": pct(eng_all, 50) / 1e3,
+            "engine_us_per_token_p90": pct(eng_all, 90) / 1e3,
+            "engine_us_per_token_max": max(eng_all) / 1e3 if eng_all else None,
+            "engine_us_per_token_mean": (tot_ns / ntoks / 1e3) if ntoks else None,
+            "apply_sample_us_median": pct(app_all, 50) / 1e3,
+            "timed_tokens": ntoks,
+            "runs": args.runs, "statuses": statuses,
+            "finished": sum(v for k, v in statuses.items() if k in ("eos", "stopped")),
+            "parse_ok": parse_ok, "schema_ok": schema_ok,
+            "median_len_tokens": statistics.median(lens),
+            "errors": errs[:5],
+        })
+        r["grammars"][gname] = gr
+        print(f"  {lib:14s} ws={'flex' if flexible_ws else 'compact'} {gname:15s} "
+              f"compile={gr['compile_ms_median']:.1f}ms first_mask={gr['first_mask_ms']:.2f}ms "
+              f"eng med={gr['engine_us_per_token_median']:.1f}us p90={gr['engine_us_per_token_p90']:.1f}us "
+              f"apply+sample={gr['apply_sample_us_median']:.1f}us fin={gr['finished']}/{args.runs} "
+              f"json={gr['parse_ok']} schema={gr['schema_ok']} st={statuses} lead_ws={gr['leading_space']['space_first_allowed']}",
+              flush=True)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--timing-runs", type=int, default=20)
+    ap.add_argument("--budget", type=int, default=300)
+    ap.add_argument("--compile-reps", type=int, default=5)
+    ap.add_argument("--libs", default="llguidance,xgrammar,outlines-core")
+    ap.add_argument("--ws", default="flex,compact")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
+    args = ap.parse_args()
+
+    sp, toks = load_sp_vocab()
+    results = {"versions": {}, "torch": torch.__version__, "args": vars(args), "libs": {}}
+    from importlib.metadata import version
+    for lib in args.libs.split(","):
+        try:
+            results["versions"][lib] = version(lib)
+        except Exception:
+            pass
+        # outlines-core has a single (compact-ish, "[ ]?") whitespace default
+        for ws in (["default"] if lib == "outlines-core" else args.ws.split(",")):
+            print(f"== {lib} ({ws} whitespace)", flush=True)
+            try:
+                results["libs"][f"{lib}/{ws}"] = bench_lib(lib, sp, toks, args, ws != "compact")
+            except Exception as e:  # report and move on
+                import traceback
+                traceback.print_exc()
+                results["libs"][f"{lib}/{ws}"] = {"error": repr(e)}
+    results["apply_kernels_us"] = bench_apply_kernels()
+    print("apply kernels (us, median of 200):", results["apply_kernels_us"])
+    Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
