@@ -50,6 +50,24 @@ class LiveServer:
         self.thread.join(10)
 
 
+class Failing(Transformer):
+    """The default model, but its `fail_at`-th decode step raises (an engine fault)."""
+
+    def __init__(self, fail_at: int) -> None:
+        base = load_default()
+        super().__init__(base.args)
+        self.load_state_dict(base.state_dict())
+        self.eval()
+        self.fail_at, self.steps = fail_at, 0
+
+    def forward(self, tokens, *args, **kwargs):
+        if tokens.shape[1] == 1:
+            self.steps += 1
+            if self.steps % self.fail_at == 0:
+                raise RuntimeError("simulated accelerator fault")
+        return super().forward(tokens, *args, **kwargs)
+
+
 class Slow(Transformer):
     """The default model, `delay` seconds slower per forward call (for queue/disconnect tests)."""
 

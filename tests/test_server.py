@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from serving import LiveServer, Slow, free_port
+from serving import Failing, LiveServer, Slow, free_port
 
 from mixtral import chat
 from mixtral.chat import SAFE_PROMPT
@@ -330,6 +330,32 @@ def test_non_streaming_disconnect_frees_the_slot(slow):
             assert time.monotonic() < deadline
             time.sleep(0.01)
     assert wait_idle(slow.state, timeout=3) < 3
+
+
+def test_failure_after_streaming_began_is_an_error_event():
+    server = LiveServer(load=lambda: Failing(fail_at=3))
+    try:
+        body = {"model": "mistral-small", "messages": HELLO, "max_tokens": 50, "stream": True}
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                events = sse(r)
+            assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+            assert events[-1] == {"error": {"message": "internal error during generation",
+                                            "type": "internal_error", "param": None,
+                                            "code": "500"}}
+            r = c.post("/v1/chat/completions", json={**body, "stream": False})
+            assert r.status_code == 500 and r.json()["type"] == "internal_error"
+            assert "simulated" not in r.text and "Traceback" not in r.text
+            assert c.get("/health").status_code == 200  # the engine survived the fault
+        import openai
+        client = openai.OpenAI(api_key="k", base_url=server.url + "/v1", max_retries=0)
+        with pytest.raises(openai.APIError, match="internal error during generation"):
+            for _ in client.chat.completions.create(model="mistral-small", messages=HELLO,
+                                                    max_tokens=50, stream=True):
+                pass
+    finally:
+        server.stop()
 
 
 def test_metrics(api):

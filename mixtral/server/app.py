@@ -343,8 +343,10 @@ async def _run(plan: Plan, st: State, metrics: Metrics, choice: Choice,
                 yield _KEEPALIVE
                 continue
             if isinstance(event, _Done):
-                if event.error is not None:
-                    raise event.error
+                if event.error is not None:  # an engine fault: log it, tell the client less
+                    log.error("generation failed", exc_info=event.error)
+                    raise APIError(500, "internal error during generation", "internal_error",
+                                   "500")
                 break
             n += 1
             if n == 1:
