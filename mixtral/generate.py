@@ -64,6 +64,51 @@ def max_new_tokens(model: Transformer, prompt: list[int], params: GenerationPara
     return params.max_tokens
 
 
+class Sampler:
+    """How one sequence picks its next tokens: penalties, min_tokens, the constraint and the
+    seeded sampling of `params`. The decode loop and the batching engine both use it, one
+    instance per sequence, so a request samples the same tokens alone or in a batch."""
+
+    def __init__(self, params: GenerationParams, max_new: int, vocab_size: int,
+                 device: torch.device | str = "cpu",
+                 constraint: TokenConstraint | None = None) -> None:
+        self.params, self.max_new, self.constraint = params, max_new, constraint
+        self.generator = make_generator(params.seed, device)
+        self.stop_ids = torch.tensor(params.stop_ids, device=device, dtype=torch.long)
+        self.penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
+        self.counts = torch.zeros(vocab_size, device=device) if self.penalised else None
+        self.generated = 0
+
+    def __call__(self, logits: Tensor) -> int:
+        """logits [1, V] for the next position -> the chosen token id."""
+        p, i = self.params, self.generated
+        if self.counts is not None:
+            logits = logits - p.presence_penalty * (self.counts > 0) \
+                - p.frequency_penalty * self.counts
+        allowed = None
+        if self.constraint is not None:
+            allowed = self.constraint.allowed(self.max_new - i).to(logits.device)
+        if i < p.min_tokens:
+            if allowed is None:
+                logits = logits.index_fill(-1, self.stop_ids, float("-inf"))
+            elif allowed.index_fill(0, self.stop_ids, False).any():  # unless only a stop fits
+                allowed = allowed.index_fill(0, self.stop_ids, False)
+        if allowed is not None:
+            if not allowed.any():
+                raise RuntimeError("the output constraint allows no token at all")
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        token = int(sample(logits, p.temperature, p.top_p, self.generator))
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if self.counts is not None:
+            self.counts[token] += 1
+        self.generated += 1
+        return token
+
+    def finished(self, token: int) -> bool:
+        return token in self.params.stop_ids or self.generated >= self.max_new
+
+
 @torch.inference_mode()
 def _forward(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
     return model(tokens, positions, cache, last_only=True)[:, -1]  # [B, V]
@@ -80,33 +125,14 @@ def generate(model: Transformer, prompt: list[int], params: GenerationParams,
     weight = model.tok_embeddings.weight  # embeddings are never quantized: dtype, device
     device = weight.device
     cache = KVCache(model.args, 1, len(prompt) + n, weight.dtype, device)
-    generator = make_generator(params.seed, device)
-    counts = torch.zeros(model.args.vocab_size, device=device)  # of each generated token
-    stop_ids = torch.tensor(params.stop_ids, device=device, dtype=torch.long)
-    penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
+    choose = Sampler(params, n, model.args.vocab_size, device, constraint)
     logits = _forward(model, torch.tensor([prompt], device=device),
                       torch.arange(len(prompt), device=device)[None], cache)
-    for i in range(n):
-        if penalised:
-            logits = (logits - params.presence_penalty * (counts > 0)
-                      - params.frequency_penalty * counts)
-        allowed = None if constraint is None else constraint.allowed(n - i).to(device)
-        if i < params.min_tokens:
-            if allowed is None:
-                logits = logits.index_fill(1, stop_ids, float("-inf"))
-            elif allowed.index_fill(0, stop_ids, False).any():  # unless only a stop may follow
-                allowed = allowed.index_fill(0, stop_ids, False)
-        if allowed is not None:
-            if not allowed.any():
-                raise RuntimeError("the output constraint allows no token at all")
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        token = sample(logits, params.temperature, params.top_p, generator)  # [1]
-        token_id = int(token)
-        if constraint is not None:
-            constraint.advance(token_id)
-        yield token_id
-        if token_id in params.stop_ids or i == n - 1:
+    while True:
+        token = choose(logits)
+        yield token
+        if choose.finished(token):
             return
-        counts[token_id] += 1
-        positions = torch.tensor([[len(prompt) + i]], device=device)
-        logits = _forward(model, token[:, None], positions, cache)
+        position = len(prompt) + choose.generated - 1
+        logits = _forward(model, torch.tensor([[token]], device=device),
+                          torch.tensor([[position]], device=device), cache)
