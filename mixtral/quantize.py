@@ -187,14 +187,14 @@ def apply(model: Transformer, weight: Callable[[str], Pair], bits: int, group_si
         q, s = pair(name)
         return Int8Linear(q, s, dtype) if bits == 8 else Int4Linear(q, s, group_size, dtype)
 
-    setattr(model, "output", linear("output.weight"))
+    model.output = linear("output.weight")  # type: ignore[assignment]  # a module swap
     for i in range(len(model.layers)):
         for w in ("wq", "wk", "wv", "wo"):
             setattr(model.get_submodule(f"layers.{i}.attention"), w,
                     linear(f"layers.{i}.attention.{w}.weight"))
         banks = {w: pair(f"layers.{i}.feed_forward.experts.{w}") for w in ("w1", "w2", "w3")}
-        setattr(model.get_submodule(f"layers.{i}.feed_forward"), "experts",
-                QuantExperts(banks, bits, group_size, dtype))
+        moe = model.get_submodule(f"layers.{i}.feed_forward")
+        moe.experts = QuantExperts(banks, bits, group_size, dtype)
     return model
 
 
