@@ -32,6 +32,15 @@ class KVCache:
                              f"position {end - 1} does not fit")
         return end
 
+    def rows(self, slots: list[int]) -> KVCache | CacheRows:
+        """The cache as seen by a batch whose row i is sequence `slots[i]`."""
+        if slots == list(range(slots[0], slots[0] + len(slots))):  # a contiguous run: a view
+            view = object.__new__(KVCache)
+            view.k = self.k[:, slots[0]:slots[0] + len(slots)]
+            view.v = self.v[:, slots[0]:slots[0] + len(slots)]
+            return view
+        return CacheRows(self, torch.tensor(slots, device=self.k.device))
+
     def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor,
                span: int) -> tuple[Tensor, Tensor]:
         """Write k, v [B, K, T, A] at positions [B, T]; return this layer's [B, K, span, A]."""
@@ -39,3 +48,23 @@ class KVCache:
         self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
         self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
         return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+
+
+class CacheRows:
+    """Scattered slots of a KVCache as one batch: writes go to the slots, reads gather them."""
+
+    def __init__(self, cache: KVCache, slots: Tensor) -> None:
+        self.cache, self.slots = cache, slots
+
+    def span(self, positions: Tensor) -> int:
+        return self.cache.span(positions)
+
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor,
+               span: int) -> tuple[Tensor, Tensor]:
+        B, _, T, _ = k.shape
+        rows = self.slots[:, None].expand(B, T)
+        for store, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
+            # [slots, K, S, A] seen as [slots, S, K, A]: index (slot, position) pairs
+            store.transpose(1, 2).index_put_((rows, positions), new.transpose(1, 2).to(store.dtype))
+        return (self.cache.k[layer, self.slots, :, :span],
+                self.cache.v[layer, self.slots, :, :span])

@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                     "MIXTRAL_API_KEY environment variable; none: open)")
     sp.add_argument("--max-queue", type=int, default=16,
                     help="requests that may wait for the engine before 429 (default 16)")
+    sp.add_argument("--max-batch", type=int, default=8,
+                    help="sequences generated together (KV cache slots; default 8)")
+    sp.add_argument("--max-seq-len", type=int, help="positions per sequence (default: the "
+                    "model's context, at most 8192); the KV cache holds max-batch of them")
     sp.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get "
                     "to finish on SIGTERM/Ctrl-C before they are cancelled (default 10)")
     sp.set_defaults(run=_serve)
@@ -210,7 +214,8 @@ def _serve(args: argparse.Namespace) -> int:
         name = (path if path.is_dir() else path.parent).resolve().name
         description = "Mixtral 8x7B"
     settings = Settings(name=name, api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY"),
-                        max_queue=args.max_queue, description=description)
+                        max_queue=args.max_queue, description=description,
+                        max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192)
     app = create_app(lambda: _load(args), settings, json_constraints())
     url = f"http://{args.host}:{args.port}"
     print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"

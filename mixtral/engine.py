@@ -1,9 +1,14 @@
-"""The engine: one model, a bounded first-come-first-served queue, a worker thread.
+"""The engine: continuous batching of many requests over one model and one KV cache.
 
-Token ids are its currency: `submit(prompt_ids, params)` returns a `Job` whose callbacks receive
-generated ids from the worker thread. The server (or anything else) turns them into text. A job
-can be cancelled at any time — waiting or running — and its slot is freed before the next token.
-Requests run one at a time for now; batching them in one forward pass slots in behind `submit`.
+Token ids are its currency: `submit(prompt_ids, params, on_token, on_done)` returns a `Job`
+whose callbacks receive generated ids from the engine's worker thread; the server (or anything
+else) turns them into text. The cache has one slot per running sequence. Each iteration of the
+worker admits waiting jobs into free slots, runs one prefill chunk of at most `prefill_chunk`
+prompt tokens (so a long prompt never stalls the others for long), then one decode step for every
+sequence that has a token to feed, as a single batch with per-row positions. A job can be
+cancelled at any time — waiting or running — and its slot is free before the next step.
+Each sequence samples with its own `Sampler` (settings and seed), so batching changes no
+request's tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mixtral.generate import GenerationParams, TokenConstraint, generate
+import torch
+
+from mixtral.cache import KVCache
+from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
 from mixtral.model import Transformer
 
 
@@ -36,32 +44,57 @@ class Job:
         self.cancelled.set()
 
 
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    slot: int
+    sample: Sampler
+    prefilled: int = 0  # prompt tokens already in the cache
+    pending: int | None = None  # the last sampled token, not yet fed to the model
+
+
 class Engine:
-    def __init__(self, model: Transformer, max_queue: int = 16) -> None:
+    def __init__(self, model: Transformer, max_queue: int = 16, max_batch: int = 8,
+                 max_seq_len: int | None = None, prefill_chunk: int = 512) -> None:
         self.model = model
-        self.max_queue = max_queue
+        self.max_queue, self.max_batch, self.prefill_chunk = max_queue, max_batch, prefill_chunk
+        self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
+        embed = model.tok_embeddings.weight  # never quantized: the dtype and device to use
+        self.device = embed.device
+        self.cache = KVCache(model.args, max_batch, self.context, embed.dtype, embed.device)
+        self._slots: list[_Running | None] = [None] * max_batch
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name="mixtral-engine", daemon=True)
         self._thread.start()
 
+    # --- the caller's side (any thread) ----------------------------------------------------------
+
     @property
     def queue_depth(self) -> int:
-        """Jobs waiting, not counting the one running."""
+        """Jobs waiting for a slot."""
         with self._lock:
             return len(self._waiting)
 
     @property
-    def busy(self) -> bool:
+    def running(self) -> int:
         with self._lock:
-            return self._running is not None
+            return sum(r is not None for r in self._slots)
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
+
+    def check(self, prompt: list[int], params: GenerationParams) -> int:
+        """How many tokens the request may generate; ValueError if it cannot run here."""
+        return max_new_tokens(self.model, prompt, params, self.context)
 
     def submit(self, prompt: list[int], params: GenerationParams,
                on_token: Callable[[int], object], on_done: Callable[[BaseException | None], object],
                constraint: TokenConstraint | None = None) -> Job:
+        self.check(prompt, params)
         job = Job(prompt, params, on_token, on_done, constraint, next(self._ids))
         with self._lock:
             if self._stopping:
@@ -76,43 +109,113 @@ class Engine:
         """Cancel everything and end the worker thread."""
         with self._lock:
             self._stopping = True
-            for job in [*self._waiting, *([self._running] if self._running else [])]:
+            for job in [*self._waiting, *(r.job for r in self._slots if r is not None)]:
                 job.cancel()
             self._lock.notify()
         self._thread.join(timeout)
 
-    def _next(self) -> Job | None:
+    # --- the worker thread -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while self._admit():
+            try:
+                self._prefill()
+                self._decode()
+            except Exception as e:  # a failed forward fails the jobs in it; the engine goes on
+                for r in list(self._active()):
+                    self._finish(r, e)
+
+    def _active(self) -> list[_Running]:
+        return [r for r in self._slots if r is not None]
+
+    def _admit(self) -> bool:
+        """Drop cancelled jobs, move waiting jobs into free slots; block while idle.
+        False when the engine stops."""
+        for r in self._active():
+            if r.job.cancelled.is_set():
+                self._finish(r)
         with self._lock:
             while True:
                 while self._waiting and self._waiting[0].cancelled.is_set():
-                    self._finish(self._waiting.popleft())  # cancelled while waiting
-                if self._waiting:
-                    self._running = self._waiting.popleft()
-                    return self._running
-                if self._stopping:
-                    return None
+                    _done(self._waiting.popleft(), None)
+                free = [i for i, r in enumerate(self._slots) if r is None]
+                while self._waiting and free:
+                    job = self._waiting.popleft()
+                    slot = free.pop(0)
+                    try:
+                        n = self.check(job.prompt, job.params)
+                    except ValueError as e:
+                        _done(job, e)
+                        continue
+                    sampler = Sampler(job.params, n, self.model.args.vocab_size, self.device,
+                                      job.constraint)
+                    self._slots[slot] = _Running(job, slot, sampler)
+                if self._stopping and not self._active():
+                    return False
+                if self._active():
+                    return True
                 self._lock.wait()
 
-    def _work(self) -> None:
-        while (job := self._next()) is not None:
-            error: BaseException | None = None
-            tokens = generate(self.model, job.prompt, job.params, job.constraint)
-            try:
-                for token in tokens:
-                    if job.cancelled.is_set():
-                        break
-                    job.on_token(token)
-            except Exception as e:  # reported to the job's owner, the engine goes on
-                error = e
-            finally:
-                tokens.close()  # frees this job's KV cache now
-                with self._lock:
-                    self._running = None
-            self._finish(job, error)
+    def _finish(self, r: _Running, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._slots[r.slot] = None
+        _done(r.job, error)
 
-    @staticmethod
-    def _finish(job: Job, error: BaseException | None = None) -> None:
+    def _emit(self, r: _Running, token: int) -> None:
         try:
-            job.on_done(error)
-        except Exception:  # a broken callback must not take the engine down
-            pass
+            r.job.on_token(token)
+        except Exception as e:  # the consumer is gone or broken: end this job only
+            self._finish(r, e)
+            return
+        if r.sample.finished(token):
+            self._finish(r)
+        else:
+            r.pending = token
+
+    @torch.inference_mode()
+    def _prefill(self) -> None:
+        """One chunk of the oldest unfinished prompt."""
+        todo = [r for r in self._active() if r.prefilled < len(r.job.prompt)]
+        if not todo:
+            return
+        r = min(todo, key=lambda x: x.job.id)
+        start = r.prefilled
+        chunk = r.job.prompt[start:start + self.prefill_chunk]
+        tokens = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        logits = self.model(tokens, positions, self.cache.rows([r.slot]), last_only=True)
+        r.prefilled += len(chunk)
+        if r.prefilled == len(r.job.prompt):
+            self._choose(r, logits[:, -1])
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        """One token for every sequence that has one to feed, as one batch."""
+        rows = sorted((r for r in self._active() if r.pending is not None), key=lambda x: x.slot)
+        if not rows:
+            return
+        tokens = torch.tensor([[r.pending] for r in rows], device=self.device)
+        positions = torch.tensor([[len(r.job.prompt) + r.sample.generated - 1] for r in rows],
+                                 device=self.device)
+        logits = self.model(tokens, positions, self.cache.rows([r.slot for r in rows]))
+        for i, r in enumerate(rows):
+            r.pending = None
+            if r.job.cancelled.is_set():
+                self._finish(r)
+                continue
+            self._choose(r, logits[i:i + 1, -1])
+
+    def _choose(self, r: _Running, logits: torch.Tensor) -> None:
+        try:
+            token = r.sample(logits)
+        except Exception as e:  # e.g. a constraint failing: only this request fails
+            self._finish(r, e)
+            return
+        self._emit(r, token)
+
+
+def _done(job: Job, error: BaseException | None) -> None:
+    try:
+        job.on_done(error)
+    except Exception:  # a broken callback must not take the engine down
+        pass

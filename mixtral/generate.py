@@ -41,26 +41,29 @@ class TokenConstraint(Protocol):
     def advance(self, token: int) -> None: ...
 
 
-def max_new_tokens(model: Transformer, prompt: list[int], params: GenerationParams) -> int:
-    """The number of tokens the request may generate; ValueError if it cannot run."""
+def max_new_tokens(model: Transformer, prompt: list[int], params: GenerationParams,
+                   context: int | None = None) -> int:
+    """The number of tokens the request may generate within `context` positions (default: the
+    model's); ValueError if it cannot run."""
     args = model.args
+    limit = context or args.max_seq_len
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
     bad = [t for t in prompt if not 0 <= t < args.vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {args.vocab_size})")
-    room = args.max_seq_len - len(prompt)
+    room = limit - len(prompt)
     if params.max_tokens is None:
         if room < 1:
             raise ValueError(f"the prompt of {len(prompt)} tokens fills the model's context of "
-                             f"{args.max_seq_len} tokens")
+                             f"{limit} tokens")
         return room
     if params.max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {params.max_tokens}")
     if params.max_tokens > room:
         raise ValueError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} = "
                          f"{len(prompt) + params.max_tokens} exceeds the model's context of "
-                         f"{args.max_seq_len} tokens")
+                         f"{limit} tokens")
     return params.max_tokens
 
 

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mixtral import chat
 from mixtral.completion import TextStream
 from mixtral.engine import Engine, Job, QueueFull
-from mixtral.generate import GenerationParams, TokenConstraint, max_new_tokens
+from mixtral.generate import GenerationParams, TokenConstraint
 from mixtral.model import Transformer
 from mixtral.server import protocol
 from mixtral.server.protocol import ChatCompletionRequest, error_body
@@ -52,6 +52,8 @@ class Settings:
     name: str  # the loaded model's own id
     api_key: str | None = None
     max_queue: int = 16
+    max_batch: int = 8  # sequences decoded together
+    max_seq_len: int | None = None  # per sequence (KV cache slots); None: the model's context
     keepalive_s: float = 10.0  # SSE comment when no token came for this long
     max_body_bytes: int = 8 * 2**20
     description: str = "Mixtral 8x7B"
@@ -93,7 +95,8 @@ def create_app(load: Callable[[], Transformer], settings: Settings,
 
     def start() -> None:
         try:
-            state.engine = Engine(load(), settings.max_queue)
+            state.engine = Engine(load(), settings.max_queue, settings.max_batch,
+                                  settings.max_seq_len)
         except Exception as e:  # reported by /health and every API call
             state.load_error = f"{type(e).__name__}: {e}"
 
@@ -144,7 +147,7 @@ def create_app(load: Callable[[], Transformer], settings: Settings,
         return [settings.name, *[a for a in protocol.ALIASES if a != settings.name]]
 
     def context() -> int:
-        return state.engine.model.args.max_seq_len if state.engine else 32768
+        return state.engine.context if state.engine else 32768
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -261,7 +264,7 @@ def _plan(body: ChatCompletionRequest, st: State) -> Plan:
         stop_ids=(st.tokenizer.eos_id,))
     assert st.engine is not None
     try:
-        max_new_tokens(st.engine.model, prompt, params)
+        st.engine.check(prompt, params)
     except ValueError as e:
         raise APIError(400, str(e), code="3210") from None
     fmt = body.response_format
