@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import json
 import mmap
 import os
@@ -27,20 +28,27 @@ from torch import Tensor
 from mixtral.config import ModelArgs
 from mixtral.formats import (
     LAYOUTS,
+    QUANTIZATION_KEY,
+    QUANTIZED,
     ConfigError,
     Layout,
     args_from_hf_config,
     args_from_params,
+    check_quantization,
     detect_layout,
     dtype_name,
     file_tensors,
     hf_config,
+    is_quantized_weight,
     params_json,
     parse_dtype,
+    portable_names,
+    quantized_tensors,
     read_canonical,
     write_canonical,
 )
 from mixtral.model import Transformer
+from mixtral.quantize import GROUP_SIZES, apply, default_group_size, quantize_weight
 
 
 class CheckpointError(ValueError):
@@ -152,8 +160,9 @@ class CheckpointInfo:
     weight_files: list[Path]
     layout: Layout
     args: ModelArgs
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the float weights
     entries: dict[str, TensorEntry] = field(repr=False)
+    quantization: dict[str, int] | None = None  # {"bits", "group_size"} for int8/int4 files
 
     @property
     def nbytes(self) -> int:
@@ -210,7 +219,8 @@ def _index_shards(index: Path) -> list[Path]:
     return [index.parent / s for s in shards]
 
 
-def _read_config(config_file: Path) -> ModelArgs:
+def _read_config(config_file: Path) -> tuple[ModelArgs, dict[str, int] | None]:
+    """-> (model args, quantization settings or None)."""
     try:
         cfg = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -219,8 +229,11 @@ def _read_config(config_file: Path) -> ModelArgs:
         raise CheckpointError(f"{config_file}: expected a JSON object")
     try:
         if config_file.name == "params.json":
-            return args_from_params(cfg, str(config_file))
-        return args_from_hf_config(cfg, str(config_file))
+            return args_from_params(cfg, str(config_file)), None
+        quant = cfg.get(QUANTIZATION_KEY)
+        if quant is not None:
+            quant = check_quantization(quant, str(config_file))
+        return args_from_hf_config(cfg, str(config_file)), quant
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
 
@@ -230,7 +243,7 @@ def inspect(path: str | os.PathLike) -> CheckpointInfo:
     config, reading only headers (and, for .pt/.pth, the pickled tensor metadata)."""
     path = Path(path)
     config_file, weight_files = _find_files(path)
-    args = _read_config(config_file)
+    args, quant = _read_config(config_file)
     entries: dict[str, TensorEntry] = {}
     for f in weight_files:
         if f.suffix == ".safetensors":
@@ -243,11 +256,20 @@ def inspect(path: str | os.PathLike) -> CheckpointInfo:
                 raise CheckpointError(f"tensor {k!r} appears in both {entries[k].file} and {f}")
             entries[k] = e
     _check_index(path, entries)
-    layout = detect_layout(set(entries))
-    if layout is None:
-        raise CheckpointError(f"{path}: not a Mixtral checkpoint in a known layout; it holds "
-                              f"{', '.join(sorted(entries)[:4])}, ... ({len(entries)} tensors)")
-    expected = file_tensors(layout, args)
+    declared = _declared_dtype(config_file)
+    if quant is not None:
+        layout = QUANTIZED
+        float_dtype = declared or torch.bfloat16
+        typed = quantized_tensors(args, float_dtype, quant)
+        expected = {k: shape for k, (shape, _) in typed.items()}
+    else:
+        detected = detect_layout(set(entries))
+        if detected is None:
+            raise CheckpointError(f"{path}: not a Mixtral checkpoint in a known layout; it "
+                                  f"holds {', '.join(sorted(entries)[:4])}, ... "
+                                  f"({len(entries)} tensors)")
+        layout = detected
+        expected = file_tensors(layout, args)
     where = weight_files[0] if len(weight_files) == 1 else path
     for k in sorted(set(entries) - set(expected)):
         raise CheckpointError(f"{entries[k].file}: unexpected tensor {k!r} for a {layout.name} "
@@ -256,20 +278,28 @@ def inspect(path: str | os.PathLike) -> CheckpointInfo:
     for k in sorted(set(expected) - set(entries)):
         raise CheckpointError(f"{where}: tensor {k!r} is missing (expected shape "
                               f"{list(expected[k])} for the {layout.name} layout)")
-    declared = _declared_dtype(config_file)
     first = next(iter(entries.values())).dtype
     dtype = declared or first
     for k, e in entries.items():
         if e.shape != expected[k]:
             raise CheckpointError(f"{e.file}: tensor {k!r} has shape {list(e.shape)}, but "
                                   f"{config_file.name} implies {list(expected[k])}")
+        if quant is not None:
+            want = typed[k][1]
+            if e.dtype != want:
+                raise CheckpointError(f"{e.file}: tensor {k!r} is {dtype_name(e.dtype)}, but a "
+                                      f"{quant['bits']}-bit checkpoint stores it as "
+                                      f"{dtype_name(want)}")
+            continue
         if e.dtype != dtype:
             what = f"{config_file.name} declares {dtype_name(dtype)}" if declared else \
                 f"the other tensors are {dtype_name(dtype)}"
             raise CheckpointError(f"{e.file}: tensor {k!r} is {dtype_name(e.dtype)} but {what}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise CheckpointError(f"{path}: weights are {dtype_name(dtype)}; expected a float dtype")
-    return CheckpointInfo(path, config_file, weight_files, layout, args, dtype, entries)
+    if quant is not None:
+        dtype = typed["tok_embeddings.weight"][1]
+    return CheckpointInfo(path, config_file, weight_files, layout, args, dtype, entries, quant)
 
 
 def _check_index(path: Path, entries: dict[str, TensorEntry]) -> None:
@@ -296,10 +326,8 @@ def _declared_dtype(config_file: Path) -> torch.dtype | None:
         raise CheckpointError(f"{config_file}: unknown dtype {name!r}") from None
 
 
-def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
-    """Yield the canonical tensors one by one, in `dtype` (default: the checkpoint's)."""
-    target = dtype or info.dtype
+def _reader(info: CheckpointInfo) -> Callable[[str], Tensor]:
+    """read(file key) -> a fresh tensor; memory-maps one .pt/.pth file at a time."""
     torch_files: dict[Path, dict[str, Tensor]] = {}
 
     def read(key: str) -> Tensor:
@@ -314,10 +342,20 @@ def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
         _release_pages(mapped)
         return out
 
+    return read
+
+
+def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> Iterator[tuple[str, Tensor]]:
+    """Yield the canonical tensors one by one, in `dtype` (default: the checkpoint's)."""
+    if info.quantization:
+        raise CheckpointError(f"{info.path}: is quantized; load it with mixtral.load")
+    target = dtype or info.dtype
+
     def make(shape: tuple[int, ...]) -> Tensor:
         return torch.empty(shape, dtype=target, device=device)
 
-    yield from read_canonical(info.layout, info.args, read, make)
+    yield from read_canonical(info.layout, info.args, _reader(info), make)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -327,9 +365,30 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     info = inspect(path)
     with torch.device("meta"):
         model = Transformer(info.args)
+    if info.quantization:
+        return _load_quantized(info, model, parse_dtype(dtype), device)
     state = dict(read_state_dict(info, parse_dtype(dtype), device))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype | None,
+                    device: torch.device | str) -> Transformer:
+    """Float tensors into the model, quantized ones into the quantized modules they feed."""
+    assert info.quantization is not None
+    bits, group = info.quantization["bits"], info.quantization["group_size"]
+    read = _reader(info)
+    target = dtype or info.dtype
+    floats = {name: read(name).to(device=device, dtype=target)
+              for name in model.state_dict() if not is_quantized_weight(name)}
+    missing, _ = model.load_state_dict(floats, strict=False, assign=True)
+    assert all(is_quantized_weight(m) for m in missing), missing
+
+    def weight(name: str) -> tuple[Tensor, Tensor]:
+        qname, sname = portable_names(name, bits)
+        return read(qname), read(sname)
+
+    return apply(model, weight, bits, group, target, device).eval()
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -355,12 +414,7 @@ def _write_json(path: Path, obj: dict) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, layout: str = "hf",
-         max_shard_bytes: int = 5 * 2**30) -> list[Path]:
-    """Write canonical tensors as an `hf` (config.json + model*.safetensors) or `mistral`
-    (params.json + consolidated.safetensors) checkpoint. Every file is written atomically."""
-    if layout not in ("hf", "mistral"):
-        raise ValueError(f"cannot write layout {layout!r}; choose 'hf' or 'mistral'")
+def _empty_dir(path: str | os.PathLike) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     existing = [p.name for p in out.iterdir() if p.suffix in (".safetensors", ".pt", ".pth")
@@ -368,40 +422,91 @@ def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, lay
     if existing:
         raise CheckpointError(f"{out}: already holds a checkpoint ({', '.join(sorted(existing))});"
                               " write into an empty directory")
-    dtype = next(iter(state.values())).dtype
-    tensors = write_canonical(LAYOUTS[layout], args, state)
-    if layout == "mistral":
-        _write_json(out / "params.json", params_json(args))
-        files = [out / "consolidated.safetensors"]
-        _atomic_write(files[0], functools.partial(_save_safetensors, dict(tensors)))
-        return [out / "params.json", *files]
-    shards: list[dict[str, Tensor]] = [{}]
+    return out
+
+
+def _write_shards(out: Path, sizes: list[tuple[str, int]],
+                  tensors: Iterator[tuple[str, Tensor]], max_shard_bytes: int) -> list[Path]:
+    """Write tensors (arriving in the order of `sizes`) as model.safetensors, or as shards plus
+    an index, holding one shard in memory at a time."""
+    plan: list[list[str]] = [[]]
     size = 0
-    for key, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for key, nbytes in sizes:
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
             size = 0
-        shards[-1][key] = t
+        plan[-1].append(key)
         size += nbytes
-    _write_json(out / "config.json", hf_config(args, dtype))
-    files = [out / "config.json"]
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map, total = {}, 0
-    for name, shard in zip(names, shards, strict=True):
+    names = ["model.safetensors"] if len(plan) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    files, weight_map = [], {}
+    for name, keys in zip(names, plan, strict=True):
+        shard = dict(itertools.islice(tensors, len(keys)))
+        if list(shard) != keys:
+            raise RuntimeError(f"tensors arrived out of the planned order in {name}")
         _atomic_write(out / name, functools.partial(_save_safetensors, shard))
         files.append(out / name)
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-    if len(shards) > 1:  # the index goes last: a reader never sees it before its shards
+        weight_map.update(dict.fromkeys(keys, name))
+    if len(plan) > 1:  # the index goes last: a reader never sees it before its shards
         _write_json(out / "model.safetensors.index.json",
-                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+                    {"metadata": {"total_size": sum(n for _, n in sizes)},
+                     "weight_map": weight_map})
         files.append(out / "model.safetensors.index.json")
     return files
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, layout: str = "hf",
+         max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Write canonical tensors as an `hf` (config.json + model*.safetensors) or `mistral`
+    (params.json + consolidated.safetensors) checkpoint. Every file is written atomically."""
+    if layout not in ("hf", "mistral"):
+        raise ValueError(f"cannot write layout {layout!r}; choose 'hf' or 'mistral'")
+    out = _empty_dir(path)
+    dtype = next(iter(state.values())).dtype
+    tensors = list(write_canonical(LAYOUTS[layout], args, state))
+    if layout == "mistral":
+        _write_json(out / "params.json", params_json(args))
+        _atomic_write(out / "consolidated.safetensors",
+                      functools.partial(_save_safetensors, dict(tensors)))
+        return [out / "params.json", out / "consolidated.safetensors"]
+    _write_json(out / "config.json", hf_config(args, dtype))
+    sizes = [(k, _nbytes(t)) for k, t in tensors]
+    return [out / "config.json", *_write_shards(out, sizes, iter(tensors), max_shard_bytes)]
+
+
+def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
+                        group_size: int | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Read a float checkpoint tensor by tensor and write its int8/int4 form, which
+    `load` reads directly. Memory: one float tensor and one shard at a time."""
+    info = inspect(src)
+    if info.quantization:
+        raise CheckpointError(f"{src}: already quantized ({info.quantization})")
+    group_size = group_size or default_group_size(info.args)
+    if bits == 4 and group_size not in GROUP_SIZES:
+        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
+    quant = {"bits": bits, "group_size": group_size}
+    expected = quantized_tensors(info.args, info.dtype, quant)
+    out = _empty_dir(dst)
+
+    def tensors() -> Iterator[tuple[str, Tensor]]:
+        for name, t in read_state_dict(info):
+            if is_quantized_weight(name):
+                q, s = quantize_weight(t, bits, group_size)
+                qname, sname = portable_names(name, bits)
+                yield qname, q.contiguous()
+                yield sname, s.contiguous()
+            else:
+                yield name, t
+
+    sizes = [(k, dtype.itemsize * _numel(shape)) for k, (shape, dtype) in expected.items()]
+    config = {**hf_config(info.args, info.dtype), QUANTIZATION_KEY: quant}
+    _write_json(out / "config.json", config)
+    return [out / "config.json", *_write_shards(out, sizes, tensors(), max_shard_bytes)]
 
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json",

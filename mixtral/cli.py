@@ -87,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(run=_info)
 
+    sp = sub.add_parser("quantize", help="write an int8 or int4 copy of a checkpoint that "
+                        "mixtral.load reads directly")
+    sp.add_argument("src")
+    sp.add_argument("dst", help="an empty or new folder")
+    sp.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    sp.add_argument("--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 "
+                    "(default: the largest of 128/64/32 that divides every input size)")
+    sp.add_argument("--shard-size", default="5GB")
+    sp.set_defaults(run=_quantize)
+
     sp = sub.add_parser("convert", help="rewrite a checkpoint in the HF or Mistral layout")
     sp.add_argument("src")
     sp.add_argument("dst", help="an empty or new folder")
@@ -251,7 +261,7 @@ def _info(args: argparse.Namespace) -> int:
             "layout": ckpt.layout.name, "layout_description": ckpt.layout.description,
             "dtype": dtype_name(ckpt.dtype), "config": str(ckpt.config_file),
             "files": [str(f) for f in ckpt.weight_files], "tensors": len(ckpt.entries),
-            "bytes": ckpt.nbytes}
+            "bytes": ckpt.nbytes, "quantization": ckpt.quantization}
     counts = param_counts(margs)
     kv = kv_cache_bytes_per_token(margs)
     report.update({
@@ -281,7 +291,8 @@ def _info(args: argparse.Namespace) -> int:
           f"{a.max_seq_len}-token sequence")
     if "checkpoint" in report:
         c = report["checkpoint"]
-        print(f"  checkpoint    layout {c['layout']} ({c['layout_description']})")
+        quant = f", {c['quantization']['bits']}-bit weights" if c["quantization"] else ""
+        print(f"  checkpoint    layout {c['layout']} ({c['layout_description']}){quant}")
         print(f"                dtype {c['dtype']}, {c['tensors']} tensors, {_bytes(c['bytes'])} "
               f"in {len(c['files'])} file(s); config {Path(c['config']).name}")
     return 0
@@ -292,6 +303,15 @@ def _convert(args: argparse.Namespace) -> int:
 
     files = convert(args.src, args.dst, args.to, args.dtype, _parse_size(args.shard_size))
     for f in files:
+        print(f)
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from mixtral.checkpoint import quantize_checkpoint
+
+    for f in quantize_checkpoint(args.src, args.dst, args.bits, args.group_size,
+                                 _parse_size(args.shard_size)):
         print(f)
     return 0
 

@@ -218,6 +218,54 @@ def write_canonical(layout: Layout, args: ModelArgs,
                              f"write 'hf' or 'mistral'")
 
 
+# --- quantized checkpoints (our own layout: canonical names) -------------------------------------
+
+QUANTIZATION_KEY = "mixtral_quantization"  # in config.json: {"bits": 8|4, "group_size": g}
+QUANTIZED = Layout("mixtral-quantized", "mixtral's weight-only int8/int4 checkpoint "
+                   "(canonical names; see mixtral.quantize)", {})
+_QUANTIZED_SUFFIXES = (".wq.weight", ".wk.weight", ".wv.weight", ".wo.weight",
+                       ".experts.w1", ".experts.w2", ".experts.w3")
+
+
+def is_quantized_weight(name: str) -> bool:
+    """The matmul weights that int8/int4 replace; embeddings, norms and router stay float."""
+    return name == "output.weight" or name.endswith(_QUANTIZED_SUFFIXES)
+
+
+def portable_names(name: str, bits: int) -> tuple[str, str]:
+    """On-disk names of a quantized weight and of its scales."""
+    base = name.removesuffix(".weight")
+    return f"{base}.qweight", f"{base}.scales" if bits == 8 else f"{base}.scales_and_zeros"
+
+
+def quantized_tensors(args: ModelArgs, dtype: torch.dtype,
+                      quant: dict[str, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every tensor of a quantized checkpoint, in writing order, with shape and dtype."""
+    bits, group = quant["bits"], quant["group_size"]
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, shape in canonical_shapes(args).items():
+        if not is_quantized_weight(name):
+            out[name] = (shape, dtype)
+            continue
+        *lead, N, K = shape
+        qname, sname = portable_names(name, bits)
+        if bits == 8:
+            out[qname] = (shape, torch.int8)
+            out[sname] = ((*lead, N), torch.float32)
+        else:
+            out[qname] = ((*lead, N, K // 2), torch.uint8)
+            out[sname] = ((*lead, K // group, N, 2), torch.float32)
+    return out
+
+
+def check_quantization(quant: object, source: str) -> dict[str, int]:
+    if not isinstance(quant, dict) or quant.get("bits") not in (8, 4) or \
+            not isinstance(quant.get("group_size"), int) or quant["group_size"] < 1:
+        raise ConfigError(f"{source}: {QUANTIZATION_KEY} must be "
+                          f'{{"bits": 8 or 4, "group_size": n}}, got {quant!r}')
+    return {"bits": quant["bits"], "group_size": quant["group_size"]}
+
+
 # --- configs -------------------------------------------------------------------------------------
 
 class ConfigError(ValueError):

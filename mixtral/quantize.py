@@ -138,15 +138,6 @@ class QuantExperts(nn.Module):
 Pair = tuple[Tensor, Tensor]  # (quantized weight, scales) in the portable form
 
 
-def quantizable(n_layers: int) -> list[str]:
-    """Canonical names of the weights that quantization replaces."""
-    names = ["output.weight"]
-    for i in range(n_layers):
-        names += [f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")]
-        names += [f"layers.{i}.feed_forward.experts.{w}" for w in ("w1", "w2", "w3")]
-    return names
-
-
 def default_group_size(model_args: object) -> int:
     """The largest of 128/64/32 that divides every input size (dim, hidden, heads x head_dim)."""
     a = model_args
@@ -165,12 +156,6 @@ def quantize_weight(w: Tensor, bits: int, group_size: int) -> Pair:
         pairs = [quantize_weight(m, bits, group_size) for m in w]
         return torch.stack([q for q, _ in pairs]), torch.stack([s for _, s in pairs])
     return int8_quantize(w) if bits == 8 else int4_quantize(w, group_size)
-
-
-def portable_names(name: str, bits: int) -> tuple[str, str]:
-    """On-disk names of a quantized weight and its scales."""
-    base = name.removesuffix(".weight")
-    return f"{base}.qweight", f"{base}.scales" if bits == 8 else f"{base}.scales_and_zeros"
 
 
 def apply(model: Transformer, weight: Callable[[str], Pair], bits: int, group_size: int,

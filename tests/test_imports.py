@@ -16,7 +16,7 @@ ALLOWED: dict[str, set[str]] = {
     "sampling": set(),
     "generate": {"model", "cache", "sampling"},
     "formats": {"config"},
-    "checkpoint": {"config", "formats", "model"},
+    "checkpoint": {"config", "formats", "model", "quantize"},
     "default_model": {"config", "model"},
     "tokenizer": set(),
     "chat": {"tokenizer"},
@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"checkpoint", "model"},
     "__main__": {"cli"},
     "cli": {"chat", "checkpoint", "completion", "config", "default_model", "formats", "generate",
-            "model", "server", "tokenizer"},
+            "model", "quantize", "server", "tokenizer"},
 }
 # third-party imports that would break a layer's purity
 FORBIDDEN_EXTERNAL = {
