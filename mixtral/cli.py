@@ -82,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
                     "to finish on SIGTERM/Ctrl-C before they are cancelled (default 10)")
     sp.set_defaults(run=_serve)
 
+    sp = sub.add_parser("bench", help="prefill and decode speed (random weights for a preset)")
+    sp.add_argument("--model", default="bench", help="a preset (bench, tiny, mixtral-8x7b: "
+                    "random weights) or a checkpoint path (default: bench)")
+    sp.add_argument("--quant", default="bf16", choices=["fp32", "bf16", "int8", "int4"])
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--prompt-len", type=int, default=512)
+    sp.add_argument("--gen-len", type=int, default=128)
+    sp.add_argument("--batch", type=int, default=1)
+    sp.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
+    sp.add_argument("--json", action="store_true", help="one JSON line (stable keys)")
+    sp.set_defaults(run=_bench)
+
     sp = sub.add_parser("info", help="sizes of a preset or checkpoint, and a checkpoint's layout")
     sp.add_argument("target", help="a preset name (mixtral-8x7b, bench, tiny) or a path")
     sp.add_argument("--json", action="store_true")
@@ -304,6 +316,36 @@ def _convert(args: argparse.Namespace) -> int:
     files = convert(args.src, args.dst, args.to, args.dtype, _parse_size(args.shard_size))
     for f in files:
         print(f)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from mixtral import bench
+    from mixtral.config import PRESETS
+    from mixtral.model import Transformer
+    from mixtral.quantize import quantize_model
+
+    float_dtype = torch.float32 if args.quant == "fp32" else torch.bfloat16
+    if args.model in PRESETS and not Path(args.model).exists():
+        with torch.device("meta"):
+            model = Transformer(PRESETS[args.model]).to(float_dtype)
+        model = model.to_empty(device=args.device)
+        model.init_weights(generator=torch.Generator(args.device).manual_seed(0))
+    else:
+        from mixtral.checkpoint import load
+        model = load(args.model, float_dtype, args.device)
+    if args.quant in ("int8", "int4") and isinstance(model.output, torch.nn.Linear):
+        quantize_model(model, int(args.quant[3:]))
+    result = bench.run(model.eval(), prompt_len=args.prompt_len, gen_len=args.gen_len,
+                       batch=args.batch, repeats=args.repeats, quant=args.quant,
+                       model_name=args.model)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}  {value}")
     return 0
 
 

@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "completion": {"generate", "model", "tokenizer"},
     "engine": {"cache", "generate", "model"},
     "quantize": {"model"},
+    "bench": {"cache", "config", "engine", "generate", "model"},
     "grammar": {"tokenizer"},
     "server.protocol": set(),
     "server.app": {"chat", "completion", "engine", "generate", "grammar", "model",
@@ -31,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"checkpoint", "model"},
     "__main__": {"cli"},
     "cli": {"chat", "checkpoint", "completion", "config", "default_model", "formats", "generate",
-            "model", "quantize", "server", "tokenizer"},
+            "model", "quantize", "server", "tokenizer", "bench"},
 }
 # third-party imports that would break a layer's purity
 FORBIDDEN_EXTERNAL = {

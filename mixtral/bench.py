@@ -1,0 +1,120 @@
+"""`mixtral bench`: prefill and decode speed of the engine, as external checks read them.
+
+Prefill is one forward pass over `prompt_len` tokens. Decode runs `batch` requests through the
+engine (continuous batching, greedy, no early stop) and counts the tokens produced once every
+request is decoding, so the figure is the steady batch-`batch` rate. Output keys are stable:
+model, quant, device, threads, batch, prompt_len, gen_len, prefill_tok_s, decode_tok_s, ttft_s,
+peak_rss_gib, weight_bytes_per_token, repeats.
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+import torch
+
+from mixtral.cache import KVCache
+from mixtral.config import ModelArgs
+from mixtral.engine import Engine
+from mixtral.generate import GenerationParams
+from mixtral.model import Transformer
+
+
+def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist()
+
+
+@torch.inference_mode()
+def prefill_once(model: Transformer, prompt: list[int]) -> float:
+    """Seconds for one forward over the prompt into a fresh cache."""
+    device = model.tok_embeddings.weight.device
+    cache = KVCache(model.args, 1, len(prompt) + 1, model.tok_embeddings.weight.dtype, device)
+    tokens = torch.tensor([prompt], device=device)
+    positions = torch.arange(len(prompt), device=device)[None]
+    _sync(device)
+    start = time.perf_counter()
+    model(tokens, positions, cache, last_only=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def decode_once(model: Transformer, batch: int, prompt_len: int, gen_len: int,
+                seed: int) -> tuple[float, float]:
+    """-> (decode tokens/s over all rows once all are decoding, seconds to the first token)."""
+    engine = Engine(model, max_queue=batch, max_batch=batch,
+                    max_seq_len=prompt_len + gen_len + 1, prefill_chunk=prompt_len)
+    stamps: list[list[float]] = [[] for _ in range(batch)]
+    done = [threading.Event() for _ in range(batch)]
+    params = GenerationParams(max_tokens=gen_len, min_tokens=gen_len)  # greedy, no early EOS
+    try:
+        start = time.perf_counter()
+        for i in range(batch):
+            engine.submit(prompt_ids(prompt_len, seed + i, model.args.vocab_size), params,
+                          functools.partial(_stamp, stamps[i]), functools.partial(_set, done[i]))
+        for d in done:
+            d.wait()
+    finally:
+        engine.stop()
+    steady = max(s[0] for s in stamps)  # from here every request is decoding
+    produced = sum(sum(1 for t in s if t > steady) for s in stamps)
+    end = max(s[-1] for s in stamps)
+    return produced / max(end - steady, 1e-9), stamps[0][0] - start
+
+
+def run(model: Transformer, *, prompt_len: int = 512, gen_len: int = 128, batch: int = 1,
+        repeats: int = 3, quant: str = "", model_name: str = "") -> dict[str, Any]:
+    device = model.tok_embeddings.weight.device
+    prompt = prompt_ids(prompt_len, 1234, model.args.vocab_size)
+    prefill_once(model, prompt[:16])  # warm-up
+    decode_once(model, batch, 16, 4, 0)
+    prefill, decode, ttft = [], [], []
+    for r in range(repeats):
+        prefill.append(prompt_len / prefill_once(model, prompt))
+        rate, first = decode_once(model, batch, prompt_len, gen_len, 4321 + 100 * r)
+        decode.append(rate)
+        ttft.append(first)
+    return {
+        "model": model_name, "quant": quant, "device": str(device),
+        "threads": torch.get_num_threads(), "batch": batch, "prompt_len": prompt_len,
+        "gen_len": gen_len, "prefill_tok_s": round(statistics.median(prefill), 2),
+        "decode_tok_s": round(statistics.median(decode), 2),
+        "ttft_s": round(statistics.median(ttft), 4), "peak_rss_gib": round(peak_rss_gib(), 3),
+        "weight_bytes_per_token": weight_bytes_per_token(model.args, quant),
+        "repeats": repeats,
+    }
+
+
+def weight_bytes_per_token(args: ModelArgs, quant: str) -> int:
+    """Weights one batch-1 decode step reads: the active ones, one row of the embeddings."""
+    a = args
+    attention = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)
+    matmul = (a.n_layers * (attention + a.num_experts_per_tok * 3 * a.dim * a.hidden_dim)
+              + a.vocab_size * a.dim)  # + the output head
+    rest = a.n_layers * (a.num_experts * a.dim + 2 * a.dim) + 2 * a.dim  # routers, norms, 1 row
+    per_weight = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 128}.get(quant, 2.0)
+    return int(matmul * per_weight + rest * (4 if quant == "fp32" else 2))
+
+
+def _stamp(times: list[float], _token: int) -> None:
+    times.append(time.perf_counter())
+
+
+def _set(event: threading.Event, _error: BaseException | None) -> None:
+    event.set()
+
+
+def peak_rss_gib() -> float:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
