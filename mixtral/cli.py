@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=int, default=1)
     sp.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
     sp.add_argument("--json", action="store_true", help="one JSON line (stable keys)")
+    sp.add_argument("--reference", action="store_true",
+                    help="measure the reference modules of model.py, without the fast paths")
     sp.set_defaults(run=_bench)
 
     sp = sub.add_parser("info", help="sizes of a preset or checkpoint, and a checkpoint's layout")
@@ -338,6 +340,9 @@ def _bench(args: argparse.Namespace) -> int:
         model = load(args.model, float_dtype, args.device)
     if args.quant in ("int8", "int4") and isinstance(model.output, torch.nn.Linear):
         quantize_model(model, int(args.quant[3:]))
+    if not args.reference:
+        from mixtral.fast import optimize
+        optimize(model)
     result = bench.run(model.eval(), prompt_len=args.prompt_len, gen_len=args.gen_len,
                        batch=args.batch, repeats=args.repeats, quant=args.quant,
                        model_name=args.model)

@@ -9,6 +9,11 @@ sequence that has a token to feed, as a single batch with per-row positions. A j
 cancelled at any time — waiting or running — and its slot is free before the next step.
 Each sequence samples with its own `Sampler` (settings and seed), so batching changes no
 request's tokens.
+
+The loop runs on the engine's own thread, or — `Engine(..., thread=False)` then `run()` — on the
+caller's. PyTorch's CPU kernels are fastest on the thread whose OpenMP team is already warm (with
+2 cores, libgomp stops spinning as soon as a second team exists), so `mixtral serve` and
+`mixtral bench` compute on the main thread and put the web server beside it.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class _Running:
 
 class Engine:
     def __init__(self, model: Transformer, max_queue: int = 16, max_batch: int = 8,
-                 max_seq_len: int | None = None, prefill_chunk: int = 512) -> None:
+                 max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 thread: bool = True) -> None:
         self.model = model
         self.max_queue, self.max_batch, self.prefill_chunk = max_queue, max_batch, prefill_chunk
         self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
@@ -67,8 +73,10 @@ class Engine:
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="mixtral-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if thread:
+            self._thread = threading.Thread(target=self.run, name="mixtral-engine", daemon=True)
+            self._thread.start()
 
     # --- the caller's side (any thread) ----------------------------------------------------------
 
@@ -106,31 +114,37 @@ class Engine:
         return job
 
     def stop(self, timeout: float | None = None) -> None:
-        """Cancel everything and end the worker thread."""
+        """Cancel everything and end the loop (and its thread)."""
         with self._lock:
             self._stopping = True
             for job in [*self._waiting, *(r.job for r in self._slots if r is not None)]:
                 job.cancel()
             self._lock.notify()
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
-    # --- the worker thread -----------------------------------------------------------------------
+    # --- the loop --------------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        while self._admit():
-            try:
-                self._prefill()
-                self._decode()
-            except Exception as e:  # a failed forward fails the jobs in it; the engine goes on
-                for r in list(self._active()):
-                    self._finish(r, e)
+    def run(self, until_idle: bool = False) -> None:
+        """The engine loop, on the calling thread: until `stop()`, or until nothing is left to
+        do with `until_idle`."""
+        while self._admit(block=not until_idle):
+            self._step()
+
+    def _step(self) -> None:
+        try:
+            self._prefill()
+            self._decode()
+        except Exception as e:  # a failed forward fails the jobs in it; the engine goes on
+            for r in list(self._active()):
+                self._finish(r, e)
 
     def _active(self) -> list[_Running]:
         return [r for r in self._slots if r is not None]
 
-    def _admit(self) -> bool:
+    def _admit(self, block: bool = True) -> bool:
         """Drop cancelled jobs, move waiting jobs into free slots; block while idle.
-        False when the engine stops."""
+        False when the engine stops (or is idle, without `block`)."""
         for r in self._active():
             if r.job.cancelled.is_set():
                 self._finish(r)
@@ -154,6 +168,8 @@ class Engine:
                     return False
                 if self._active():
                     return True
+                if not block:
+                    return False
                 self._lock.wait()
 
     def _finish(self, r: _Running, error: BaseException | None = None) -> None:

@@ -86,15 +86,15 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))  # [E, D, F] down
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # [E, F, D] up
 
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on rows x [M, D] -> [M, D]."""
+        h = F.silu(x @ self.w1[e].T) * (x @ self.w3[e].T)  # [M, F]
+        return h @ self.w2[e].T
+
     def forward(self, x: Tensor, counts: list[int]) -> Tensor:
         """x [M, D] rows sorted by expert, counts[e] rows for expert e -> [M, D]."""
-        outs = []
-        for e, xe in enumerate(x.split(counts)):
-            if xe.shape[0] == 0:  # an expert no token chose costs nothing
-                continue
-            h = F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)  # [Me, F]
-            outs.append(h @ self.w2[e].T)  # [Me, D]
-        return torch.cat(outs)
+        # an expert no token chose costs nothing
+        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
 
 class MoeLayer(nn.Module):
@@ -111,17 +111,25 @@ class MoeLayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         router_logits = self.gate(x)  # [N, E]
-        top_logits, chosen = torch.topk(router_logits.float(), self.top_k, dim=-1)  # [N, k]
-        weights = F.softmax(top_logits, dim=-1).to(x.dtype)  # [N, k]
-        # dispatch: group the N*k (token, expert) pairs by expert
-        flat = chosen.flatten()  # [N*k]
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.gate.out_features).tolist()
-        token = order // self.top_k  # token of each sorted pair
-        y = self.experts(x[token], counts) * weights.flatten()[order, None]  # [N*k, D]
-        # combine: add each pair's output back onto its token
-        out = torch.zeros_like(x).index_add_(0, token, y)
-        return out.view(shape), router_logits
+        weights, chosen = route(router_logits, self.top_k, x.dtype)
+        return dispatch(self.experts, x, weights, chosen).view(shape), router_logits
+
+
+def route(router_logits: Tensor, top_k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """-> (weights [N, k] in dtype, chosen experts [N, k]): top-k logits, softmax over them."""
+    top_logits, chosen = torch.topk(router_logits.float(), top_k, dim=-1)
+    return F.softmax(top_logits, dim=-1).to(dtype), chosen
+
+
+def dispatch(experts: nn.Module, x: Tensor, weights: Tensor, chosen: Tensor) -> Tensor:
+    """Group the N*k (token, expert) pairs by expert, run each expert once on its rows, add the
+    weighted outputs back onto their tokens. x [N, D] -> [N, D]."""
+    flat = chosen.flatten()  # [N*k]
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat).tolist()  # rows per expert, up to the last one chosen
+    token = order // chosen.shape[1]  # token of each sorted pair
+    y = experts(x[token], counts) * weights.flatten()[order, None]  # [N*k, D]
+    return torch.zeros_like(x).index_add_(0, token, y)
 
 
 class TransformerBlock(nn.Module):

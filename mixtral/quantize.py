@@ -123,14 +123,12 @@ class QuantExperts(nn.Module):
             q, s = banks[name]
             setattr(self, name, nn.ModuleList(make(q[e], s[e]) for e in range(q.shape[0])))
 
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+    def expert(self, e: int, x: Tensor) -> Tensor:
         w1, w2, w3 = (cast(nn.ModuleList, getattr(self, w)) for w in ("w1", "w2", "w3"))
-        outs = []
-        for e, xe in enumerate(x.split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            outs.append(w2[e](F.silu(w1[e](xe)) * w3[e](xe)))
-        return torch.cat(outs)
+        return w2[e](F.silu(w1[e](x)) * w3[e](x))
+
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
 
 # --- whole models --------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Summarize results.jsonl + roofline*.json into the anchors table (markdown on stdout).
+
+Usage: python summarize.py [--results DIR] [--models DIR] [--quiet-max 0.5]
+Defaults: results $BENCH_OUT (/tmp/bench-results), models $BENCH_MODELS (/tmp/bench-models).
+
+Roofline: decode at batch 1 reads every active weight once per token, so
+    tok/s <= BW / active_bytes_per_token
+active bytes = all non-expert weights except the embedding table (one row is read), plus
+top_k/n_experts of the expert weights.  For GGUF files the bytes are the real tensor sizes of
+each quantization.  Batch 8: one step reads the non-expert weights once and each DISTINCT
+expert chosen by the 8 tokens once; with uniform routing E[distinct] = E * (1 - (1 - k/E)^8)
+(= 7.20 of 8 for top-2 of 8), so tok/s <= 8 * BW / step_bytes.
+BW = the best 2-core memory rate measured by machine_roofline.py (max over runs of the numpy
+copy (read+write) median, the 2-thread torch read rate and the fp32 GEMV weight stream).
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+from collections import defaultdict
+
+
+def gguf_bytes(path, n_exp, k):
+    from gguf import GGUFReader
+    r = GGUFReader(path)
+    dense = exp = 0
+    for t in r.tensors:
+        nb = int(t.n_bytes)
+        if "_exps" in t.name:
+            exp += nb
+        elif t.name == "token_embd.weight":
+            dense += nb // int(t.shape[-1])  # one row
+        else:
+            dense += nb
+    return dense, exp
+
+
+def hf_bytes(info, bytes_per):
+    c = info["config"]
+    H, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    E = c["num_local_experts"]
+    exp = L * E * 3 * H * I * bytes_per
+    dense = (info["total_params"] - L * E * 3 * H * I - V * H + H) * bytes_per
+    return dense, exp
+
+
+def fmt(xs, nd=1):
+    if not xs:
+        return "–"
+    m = statistics.median(xs)
+    if len(xs) == 1:
+        return f"{m:.{nd}f}"
+    return f"{m:.{nd}f} ({min(xs):.{nd}f}–{max(xs):.{nd}f})"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=os.environ.get("BENCH_OUT", "/tmp/bench-results"))
+    ap.add_argument("--models", default=os.environ.get("BENCH_MODELS", "/tmp/bench-models"))
+    ap.add_argument("--quiet-max", type=float, default=0.3,
+                    help="a rep counts as 'quiet' when other processes kept < this many cores busy")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    info = json.load(open(os.path.join(a.models, "bench", "bench_info.json")))
+    E = info["config"]["num_local_experts"]
+    K = info["config"]["num_experts_per_tok"]
+    distinct8 = E * (1 - (1 - K / E) ** 8)
+
+    rf = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.results, "roofline*.json")))]
+    cand = {}
+    for key in ("bw_numpy_copy_GBps", "bw_torch_copy_GBps", "bw_torch_read_GBps", "gemv16384_fp32_weight_GBps",
+                "linear_b1_16384_fp32_weight_GBps"):
+        vals = [r[key]["median"] for r in rf if key in r]
+        if vals:
+            cand[key] = (statistics.median(vals), max(vals), min(vals), len(vals))
+    bw = max(v[1] for v in cand.values())
+    print("## Roofline inputs\n")
+    print("| memory rate (2 cores unless noted) | median of runs | best run | worst run | runs |\n|---|---|---|---|---|")
+    for k, v in cand.items():
+        print(f"| {k} | {v[0]:.1f} GB/s | {v[1]:.1f} | {v[2]:.1f} | {v[3]} |")
+    for key in ("gemm4096_fp32_GFLOPs", "gemm4096_bf16_GFLOPs", "gemv16384_fp32_GFLOPs", "gemv16384_bf16_GFLOPs",
+                "gemv_expert3584x1024_fp32_GFLOPs_incache", "gemv_expert3584x1024_bf16_GFLOPs_incache"):
+        vals = [r[key]["median"] for r in rf if key in r]
+        if vals:
+            print(f"| {key} | {statistics.median(vals):.1f} GFLOP/s | {max(vals):.1f} | {min(vals):.1f} | {len(vals)} |")
+    print(f"\nBW used for the roofline = {bw:.1f} GB/s (best of the above).\n")
+
+    recs = [json.loads(l) for l in open(os.path.join(a.results, "results.jsonl"))]
+    groups = defaultdict(lambda: defaultdict(list))
+    peaks = defaultdict(dict)
+    for r in recs:
+        key = (r["engine"], r["dtype"], r.get("threads", 2))
+        groups[key][r["metric"]].append(r)
+        peaks[key][r.get("tag", "")] = max(peaks[key].get(r.get("tag", ""), 0), r["peak_rss_gib"])
+
+    rows = []
+    order = ["fp32", "bf16", "int8", "int4", "bench-f32", "bench-f16", "bench-q8_0", "bench-q4_0",
+             "bench-q4_k_m"]
+    engines = ["mixtral", "hf", "llamacpp"]
+    for key in sorted(groups, key=lambda k: (-k[2], engines.index(k[0]) if k[0] in engines else 9,
+                                             order.index(k[1]) if k[1] in order else 99)):
+        eng, dt, thr = key
+        if eng == "mixtral":  # this project's engine records its own byte counts
+            first = groups[key][next(iter(groups[key]))][0]
+            dense, exp = first["dense_bytes"], first["expert_bytes"]
+        elif eng == "hf":
+            dense, exp = hf_bytes(info, {"fp32": 4, "bf16": 2}[dt])
+        else:
+            dense, exp = gguf_bytes(os.path.join(a.models, "gguf", dt + ".gguf"), E, K)
+        b1_bytes = dense + exp * K / E
+        b8_bytes = dense + exp * distinct8 / E
+        g = groups[key]
+        rows.append(dict(engine=eng, dtype=dt, threads=thr, g=g, peak=list(peaks[key].values()),
+                         b1_bytes=b1_bytes, b8_bytes=b8_bytes, roof1=bw / b1_bytes * 1e9,
+                         roof8=8 * bw / b8_bytes * 1e9,
+                         detail=g[next(iter(g))][0]["engine_detail"]))
+
+    def table(title, keep):
+        print(f"## {title}\n")
+        print("| engine | threads | dtype / quant | prefill 512 tok/s | decode tok/s b=1 | decode tok/s b=8 (total) "
+              "| peak RSS GiB | active weight bytes/token (b=1) | roofline tok/s b=1 / b=8 | % of roofline b=1 "
+              "| % of roofline b=8 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            g = r["g"]
+            sel = {m: [x["tok_s"] for x in g.get(m, []) if keep(x)] for m in ("prefill", "decode_b1", "decode_b8")}
+            cnt = {m: len(v) for m, v in sel.items()}
+            p1 = fmt([100 * x / r["roof1"] for x in sel["decode_b1"]], 1)
+            p8 = fmt([100 * x / r["roof8"] for x in sel["decode_b8"]], 1)
+            name = {"hf": "HF transformers", "mixtral": "**mixtral (this project)**"}.get(
+                r["engine"], "llama.cpp")
+            print(f"| {name} | {r['threads']} | {r['dtype']} | {fmt(sel['prefill'])} [{cnt['prefill']}] | "
+                  f"{fmt(sel['decode_b1'], 2)} [{cnt['decode_b1']}] | {fmt(sel['decode_b8'], 2)} [{cnt['decode_b8']}] | "
+                  f"{fmt(r['peak'], 2)} | {r['b1_bytes'] / 1e6:.0f} MB | {r['roof1']:.1f} / {r['roof8']:.1f} | {p1} | {p8} |")
+        print()
+
+    table("All runs: median (min–max) [number of runs]", lambda x: True)
+    table(f"Only runs during which other processes kept < {a.quiet_max} core busy", lambda x: x.get("other_cores", 9) < a.quiet_max)
+    table(f"Only runs during which other processes kept >= {a.quiet_max} core busy (contended)",
+          lambda x: x.get("other_cores", 9) >= a.quiet_max)
+    print("Engine details: " + "; ".join(sorted({r["detail"] for r in rows})))
+    print("\nEvery run (other_cores = cores other processes kept busy during that measurement):\n")
+    print("| engine | dtype | tag | metric | new tokens | tok/s | other_cores |\n|---|---|---|---|---|---|---|")
+    for r in recs:
+        print(f"| {r['engine']} | {r['dtype']} | {r.get('tag', '')} | {r['metric']} | {r.get('new_tokens', r.get('tokens', ''))} "
+              f"| {r['tok_s']:.2f} | {r.get('other_cores', float('nan')):.2f} |")
+    if a.json:
+        json.dump(dict(bw_GBps=bw, rows=[{k: v for k, v in r.items() if k != "g"} for r in rows],
+                       roofline_inputs=cand), open(a.json, "w"), indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
