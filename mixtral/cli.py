@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                         "Mistral layout); default: the built-in default model")
         sp.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the checkpoint's)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+        sp.add_argument("--reference", action="store_true", help="run the reference modules of "
+                        "model.py instead of the fast paths (mixtral.fast)")
 
     def sampling_args(sp: argparse.ArgumentParser, max_tokens: int) -> None:
         sp.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="sequences generated together (KV cache slots; default 8)")
     sp.add_argument("--max-seq-len", type=int, help="positions per sequence (default: the "
                     "model's context, at most 8192); the KV cache holds max-batch of them")
-    sp.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get "
+    sp.add_argument("--grace", type=int, default=10, help="seconds in-flight requests get "
                     "to finish on SIGTERM/Ctrl-C before they are cancelled (default 10)")
     sp.set_defaults(run=_serve)
 
@@ -131,10 +133,16 @@ def _load(args: argparse.Namespace) -> Transformer:
         from mixtral.default_model import LABEL, load_default
 
         print(f"[mixtral] {LABEL}", file=sys.stderr)
-        return load_default(dtype, args.device)
-    from mixtral.checkpoint import load
+        model = load_default(dtype, args.device)
+    else:
+        from mixtral.checkpoint import load
 
-    return load(args.model, dtype, args.device)
+        model = load(args.model, dtype, args.device)
+    if not args.reference:
+        from mixtral.fast import optimize
+
+        optimize(model)
+    return model
 
 
 def _params(args: argparse.Namespace) -> GenerationParams:
@@ -224,11 +232,8 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import os
-    import signal
 
-    import uvicorn
-
-    from mixtral.server.app import Settings, create_app, json_constraints
+    from mixtral.server.app import Settings, json_constraints, serve
 
     if args.model is None:
         from mixtral.default_model import NAME as name
@@ -240,19 +245,11 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(name=name, api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY"),
                         max_queue=args.max_queue, description=description,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192)
-    app = create_app(lambda: _load(args), settings, json_constraints())
     url = f"http://{args.host}:{args.port}"
     print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"
           + (" (bearer key required)" if settings.api_key else ""), file=sys.stderr)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.grace)
-    # On SIGTERM/Ctrl-C uvicorn stops accepting, lets in-flight requests finish for --grace
-    # seconds, cancels the rest, then re-raises the signal. A drained server is a clean exit:
-    # let that re-raised signal land on a handler that does nothing.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
-    return 0
+    return serve(lambda: _load(args), settings, args.host, args.port, args.grace,
+                 json_constraints())
 
 
 # --- inspecting and converting -------------------------------------------------------------------

@@ -86,9 +86,24 @@ class FastAttention(nn.Module):
         if cache is not None:
             assert mask is not None
             k, v = cache.update(layer, positions, k, v, span=mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        if T == 1 and mask is not None:  # decoding: CPU SDPA is slow for a single query
+            out = _one_query_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """q [B, H, 1, A], k/v [B, K, S, A], mask [B, 1, 1, S] -> [B, H, 1, A]. Query head h uses
+    key/value head h // (H/K), as SDPA's enable_gqa does; softmax in fp32."""
+    B, H, _, A = q.shape
+    K = k.shape[1]
+    qg = q.reshape(B, K, H // K, A).float()  # [B, K, H/K, A]
+    scores = torch.einsum("bkha,bksa->bkhs", qg, k.float()) * A**-0.5  # [B, K, H/K, S]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    out = torch.einsum("bkhs,bksa->bkha", probs, v.float())
+    return out.reshape(B, H, 1, A).to(q.dtype)
 
 
 def _rope(x: Tensor, rot: Tensor) -> Tensor:
@@ -121,7 +136,8 @@ class FastMoe(nn.Module):
 
     def __init__(self, ref: MoeLayer, direct_below: int = 8) -> None:
         super().__init__()
-        self.top_k, self.gate, self.direct_below = ref.top_k, ref.gate, direct_below
+        self.top_k, self.direct_below = ref.top_k, direct_below
+        self.gate = _linear(ref.gate.weight) if isinstance(ref.gate, nn.Linear) else ref.gate
         experts = ref.experts
         self.experts = PackedExperts(experts) if isinstance(experts, Experts) and \
             packable(experts.w1) else experts

@@ -102,13 +102,17 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size = group_size
+        pad = -self.out_features % 16  # the kernels take output sizes in multiples of 16
+        if pad:  # zero rows with zero scales: they compute zeros, which are dropped
+            packed = F.pad(packed, (0, 0, 0, pad))
+            sz = F.pad(sz, (0, 0, 0, pad))
         self.register_buffer("weight", _kernel_int4(packed, packed.device))
-        self.register_buffer("scales_and_zeros", sz.to(dtype))  # [K/g, N, 2]
+        self.register_buffer("scales_and_zeros", sz.to(dtype))  # [K/g, N (padded), 2]
 
     def forward(self, x: Tensor) -> Tensor:
         y = _int4_mm(x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype),
                      self.weight, self.group_size, self.scales_and_zeros)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y[:, :self.out_features].reshape(*x.shape[:-1], self.out_features)
 
 
 class QuantExperts(nn.Module):

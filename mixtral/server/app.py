@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import secrets
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -87,13 +89,15 @@ class Metrics:
         running.set_function(lambda: int(state.engine.busy) if state.engine else 0)
 
 
-def create_app(load: Callable[[], Transformer], settings: Settings,
+def create_app(load: Callable[[], Transformer] | None, settings: Settings,
                json_constraint: ConstraintFactory | None = None) -> FastAPI:
-    """The ASGI app. `load` runs in a thread at start-up; until it returns, the API says 503."""
+    """The ASGI app. `load` runs in a thread at start-up (the engine gets its own thread);
+    until it returns, the API says 503. With load=None the caller loads the model and sets
+    `app.state.mixtral.engine` itself (see `serve`)."""
     state = State(settings, json_constraint=json_constraint)
     metrics = Metrics(state)
 
-    def start() -> None:
+    def start(load: Callable[[], Transformer]) -> None:
         try:
             state.engine = Engine(load(), settings.max_queue, settings.max_batch,
                                   settings.max_seq_len)
@@ -102,7 +106,8 @@ def create_app(load: Callable[[], Transformer], settings: Settings,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=start, name="mixtral-load", daemon=True).start()
+        if load is not None:
+            threading.Thread(target=start, args=(load,), name="mixtral-load", daemon=True).start()
         yield
         if state.engine is not None:
             state.engine.stop(timeout=5)
@@ -205,6 +210,46 @@ def create_app(load: Callable[[], Transformer], settings: Settings,
     app.add_middleware(_LimitBody, limit=settings.max_body_bytes)
     app.add_middleware(_RequireKey, key=settings.api_key)
     return app
+
+
+def serve(load: Callable[[], Transformer], settings: Settings, host: str, port: int,
+          grace: float, json_constraint: ConstraintFactory | None = None) -> int:
+    """Serve until SIGTERM/Ctrl-C: the web server on a thread, the model loaded and the engine
+    run on this (the main) thread, where PyTorch's CPU kernels are fastest. On a signal the web
+    server stops accepting, gives in-flight requests `grace` seconds, cancels the rest and the
+    engine stops; returns 0."""
+    import uvicorn
+
+    app = create_app(None, settings, json_constraint)
+    state: State = app.state.mixtral
+    config = uvicorn.Config(app, host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=math.ceil(grace))
+    server = uvicorn.Server(config)  # off the main thread it installs no signal handlers
+    web = threading.Thread(target=server.run, name="mixtral-http")
+    web.start()
+
+    def on_signal(sig: int, frame: object) -> None:
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True  # a second Ctrl-C: do not wait for the grace period
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    try:
+        model = load()
+    except Exception as e:  # keep answering (503, with the reason) until told to stop
+        state.load_error = f"{type(e).__name__}: {e}"
+        log.error("the model failed to load: %s", state.load_error)
+        web.join()
+        return 1
+    engine = Engine(model, settings.max_queue, settings.max_batch, settings.max_seq_len,
+                    thread=False)
+    state.engine = engine
+    if web.is_alive() and not server.should_exit:
+        engine.run()  # returns when the app's shutdown stops the engine
+    engine.stop()
+    web.join()
+    return 0
 
 
 def json_constraints() -> ConstraintFactory:
