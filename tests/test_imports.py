@@ -23,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "completion": {"generate", "model", "tokenizer"},
     "engine": {"cache", "generate", "model"},
     "quantize": {"model"},
+    "fast": {"cache", "model"},
     "bench": {"cache", "config", "engine", "generate", "model"},
     "grammar": {"tokenizer"},
     "server.protocol": set(),
@@ -32,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"checkpoint", "model"},
     "__main__": {"cli"},
     "cli": {"chat", "checkpoint", "completion", "config", "default_model", "formats", "generate",
-            "model", "quantize", "server", "tokenizer", "bench"},
+            "model", "quantize", "server", "tokenizer", "bench", "fast"},
 }
 # third-party imports that would break a layer's purity
 FORBIDDEN_EXTERNAL = {
