@@ -18,10 +18,15 @@ __version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-         device: torch.device | str = "cpu") -> Transformer:
-    """Load a Mixtral checkpoint (Hugging Face or Mistral layout) into a model in eval mode.
+         device: torch.device | str = "cpu", max_ram: str | int | None = None) -> Transformer:
+    """Load a Mixtral checkpoint (Hugging Face or Mistral layout, or mixtral's int8/int4) into a
+    model in eval mode. Calling the model on a [B, T] LongTensor of token ids returns fp32
+    logits [B, T, vocab]. With `max_ram` (e.g. "16GiB"; quantized checkpoints, CPU) the
+    experts stay on disk and are paged in on demand under that budget."""
+    if max_ram is not None:
+        from mixtral.offload import load_offloaded
 
-    Calling the model on a [B, T] LongTensor of token ids returns fp32 logits [B, T, vocab]."""
+        return load_offloaded(path, max_ram, dtype)
     from mixtral.checkpoint import load as _load
 
     return _load(path, dtype, device)

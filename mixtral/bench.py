@@ -75,11 +75,21 @@ def run(model: Transformer, *, prompt_len: int = 512, gen_len: int = 128, batch:
     prefill_once(model, prompt[:16])  # warm-up
     decode_once(model, batch, 16, 4, 0)
     prefill, decode, ttft = [], [], []
+    cache = getattr(model, "expert_cache", None)  # offloaded experts (mixtral.offload)
+    read_before = cache.store.bytes_read if cache else 0
     for r in range(repeats):
         prefill.append(prompt_len / prefill_once(model, prompt))
         rate, first = decode_once(model, batch, prompt_len, gen_len, 4321 + 100 * r)
         decode.append(rate)
         ttft.append(first)
+    extra = {}
+    if cache is not None:
+        tokens = repeats * (prompt_len + batch * gen_len)
+        extra["offload"] = {
+            "budget_gib": round(cache.budget / 2**30, 2), "hits": cache.hits,
+            "misses": cache.misses,
+            "disk_read_gib_per_token": round((cache.store.bytes_read - read_before) / tokens
+                                             / 2**30, 4)}
     return {
         "model": model_name, "quant": quant, "device": str(device),
         "threads": torch.get_num_threads(), "batch": batch, "prompt_len": prompt_len,
@@ -87,7 +97,7 @@ def run(model: Transformer, *, prompt_len: int = 512, gen_len: int = 128, batch:
         "decode_tok_s": round(statistics.median(decode), 2),
         "ttft_s": round(statistics.median(ttft), 4), "peak_rss_gib": round(peak_rss_gib(), 3),
         "weight_bytes_per_token": weight_bytes_per_token(model.args, quant),
-        "repeats": repeats,
+        "repeats": repeats, **extra,
     }
 
 

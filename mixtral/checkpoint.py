@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +35,7 @@ from mixtral.formats import (
     Layout,
     args_from_hf_config,
     args_from_params,
+    canonical_shapes,
     check_quantization,
     detect_layout,
     dtype_name,
@@ -48,7 +50,13 @@ from mixtral.formats import (
     write_canonical,
 )
 from mixtral.model import Transformer
-from mixtral.quantize import GROUP_SIZES, apply, default_group_size, quantize_weight
+from mixtral.quantize import (
+    GROUP_SIZES,
+    apply,
+    default_group_size,
+    int4_to_cpu64,
+    quantize_weight,
+)
 
 
 class CheckpointError(ValueError):
@@ -162,7 +170,7 @@ class CheckpointInfo:
     args: ModelArgs
     dtype: torch.dtype  # of the float weights
     entries: dict[str, TensorEntry] = field(repr=False)
-    quantization: dict[str, int] | None = None  # {"bits", "group_size"} for int8/int4 files
+    quantization: dict[str, Any] | None = None  # {"bits", "group_size", "layout"}
 
     @property
     def nbytes(self) -> int:
@@ -219,7 +227,7 @@ def _index_shards(index: Path) -> list[Path]:
     return [index.parent / s for s in shards]
 
 
-def _read_config(config_file: Path) -> tuple[ModelArgs, dict[str, int] | None]:
+def _read_config(config_file: Path) -> tuple[ModelArgs, dict[str, Any] | None]:
     """-> (model args, quantization settings or None)."""
     try:
         cfg = json.loads(config_file.read_text())
@@ -326,7 +334,7 @@ def _declared_dtype(config_file: Path) -> torch.dtype | None:
         raise CheckpointError(f"{config_file}: unknown dtype {name!r}") from None
 
 
-def _reader(info: CheckpointInfo) -> Callable[[str], Tensor]:
+def reader(info: CheckpointInfo) -> Callable[[str], Tensor]:
     """read(file key) -> a fresh tensor; memory-maps one .pt/.pth file at a time."""
     torch_files: dict[Path, dict[str, Tensor]] = {}
 
@@ -355,7 +363,7 @@ def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
     def make(shape: tuple[int, ...]) -> Tensor:
         return torch.empty(shape, dtype=target, device=device)
 
-    yield from read_canonical(info.layout, info.args, _reader(info), make)
+    yield from read_canonical(info.layout, info.args, reader(info), make)
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -377,7 +385,7 @@ def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype
     """Float tensors into the model, quantized ones into the quantized modules they feed."""
     assert info.quantization is not None
     bits, group = info.quantization["bits"], info.quantization["group_size"]
-    read = _reader(info)
+    read = reader(info)
     target = dtype or info.dtype
     floats = {name: read(name).to(device=device, dtype=target)
               for name in model.state_dict() if not is_quantized_weight(name)}
@@ -388,7 +396,8 @@ def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype
         qname, sname = portable_names(name, bits)
         return read(qname), read(sname)
 
-    return apply(model, weight, bits, group, target, device).eval()
+    return apply(model, weight, bits, group, target, device,
+                 info.quantization.get("layout", "portable")).eval()
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -479,24 +488,34 @@ def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, lay
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
-                        group_size: int | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+                        group_size: int | None = None, max_shard_bytes: int = 5 * 2**30,
+                        layout: str = "portable") -> list[Path]:
     """Read a float checkpoint tensor by tensor and write its int8/int4 form, which
-    `load` reads directly. Memory: one float tensor and one shard at a time."""
+    `load` reads directly. Memory: one float tensor and one shard at a time. layout "cpu64"
+    stores int4 in the CPU kernel's own layout (CPU loads and offloading convert nothing)."""
     info = inspect(src)
     if info.quantization:
         raise CheckpointError(f"{src}: already quantized ({info.quantization})")
     group_size = group_size or default_group_size(info.args)
     if bits == 4 and group_size not in GROUP_SIZES:
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
-    quant = {"bits": bits, "group_size": group_size}
+    quant = {"bits": bits, "group_size": group_size, "layout": layout}
+    if layout == "cpu64":
+        rows = [shape[-2] for name, shape in canonical_shapes(info.args).items()
+                if is_quantized_weight(name)]
+        if bits != 4 or any(n % 64 for n in rows):
+            raise ValueError("layout cpu64 is for int4 with every output size a multiple of 64, "
+                             f"got bits {bits} and sizes {sorted(set(rows))}")
     expected = quantized_tensors(info.args, info.dtype, quant)
-    out = _empty_dir(dst)
+    out = Path(dst)
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         for name, t in read_state_dict(info):
             if is_quantized_weight(name):
                 q, s = quantize_weight(t, bits, group_size)
+                if layout == "cpu64":
+                    q = torch.stack([int4_to_cpu64(m) for m in q.view(-1, *q.shape[-2:])])
+                    q = q.view(*t.shape[:-1], -1)
                 qname, sname = portable_names(name, bits)
                 yield qname, q.contiguous()
                 yield sname, s.contiguous()
@@ -505,8 +524,17 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
 
     sizes = [(k, dtype.itemsize * _numel(shape)) for k, (shape, dtype) in expected.items()]
     config = {**hf_config(info.args, info.dtype), QUANTIZATION_KEY: quant}
+    return write_checkpoint(out, config, sizes, tensors(), max_shard_bytes)
+
+
+def write_checkpoint(dst: str | os.PathLike, config: dict, sizes: list[tuple[str, int]],
+                     tensors: Iterator[tuple[str, Tensor]],
+                     max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """config.json + safetensors shards from tensors arriving one by one, in the order (and
+    with the byte sizes) of `sizes`; one shard in memory at a time, every file atomic."""
+    out = _empty_dir(dst)
     _write_json(out / "config.json", config)
-    return [out / "config.json", *_write_shards(out, sizes, tensors(), max_shard_bytes)]
+    return [out / "config.json", *_write_shards(out, sizes, tensors, max_shard_bytes)]
 
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json",

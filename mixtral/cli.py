@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
         sp.add_argument("--reference", action="store_true", help="run the reference modules of "
                         "model.py instead of the fast paths (mixtral.fast)")
+        sp.add_argument("--max-ram", help="keep experts on disk, paged in under this RAM budget "
+                        "(e.g. 16GiB; a quantized checkpoint on the CPU)")
 
     def sampling_args(sp: argparse.ArgumentParser, max_tokens: int) -> None:
         sp.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -96,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="one JSON line (stable keys)")
     sp.add_argument("--reference", action="store_true",
                     help="measure the reference modules of model.py, without the fast paths")
+    sp.add_argument("--max-ram", help="offload experts under this RAM budget (quantized "
+                    "checkpoint path)")
     sp.set_defaults(run=_bench)
 
     sp = sub.add_parser("info", help="sizes of a preset or checkpoint, and a checkpoint's layout")
@@ -111,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 "
                     "(default: the largest of 128/64/32 that divides every input size)")
     sp.add_argument("--shard-size", default="5GB")
+    sp.add_argument("--layout", default="portable", choices=["portable", "cpu64"],
+                    help="int4 storage: portable nibbles, or the CPU kernel's own layout "
+                    "(loads without conversion; best for --max-ram offloading)")
     sp.set_defaults(run=_quantize)
 
     sp = sub.add_parser("convert", help="rewrite a checkpoint in the HF or Mistral layout")
@@ -135,9 +142,9 @@ def _load(args: argparse.Namespace) -> Transformer:
         print(f"[mixtral] {LABEL}", file=sys.stderr)
         model = load_default(dtype, args.device)
     else:
-        from mixtral.checkpoint import load
+        import mixtral
 
-        model = load(args.model, dtype, args.device)
+        model = mixtral.load(args.model, dtype, args.device, args.max_ram)
     if not args.reference:
         from mixtral.fast import optimize
 
@@ -333,8 +340,9 @@ def _bench(args: argparse.Namespace) -> int:
         model = model.to_empty(device=args.device)
         model.init_weights(generator=torch.Generator(args.device).manual_seed(0))
     else:
-        from mixtral.checkpoint import load
-        model = load(args.model, float_dtype, args.device)
+        import mixtral
+        model = mixtral.load(args.model, None if args.max_ram else float_dtype, args.device,
+                             args.max_ram)
     if args.quant in ("int8", "int4") and isinstance(model.output, torch.nn.Linear):
         quantize_model(model, int(args.quant[3:]))
     if not args.reference:
@@ -355,7 +363,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from mixtral.checkpoint import quantize_checkpoint
 
     for f in quantize_checkpoint(args.src, args.dst, args.bits, args.group_size,
-                                 _parse_size(args.shard_size)):
+                                 _parse_size(args.shard_size), args.layout):
         print(f)
     return 0
 

@@ -239,7 +239,7 @@ def portable_names(name: str, bits: int) -> tuple[str, str]:
 
 
 def quantized_tensors(args: ModelArgs, dtype: torch.dtype,
-                      quant: dict[str, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+                      quant: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every tensor of a quantized checkpoint, in writing order, with shape and dtype."""
     bits, group = quant["bits"], quant["group_size"]
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -258,12 +258,14 @@ def quantized_tensors(args: ModelArgs, dtype: torch.dtype,
     return out
 
 
-def check_quantization(quant: object, source: str) -> dict[str, int]:
+def check_quantization(quant: object, source: str) -> dict[str, Any]:
     if not isinstance(quant, dict) or quant.get("bits") not in (8, 4) or \
-            not isinstance(quant.get("group_size"), int) or quant["group_size"] < 1:
-        raise ConfigError(f"{source}: {QUANTIZATION_KEY} must be "
-                          f'{{"bits": 8 or 4, "group_size": n}}, got {quant!r}')
-    return {"bits": quant["bits"], "group_size": quant["group_size"]}
+            not isinstance(quant.get("group_size"), int) or quant["group_size"] < 1 or \
+            quant.get("layout", "portable") not in ("portable", "cpu64"):
+        raise ConfigError(f"{source}: {QUANTIZATION_KEY} must be {{\"bits\": 8 or 4, "
+                          f'"group_size": n, "layout": "portable" or "cpu64"}}, got {quant!r}')
+    return {"bits": quant["bits"], "group_size": quant["group_size"],
+            "layout": quant.get("layout", "portable")}
 
 
 # --- configs -------------------------------------------------------------------------------------

@@ -62,10 +62,38 @@ def int4_dequantize(packed: Tensor, sz: Tensor, group_size: int) -> Tensor:
     return ((g - 8) * scale[..., None] + zero[..., None]).reshape(*lead, N, K)
 
 
-def _kernel_int4(packed: Tensor, device: torch.device) -> Tensor:
-    """Portable nibbles [N, K/2] -> the int4 matmul kernel's layout on `device`."""
+# The CPU kernel's layout ("cpu64"), as a plain byte shuffle: rows in blocks of 64; block b is
+# stored as [K/2, 64] bytes where byte (kk, 32*parity + n) holds row n's weight at column
+# 2*kk + parity in its low nibble and row n + 32's in its high nibble. Checkpoints may store it
+# (quantize --layout cpu64) so that CPU loads, and offloaded experts, need no conversion.
+
+def int4_to_cpu64(packed: Tensor) -> Tensor:
+    """Portable nibbles [N, K/2] (N % 64 == 0) -> the CPU kernel's layout, same shape."""
+    N, half_k = packed.shape
+    q = torch.stack([packed >> 4, packed & 15], dim=-1)  # [N, K/2, 2]: column 2kk + parity
+    t = q.view(N // 64, 2, 32, half_k, 2).permute(0, 3, 4, 2, 1)  # [b, kk, parity, n, half]
+    return (t[..., 0] | (t[..., 1] << 4)).reshape(N, half_k)
+
+
+def int4_from_cpu64(packed: Tensor) -> Tensor:
+    """The inverse of int4_to_cpu64."""
+    N, half_k = packed.shape
+    t = packed.view(N // 64, half_k, 2, 32)  # [b, kk, parity, n]
+    q = torch.stack([t & 15, t >> 4], dim=-1).permute(0, 4, 3, 1, 2)  # [b, half, n, kk, parity]
+    q = q.reshape(N, half_k, 2)
+    return (q[..., 0] << 4) | q[..., 1]
+
+
+def _kernel_int4(packed: Tensor, device: torch.device, layout: str = "portable") -> Tensor:
+    """Stored nibbles [N, K/2] -> the int4 matmul kernel's layout on `device`."""
     if device.type == "cuda":
+        if layout == "cpu64":
+            packed = int4_from_cpu64(packed)
         return torch.ops.aten._convert_weight_to_int4pack(packed.to(device), 8)
+    if layout == "cpu64":
+        return packed  # already the kernel's layout
+    if packed.shape[0] % 64 == 0:
+        return int4_to_cpu64(packed)
     q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2).to(torch.int32)  # [N, K]
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
 
@@ -98,7 +126,8 @@ class Int4Linear(nn.Module):
     weight: Tensor
     scales_and_zeros: Tensor
 
-    def __init__(self, packed: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, packed: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype,
+                 layout: str = "portable") -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
         self.group_size = group_size
@@ -106,7 +135,7 @@ class Int4Linear(nn.Module):
         if pad:  # zero rows with zero scales: they compute zeros, which are dropped
             packed = F.pad(packed, (0, 0, 0, pad))
             sz = F.pad(sz, (0, 0, 0, pad))
-        self.register_buffer("weight", _kernel_int4(packed, packed.device))
+        self.register_buffer("weight", _kernel_int4(packed, packed.device, layout))
         self.register_buffer("scales_and_zeros", sz.to(dtype))  # [K/g, N (padded), 2]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,10 +148,10 @@ class QuantExperts(nn.Module):
     """Experts with each bank quantized; same call as `model.Experts` (rows sorted by expert)."""
 
     def __init__(self, banks: dict[str, tuple[Tensor, Tensor]], bits: int, group_size: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, layout: str = "portable") -> None:
         super().__init__()
         make = (lambda q, s: Int8Linear(q, s, dtype)) if bits == 8 else \
-            (lambda q, s: Int4Linear(q, s, group_size, dtype))
+            (lambda q, s: Int4Linear(q, s, group_size, dtype, layout))
         for name in ("w1", "w2", "w3"):
             q, s = banks[name]
             setattr(self, name, nn.ModuleList(make(q[e], s[e]) for e in range(q.shape[0])))
@@ -161,9 +190,11 @@ def quantize_weight(w: Tensor, bits: int, group_size: int) -> Pair:
 
 
 def apply(model: Transformer, weight: Callable[[str], Pair], bits: int, group_size: int,
-          dtype: torch.dtype, device: torch.device | str = "cpu") -> Transformer:
+          dtype: torch.dtype, device: torch.device | str = "cpu", layout: str = "portable",
+          experts: Callable[[int], nn.Module] | None = None) -> Transformer:
     """Swap every quantizable module for its quantized twin; `weight(canonical name)` returns
-    the portable pair (quantizing a float weight, or reading one from a file)."""
+    the stored pair (quantizing a float weight, or reading one from a file). `experts(layer)`,
+    when given, builds each layer's experts instead (offloading)."""
     device = torch.device(device)
 
     def pair(name: str) -> Pair:
@@ -172,16 +203,20 @@ def apply(model: Transformer, weight: Callable[[str], Pair], bits: int, group_si
 
     def linear(name: str) -> nn.Module:
         q, s = pair(name)
-        return Int8Linear(q, s, dtype) if bits == 8 else Int4Linear(q, s, group_size, dtype)
+        return Int8Linear(q, s, dtype) if bits == 8 else \
+            Int4Linear(q, s, group_size, dtype, layout)
 
     model.output = linear("output.weight")  # type: ignore[assignment]  # a module swap
     for i in range(len(model.layers)):
         for w in ("wq", "wk", "wv", "wo"):
             setattr(model.get_submodule(f"layers.{i}.attention"), w,
                     linear(f"layers.{i}.attention.{w}.weight"))
-        banks = {w: pair(f"layers.{i}.feed_forward.experts.{w}") for w in ("w1", "w2", "w3")}
         moe = model.get_submodule(f"layers.{i}.feed_forward")
-        moe.experts = QuantExperts(banks, bits, group_size, dtype)
+        if experts is not None:
+            moe.experts = experts(i)
+            continue
+        banks = {w: pair(f"layers.{i}.feed_forward.experts.{w}") for w in ("w1", "w2", "w3")}
+        moe.experts = QuantExperts(banks, bits, group_size, dtype, layout)
     return model
 
 

@@ -1,0 +1,187 @@
+"""Run a model bigger than RAM: attention, router, norms and embeddings resident; experts paged
+in from a quantized checkpoint on demand, into an LRU cache of hot experts under a RAM budget.
+
+Each expert of each layer is a contiguous slice of its bank in the safetensors file, so paging
+one in is three reads (w1, w3, w2 and their scales) straight into fresh buffers; with int4 in
+the CPU kernel's layout (`mixtral quantize --bits 4 --layout cpu64`) nothing is converted.
+Experts run where they were read; nothing else is copied. Pages read are dropped from the page
+cache (POSIX_FADV_DONTNEED), so the file is not held twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mixtral.checkpoint import CheckpointError, CheckpointInfo, inspect, reader
+from mixtral.formats import is_quantized_weight, parse_dtype, portable_names
+from mixtral.model import Transformer
+from mixtral.quantize import QuantExperts, apply
+
+RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short contexts
+
+
+def parse_size(text: str | int) -> int:
+    """'16GiB', '500MB', '2.5G' or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6,
+             "GB": 10**9, "TB": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "B": 1}
+    t = text.strip().upper().replace(" ", "")
+    for unit in sorted(units, key=len, reverse=True):
+        number = t[:-len(unit)]
+        if t.endswith(unit) and number.replace(".", "", 1).isdigit():
+            return int(float(number) * units[unit])
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"{text!r} is not a size; write e.g. 16GiB, 500MB or 2.5G")
+
+
+class ExpertStore:
+    """Reads single experts out of the expert banks of a quantized checkpoint."""
+
+    def __init__(self, info: CheckpointInfo) -> None:
+        assert info.quantization is not None
+        self.info, self.bits = info, info.quantization["bits"]
+        self.bytes_read = 0
+        self._files: dict[Path, int] = {}
+
+    def read(self, layer: int, expert: int) -> dict[str, tuple[Tensor, Tensor]]:
+        out = {}
+        for w in ("w1", "w2", "w3"):
+            qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
+            out[w] = (self._slice(qname, expert), self._slice(sname, expert))
+        return out
+
+    def _slice(self, name: str, expert: int) -> Tensor:
+        entry = self.info.entries[name]
+        shape = entry.shape[1:]
+        nbytes = entry.dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        start = entry.start + expert * nbytes
+        out = torch.empty(shape, dtype=entry.dtype)
+        fd = self._fd(entry.file)
+        buf = (ctypes.c_ubyte * nbytes).from_address(out.data_ptr())
+        got = os.preadv(fd, [buf], start)
+        if got != nbytes:
+            raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
+        os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += nbytes
+        return out
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._files:
+            self._files[path] = os.open(path, os.O_RDONLY)
+        return self._files[path]
+
+
+class ExpertCache:
+    """The hot experts of all layers, least recently used evicted first, under a byte budget."""
+
+    def __init__(self, store: ExpertStore, budget: int, bits: int, group_size: int,
+                 dtype: torch.dtype, layout: str) -> None:
+        self.store, self.budget = store, budget
+        self.bits, self.group_size, self.dtype, self.layout = bits, group_size, dtype, layout
+        self._lru: collections.OrderedDict[tuple[int, int], tuple[QuantExperts, int]] = \
+            collections.OrderedDict()
+        self.used = 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def get(self, layer: int, expert: int) -> QuantExperts:
+        key = (layer, expert)
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                self.hits += 1
+                return self._lru[key][0]
+            self.misses += 1
+        banks = {w: (q[None], s[None]) for w, (q, s) in self.store.read(layer, expert).items()}
+        size = sum(q.numel() * q.element_size() + s.numel() * s.element_size()
+                   for q, s in banks.values())
+        module = QuantExperts(banks, self.bits, self.group_size, self.dtype, self.layout)
+        with self._lock:
+            while self._lru and self.used + size > self.budget:
+                _, (_, freed) = self._lru.popitem(last=False)
+                self.used -= freed
+            self._lru[key] = (module, size)
+            self.used += size
+        return module
+
+
+class OffloadedExperts(nn.Module):
+    """One layer's experts, fetched through the shared cache; same calls as model.Experts."""
+
+    def __init__(self, layer: int, cache: ExpertCache, num_experts: int) -> None:
+        super().__init__()
+        self.layer, self.cache, self.num_experts = layer, cache, num_experts
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        return self.cache.get(self.layer, e).expert(0, x)
+
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
+
+
+def plan(info: CheckpointInfo, max_ram: int) -> tuple[int, int]:
+    """-> (resident bytes, bytes left for experts); ValueError when the budget cannot work."""
+    resident = sum(e.dtype.itemsize * _numel(e.shape) for name, e in info.entries.items()
+                   if ".experts." not in name)
+    expert_bytes = sum(e.dtype.itemsize * _numel(e.shape) for name, e in info.entries.items()
+                       if ".experts." in name) // (info.args.n_layers * info.args.num_experts)
+    left = max_ram - resident - RUNTIME_RESERVE
+    need = info.args.num_experts_per_tok * expert_bytes
+    if left < need:
+        gib = 2**30
+        raise ValueError(
+            f"--max-ram {max_ram / gib:.1f} GiB is too small for {info.path}: the resident part "
+            f"(attention, embeddings, router, norms: {resident / gib:.2f} GiB) + runtime "
+            f"{RUNTIME_RESERVE / gib:.1f} GiB + one token's {info.args.num_experts_per_tok} "
+            f"experts ({need / gib:.2f} GiB) need {(resident + RUNTIME_RESERVE + need) / gib:.2f}"
+            " GiB")
+    return resident, left
+
+
+def load_offloaded(path: str | os.PathLike, max_ram: int | str,
+                   dtype: torch.dtype | str | None = None) -> Transformer:
+    """A quantized checkpoint whose experts stay on disk until used (CPU)."""
+    info = inspect(path)
+    if info.quantization is None:
+        raise CheckpointError(f"{path}: offloading reads quantized experts; make such a copy "
+                              "with `mixtral quantize SRC DST --bits 4 --layout cpu64`")
+    budget = parse_size(max_ram)
+    _, left = plan(info, budget)
+    quant = info.quantization
+    target = parse_dtype(dtype) or info.dtype
+    with torch.device("meta"):
+        model = Transformer(info.args)
+    read = reader(info)
+    floats = {name: read(name).to(target) for name in model.state_dict()
+              if not is_quantized_weight(name)}
+    model.load_state_dict(floats, strict=False, assign=True)
+    store = ExpertStore(info)
+    cache = ExpertCache(store, left, quant["bits"], quant["group_size"], target, quant["layout"])
+
+    def weight(name: str) -> tuple[Tensor, Tensor]:
+        qname, sname = portable_names(name, quant["bits"])
+        return read(qname), read(sname)
+
+    model = apply(model, weight, quant["bits"], quant["group_size"], target, "cpu",
+                  quant["layout"],
+                  experts=lambda layer: OffloadedExperts(layer, cache, info.args.num_experts))
+    model.expert_cache = cache  # type: ignore[assignment]  # for reports (hits, bytes read)
+    return model.eval()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

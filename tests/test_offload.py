@@ -1,0 +1,69 @@
+"""Offloaded experts: the same numbers as a fully loaded model, within a RAM budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mixtral
+from mixtral.checkpoint import CheckpointError, inspect, quantize_checkpoint, save
+from mixtral.cli import main
+from mixtral.config import ModelArgs
+from mixtral.generate import GenerationParams, generate
+from mixtral.model import Transformer
+from mixtral.offload import RUNTIME_RESERVE, OffloadedExperts, parse_size, plan
+
+ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
+                 vocab_size=32000, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("offload")
+    model = Transformer(ARGS)
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    save(model.to(torch.bfloat16).state_dict(), ARGS, d / "float")
+    quantize_checkpoint(d / "float", d / "q4", 4, layout="cpu64")
+    quantize_checkpoint(d / "float", d / "q8", 8)
+    return d
+
+
+def expert_bytes(path) -> int:
+    info = inspect(path)
+    return sum(e.dtype.itemsize * torch.Size(e.shape).numel() for n, e in info.entries.items()
+               if ".experts." in n) // (ARGS.n_layers * ARGS.num_experts)
+
+
+@pytest.mark.parametrize("name", ["q4", "q8"])
+def test_offloaded_equals_loaded(checkpoints, name):
+    path = checkpoints / name
+    resident, _ = plan(inspect(path), 2**40)
+    budget = resident + RUNTIME_RESERVE + 3 * expert_bytes(path)  # 3 of the 16 experts fit
+    full = mixtral.load(path)
+    off = mixtral.load(path, max_ram=budget)
+    assert isinstance(off.layers[0].feed_forward.experts, OffloadedExperts)
+    tokens = torch.randint(0, 32000, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(off(tokens), full(tokens))
+    prompt = [1, 415, 2936, 9060]
+    assert list(generate(off, prompt, GenerationParams(max_tokens=16))) == \
+        list(generate(full, prompt, GenerationParams(max_tokens=16)))
+    cache = off.expert_cache
+    assert cache.used <= cache.budget and cache.misses > 3 * 2 and cache.hits > 0
+    assert cache.store.bytes_read >= cache.misses * expert_bytes(path) * 0.99
+
+
+def test_budget_errors(checkpoints):
+    with pytest.raises(ValueError, match=r"--max-ram 0.1 GiB is too small .* need"):
+        mixtral.load(checkpoints / "q4", max_ram="100MB")
+    with pytest.raises(CheckpointError, match="offloading reads quantized experts"):
+        mixtral.load(checkpoints / "float", max_ram="8GiB")
+    assert parse_size("16GiB") == 16 * 2**30 and parse_size("500MB") == 500 * 10**6
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size("lots")
+
+
+def test_cli_generate_offloaded(checkpoints, capsys):
+    assert main(["generate", "--model", str(checkpoints / "q4"), "--max-ram", "2GiB",
+                 "--prompt", "Hi", "--max-tokens", "4", "--json"]) == 0
+    assert '"completion_tokens": 4' in capsys.readouterr().out
