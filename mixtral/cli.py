@@ -20,12 +20,9 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from mixtral.chat import ChatError
-    from mixtral.checkpoint import CheckpointError
-
     try:
         return args.run(args)
-    except (CheckpointError, ChatError, ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError, ChatError too
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mixtral {args.command}: error: {message}", file=sys.stderr)
         return 2

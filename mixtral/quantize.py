@@ -72,7 +72,7 @@ def int4_to_cpu64(packed: Tensor) -> Tensor:
     N, half_k = packed.shape
     q = torch.stack([packed >> 4, packed & 15], dim=-1)  # [N, K/2, 2]: column 2kk + parity
     t = q.view(N // 64, 2, 32, half_k, 2).permute(0, 3, 4, 2, 1)  # [b, kk, parity, n, half]
-    return (t[..., 0] | (t[..., 1] << 4)).reshape(N, half_k)
+    return (t[..., 0] | (t[..., 1] << 4)).reshape(N, half_k).contiguous()
 
 
 def int4_from_cpu64(packed: Tensor) -> Tensor:
@@ -81,7 +81,7 @@ def int4_from_cpu64(packed: Tensor) -> Tensor:
     t = packed.view(N // 64, half_k, 2, 32)  # [b, kk, parity, n]
     q = torch.stack([t & 15, t >> 4], dim=-1).permute(0, 4, 3, 1, 2)  # [b, half, n, kk, parity]
     q = q.reshape(N, half_k, 2)
-    return (q[..., 0] << 4) | q[..., 1]
+    return ((q[..., 0] << 4) | q[..., 1]).contiguous()
 
 
 def _kernel_int4(packed: Tensor, device: torch.device, layout: str = "portable") -> Tensor:
@@ -117,8 +117,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(dtype))  # [N]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(
-            self.scales.dtype), self.weight, self.scales)
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        if x.device.type == "cuda":  # no CUDA kernel for int8pack: dequantize on the fly
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -85,7 +85,7 @@ def test_quantized_checkpoint_loads_back_exactly(tmp_path):
         quantize_checkpoint(tmp_path / "float", tmp_path / f"q{bits}", bits,
                             max_shard_bytes=1_000_000)
         info = inspect(tmp_path / f"q{bits}")
-        assert info.quantization == {"bits": bits, "group_size": 64}
+        assert info.quantization == {"bits": bits, "group_size": 64, "layout": "portable"}
         assert len(info.weight_files) > 1  # sharded, with an index
         loaded = mixtral.load(tmp_path / f"q{bits}")
         in_memory = quantize_model(load_default(), bits)
@@ -137,3 +137,13 @@ def test_quantize_cli(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "bad"), "--bits", "4",
                  "--group-size", "48"]) == 2
     assert "group size must be one of" in capsys.readouterr().err
+
+
+def test_cpu64_layout_is_the_kernels():
+    packed = torch.randint(0, 256, (128, 96), dtype=torch.uint8)
+    from mixtral.quantize import int4_from_cpu64, int4_to_cpu64
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2).to(torch.int32)
+    kernel = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    assert torch.equal(int4_to_cpu64(packed), kernel)
+    assert int4_to_cpu64(packed).is_contiguous()
+    assert torch.equal(int4_from_cpu64(kernel), packed)
