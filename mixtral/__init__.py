@@ -18,15 +18,17 @@ __version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-         device: torch.device | str = "cpu", max_ram: str | int | None = None) -> Transformer:
+         device: torch.device | str = "cpu", max_ram: str | int | None = None,
+         kv_cache_bytes: int = 0) -> Transformer:
     """Load a Mixtral checkpoint (Hugging Face or Mistral layout, or mixtral's int8/int4) into a
     model in eval mode. Calling the model on a [B, T] LongTensor of token ids returns fp32
     logits [B, T, vocab]. With `max_ram` (e.g. "16GiB"; quantized checkpoints, CPU) the
-    experts stay on disk and are paged in on demand under that budget."""
+    experts stay on disk and are paged in on demand under that budget, which must also hold
+    the caller's KV cache (`kv_cache_bytes`)."""
     if max_ram is not None:
         from mixtral.offload import load_offloaded
 
-        return load_offloaded(path, max_ram, dtype)
+        return load_offloaded(path, max_ram, dtype, kv_cache_bytes)
     from mixtral.checkpoint import load as _load
 
     return _load(path, dtype, device)

@@ -141,12 +141,28 @@ def _load(args: argparse.Namespace) -> Transformer:
     else:
         import mixtral
 
-        model = mixtral.load(args.model, dtype, args.device, args.max_ram)
+        model = mixtral.load(args.model, dtype, args.device, args.max_ram, _kv_bytes(args))
     if not args.reference:
         from mixtral.fast import optimize
 
         optimize(model)
     return model
+
+
+def _kv_bytes(args: argparse.Namespace) -> int:
+    """The KV cache a command will allocate (for the --max-ram budget): serve holds
+    max-batch sequences of max-seq-len; chat and generate one sequence."""
+    if not args.max_ram:
+        return 0
+    from mixtral.checkpoint import inspect
+    from mixtral.config import kv_cache_bytes_per_token
+
+    margs = inspect(args.model).args
+    if args.command == "serve":
+        positions = args.max_batch * min(args.max_seq_len or 8192, margs.max_seq_len)
+    else:
+        positions = min(margs.max_seq_len, 4096 + getattr(args, "max_tokens", 0))
+    return kv_cache_bytes_per_token(margs) * positions
 
 
 def _params(args: argparse.Namespace) -> GenerationParams:

@@ -130,34 +130,37 @@ class OffloadedExperts(nn.Module):
         return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
 
-def plan(info: CheckpointInfo, max_ram: int) -> tuple[int, int]:
-    """-> (resident bytes, bytes left for experts); ValueError when the budget cannot work."""
+def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[int, int]:
+    """-> (resident bytes, bytes left for experts); ValueError when the budget cannot work.
+    `kv_cache_bytes`: what the caller's KV cache will take, beyond the runtime reserve."""
     resident = sum(e.dtype.itemsize * _numel(e.shape) for name, e in info.entries.items()
                    if ".experts." not in name)
     expert_bytes = sum(e.dtype.itemsize * _numel(e.shape) for name, e in info.entries.items()
                        if ".experts." in name) // (info.args.n_layers * info.args.num_experts)
-    left = max_ram - resident - RUNTIME_RESERVE
+    left = max_ram - resident - RUNTIME_RESERVE - kv_cache_bytes
     need = info.args.num_experts_per_tok * expert_bytes
     if left < need:
         gib = 2**30
         raise ValueError(
             f"--max-ram {max_ram / gib:.1f} GiB is too small for {info.path}: the resident part "
             f"(attention, embeddings, router, norms: {resident / gib:.2f} GiB) + runtime "
-            f"{RUNTIME_RESERVE / gib:.1f} GiB + one token's {info.args.num_experts_per_tok} "
-            f"experts ({need / gib:.2f} GiB) need {(resident + RUNTIME_RESERVE + need) / gib:.2f}"
-            " GiB")
+            f"{RUNTIME_RESERVE / gib:.1f} GiB + KV cache {kv_cache_bytes / gib:.2f} GiB + one "
+            f"token's {info.args.num_experts_per_tok} experts ({need / gib:.2f} GiB) need "
+            f"{(resident + RUNTIME_RESERVE + kv_cache_bytes + need) / gib:.2f} GiB")
     return resident, left
 
 
 def load_offloaded(path: str | os.PathLike, max_ram: int | str,
-                   dtype: torch.dtype | str | None = None) -> Transformer:
-    """A quantized checkpoint whose experts stay on disk until used (CPU)."""
+                   dtype: torch.dtype | str | None = None,
+                   kv_cache_bytes: int = 0) -> Transformer:
+    """A quantized checkpoint whose experts stay on disk until used (CPU); `max_ram` covers
+    the resident weights, the experts cache, a runtime reserve and `kv_cache_bytes`."""
     info = inspect(path)
     if info.quantization is None:
         raise CheckpointError(f"{path}: offloading reads quantized experts; make such a copy "
                               "with `mixtral quantize SRC DST --bits 4 --layout cpu64`")
     budget = parse_size(max_ram)
-    _, left = plan(info, budget)
+    _, left = plan(info, budget, kv_cache_bytes)
     quant = info.quantization
     target = parse_dtype(dtype) or info.dtype
     with torch.device("meta"):

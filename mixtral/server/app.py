@@ -214,10 +214,11 @@ def create_app(load: Callable[[], Transformer] | None, settings: Settings,
 
 def serve(load: Callable[[], Transformer], settings: Settings, host: str, port: int,
           grace: float, json_constraint: ConstraintFactory | None = None) -> int:
-    """Serve until SIGTERM/Ctrl-C: the web server on a thread, the model loaded and the engine
-    run on this (the main) thread, where PyTorch's CPU kernels are fastest. On a signal the web
-    server stops accepting, gives in-flight requests `grace` seconds, cancels the rest and the
-    engine stops; returns 0."""
+    """Serve until SIGTERM/Ctrl-C: the web server on a thread (503 while the model loads), the
+    model loaded and the engine run on this (the main) thread, where PyTorch's CPU kernels are
+    fastest. On a signal the web server stops accepting, gives in-flight requests `grace`
+    seconds, cancels the rest and the engine stops; returns 0. A model that fails to load
+    stops the web server and re-raises."""
     import uvicorn
 
     app = create_app(None, settings, json_constraint)
@@ -237,11 +238,11 @@ def serve(load: Callable[[], Transformer], settings: Settings, host: str, port: 
         signal.signal(sig, on_signal)
     try:
         model = load()
-    except Exception as e:  # keep answering (503, with the reason) until told to stop
+    except Exception as e:  # nothing to serve: say why, stop the web server, fail
         state.load_error = f"{type(e).__name__}: {e}"
-        log.error("the model failed to load: %s", state.load_error)
+        server.should_exit = True
         web.join()
-        return 1
+        raise
     engine = Engine(model, settings.max_queue, settings.max_batch, settings.max_seq_len,
                     thread=False)
     state.engine = engine
