@@ -11,10 +11,13 @@ role are merged; an assistant message with `"prefix": true` (last only) is conti
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import ValidationError
 
 from mixtral.tokenizer import Tokenizer, default_tokenizer
@@ -39,10 +42,41 @@ def encode(messages: list[dict[str, Any]], safe_prompt: bool = False,
     checked = [_check(i, m) for i, m in enumerate(messages)]
     if safe_prompt:
         checked.insert(0, {"role": "system", "content": SAFE_PROMPT})
+    return _encode(checked, tokenizer.mistral)
+
+
+def encode_for_training(messages: list[dict[str, Any]],
+                        tokenizer: Tokenizer | None = None) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask) of a whole conversation ending with an assistant message: the
+    mask is 1 exactly on each assistant message's tokens and its closing `</s>`, the tokens a
+    fine-tuned model must learn to produce."""
+    tokenizer = tokenizer or default_tokenizer()
+    checked = [_check(i, m) for i, m in enumerate(messages)]
+    if not checked or checked[-1]["role"] != "assistant":
+        raise ChatError("a training conversation must end with an assistant message")
+    ids = _encode(checked, _finetuning(str(tokenizer.model_file)))
+    mask = [0] * len(ids)
+    for i, m in enumerate(checked):
+        if m["role"] != "assistant":
+            continue
+        start = len(_encode(checked[:i], tokenizer.mistral))  # the prompt before this answer
+        end = len(_encode(checked[:i + 1], _finetuning(str(tokenizer.model_file))))
+        if ids[:start] != _encode(checked[:i], tokenizer.mistral):
+            raise ChatError(f"messages[{i}]: the prompt does not prefix the conversation")
+        mask[start:end] = [1] * (end - start)
+    return ids, mask
+
+
+@lru_cache(maxsize=2)
+def _finetuning(model_file: str) -> MistralTokenizer:
+    return MistralTokenizer.from_file(model_file, mode=ValidationMode.finetuning)
+
+
+def _encode(messages: list[dict[str, Any]], mistral: MistralTokenizer) -> list[int]:
     try:
         request: ChatCompletionRequest = ChatCompletionRequest.model_validate(
-            {"messages": checked})
-        return tokenizer.mistral.encode_chat_completion(request).tokens
+            {"messages": messages})
+        return mistral.encode_chat_completion(request).tokens
     except ValidationError as e:
         raise ChatError(f"invalid messages: {_first_error(e)}") from None
     except MistralCommonException as e:

@@ -19,7 +19,11 @@ if TYPE_CHECKING:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train":  # KEY=VALUE overrides may follow --config
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.run(args)
     except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError, ChatError too
@@ -82,6 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--grace", type=int, default=10, help="seconds in-flight requests get "
                     "to finish on SIGTERM/Ctrl-C before they are cancelled (default 10)")
     sp.set_defaults(run=_serve)
+
+    sp = sub.add_parser("train", help="pretrain, SFT or DPO from a recipe")
+    sp.add_argument("stage", choices=["pretrain", "sft", "dpo"])
+    sp.add_argument("--config", required=True, help="a recipe (YAML), e.g. recipes/*.yaml")
+    sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="override recipe settings, e.g. steps=200 lr=1e-3")
+    sp.set_defaults(run=_train)
+
+    sp = sub.add_parser("lora", help="LoRA adapters: merge one into its base model")
+    sp.add_argument("action", choices=["merge"])
+    sp.add_argument("base", help="the base checkpoint")
+    sp.add_argument("adapter", help="the adapter folder (adapter.safetensors + config)")
+    sp.add_argument("dst", help="where to write the merged checkpoint (HF layout)")
+    sp.set_defaults(run=_lora)
 
     sp = sub.add_parser("bench", help="prefill and decode speed (random weights for a preset)")
     sp.add_argument("--model", default="bench", help="a preset (bench, tiny, mixtral-8x7b: "
@@ -369,6 +387,40 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         for key, value in result.items():
             print(f"{key:>24}  {value}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from mixtral.train.run import TrainConfig, train
+
+    try:
+        recipe = yaml.safe_load(Path(args.config).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{args.config}: not valid YAML ({e})") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{args.config}: expected a mapping of settings")
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: write KEY=VALUE")
+        recipe[key] = yaml.safe_load(value)
+    recipe["stage"] = args.stage
+    final = train(TrainConfig.from_dict(recipe, args.config))
+    print(final)
+    return 0
+
+
+def _lora(args: argparse.Namespace) -> int:
+    import mixtral
+    from mixtral.checkpoint import save
+    from mixtral.train.lora import load_adapter, merge_lora
+
+    model = mixtral.load(args.base)
+    merge_lora(load_adapter(model, args.adapter))
+    for f in save({k: v.detach() for k, v in model.state_dict().items()}, model.args, args.dst):
+        print(f)
     return 0
 
 

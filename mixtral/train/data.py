@@ -1,0 +1,166 @@
+"""Training data: packed pretraining text, chat-formatted SFT conversations, preference pairs.
+
+Batches are a pure function of (seed, step, micro-batch index): a resumed run, or a run split
+over several processes, draws exactly the batches an uninterrupted single-process run draws.
+Malformed input stops with the file and line that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mixtral.chat import ChatError, encode, encode_for_training
+from mixtral.tokenizer import Tokenizer
+
+
+class DataError(ValueError):
+    pass
+
+
+def _files(paths: Sequence[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix in suffixes and f.is_file())
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or directory")
+    if not out:
+        raise DataError(f"no {'/'.join(suffixes)} files in {', '.join(map(str, paths))}")
+    return out
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object")
+            yield n, obj
+
+
+# --- pretraining ---------------------------------------------------------------------------------
+
+def pretrain_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer) -> Tensor:
+    """All documents as one int32 stream: <s> document </s> ... Plain-text files are one
+    document each; JSONL files hold one {"text": ...} document per line."""
+    stream: list[int] = []
+    for path in _files(paths, (".txt", ".jsonl")):
+        if path.suffix == ".jsonl":
+            for n, obj in _jsonl(path):
+                if not isinstance(obj.get("text"), str):
+                    raise DataError(f'{path}:{n}: expected {{"text": "..."}}')
+                stream += tokenizer.encode(obj["text"], bos=True, eos=True)
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+            stream += tokenizer.encode(text, bos=True, eos=True)
+    return torch.tensor(stream, dtype=torch.int32)
+
+
+@dataclass
+class Batch:
+    tokens: Tensor  # [B, T] model input
+    targets: Tensor  # [B, T] next tokens
+    loss_mask: Tensor  # [B, T] 1 where the target counts
+    token_mask: Tensor  # [B, T] 1 where the input is a real token (not padding)
+
+
+def _generator(seed: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
+
+
+def pretrain_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int,
+                   micro: int) -> Batch:
+    """Random windows of seq_len + 1 tokens from the stream."""
+    if len(stream) < seq_len + 2:
+        raise DataError(f"{len(stream)} tokens of data cannot fill a sequence of {seq_len}")
+    starts = torch.randint(0, len(stream) - seq_len - 1, (batch_size,),
+                           generator=_generator(seed, step, micro))
+    windows = torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()]).long()
+    ones = torch.ones(batch_size, seq_len, dtype=torch.bool)
+    return Batch(windows[:, :-1], windows[:, 1:], ones, ones)
+
+
+# --- supervised fine-tuning ----------------------------------------------------------------------
+
+def sft_examples(paths: Sequence[str | Path], tokenizer: Tokenizer,
+                 max_len: int) -> list[tuple[list[int], list[int]]]:
+    """JSONL lines {"messages": [...]} ending with an assistant message -> (ids, loss mask),
+    truncated to max_len + 1 tokens."""
+    out = []
+    for path in _files(paths, (".jsonl",)):
+        for n, obj in _jsonl(path):
+            messages = obj.get("messages")
+            if not isinstance(messages, list):
+                raise DataError(f'{path}:{n}: expected {{"messages": [...]}}')
+            try:
+                ids, mask = encode_for_training(messages, tokenizer)
+            except ChatError as e:
+                raise DataError(f"{path}:{n}: {e}") from None
+            out.append((ids[:max_len + 1], mask[:max_len + 1]))
+    return out
+
+
+def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int = 0) -> Batch:
+    """Right-pad (ids, mask) rows into one batch; padding never counts."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    B = len(rows)
+    tokens = torch.full((B, T + 1), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T + 1, dtype=torch.bool)
+    real = torch.zeros(B, T + 1, dtype=torch.bool)
+    for i, (ids, m) in enumerate(rows):
+        tokens[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(m)] = torch.tensor(m, dtype=torch.bool)
+        real[i, :len(ids)] = True
+    return Batch(tokens[:, :-1], tokens[:, 1:], mask[:, 1:], real[:, :-1])
+
+
+def sample_rows(n: int, batch_size: int, seed: int, step: int, micro: int) -> list[int]:
+    return torch.randint(0, n, (batch_size,), generator=_generator(seed, step, micro)).tolist()
+
+
+# --- preference pairs ----------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    chosen: tuple[list[int], list[int]]  # (ids, mask on the response)
+    rejected: tuple[list[int], list[int]]
+
+
+def preference_pairs(paths: Sequence[str | Path], tokenizer: Tokenizer, max_len: int) -> list[Pair]:
+    """JSONL lines {"messages": [... ending with a user turn], "chosen": str, "rejected": str}."""
+    out = []
+    for path in _files(paths, (".jsonl",)):
+        for n, obj in _jsonl(path):
+            messages, chosen, rejected = obj.get("messages"), obj.get("chosen"), obj.get("rejected")
+            if not (isinstance(messages, list) and isinstance(chosen, str)
+                    and isinstance(rejected, str)):
+                raise DataError(f'{path}:{n}: expected {{"messages": [...], "chosen": "...", '
+                                '"rejected": "..."}}')
+            try:
+                prompt = encode(messages, tokenizer=tokenizer)
+            except ChatError as e:
+                raise DataError(f"{path}:{n}: {e}") from None
+            sides = []
+            for answer in (chosen, rejected):
+                response = tokenizer.encode(answer, bos=False) + [tokenizer.eos_id]
+                ids = (prompt + response)[:max_len + 1]
+                sides.append((ids, ([0] * len(prompt) + [1] * len(response))[:max_len + 1]))
+            out.append(Pair(sides[0], sides[1]))
+    return out

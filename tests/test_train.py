@@ -1,0 +1,273 @@
+"""Training: losses against hand computations, masks, LoRA, checkpoints that survive a kill,
+NaN handling, bad data, each stage learning, and 2-process data parallelism."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mixtral.chat import encode_for_training
+from mixtral.cli import main
+from mixtral.config import ModelArgs
+from mixtral.model import Transformer
+from mixtral.tokenizer import default_tokenizer
+from mixtral.train.data import DataError, pad_batch, sft_examples
+from mixtral.train.lora import apply_lora, load_adapter, merge_lora, save_adapter
+from mixtral.train.losses import dpo_loss, load_balancing_loss, router_z_loss
+from mixtral.train.run import TrainConfig, TrainingError, train
+
+SMALL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
+         "hidden_dim": 96, "max_seq_len": 256}
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+def test_load_balancing_loss_by_hand():
+    # 4 tokens, 4 experts, top-1; logits chosen so the softmax rows are simple
+    logits = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1],
+                                     [0.7, 0.1, 0.1, 0.1],
+                                     [0.1, 0.7, 0.1, 0.1],
+                                     [0.1, 0.1, 0.1, 0.7]]))
+    # f = share routed to each expert = [2/4, 1/4, 0, 1/4]; p = mean prob = [.4, .25, .1, .25]
+    expected = 4 * (0.5 * 0.4 + 0.25 * 0.25 + 0 * 0.1 + 0.25 * 0.25)
+    assert load_balancing_loss([logits], 1).item() == pytest.approx(expected, rel=1e-6)
+    # two layers: the mean of the per-layer values, not a pooled value
+    uniform = torch.zeros(4, 4)
+    uniform[torch.arange(4), torch.arange(4)] = 1.0  # each expert once: balanced
+    balanced = load_balancing_loss([uniform], 1).item()
+    both = load_balancing_loss([logits, uniform], 1).item()
+    assert both == pytest.approx((expected + balanced) / 2, rel=1e-6)
+
+
+def test_load_balancing_equals_top_k_at_balance_and_excludes_padding():
+    E, k, N = 8, 2, 64
+    logits = torch.zeros(N, E)
+    for n in range(N):  # every expert chosen equally often, mean probabilities uniform
+        logits[n, (2 * n) % E] = 1.0
+        logits[n, (2 * n + 1) % E] = 0.9
+    assert load_balancing_loss([logits], k).item() == pytest.approx(k, rel=1e-5)
+    collapsed = torch.zeros(N, E)
+    collapsed[:, 0], collapsed[:, 1] = 5.0, 4.0
+    assert load_balancing_loss([collapsed], k).item() > 3 * k
+    # padding rows (masked out) change nothing: same value as the real rows alone
+    padded = torch.cat([logits, collapsed[:16]])
+    mask = torch.cat([torch.ones(N), torch.zeros(16)])
+    assert load_balancing_loss([padded], k, mask).item() == pytest.approx(
+        load_balancing_loss([logits], k).item(), rel=1e-6)
+    z = router_z_loss([torch.zeros(3, 4)])
+    assert z.item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+
+
+def test_dpo_loss_by_hand():
+    loss, stats = dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+                           torch.tensor([-1.5]), beta=0.5)
+    # rewards: chosen 0.5 * 0.5 = 0.25, rejected 0.5 * -0.5 = -0.25, margin 0.5
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.5))), rel=1e-6)
+    assert stats == pytest.approx({"reward_chosen": 0.25, "reward_rejected": -0.25,
+                                   "reward_margin": 0.5, "preference_accuracy": 1.0})
+
+
+def test_sft_mask_is_exactly_the_assistant_tokens():
+    tok = default_tokenizer()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello there"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
+    ids, mask = encode_for_training(messages)
+    kept = [tok._sp.id_to_piece(i) for i, m in zip(ids, mask, strict=True) if m]
+    assert kept == ["▁Hello", "▁there", "</s>", "▁C", "iao", "</s>"]
+    batch = pad_batch([(ids, mask), (ids[:5], mask[:5])])
+    # the loss mask sits on the targets: position t predicts ids[t + 1]
+    assert batch.loss_mask[0].tolist() == [bool(m) for m in mask[1:]]
+    assert batch.token_mask[1].sum() == 5 and not batch.loss_mask[1].any()  # 5 real inputs
+
+
+# --- LoRA ----------------------------------------------------------------------------------------
+
+def test_lora_fresh_merged_and_saved(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**SMALL, vocab_size=300))
+    model.init_weights(std=0.1)
+    tokens = torch.randint(0, 300, (2, 10))
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(tokens)
+    params = apply_lora(model, rank=4, alpha=8.0)
+    assert params and all(p.requires_grad for p in params)
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if all(p is not q for q in params))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), base)  # B = 0: no change
+        for p in params:
+            p.normal_(0, 0.05)
+        adapted = model(tokens)
+    assert (adapted - base).abs().max() > 1e-3
+    save_adapter(model, tmp_path / "adapter", 4, 8.0, ("attention", "experts"))
+    fresh = Transformer(model.args)  # the base again, then the saved adapter on it
+    fresh.load_state_dict(base_state)
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens), adapted)
+        merged = merge_lora(model)(tokens)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)  # merged == unmerged
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    import random
+
+    rng = random.Random(0)
+    words = ("the cat sat on a mat and the dog ran to the red ball while birds sang in green "
+             "trees").split()
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "a.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "."
+                                       for _ in range(1500)))
+    return d / "a.txt"
+
+
+def config(tmp_path, corpus, **changes) -> TrainConfig:
+    values = dict(stage="pretrain", out=str(tmp_path / "run"), data=[str(corpus)], steps=8,
+                  batch_size=2, seq_len=32, lr=3e-3, warmup=2, eval_every=4, save_every=4,
+                  eval_batches=1, model=SMALL, progress=False)
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_learns_and_writes_everything(tmp_path, corpus):
+    final = train(config(tmp_path, corpus, steps=24, save_every=8, eval_every=8, keep=1))
+    out = tmp_path / "run"
+    curve = losses(out)
+    assert len(curve) == 24 and curve[-1] < curve[0] - 2
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "latest").read_text().strip() == final.name == "step-000024"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000016", "step-000024"]
+    import mixtral
+    assert mixtral.load(final).args.dim == 64  # the checkpoint is a loadable model
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "ce", "aux", "lr", "tokens_per_s", "grad_norm"} <= set(records[0])
+    assert "eval_loss" in records[7]
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path, corpus):
+    straight = config(tmp_path / "a", corpus, steps=12, save_every=3, eval_every=100)
+    train(straight)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({**{k: v for k, v in vars(straight).items()
+                                     if k not in ("stage", "betas")},
+                                  "out": str(tmp_path / "b" / "run")}))
+    cmd = [sys.executable, "-m", "mixtral", "train", "pretrain", "--config", str(recipe)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "b" / "run" / "latest"
+    deadline = time.monotonic() + 120
+    while not (latest.exists() and latest.read_text().strip() >= "step-000006"):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
+    proc.wait()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0  # resumes from latest
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert losses(a) == losses(b)  # the curve continues exactly where it stopped
+    wa = load_file(a / "step-000012" / "model.safetensors")
+    wb = load_file(b / "step-000012" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
+    import mixtral.train.run as run
+
+    calls = {"n": 0}
+    real = run.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 6 else loss
+
+    monkeypatch.setattr(run, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match=r"step 6: the loss is nan .* The last good "
+                       r"checkpoint, .*step-000004, is intact"):
+        train(config(tmp_path, corpus, eval_every=100))
+    out = tmp_path / "run"
+    assert (out / "latest").read_text().strip() == "step-000004"
+    assert (out / "step-000004" / "model.safetensors").exists()
+
+
+def test_bad_data_names_file_and_line(tmp_path):
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "yo"}]}) + "\n"
+                   + "{oops\n")
+    with pytest.raises(DataError, match=r"sft.jsonl:2: not valid JSON"):
+        sft_examples([bad], default_tokenizer(), 64)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"sft.jsonl:1: .*must end with an assistant message"):
+        sft_examples([bad], default_tokenizer(), 64)
+    with pytest.raises(ValueError, match="unknown setting.*stepz"):
+        TrainConfig.from_dict({"stage": "sft", "out": "x", "data": ["y"], "stepz": 3})
+
+
+def test_sft_then_dpo_with_lora_learn(tmp_path, corpus):
+    base = train(config(tmp_path / "pre", corpus, steps=6, save_every=6))
+    sft = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": str(a + b)}]}
+            for a in range(6) for b in range(6)]
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(config(tmp_path / "s", corpus, stage="sft", data=[str(sft)], init=str(base),
+                 steps=30, batch_size=8, lr=3e-3, eval_every=10, save_every=30))
+    curve = losses(tmp_path / "s" / "run")
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1
+    prefs = tmp_path / "dpo.jsonl"
+    pairs = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+              "chosen": str(a + b), "rejected": f"I think it is {a + b + 1} or so"}
+             for a in range(6) for b in range(6)]
+    prefs.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    sft_final = tmp_path / "s" / "run" / "step-000030"
+    final = train(config(tmp_path / "d", corpus, stage="dpo", data=[str(prefs)],
+                         init=str(sft_final), steps=12, batch_size=4, lr=5e-3, lora_rank=4,
+                         eval_every=12, save_every=12, dpo_beta=0.5))
+    records = [json.loads(line) for line in
+               (tmp_path / "d" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert records[-1]["eval_preference_accuracy"] >= 0.75
+    assert (final / "adapter" / "adapter.safetensors").exists()
+    merged = tmp_path / "merged"
+    assert main(["lora", "merge", str(sft_final), str(final / "adapter"), str(merged)]) == 0
+    assert (merged / "config.json").exists()
+
+
+def test_two_processes_match_one(tmp_path, corpus):
+    one = config(tmp_path / "one", corpus, steps=4, grad_accum=2, eval_every=100,
+                 save_every=4)
+    train(one)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({**{k: v for k, v in vars(one).items()
+                                     if k not in ("stage", "betas")},
+                                  "grad_accum": 1, "out": str(tmp_path / "two" / "run")}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                             "2", "-m", "mixtral", "train", "pretrain", "--config", str(recipe)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    # the same global batch (2 micro-batches), averaged in another order: fp32 rounding only
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+    wa = load_file(tmp_path / "one" / "run" / "step-000004" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "run" / "step-000004" / "model.safetensors")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
