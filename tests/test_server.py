@@ -234,8 +234,8 @@ def test_503_while_loading():
 
     def load():
         release.wait(30)
-        from mixtral.default_model import load_default
-        return load_default()
+        from mixtral.default_model import random_tiny
+        return random_tiny()
 
     server = LiveServer(load=load, wait_ready=False)
     try:
@@ -385,19 +385,23 @@ def test_sigterm_drains_and_exits_zero(tmp_path):
                 pass
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
-        result = {}
-
-        def call():
-            result["r"] = httpx.post(url + "/v1/chat/completions", timeout=30, json={
-                "model": "mistral-small", "messages": HELLO, "max_tokens": 200})
-
-        t = threading.Thread(target=call)
-        t.start()
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
+        # Stream so that the signal provably arrives mid-request: after the first token and
+        # with min_tokens=max_tokens, at least 199 tokens are still to come.
+        body = {"model": "mistral-small", "messages": HELLO, "max_tokens": 200,
+                "min_tokens": 200, "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 2:  # the role chunk, then the first token
+                    proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"  # the request in flight was finished, not cut
+        finishes = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert finishes[-1] == "length"
         assert proc.wait(timeout=40) == 0
-        t.join(20)
-        assert result["r"].status_code == 200  # the request in flight was finished, not cut
     finally:
         if proc.poll() is None:
             proc.kill()
