@@ -274,8 +274,8 @@ def _serve(args: argparse.Namespace) -> int:
     from mixtral.server.app import Settings, json_constraints, serve
 
     if args.model is None:
+        from mixtral.default_model import DESCRIPTION as description
         from mixtral.default_model import NAME as name
-        description = "tiny Mixtral with RANDOM weights (no trained default yet): output is noise"
     else:
         path = Path(args.model)
         name = (path if path.is_dir() else path.parent).resolve().name

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from mixtral.default_model import load_default
+from mixtral.default_model import random_tiny
 from mixtral.model import Transformer
 from mixtral.server.app import Settings, create_app
 
@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, load: Callable[[], Transformer] = load_default,
+    def __init__(self, load: Callable[[], Transformer] = random_tiny,
                  json_constraint=None, wait_ready: bool = True, app=None, **settings) -> None:
         settings.setdefault("name", "mixtral-tiny-random")
         self.app = app or create_app(load, Settings(**settings), json_constraint)
@@ -54,7 +54,7 @@ class Failing(Transformer):
     """The default model, but its `fail_at`-th decode step raises (an engine fault)."""
 
     def __init__(self, fail_at: int) -> None:
-        base = load_default()
+        base = random_tiny()
         super().__init__(base.args)
         self.load_state_dict(base.state_dict())
         self.eval()
@@ -72,7 +72,7 @@ class Slow(Transformer):
     """The default model, `delay` seconds slower per forward call (for queue/disconnect tests)."""
 
     def __init__(self, delay: float, prefill_delay: float = 0.0) -> None:
-        base = load_default()
+        base = random_tiny()
         super().__init__(base.args)
         self.load_state_dict(base.state_dict())
         self.eval()

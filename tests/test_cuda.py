@@ -7,7 +7,7 @@ import torch
 
 import mixtral
 from mixtral.cache import KVCache
-from mixtral.default_model import load_default
+from mixtral.default_model import random_tiny
 from mixtral.generate import GenerationParams, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,6 +46,6 @@ def test_incremental_decode_on_gpu(hf_tiny_dir):
 
 def test_greedy_generation_gpu_equals_cpu():
     prompt = [1, 415, 14088, 349, 5344, 28723]
-    cpu = list(generate(load_default(), prompt, GenerationParams(max_tokens=24)))
-    gpu = list(generate(load_default(device="cuda"), prompt, GenerationParams(max_tokens=24)))
+    cpu = list(generate(random_tiny(), prompt, GenerationParams(max_tokens=24)))
+    gpu = list(generate(random_tiny(device="cuda"), prompt, GenerationParams(max_tokens=24)))
     assert gpu == cpu

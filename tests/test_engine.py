@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from mixtral.cache import CacheRows, KVCache
-from mixtral.default_model import load_default
+from mixtral.default_model import random_tiny
 from mixtral.engine import Engine
 from mixtral.generate import GenerationParams, generate
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load_default()
+    return random_tiny()
 
 
 class Collect:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mixtral.completion import TextStream, complete, stream
 from mixtral.config import ModelArgs
-from mixtral.default_model import load_default
+from mixtral.default_model import random_tiny
 from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
 from mixtral.sampling import make_generator, sample, top_p_filter
@@ -21,7 +21,7 @@ TOK = default_tokenizer()
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    return load_default()
+    return random_tiny()
 
 
 # --- sampling ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "generate": {"model", "cache", "sampling"},
     "formats": {"config"},
     "checkpoint": {"config", "formats", "model", "quantize"},
-    "default_model": {"config", "model"},
+    "default_model": {"checkpoint", "config", "model"},
     "tokenizer": set(),
     "chat": {"tokenizer"},
     "completion": {"generate", "model", "tokenizer"},

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import mixtral
 from mixtral.checkpoint import CheckpointError, inspect, quantize_checkpoint, save
 from mixtral.cli import main
-from mixtral.default_model import load_default
+from mixtral.default_model import random_tiny
 from mixtral.engine import Engine
 from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
@@ -55,7 +55,7 @@ def test_quantized_model_within_bounds():
     """On a random model with weights N(0, 0.05) (logit std 0.4), against fp32: int8 relative L2
     logit error < 0.1 and KL < 1e-3 (measured 0.039, 1.2e-4); int4 < 0.5 and KL < 0.02
     (measured 0.25, 5e-3). Random weights exaggerate errors: every flipped expert choice shows."""
-    model = load_default()
+    model = random_tiny()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -78,7 +78,7 @@ def test_quantized_model_within_bounds():
 
 
 def test_quantized_checkpoint_loads_back_exactly(tmp_path):
-    model = load_default()
+    model = random_tiny()
     save(model.state_dict(), model.args, tmp_path / "float")
     tokens = torch.randint(0, 32000, (1, 10), generator=torch.Generator().manual_seed(2))
     for bits in (8, 4):
@@ -88,7 +88,7 @@ def test_quantized_checkpoint_loads_back_exactly(tmp_path):
         assert info.quantization == {"bits": bits, "group_size": 64, "layout": "portable"}
         assert len(info.weight_files) > 1  # sharded, with an index
         loaded = mixtral.load(tmp_path / f"q{bits}")
-        in_memory = quantize_model(load_default(), bits)
+        in_memory = quantize_model(random_tiny(), bits)
         with torch.no_grad():
             torch.testing.assert_close(loaded(tokens), in_memory(tokens), atol=0, rtol=0)
     with pytest.raises(CheckpointError, match="already quantized"):
@@ -96,7 +96,7 @@ def test_quantized_checkpoint_loads_back_exactly(tmp_path):
 
 
 def test_quantized_checkpoint_is_strict(tmp_path):
-    model = load_default()
+    model = random_tiny()
     save(model.state_dict(), model.args, tmp_path / "float")
     quantize_checkpoint(tmp_path / "float", tmp_path / "q", 8)
     f = tmp_path / "q" / "model.safetensors"
@@ -110,7 +110,7 @@ def test_quantized_checkpoint_is_strict(tmp_path):
 
 
 def test_quantized_model_generates_and_batches():
-    model = quantize_model(load_default(), 8)
+    model = quantize_model(random_tiny(), 8)
     prompts = [[1, 415, 2936], [1, 28705, 9060, 349]]
     alone = [list(generate(model, p, GenerationParams(max_tokens=8))) for p in prompts]
     engine = Engine(model, max_batch=2)
@@ -129,7 +129,7 @@ def test_quantized_model_generates_and_batches():
 
 
 def test_quantize_cli(tmp_path, capsys):
-    model = load_default()
+    model = random_tiny()
     save(model.state_dict(), model.args, tmp_path / "float")
     assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "q4"), "--bits", "4"]) == 0
     assert main(["info", str(tmp_path / "q4")]) == 0
