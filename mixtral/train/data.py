@@ -158,8 +158,9 @@ def preference_pairs(paths: Sequence[str | Path], tokenizer: Tokenizer, max_len:
             except ChatError as e:
                 raise DataError(f"{path}:{n}: {e}") from None
             sides = []
-            for answer in (chosen, rejected):
-                response = tokenizer.encode(answer, bos=False) + [tokenizer.eos_id]
+            ends = (True, obj.get("rejected_eos", True) is not False)  # rambling: no </s>
+            for answer, eos in zip((chosen, rejected), ends, strict=True):
+                response = tokenizer.encode(answer, bos=False) + ([tokenizer.eos_id] if eos else [])
                 ids = (prompt + response)[:max_len + 1]
                 sides.append((ids, ([0] * len(prompt) + [1] * len(response))[:max_len + 1]))
             out.append(Pair(sides[0], sides[1]))

@@ -310,6 +310,7 @@ def train(cfg: TrainConfig) -> Path:
         opt.step()
         seconds = time.perf_counter() - t0
         record = {"step": step + 1, "lr": lr_at(step, cfg), "grad_norm": float(norm),
+                  "step_seconds": seconds,
                   "tokens_per_s": task.tokens_per_batch * cfg.grad_accum * world / seconds,
                   **totals}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
