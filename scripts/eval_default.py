@@ -24,6 +24,7 @@ import torch
 import mixtral
 from mixtral import chat
 from mixtral.completion import complete
+from mixtral.fast import optimize
 from mixtral.generate import GenerationParams
 from mixtral.model import Transformer
 from mixtral.tokenizer import default_tokenizer
@@ -124,8 +125,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the report here too")
     a = p.parse_args()
+    fast = optimize(mixtral.load(a.model).eval())  # the decode path the CLI uses
+    report = {"model": a.model, "seed": a.seed, "n": a.n, **evaluate(fast, a.n, a.seed)}
     model = mixtral.load(a.model).eval()
-    report = {"model": a.model, "seed": a.seed, "n": a.n, **evaluate(model, a.n, a.seed)}
     held = Path(f"/tmp/eval-pairs-{a.seed}")
     tasks.build(held, None, a.seed, 400)
     report["preference_accuracy"] = preference_accuracy(model, held / "dpo.jsonl")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the default model from scratch: data, pretraining, SFT, DPO, evaluation.
-# About 2 hours on 2 CPU cores; every stage resumes where it stopped if interrupted.
+# Build the default model from scratch: data, pretraining, SFT, sampled preference pairs, DPO,
+# evaluation. About 2.5 hours on 2 CPU cores; every stage resumes where it stopped.
 #   scripts/train_default.sh            # then: scripts/ship_default.py to package the result
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,9 @@ if [ -e "$JEMALLOC" ]; then export LD_PRELOAD="$JEMALLOC"; fi
 [ -s data/instruct/sft.jsonl ] || "$PY" scripts/build_instruct_data.py data/instruct --corpus data/corpus --n 30000
 "$PY" -m mixtral train pretrain --config recipes/default/pretrain.yaml
 "$PY" -m mixtral train sft --config recipes/default/sft.yaml
+# DPO's rejected answers: the SFT model's own mistakes, plus the generated failure modes
+[ -s data/instruct/dpo_mix.jsonl ] || "$PY" scripts/sample_rejected.py runs/default/sft/step-000800 \
+  data/instruct/dpo_mix.jsonl --corpus data/corpus --n 2000 --mix data/instruct/dpo.jsonl --mix-n 3000
 "$PY" -m mixtral train dpo --config recipes/default/dpo.yaml
 mkdir -p runs/default/eval
 "$PY" scripts/eval_default.py runs/default/dpo/step-000200 --compare runs/default/sft/step-000800 \
