@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                         "model.py instead of the fast paths (mixtral.fast)")
         sp.add_argument("--max-ram", help="keep experts on disk, paged in under this RAM budget "
                         "(e.g. 16GiB; a quantized checkpoint on the CPU)")
+        sp.add_argument("--lora", metavar="ADAPTER", help="a LoRA adapter folder (from "
+                        "mixtral train ... lora_rank=N), merged into the weights at load")
 
     def sampling_args(sp: argparse.ArgumentParser, max_tokens: int) -> None:
         sp.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -93,6 +95,65 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="override recipe settings, e.g. steps=200 lr=1e-3")
     sp.set_defaults(run=_train)
+
+    ev = sub.add_parser("eval", help="passkey, perplexity vs context, routing, lm-eval tasks")
+    evs = ev.add_subparsers(dest="eval_command", required=True)
+
+    def eval_args(sp: argparse.ArgumentParser) -> None:
+        model_args(sp)
+        sp.add_argument("--out", default="mixtral-eval", help="folder for the JSON, figures "
+                        "and the run log runs.jsonl (default mixtral-eval)")
+        sp.add_argument("--limit", type=int, help="a quick run: at most this many "
+                        "trials / documents / examples")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--chunk", type=int, default=1024,
+                        help="prefill chunk (tokens): bounds memory on long inputs")
+
+    sp = evs.add_parser("passkey", help="passkey retrieval over prompt length x key depth")
+    eval_args(sp)
+    sp.add_argument("--lengths", help="prompt lengths in tokens, e.g. 1k,2k,4k,8k,16k,32k "
+                    "(default: doubling from 256 to the model's context)")
+    sp.add_argument("--depths", type=int, default=10, help="key depths from 0%% to 100%%")
+    sp.add_argument("--trials", type=int, default=5, help="prompts per cell")
+    sp.add_argument("--chat", action="store_true",
+                    help="wrap each prompt as a user turn of the instruct format")
+    sp.set_defaults(run=_eval_passkey)
+
+    sp = evs.add_parser("perplexity", help="perplexity of the first L tokens, for a ladder of L")
+    eval_args(sp)
+    sp.add_argument("--data", required=True, help=".txt (one document each) or .jsonl "
+                    "({\"text\": ...} per line) file, or a folder of them")
+    sp.add_argument("--max-len", type=int, help="longest context; documents shorter than "
+                    "this are skipped (default: the model's context, at most 32768)")
+    sp.add_argument("--lengths", help="the ladder, e.g. 512,1k,2k (default: doubling from "
+                    "128 to --max-len)")
+    sp.add_argument("--tolerance", type=float, default=0.01, help="relative rise allowed "
+                    "per step when judging the curve monotone (default 0.01)")
+    sp.set_defaults(run=_eval_perplexity)
+
+    sp = evs.add_parser("routing", help="expert shares and repetition per layer and domain")
+    eval_args(sp)
+    sp.add_argument("--data", required=True, help="a folder with one file or folder per "
+                    "domain (.txt / .jsonl)")
+    sp.add_argument("--max-len", type=int, help="window length in tokens (default: the "
+                    "model's context, at most 4096)")
+    sp.add_argument("--max-tokens", type=int, default=20000,
+                    help="text tokens per domain (default 20000)")
+    sp.add_argument("--html", metavar="TEXT_FILE", help="also write routing.html: this text "
+                    "coloured by first-choice expert at the first, middle and last layer")
+    sp.set_defaults(run=_eval_routing)
+
+    sp = evs.add_parser("lm", help="EleutherAI lm-evaluation-harness tasks (extra: eval)")
+    eval_args(sp)
+    sp.add_argument("--tasks", required=True, help="comma-separated task names, e.g. "
+                    "mixtral_mc_demo,mixtral_arith_demo or your own local tasks")
+    sp.add_argument("--num-fewshot", type=int)
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--include-path", action="append", default=[],
+                    help="a folder of your own task YAMLs (repeatable)")
+    sp.add_argument("--chat", action="store_true", help="apply the instruct format to the "
+                    "tasks' prompts (for instruct models)")
+    sp.set_defaults(run=_eval_lm)
 
     sp = sub.add_parser("lora", help="LoRA adapters: merge one into its base model")
     sp.add_argument("action", choices=["merge"])
@@ -160,6 +221,10 @@ def _load(args: argparse.Namespace) -> Transformer:
         import mixtral
 
         model = mixtral.load(args.model, dtype, args.device, args.max_ram, _kv_bytes(args))
+    if args.lora:
+        from mixtral.train.lora import load_adapter, merge_lora
+
+        merge_lora(load_adapter(model, args.lora))
     if not args.reference:
         from mixtral.fast import optimize
 
@@ -410,6 +475,148 @@ def _train(args: argparse.Namespace) -> int:
     final = train(TrainConfig.from_dict(recipe, args.config))
     print(final)
     return 0
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def _eval_start(args: argparse.Namespace) -> tuple[Transformer, str, Path, float]:
+    import time
+
+    from mixtral.default_model import NAME
+
+    model = _load(args)
+    label = args.model or f"default ({NAME})"
+    return model, label, Path(args.out), time.perf_counter()
+
+
+def _eval_finish(args: argparse.Namespace, label: str, t0: float, result: dict[str, Any],
+                 files: list[Path], summary: dict[str, Any]) -> int:
+    import time
+
+    from mixtral.eval.report import append_run
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "model")
+                and not callable(v)}
+    seconds = time.perf_counter() - t0
+    result["seconds"] = round(seconds, 2)
+    append_run(Path(args.out) / "runs.jsonl", f"eval {args.eval_command}", label, settings,
+               summary, seconds, files)
+    print(json.dumps({"model": label, **summary, "seconds": round(seconds, 1),
+                      "outputs": [str(f) for f in files]}, ensure_ascii=False))
+    return 0
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
+
+
+def _eval_passkey(args: argparse.Namespace) -> int:
+    from mixtral.eval import figures, passkey
+    from mixtral.eval.report import write_json
+    from mixtral.tokenizer import default_tokenizer
+
+    model, label, out, t0 = _eval_start(args)
+    context = model.args.max_seq_len - passkey.ANSWER_TOKENS
+    if args.lengths:
+        lengths = passkey.parse_lengths(args.lengths)
+    else:
+        lengths = [n for n in (256 * 2**i for i in range(20)) if n < context] + [context]
+    trials = min(args.trials, args.limit) if args.limit else args.trials
+    with _progress(len(lengths) * args.depths * trials, "passkey") as bar:
+        result = passkey.run(model, default_tokenizer(), lengths, args.depths, trials,
+                             args.seed, args.chat, args.chunk, bar.update)
+    result["model"] = label
+    files = [out / "passkey.json", out / "passkey.png"]
+    figures.passkey_heatmap(result, files[1], f"passkey retrieval: {label}")
+    write_json(files[0], result)
+    return _eval_finish(args, label, t0, result, files,
+                        {"overall": result["overall"], "overall_exact": result["overall_exact"],
+                         "lengths": lengths, "trials": trials})
+
+
+def _eval_perplexity(args: argparse.Namespace) -> int:
+    from mixtral.eval import figures, perplexity
+    from mixtral.eval.passkey import parse_lengths
+    from mixtral.eval.report import write_json
+    from mixtral.tokenizer import default_tokenizer
+
+    documents = perplexity.read_documents(args.data)  # bad data fails before the model loads
+    model, label, out, t0 = _eval_start(args)
+    max_len = args.max_len or min(model.args.max_seq_len, 32768)
+    lengths = parse_lengths(args.lengths) if args.lengths else perplexity.ladder(max_len)
+    docs = perplexity.select(default_tokenizer(), documents, max(lengths), args.limit)
+    with _progress(len(docs), "perplexity") as bar:
+        rows = perplexity.curve(model, docs, lengths, args.chunk, bar.update)
+    ok = perplexity.monotone(rows, args.tolerance)
+    result = {"model": label, "data": args.data, "documents": [n for n, _ in docs],
+              "lengths": lengths, "curve": rows, "tolerance": args.tolerance,
+              "monotone_decreasing": ok}
+    files = [out / "perplexity.json", out / "perplexity.png"]
+    figures.perplexity_curve(rows, files[1], f"perplexity vs context: {label}")
+    write_json(files[0], result)
+    return _eval_finish(args, label, t0, result, files, {
+        "documents": len(docs), "monotone_decreasing": ok,
+        "perplexity": {str(r["length"]): round(r["perplexity"], 3) for r in rows}})
+
+
+def _eval_routing(args: argparse.Namespace) -> int:
+    from mixtral.eval import figures, routing
+    from mixtral.eval.report import write_json, write_text
+    from mixtral.tokenizer import default_tokenizer
+
+    data = routing.domains(args.data)
+    if args.limit:
+        data = {name: docs[:args.limit] for name, docs in data.items()}
+    model, label, out, t0 = _eval_start(args)
+    tokenizer = default_tokenizer()
+    max_len = args.max_len or min(model.args.max_seq_len, 4096)
+    with _progress(len(data), "routing") as bar:
+        result = routing.run(model, tokenizer, data, max_len, args.max_tokens, args.chunk,
+                             bar.update)
+    result["model"] = label
+    files = [out / "routing.json", out / "routing.md", out / "routing.png",
+             out / "routing_repetition.png"]
+    write_json(files[0], result)
+    write_text(files[1], routing.table(result))
+    figures.routing_bars(result, files[2], f"expert shares: {label}")
+    figures.repetition(result, files[3], f"consecutive-token repetition: {label}")
+    if args.html:
+        files.append(out / "routing.html")
+        write_text(files[-1], routing.html_view(model, tokenizer,
+                                                Path(args.html).read_text(encoding="utf-8"),
+                                                args.chunk))
+    print(routing.table(result), file=sys.stderr)
+    layers = result["table_layers"]
+    return _eval_finish(args, label, t0, result, files, {
+        "domains": list(result["domains"]), "table_layers": layers,
+        "repeat_first": {n: [round(d["repeat_first"][i], 4) for i in layers]
+                         for n, d in result["domains"].items()},
+        "repeat_either": {n: [round(d["repeat_either"][i], 4) for i in layers]
+                          for n, d in result["domains"].items()}})
+
+
+def _eval_lm(args: argparse.Namespace) -> int:
+    import time
+
+    try:
+        from mixtral.eval import harness
+    except ImportError as e:
+        raise ValueError(f"lm-eval is not installed ({e}): pip install 'mixtral[eval]'") \
+            from None
+    from mixtral.eval.report import write_json
+
+    t0 = time.perf_counter()
+    label = args.model or "default"
+    result = harness.evaluate(args.model, [t for t in args.tasks.split(",") if t],
+                              limit=args.limit, num_fewshot=args.num_fewshot,
+                              batch_size=args.batch_size, seed=args.seed, device=args.device,
+                              dtype=args.dtype, include_path=args.include_path or None,
+                              apply_chat_template=args.chat)
+    files = [Path(args.out) / "lm_eval.json"]
+    write_json(files[0], result)
+    return _eval_finish(args, label, t0, result, files, {"results": result.get("results", {})})
 
 
 def _lora(args: argparse.Namespace) -> int:

@@ -1,0 +1,491 @@
+"""Our model inside EleutherAI's lm-evaluation-harness (PyPI `lm-eval`, an optional extra).
+
+Importing this module registers `MixtralLM` as lm-eval model `mixtral`; `evaluate` runs tasks
+offline and returns the scores. lm-eval 0.4.x has no plugin discovery (no entry-point group), so
+its own CLI knows `mixtral` only in a process that imported this module, which
+`python -m mixtral.eval.harness <lm-eval CLI arguments>` does before handing over to lm-eval:
+
+    python -m mixtral.eval.harness --model mixtral --model_args path=CKPT,dtype=bf16 \\
+        --device cpu --tasks mixtral_demo --limit 5
+
+Tokenization follows lm-eval's HFLM on Mistral's HF tokenizer (which adds BOS): a context is
+BOS + its text; `context + continuation` is encoded whole and split at the context's token
+count, with trailing spaces of the context moved to the continuation (`TemplateLM._encode_pair`);
+an empty context is BOS alone. Rolling perplexity scores the text's own tokens (no BOS in
+them) in disjoint windows after a BOS prefix, so every token is predicted exactly once.
+
+Chat (`apply_chat_template=True`): lm-eval wants the prompt as a string, our prompts are the ids
+of `mixtral.chat.encode` (mistral-common's Instruct v1 encoding). The string is the readable
+rendering `<s>[INST] ... [/INST]` (BOS and EOS shown as `<s>`/`</s>`, like the HF chat template)
+and the adapter remembers the exact ids of each string it rendered, so the model sees exactly
+Mistral's tokens; a continuation after a chat context is encoded on its own, as the Instruct
+format encodes an assistant message. A string that starts with `<s>` but was not rendered here
+(lm-eval's request cache replays contexts) is split at its `</s>` markers instead, the way HFLM
+lets its tokenizer parse the special tokens in such a string.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lm_eval
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from mixtral.completion import TextStream
+from mixtral.engine import Engine, Job
+from mixtral.generate import GenerationParams
+from mixtral.model import Transformer
+from mixtral.tokenizer import Tokenizer, default_tokenizer
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = Path(__file__).parent / "tasks"
+MODEL_ARGS = ("path", "dtype", "device", "batch_size", "max_length", "max_gen_toks", "reference",
+              "max_ram")
+BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # how the chat rendering shows BOS/EOS (HF's spelling)
+# generation kwargs we honour (lm-eval normalises the max_* aliases); others (top_k,
+# repetition_penalty...) are HF-specific and ignored with a warning
+GEN_KWARGS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens",
+              "do_sample", "temperature", "top_p", "seed"}
+
+T = TypeVar("T", bound="MixtralLM")
+Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
+
+
+@register_model("mixtral")
+class MixtralLM(TemplateLM):
+    """lm-eval's LM interface over a `mixtral` Transformer.
+
+    model_args (strings from the CLI): path (a checkpoint; omitted or `default`: the built-in
+    default model), dtype, device, batch_size (sequences per forward pass / engine batch),
+    max_length (context, at most the model's), max_gen_toks (default when a task sets none),
+    reference (true: keep model.py's reference modules instead of mixtral.fast's), max_ram
+    (experts paged from disk, see `mixtral.load`). In Python, `model=` and `tokenizer=` take
+    built objects instead of a path."""
+
+    backend = "causal"
+
+    def __init__(self, path: str | None = None, *, model: Transformer | None = None,
+                 tokenizer: Tokenizer | None = None, dtype: str | None = None,
+                 device: str | None = None, batch_size: int | str = 1,
+                 max_length: int | None = None, max_gen_toks: int = 256,
+                 reference: bool = False, max_ram: str | None = None,
+                 max_batch_size: int | None = None) -> None:
+        # max_batch_size: lm-eval passes it for automatic batch sizing, which we do not do
+        super().__init__()
+        if path is not None and model is not None:
+            raise ValueError(f"give a checkpoint path or a built model, not both (path={path!r})")
+        self.tokenizer = tokenizer or default_tokenizer()
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self._max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
+        wanted = None if max_length is None else _positive_int("max_length", max_length)
+        if model is None:
+            model = _load(path, dtype, _usable_device(device), reference, max_ram)
+        self.model = model
+        self._device = model.tok_embeddings.weight.device
+        self._max_length = wanted or model.args.max_seq_len
+        if self._max_length > model.args.max_seq_len:
+            raise ValueError(f"max_length={max_length} exceeds the model's context of "
+                             f"{model.args.max_seq_len}")
+        self._chat_ids: dict[str, list[int]] = {}  # rendered chat prompt -> its exact ids
+        self._ignored: set[str] = set()  # generation kwargs already warned about
+
+    @classmethod
+    def create_from_arg_string(cls: type[T], arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> T:
+        return cls.create_from_arg_obj(lm_eval.utils.simple_parse_args_string(arg_string),
+                                       additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls: type[T], arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> T:
+        unknown = sorted(set(arg_dict) - set(MODEL_ARGS))
+        if unknown:
+            raise ValueError(f"unknown model_args key(s) for model 'mixtral': "
+                             f"{', '.join(unknown)}; known: {', '.join(MODEL_ARGS)}")
+        # lm-eval's CLI always passes device (default cuda:0) and batch_size: model_args win
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    # --- what lm-eval reads ------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"mixtral-sentencepiece-{self.tokenizer.model_file.name}"
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        # lm-eval records (and hashes) this; the template itself is mistral-common's code
+        return "mistral-common InstructTokenizerV1" if chat_template else None
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"model_args_dict": {"max_length": self.max_length},
+                "model_config": self.model.args.to_dict()}
+
+    # --- tokens ----------------------------------------------------------------------------
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   **kwargs: Any) -> list[int]:
+        """BOS + the text's ids (no BOS with add_special_tokens=False); a chat rendering is
+        returned as its exact ids."""
+        chat = self._chat_tokens(string)
+        if chat is not None:
+            return chat
+        return self.tokenizer.encode(string, bos=add_special_tokens is not False)
+
+    def _encode_pair(self, context: str, continuation: str) -> Pair:
+        chat = self._chat_tokens(context)
+        if chat is not None:  # the answer is encoded alone, as an assistant message is
+            return chat, self.tokenizer.encode(continuation, bos=False)
+        return super()._encode_pair(context, continuation)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        from mixtral.chat import encode
+
+        messages: list[dict[str, Any]] = [dict(m) for m in chat_history]
+        if not add_generation_prompt and messages and messages[-1]["role"] == "assistant":
+            messages[-1]["prefix"] = True  # lm-eval's gen_prefix: continue this answer
+        ids = encode(messages, tokenizer=self.tokenizer)
+        text = self._render(ids)
+        self._chat_ids[text] = ids
+        return text
+
+    def _render(self, ids: list[int]) -> str:
+        """Readable text of chat ids: the text between special tokens, which show as <s>, </s>."""
+        marks = {self.tokenizer.bos_id: BOS_TEXT, self.tokenizer.eos_id: EOS_TEXT}
+        parts: list[str] = []
+        run: list[int] = []
+        for i in [*ids, None]:
+            if i is None or i in marks:
+                parts.append(self.tokenizer.decode(run))
+                run = []
+                if i is not None:
+                    parts.append(marks[i])
+            else:
+                run.append(i)
+        return "".join(parts)
+
+    def _chat_tokens(self, text: str) -> list[int] | None:
+        """The ids of a chat rendering: remembered exactly, or parsed at its markers."""
+        if text in self._chat_ids:
+            return list(self._chat_ids[text])
+        if not text.startswith(BOS_TEXT):
+            return None
+        ids = [self.tokenizer.bos_id]
+        for i, segment in enumerate(text[len(BOS_TEXT):].split(EOS_TEXT)):
+            if i:
+                ids.append(self.tokenizer.eos_id)
+            if segment:
+                ids += self.tokenizer.encode(segment, bos=False)
+        return ids
+
+    # --- scoring ---------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False,
+                              **kwargs: Any) -> list[tuple[float, bool]]:
+        """(request key, context ids, continuation ids) -> (sum of the continuation's
+        log-probabilities, whether greedy decoding reproduces it), in the requests' order."""
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        # longest first, as lm-eval does: a batch is padded to its first row
+        order = sorted(range(len(pairs)),
+                       key=lambda i: (-len(pairs[i][0]) - len(pairs[i][1]), pairs[i]))
+        results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            for i, score in zip(batch, self._score([pairs[i] for i in batch]), strict=True):
+                results[i] = score
+        for (key, _, _), score in zip(requests, results, strict=True):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, score)
+        return results
+
+    @torch.inference_mode()
+    def _score(self, pairs: list[Pair]) -> list[tuple[float, bool]]:
+        """One forward pass over right-padded rows (causal attention: padding after a row's
+        end cannot change its logits)."""
+        longest = max(len(cont) for _, cont in pairs)
+        if longest > self.max_length:
+            raise ValueError(f"a continuation of {longest} tokens exceeds max_length "
+                             f"{self.max_length}")
+        # the last token is only predicted; truncate from the left to the context window
+        rows = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in pairs]
+        width = max(len(r) for r in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = torch.tensor(row)
+        logits = self.model(tokens.to(self._device))
+        assert isinstance(logits, torch.Tensor)
+        out = []
+        for i, (row, (_, cont)) in enumerate(zip(rows, pairs, strict=True)):
+            if not cont:
+                out.append((0.0, True))
+                continue
+            # position p predicts token p + 1: the continuation's logits end at the row's end
+            scores = logits[i, len(row) - len(cont):len(row)].log_softmax(-1)  # [n, V]
+            target = torch.tensor(cont, device=scores.device)
+            logprob = scores.gather(-1, target[:, None]).sum()
+            out.append((float(logprob), bool((scores.argmax(-1) == target).all())))
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Instance],
+                              disable_tqdm: bool = False) -> list[float]:
+        windows: list[tuple[int, list[int], list[int]]] = []  # (request, context, predicted)
+        for n, (text,) in enumerate(req.args for req in requests):
+            tokens = self.tok_encode(text, add_special_tokens=False)
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((n, ctx, cont))
+        scores = self._loglikelihood_tokens([(None, ctx, cont) for _, ctx, cont in windows])
+        totals = [0.0] * len(requests)
+        for (n, _, _), (logprob, _) in zip(windows, scores, strict=True):
+            totals[n] += logprob
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # --- generation ------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """All requests go through one continuous-batching engine, `batch_size` at a time;
+        each stops at EOS, at `max_gen_toks` or as soon as its text holds a stop string."""
+        jobs = [self._generation_job(context, gen_kwargs)
+                for context, gen_kwargs in (req.args for req in requests)]
+        if not jobs:
+            return []
+        # the KV cache holds max_batch rows of this many positions: no more than needed
+        context = min(self.max_length, max(len(p) + (g.max_tokens or 0) for p, g, _ in jobs))
+        engine = Engine(self.model, max_queue=len(jobs), max_batch=min(self.batch_size, len(jobs)),
+                        max_seq_len=context, thread=False)
+        texts = [""] * len(jobs)
+        errors: list[BaseException] = []
+        # longest prompts first: they take longest, the short ones fill the freed slots
+        for i in sorted(range(len(jobs)), key=lambda i: -len(jobs[i][0])):
+            prompt, params, until = jobs[i]
+            self._submit(engine, i, prompt, params, TextStream(self.tokenizer, until), texts,
+                         errors)
+        engine.run(until_idle=True)
+        if errors:
+            raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
+        for req, text in zip(requests, texts, strict=True):
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return texts
+
+    def _generation_job(self, context: str,
+                        gen_kwargs: dict[str, Any]) -> tuple[list[int], GenerationParams,
+                                                             tuple[str, ...]]:
+        """-> (prompt ids, sampling parameters, stop strings) of one request."""
+        ignored = set(gen_kwargs) - GEN_KWARGS - self._ignored
+        if ignored:
+            log.warning("mixtral: ignoring generation kwargs %s", ", ".join(sorted(ignored)))
+            self._ignored |= ignored
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.get("until"), eos=EOS_TEXT)
+        new = kwargs["max_gen_toks"]
+        room = self.max_length - new
+        if room < 1:
+            raise ValueError(f"max_gen_toks={new} leaves no room for a prompt within "
+                             f"max_length={self.max_length}")
+        prompt = self.tok_encode(context)[-room:]  # keep the end of a long prompt
+        temperature = 0.0
+        if kwargs["do_sample"]:  # HF's default temperature when sampling is 1
+            temperature = float(kwargs.get("temperature", 1.0))
+        seed = kwargs.get("seed")
+        if seed is None and temperature > 0:  # from the RNG lm-eval seeds: reproducible runs
+            seed = int(torch.randint(0, 2**62, ()))
+        params = GenerationParams(max_tokens=new, temperature=temperature,
+                                  top_p=float(kwargs.get("top_p", 1.0)), seed=seed,
+                                  stop_ids=(self.tokenizer.eos_id,))
+        return prompt, params, tuple(until)
+
+    @staticmethod
+    def _submit(engine: Engine, i: int, prompt: list[int], params: GenerationParams,
+                stream: TextStream, texts: list[str], errors: list[BaseException]) -> None:
+        job: Job | None = None
+
+        def on_token(token: int) -> None:
+            if token in params.stop_ids:
+                return
+            texts[i] += stream.push(token)
+            if stream.stopped and job is not None:
+                job.cancel()  # its text is complete: free the slot for the next request
+
+        def on_done(error: BaseException | None) -> None:
+            if error is not None:
+                errors.append(error)
+            texts[i] += stream.finish()
+
+        job = engine.submit(prompt, params, on_token, on_done)
+
+
+# --- construction helpers ------------------------------------------------------------------------
+
+def _positive_int(name: str, value: int | str) -> int:
+    if isinstance(value, str) and value.startswith("auto"):
+        raise ValueError(f"{name}={value!r}: automatic batch sizing is not supported; give a "
+                         "number")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1 or number != float(value):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
+def _usable_device(device: str | None) -> str:
+    """lm-eval's CLI asks for cuda:0 unless told otherwise; without CUDA, use the CPU."""
+    if device is None:
+        return "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.warning("mixtral: device %s requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return str(device)
+
+
+def _load(path: str | None, dtype: str | None, device: str, reference: bool,
+          max_ram: str | None) -> Transformer:
+    import mixtral
+    from mixtral.formats import parse_dtype
+
+    if path is None or str(path) == "default":
+        from mixtral.default_model import LABEL, load_default
+
+        log.warning("mixtral: %s", LABEL)
+        model = load_default(parse_dtype(dtype), device)
+    else:
+        if not Path(str(path)).exists():
+            raise FileNotFoundError(f"model_args path={path!r}: no such checkpoint")
+        model = mixtral.load(str(path), dtype, device, max_ram)
+    if not reference:  # the fast modules, as every mixtral command uses unless --reference
+        from mixtral.fast import optimize
+
+        optimize(model)
+    return model
+
+
+# --- running tasks -------------------------------------------------------------------------------
+
+def go_offline(force: bool = True) -> None:
+    """No hub access for datasets, metrics or tokenizers (these machines have none). With
+    force=False an explicit setting in the environment is kept."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if force:
+            os.environ[var] = "1"
+        else:
+            os.environ.setdefault(var, "1")
+    # the libraries read these once, at import: update copies already made
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"] == "1"
+    if "datasets" in sys.modules:
+        import datasets.config
+
+        offline = os.environ["HF_DATASETS_OFFLINE"] == "1"
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = offline
+
+
+def evaluate(model_path: str | None, tasks: Sequence[str], *, limit: int | None = None,
+             num_fewshot: int | None = None, batch_size: int = 1, seed: int = 1234,
+             device: str = "cpu", dtype: str | None = None,
+             include_path: Sequence[str] | None = None, max_length: int | None = None,
+             apply_chat_template: bool = False) -> dict[str, Any]:
+    """Run lm-eval `tasks` on our model (a checkpoint, or the default model when model_path is
+    None), fully offline, and return the JSON-serialisable part of lm-eval's results:
+    `results` ({task: {"<metric>,<filter>": value, ...}}), `groups`, `versions`, `n-shot`,
+    `higher_is_better`, `n-samples` and a `config` summary.
+
+    Tasks are looked up in the shipped offline tasks (`mixtral/eval/tasks`), then in
+    `include_path` folders, then among lm-eval's bundled tasks (whose data must be local).
+    `seed` seeds Python, NumPy, torch and the few-shot sampler."""
+    go_offline()
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("no tasks given")
+    paths = [str(TASKS_DIR), *(str(p) for p in include_path or ())]
+    for p in paths:
+        if not Path(p).is_dir():
+            raise FileNotFoundError(f"include_path {p!r}: no such folder")
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not set(tasks) <= set(manager.all_tasks):  # index lm-eval's ~200 folders only if needed
+        manager = TaskManager(include_path=paths)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s): {', '.join(unknown)} (not in {', '.join(paths)} nor "
+                         "among lm-eval's bundled tasks)")
+    model_args: dict[str, Any] = {"path": model_path, "device": device, "batch_size": batch_size}
+    if dtype is not None:
+        model_args["dtype"] = dtype
+    if max_length is not None:
+        model_args["max_length"] = max_length
+    out = simple_evaluate(model="mixtral", model_args=model_args, tasks=tasks,
+                          num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                          log_samples=False, apply_chat_template=apply_chat_template,
+                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed)
+    assert out is not None  # None only on non-zero ranks of a distributed run
+    keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples")
+    summary = {k: out[k] for k in keep if k in out}
+    summary["config"] = {"model": "mixtral", "model_path": model_path, "dtype": dtype,
+                         "device": device, "batch_size": batch_size, "max_length": max_length,
+                         "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
+                         "apply_chat_template": apply_chat_template, "tasks": tasks,
+                         "lm_eval_version": lm_eval.__version__}
+    # numpy scalars and the like -> plain JSON values
+    return json.loads(json.dumps(summary, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm-eval's own CLI, in a process where model `mixtral` is registered and, unless the
+    arguments name one, our offline tasks folder is the include path."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    subcommands = {"run", "ls", "validate"}
+    if "--include_path" not in args and len(args) >= 2 and (
+            args[0] in subcommands or args[0].startswith("-")):
+        args += ["--include_path", str(TASKS_DIR)]
+    go_offline(force=False)
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *args]  # lm-eval's parser reads sys.argv itself
+    cli_evaluate()
+
+if __name__ == "__main__":
+    main()
