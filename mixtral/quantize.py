@@ -14,7 +14,7 @@ layout depends on the device and is made when the model is built.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -118,11 +118,32 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        if x.device.type == "cuda":  # no CUDA kernel for int8pack: dequantize on the fly
-            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+        if x2.requires_grad and torch.is_grad_enabled():  # LoRA on a frozen int8 base
+            y = _Int8Matmul.apply(x2, self.weight, self.scales)
         else:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+            y = _int8_mm(x2, self.weight, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _int8_mm(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+    if x.device.type == "cuda":  # no CUDA kernel for int8pack: dequantize on the fly
+        return F.linear(x, q.to(x.dtype)) * scales
+    return torch.ops.aten._weight_int8pack_mm(x, q, scales)
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """y = x (q * scales)^T with a gradient for x only: the int8 weight stays frozen, and
+    earlier layers' adapters still learn through it (the kernel has no backward of its own)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
+        ctx.save_for_backward(q, scales)
+        return _int8_mm(x, q, scales)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        q, scales = ctx.saved_tensors
+        return (grad * scales) @ q.to(grad.dtype), None, None  # [M, N] x [N, K]
 
 
 class Int4Linear(nn.Module):

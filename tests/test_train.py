@@ -20,6 +20,7 @@ from mixtral.chat import encode_for_training
 from mixtral.cli import main
 from mixtral.config import ModelArgs
 from mixtral.model import Transformer
+from mixtral.quantize import Int8Linear, int8_quantize
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.data import DataError, pad_batch, sft_examples
 from mixtral.train.lora import apply_lora, load_adapter, merge_lora, save_adapter
@@ -221,7 +222,7 @@ def test_bad_data_names_file_and_line(tmp_path):
         TrainConfig.from_dict({"stage": "sft", "out": "x", "data": ["y"], "stepz": 3})
 
 
-def test_sft_then_dpo_with_lora_learn(tmp_path, corpus):
+def test_sft_then_dpo_with_lora_learn(tmp_path, corpus, capsys):
     base = train(config(tmp_path / "pre", corpus, steps=6, save_every=6))
     sft = tmp_path / "sft.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
@@ -250,6 +251,57 @@ def test_sft_then_dpo_with_lora_learn(tmp_path, corpus):
     merged = tmp_path / "merged"
     assert main(["lora", "merge", str(sft_final), str(final / "adapter"), str(merged)]) == 0
     assert (merged / "config.json").exists()
+    # the adapter at load time (--lora) == the merged checkpoint
+    capsys.readouterr()  # drop what `lora merge` printed
+    outputs = []
+    for argv in (["--model", str(sft_final), "--lora", str(final / "adapter")],
+                 ["--model", str(merged)]):
+        assert main(["generate", *argv, "--prompt", "What is 2 plus 3?", "--chat",
+                     "--temperature", "0", "--max-tokens", "8", "--json"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1]
+
+
+def test_int8_linear_passes_gradients_to_its_input():
+    torch.manual_seed(0)
+    w = torch.randn(24, 16)
+    q, scales = int8_quantize(w)
+    layer = Int8Linear(q, scales, torch.float32)
+    x = torch.randn(5, 16, requires_grad=True)
+    layer(x).pow(2).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)  # the same int8 weight, dequantized
+    (ref @ (q.float() * scales[:, None]).T).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_an_int8_base_learns_and_applies_to_the_float_base(tmp_path, corpus):
+    base = train(config(tmp_path / "pre", corpus, steps=6, save_every=6))
+    sft = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                          {"role": "assistant", "content": str(a + b)}]}
+            for a in range(6) for b in range(6)]
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = train(config(tmp_path / "s", corpus, stage="sft", data=[str(sft)], init=str(base),
+                         steps=30, batch_size=8, lr=1e-2, lora_rank=8, lora_base_bits=8,
+                         eval_every=30, save_every=30))
+    curve = losses(tmp_path / "s" / "run")
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5  # only the adapters learn
+    import mixtral
+    from mixtral.quantize import quantize_model
+
+    tokens = torch.tensor([[1, 5, 9, 200, 31, 7, 2]])
+    with torch.no_grad():
+        on_int8 = load_adapter(quantize_model(mixtral.load(base), 8), final / "adapter")
+        on_float = merge_lora(load_adapter(mixtral.load(base), final / "adapter"))
+        plain = mixtral.load(base)(tokens)
+        a, b = on_int8(tokens), on_float(tokens)
+    # the adapter moved the model, and int8 vs float base differ by quantization error only
+    assert (a - plain).abs().max() > 0.1
+    assert (a - b).abs().max() < 0.1 * (a - plain).abs().max()
+    with pytest.raises(ValueError, match="merges into float weights, not int8"):
+        merge_lora(on_int8)
+    with pytest.raises(ValueError, match="lora_base_bits needs LoRA"):
+        config(tmp_path / "x", corpus, lora_base_bits=8)
 
 
 def test_two_processes_match_one(tmp_path, corpus):

@@ -21,42 +21,65 @@ from mixtral.model import Attention, Experts, Transformer
 ATTENTION = ("wq", "wk", "wv", "wo")
 
 
+def _dtype(base: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The compute dtype of a float or int8 (quantize.Int8Linear) layer."""
+    weight = cast(Tensor, base.weight)
+    t = weight if weight.is_floating_point() else cast(Tensor, base.scales)
+    return t.dtype, t.device
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+    """On an nn.Linear, or on a frozen quantize.Int8Linear (QLoRA-style training)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.base, self.rank, self.scaling = base, rank, alpha / rank
-        w = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device))
-        self.lora_b = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
+        dtype, device = _dtype(base)
+        n_out, n_in = cast(Tensor, base.weight).shape
+        self.lora_a = nn.Parameter(torch.empty(rank, n_in, dtype=dtype, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(n_out, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scaling
 
-    def merged(self) -> nn.Linear:
-        self.base.weight.data += (self.lora_b @ self.lora_a) * self.scaling
+    def merged(self) -> nn.Module:
+        if not cast(Tensor, self.base.weight).is_floating_point():
+            raise ValueError("an adapter merges into float weights, not int8 ones: load the "
+                             "base in bf16/fp32 (mixtral lora merge BASE ADAPTER DST)")
+        cast(Tensor, self.base.weight).data += (self.lora_b @ self.lora_a) * self.scaling
         return self.base
 
 
 class LoRAExperts(nn.Module):
-    """A rank-r adapter per expert and per matrix: A [E, r, in], B [E, out, r]."""
+    """A rank-r adapter per expert and per matrix: A [E, r, in], B [E, out, r]; the base is
+    model.Experts (weight banks) or an int8 quantize.QuantExperts (one Int8Linear each)."""
 
-    def __init__(self, base: Experts, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
         self.base, self.rank, self.scaling = base, rank, alpha / rank
+        self.quantized = not isinstance(base, Experts)
         for name in ("w1", "w2", "w3"):
-            w = getattr(base, name)  # [E, out, in]
-            a = torch.empty(w.shape[0], rank, w.shape[2], dtype=w.dtype, device=w.device)
-            for e in range(w.shape[0]):
+            if self.quantized:
+                first = getattr(base, name)[0]
+                (n_out, n_in), (dtype, device) = first.weight.shape, _dtype(first)
+                E = len(getattr(base, name))
+            else:
+                w = getattr(base, name)  # [E, out, in]
+                (E, n_out, n_in), dtype, device = w.shape, w.dtype, w.device
+            a = torch.empty(E, rank, n_in, dtype=dtype, device=device)
+            for e in range(E):
                 nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
             self.register_parameter(f"{name}_a", nn.Parameter(a))
             self.register_parameter(f"{name}_b", nn.Parameter(
-                torch.zeros(w.shape[0], w.shape[1], rank, dtype=w.dtype, device=w.device)))
+                torch.zeros(E, n_out, rank, dtype=dtype, device=device)))
 
     def _mm(self, name: str, e: int, x: Tensor) -> Tensor:
         a = cast(Tensor, getattr(self, f"{name}_a"))[e]
         b = cast(Tensor, getattr(self, f"{name}_b"))[e]
-        return x @ getattr(self.base, name)[e].T + (x @ a.T) @ b.T * self.scaling
+        base = getattr(self.base, name)[e]  # an Int8Linear, or a float [out, in] matrix
+        y = cast(Tensor, base(x) if self.quantized else x @ base.T)
+        return y + (x @ a.T) @ b.T * self.scaling
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         return self._mm("w2", e, F.silu(self._mm("w1", e, x)) * self._mm("w3", e, x))
@@ -64,7 +87,10 @@ class LoRAExperts(nn.Module):
     def forward(self, x: Tensor, counts: list[int]) -> Tensor:
         return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
-    def merged(self) -> Experts:
+    def merged(self) -> nn.Module:
+        if self.quantized:
+            raise ValueError("an adapter merges into float weights, not int8 ones: load the "
+                             "base in bf16/fp32 (mixtral lora merge BASE ADAPTER DST)")
         for name in ("w1", "w2", "w3"):
             a, b = getattr(self, f"{name}_a"), getattr(self, f"{name}_b")
             getattr(self.base, name).data += torch.bmm(b, a) * self.scaling
@@ -82,7 +108,7 @@ def apply_lora(model: Transformer, rank: int = 16, alpha: float = 32.0,
                 setattr(attention, name, LoRALinear(getattr(attention, name), rank, alpha))
         if "experts" in targets:
             moe = cast(nn.Module, layer.feed_forward)
-            moe.experts = LoRAExperts(cast(Experts, moe.experts), rank, alpha)
+            moe.experts = LoRAExperts(cast(nn.Module, moe.experts), rank, alpha)
     return [cast(nn.Parameter, p) for p in lora_parameters(model).values()]
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 from mixtral.checkpoint import load, save
 from mixtral.config import preset
 from mixtral.model import Transformer
+from mixtral.quantize import quantize_model
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 from mixtral.train import data as D
 from mixtral.train.lora import LoRAExperts, LoRALinear, apply_lora, save_adapter
@@ -71,6 +72,7 @@ class TrainConfig:
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+    lora_base_bits: int = 0  # 8: the frozen base in int8 (its memory halves; QLoRA-style)
     eval_every: int = 50
     eval_batches: int = 4
     save_every: int = 50
@@ -91,6 +93,12 @@ class TrainConfig:
         if missing:
             raise ValueError(f"{source}: missing setting(s) {', '.join(missing)}")
         cfg = cls(**values)
+        if cfg.lora_base_bits not in (0, 8):
+            raise ValueError(f"{source}: lora_base_bits must be 0 (as loaded) or 8, got "
+                             f"{cfg.lora_base_bits}")
+        if cfg.lora_base_bits and not cfg.lora_rank:
+            raise ValueError(f"{source}: lora_base_bits needs LoRA (lora_rank > 0): a "
+                             "quantized base cannot be trained itself")
         if cfg.stage not in ("pretrain", "sft", "dpo"):
             raise ValueError(f"{source}: stage must be pretrain, sft or dpo, got {cfg.stage!r}")
         if isinstance(cfg.data, str):
@@ -270,6 +278,8 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     tokenizer = default_tokenizer()
     model = build_model(cfg)
+    if cfg.lora_base_bits:
+        quantize_model(model, cfg.lora_base_bits)
     if cfg.lora_rank:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
     aux_coef = model.args.router_aux_loss_coef if cfg.aux_coef is None else cfg.aux_coef
