@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mixtral.eval import passkey
+
 SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet "
                "securely. Avoid harmful, unethical, prejudiced, or negative content. Ensure "
                "replies promote fairness and positivity.")
@@ -90,6 +92,17 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
 
 
 def task_passkey(r: random.Random) -> tuple[list[dict], str, list[tuple[str, bool]]]:
+    """Half in a conversational wording, half exactly in the landmark-attention protocol of
+    `mixtral eval passkey --chat` (newline-joined, keys 1..50000), both under ~500 tokens so
+    that SFT's 512-token sequences never cut the answer off."""
+    if r.random() < 0.5:
+        key = str(r.randint(1, 50000))
+        sentences = r.randint(0, 80)  # ~5 tokens each
+        before = r.randint(0, sentences)
+        text = "\n".join([passkey.TASK, passkey.filler(before), passkey.INFO.format(key=key),
+                          passkey.filler(sentences - before), passkey.QUESTION])
+        return ([{"role": "user", "content": text}], key,
+                [(str(r.randint(1, 50000)), True), ("The grass is green.", True)])
     key = str(r.randint(10000, 99999))
     n = r.randint(2, 14)
     depth = r.randint(0, n)

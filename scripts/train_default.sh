@@ -12,10 +12,23 @@ if [ -e "$JEMALLOC" ]; then export LD_PRELOAD="$JEMALLOC"; fi
 "$PY" -m mixtral train pretrain --config recipes/default/pretrain.yaml
 "$PY" -m mixtral train sft --config recipes/default/sft.yaml
 # DPO's rejected answers: the SFT model's own mistakes, plus the generated failure modes
-[ -s data/instruct/dpo_mix.jsonl ] || "$PY" scripts/sample_rejected.py runs/default/sft/step-000800 \
+[ -s data/instruct/dpo_mix.jsonl ] || "$PY" scripts/sample_rejected.py runs/default/sft/step-000600 \
   data/instruct/dpo_mix.jsonl --corpus data/corpus --n 2000 --mix data/instruct/dpo.jsonl --mix-n 3000
 "$PY" -m mixtral train dpo --config recipes/default/dpo.yaml
 mkdir -p runs/default/eval
-"$PY" scripts/eval_default.py runs/default/dpo/step-000200 --compare runs/default/sft/step-000800 \
+"$PY" scripts/eval_default.py runs/default/dpo/step-000200 --compare runs/default/sft/step-000600 \
   --json runs/default/eval/dpo.json
-"$PY" scripts/eval_default.py runs/default/sft/step-000800 --json runs/default/eval/sft.json
+"$PY" scripts/eval_default.py runs/default/sft/step-000600 --json runs/default/eval/sft.json
+# What the paper measures, on the shipped model (its card reports these)
+D=runs/default/eval
+M=runs/default/dpo/step-000200
+mkdir -p "$D/domains"
+for pair in english_prose:austen scripture:bible_web python_code:python_stdlib \
+            python_docs:python_docs french:libreoffice_help_fr german:libreoffice_help_de; do
+  ln -sf "$(realpath "data/corpus/pretrain/val/${pair#*:}.txt")" "$D/domains/${pair%%:*}.txt"
+done
+"$PY" -m mixtral eval passkey --model "$M" --chat --lengths 128,256,384,500,768,1014 --depths 5 \
+  --trials 10 --out "$D"
+"$PY" -m mixtral eval perplexity --model "$M" --data data/corpus/pretrain/val --max-len 1024 --out "$D"
+"$PY" -m mixtral eval routing --model "$M" --data "$D/domains" --max-len 1024 --max-tokens 20000 \
+  --html "$D/domains/python_code.txt" --out "$D"
