@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from mixtral.generate import GenerationParams
     from mixtral.model import Transformer
 
@@ -25,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.run(args)
+        code = args.run(args)
+        if getattr(args, "tp", 1) > 1 or getattr(args, "ep", 1) > 1:
+            from mixtral.parallel import finish
+
+            finish()  # every rank leaves together: none tears the group down under another
+        return code
     except (ValueError, KeyError, FileNotFoundError) as e:  # CheckpointError, ChatError too
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mixtral {args.command}: error: {message}", file=sys.stderr)
@@ -48,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(e.g. 16GiB; a quantized checkpoint on the CPU)")
         sp.add_argument("--lora", metavar="ADAPTER", help="a LoRA adapter folder (from "
                         "mixtral train ... lora_rank=N), merged into the weights at load")
+        sp.add_argument("--tp", type=int, default=1, help="tensor parallel over N processes "
+                        "(launch with torchrun --nproc-per-node N -m mixtral ...)")
+        sp.add_argument("--ep", type=int, default=1, help="expert parallel over N processes "
+                        "(combinable with --tp over the same N)")
 
     def sampling_args(sp: argparse.ArgumentParser, max_tokens: int) -> None:
         sp.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -212,6 +223,8 @@ def _load(args: argparse.Namespace) -> Transformer:
     from mixtral.formats import parse_dtype
 
     dtype = parse_dtype(args.dtype)
+    if args.tp > 1 or args.ep > 1:
+        return _load_parallel(args, dtype)
     if args.model is None:
         from mixtral.default_model import LABEL, load_default
 
@@ -225,6 +238,40 @@ def _load(args: argparse.Namespace) -> Transformer:
         from mixtral.train.lora import load_adapter, merge_lora
 
         merge_lora(load_adapter(model, args.lora))
+    if not args.reference:
+        from mixtral.fast import optimize
+
+        optimize(model)
+    return model
+
+
+def _load_parallel(args: argparse.Namespace, dtype: torch.dtype | None) -> Transformer:
+    """This process's shard under torchrun; only rank 0 writes to stdout."""
+    import os
+
+    import torch
+
+    from mixtral import parallel
+
+    for flag, given in (("--max-ram", args.max_ram), ("--lora", args.lora)):
+        if given:
+            raise parallel.ParallelError(f"{flag} does not combine with --tp/--ep (merge an "
+                                         "adapter first: mixtral lora merge)")
+    plan = parallel.init(args.tp, args.ep, args.device)
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    if args.model is None:
+        from mixtral.default_model import LABEL, load_default
+
+        if plan.rank == 0:
+            print(f"[mixtral] {LABEL}", file=sys.stderr)
+        model = parallel.shard_modules(load_default(dtype, device), plan).eval()
+    else:
+        model = parallel.load_sharded(args.model, plan, dtype, device)
+    if plan.rank != 0:
+        sys.stdout = open(os.devnull, "w")  # the other ranks follow rank 0 silently
     if not args.reference:
         from mixtral.fast import optimize
 

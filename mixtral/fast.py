@@ -165,10 +165,16 @@ class FastMoe(nn.Module):
 @torch.no_grad()
 def optimize(model: Transformer) -> Transformer:
     """Swap in the fast modules (in place); the reference weights are released as they are
-    repacked, so memory does not grow."""
+    repacked, so memory does not grow. Subclasses of the reference modules (the sharded ones
+    of mixtral.parallel) keep their forward; only their expert banks are packed."""
     for layer in model.layers:
-        layer.attention = FastAttention(cast(Attention, layer.attention))
-        layer.feed_forward = FastMoe(cast(MoeLayer, layer.feed_forward))
+        if type(layer.attention) is Attention:
+            layer.attention = FastAttention(layer.attention)
+        ff = layer.feed_forward
+        if type(ff) is MoeLayer:
+            layer.feed_forward = FastMoe(ff)
+        elif isinstance(ff, MoeLayer) and type(ff.experts) is Experts and packable(ff.experts.w1):
+            ff.experts = PackedExperts(ff.experts)  # type: ignore[assignment]
     if isinstance(model.output, nn.Linear):
         model.output = _linear(model.output.weight)  # type: ignore[assignment]
     return model

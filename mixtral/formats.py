@@ -171,26 +171,38 @@ def read_canonical(layout: Layout, args: ModelArgs, read: Callable[[str], Tensor
     (already checked for shape and dtype); `make(shape)` allocates the destination, so that
     stacking experts never holds more than the model plus one file tensor."""
     for name, shape in canonical_shapes(args).items():
-        key, transform, _ = layout.source(name)
-        if transform == "same":
-            yield name, _into(make(shape), read(key))
-            continue
-        dest = make(shape)
-        if transform == "stack":
-            for e in range(args.num_experts):
-                dest[e].copy_(read(key.format(e=e)))
-        elif transform == "rope":
-            dest.copy_(rope_hf_to_mistral(read(key), args.head_dim))
-        elif transform in ("gate", "up"):
-            half = shape[1]
-            src = read(key)  # [E, 2F, D]
-            dest.copy_(src[:, :half] if transform == "gate" else src[:, half:])
-        elif transform == "flat":
-            dest.copy_(read(key).view(shape))
-        elif transform == "flat_t":
-            E, D, F = shape
-            dest.copy_(read(key).view(E, F, D).transpose(1, 2))
-        yield name, dest
+        yield name, read_one(layout, args, read, make, name, shape)
+
+
+def read_one(layout: Layout, args: ModelArgs, read: Callable[[str], Tensor],
+             make: Callable[[tuple[int, ...]], Tensor], name: str, shape: tuple[int, ...],
+             experts: range | None = None) -> Tensor:
+    """One canonical tensor of `shape`; for an expert bank, only `experts` (default: all), and
+    in layouts that keep one tensor per expert only theirs are read."""
+    key, transform, _ = layout.source(name)
+    if transform == "stack":
+        chosen = experts or range(args.num_experts)
+        dest = make((len(chosen), *shape[1:]))
+        for i, e in enumerate(chosen):
+            dest[i].copy_(read(key.format(e=e)))
+        return dest
+    if experts is not None:  # fused banks are one file tensor: read it, keep the experts asked
+        return read_one(layout, args, read, make, name, shape)[experts.start:experts.stop].clone()
+    if transform == "same":
+        return _into(make(shape), read(key))
+    dest = make(shape)
+    if transform == "rope":
+        dest.copy_(rope_hf_to_mistral(read(key), args.head_dim))
+    elif transform in ("gate", "up"):
+        half = shape[1]
+        src = read(key)  # [E, 2F, D]
+        dest.copy_(src[:, :half] if transform == "gate" else src[:, half:])
+    elif transform == "flat":
+        dest.copy_(read(key).view(shape))
+    elif transform == "flat_t":
+        E, D, F = shape
+        dest.copy_(read(key).view(E, F, D).transpose(1, 2))
+    return dest
 
 
 def _into(dest: Tensor, src: Tensor) -> Tensor:

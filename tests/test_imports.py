@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"cache", "generate", "model"},
     "quantize": {"model"},
     "fast": {"cache", "model"},
+    "parallel": {"cache", "checkpoint", "config", "formats", "model"},
     "offload": {"checkpoint", "formats", "model", "quantize"},
     "bench": {"cache", "config", "engine", "generate", "model"},
     "grammar": {"tokenizer"},
@@ -50,7 +51,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"checkpoint", "model", "offload"},
     "__main__": {"cli"},
     "cli": {"chat", "checkpoint", "completion", "config", "default_model", "formats", "generate",
-            "model", "quantize", "server", "tokenizer", "bench", "fast", "train", "eval"},
+            "model", "quantize", "server", "tokenizer", "bench", "fast", "train", "eval", "parallel"},
 }
 # third-party imports that would break a layer's purity
 FORBIDDEN_EXTERNAL = {
