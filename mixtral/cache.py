@@ -19,6 +19,7 @@ class KVCache:
         shape = (args.n_layers, batch_size, args.n_kv_heads, max_seq_len, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slot_ids = list(range(batch_size))  # which of the cache's rows a batch row is
 
     @property
     def max_seq_len(self) -> int:
@@ -38,6 +39,7 @@ class KVCache:
             view = object.__new__(KVCache)
             view.k = self.k[:, slots[0]:slots[0] + len(slots)]
             view.v = self.v[:, slots[0]:slots[0] + len(slots)]
+            view.slot_ids = [self.slot_ids[s] for s in slots]
             return view
         return CacheRows(self, torch.tensor(slots, device=self.k.device))
 
@@ -55,6 +57,7 @@ class CacheRows:
 
     def __init__(self, cache: KVCache, slots: Tensor) -> None:
         self.cache, self.slots = cache, slots
+        self.slot_ids = [cache.slot_ids[s] for s in slots.tolist()]
 
     def span(self, positions: Tensor) -> int:
         return self.cache.span(positions)

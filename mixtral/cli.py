@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -396,8 +396,26 @@ def _serve(args: argparse.Namespace) -> int:
                         max_queue=args.max_queue, description=description,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192)
     url = f"http://{args.host}:{args.port}"
-    print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"
-          + (" (bearer key required)" if settings.api_key else ""), file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"
+              + (" (bearer key required)" if settings.api_key else ""), file=sys.stderr)
+    if args.tp > 1 or args.ep > 1:  # under torchrun: rank 0 serves, the others follow it
+        import signal
+
+        from mixtral import parallel
+
+        model = _load(args)
+        if parallel.dist.get_rank() != 0:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains, then releases us
+                signal.signal(sig, signal.SIG_IGN)
+            parallel.follow(model, settings.max_batch, settings.max_seq_len or 8192)
+            return 0
+        leader = parallel.Leader(model, settings.max_batch)
+        try:  # the engine sees the leader as the model: same calls, same results
+            return serve(lambda: cast("Transformer", leader), settings, args.host, args.port,
+                         args.grace, json_constraints())
+        finally:
+            leader.stop()
     return serve(lambda: _load(args), settings, args.host, args.port, args.grace,
                  json_constraints())
 
@@ -527,11 +545,19 @@ def _train(args: argparse.Namespace) -> int:
 # --- evaluation ----------------------------------------------------------------------------------
 
 def _eval_start(args: argparse.Namespace) -> tuple[Transformer, str, Path, float]:
+    import os
     import time
 
     from mixtral.default_model import NAME
 
     model = _load(args)
+    if (args.tp > 1 or args.ep > 1) and os.environ.get("RANK", "0") != "0":
+        import atexit
+        import shutil
+        import tempfile
+
+        args.out = tempfile.mkdtemp(prefix="mixtral-eval-follower-")  # rank 0 writes the results
+        atexit.register(shutil.rmtree, args.out, True)
     label = args.model or f"default ({NAME})"
     return model, label, Path(args.out), time.perf_counter()
 

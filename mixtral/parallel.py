@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import os
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -269,3 +270,65 @@ def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# --- serving: rank 0 runs the engine, the other ranks repeat its model calls ---------------------
+
+_IDLE = datetime.timedelta(days=365)  # a server may wait for requests for as long as it likes
+
+
+class Leader(nn.Module):
+    """Rank 0's model under `mixtral serve`: every call is announced to the followers (rows of
+    the KV cache, tokens, positions) before it runs, so they make the same call on their own
+    shards and caches and the all-reduces inside meet. Announcements go over their own group,
+    with no timeout: an idle server is not an error. A rank that dies ends the launch through
+    torchrun; the collectives inside the model keep MIXTRAL_DIST_TIMEOUT."""
+
+    def __init__(self, model: Transformer, max_batch: int) -> None:
+        super().__init__()
+        self.model, self.max_batch = model, max_batch
+        self.args, self.tok_embeddings = model.args, model.tok_embeddings
+        self.control = dist.new_group(backend="gloo", timeout=_IDLE)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache,
+                last_only: bool = False) -> Tensor:
+        B, T = tokens.shape
+        slots = cache.slot_ids
+        _announce(self.control, [B, T, int(last_only), *slots], self.max_batch)
+        for t in (tokens, positions):
+            dist.broadcast(t.cpu(), 0, group=self.control)
+        return cast(Tensor, self.model(tokens, positions, cache, last_only=last_only))
+
+    def stop(self) -> None:
+        _announce(self.control, [0, 0, 0], self.max_batch)
+
+
+def _announce(group: dist.ProcessGroup, values: list[int], max_batch: int) -> None:
+    header = torch.full((3 + max_batch,), -1, dtype=torch.long)
+    header[:len(values)] = torch.tensor(values)
+    dist.broadcast(header, 0, group=group)
+
+
+@torch.inference_mode()
+def follow(model: Transformer, max_batch: int, context: int) -> None:
+    """A follower rank's serving loop: the same KV cache as the leader's engine, the same
+    calls, until the leader stops."""
+    control = dist.new_group(backend="gloo", timeout=_IDLE)
+    embed = model.tok_embeddings.weight
+    cache = KVCache(model.args, max_batch, min(context, model.args.max_seq_len), embed.dtype,
+                    embed.device)
+    header = torch.empty(3 + max_batch, dtype=torch.long)
+    while True:
+        dist.broadcast(header, 0, group=control)
+        B, T, last_only = header[:3].tolist()
+        if B == 0:
+            return
+        slots = header[3:3 + B].tolist()
+        tokens, positions = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long)
+        for t in (tokens, positions):
+            dist.broadcast(t, 0, group=control)
+        try:
+            model(tokens.to(embed.device), positions.to(embed.device), cache.rows(slots),
+                  last_only=bool(last_only))
+        except ValueError:  # bad input (e.g. past the cache): the leader fails the same way
+            continue

@@ -143,3 +143,64 @@ def test_parallel_flags_outside_torchrun_and_bad_launches(checkpoints, capsys):
     result = torchrun("-m", "mixtral", "generate", "--model", str(checkpoints["hf"]),
                       "--prompt", "x", "--ep", "2", "--max-ram", "1GiB")
     assert result.returncode != 0 and "--max-ram does not combine" in result.stderr
+
+
+def test_serve_under_torchrun_rank0_serves_the_others_follow(capsys):
+    import socket
+
+    import httpx
+
+    from mixtral.cli import main
+    from mixtral.default_model import NAME
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                               "2", "-m", "mixtral", "serve", "--tp", "2", "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=ENV)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Hello"}],
+                "temperature": 0, "max_tokens": 8}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        text = answer["choices"][0]["message"]["content"]
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+        streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                           if c["choices"])
+    finally:
+        server.terminate()  # torchrun passes SIGTERM on: rank 0 drains, then frees the others
+        out, _ = server.communicate(timeout=90)
+    assert main(["generate", "--chat", "--prompt", "Hello", "--temperature", "0",
+                 "--max-tokens", "8", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["text"]
+    assert text == streamed == alone, out[-3000:]
+
+
+def test_eval_under_torchrun_matches_one_process(tmp_path, capsys):
+    from mixtral.cli import main
+
+    text = tmp_path / "doc.txt"
+    text.write_text(" ".join(f"word{i % 37} and number {i}." for i in range(200)))
+    argv = ["eval", "perplexity", "--data", str(text), "--max-len", "128", "--dtype", "fp32"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    result = torchrun("-m", "mixtral", *argv, "--out", str(tmp_path / "two"), "--tp", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "perplexity.json").read_text())["curve"]
+                for d in ("one", "two"))
+    assert [r["length"] for r in one] == [r["length"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["perplexity"] - b["perplexity"]) <= 1e-4 * a["perplexity"]
+    assert len((tmp_path / "two" / "runs.jsonl").read_text().splitlines()) == 1  # rank 0 only
