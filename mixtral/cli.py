@@ -182,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--gen-len", type=int, default=128)
     sp.add_argument("--batch", type=int, default=1)
     sp.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
+    sp.add_argument("--tp", type=int, default=1, help="tensor parallel (under torchrun)")
+    sp.add_argument("--ep", type=int, default=1, help="expert parallel (under torchrun)")
     sp.add_argument("--json", action="store_true", help="one JSON line (stable keys)")
     sp.add_argument("--reference", action="store_true",
                     help="measure the reference modules of model.py, without the fast paths")
@@ -495,7 +497,20 @@ def _bench(args: argparse.Namespace) -> int:
     from mixtral.quantize import quantize_model
 
     float_dtype = torch.float32 if args.quant == "fp32" else torch.bfloat16
-    if args.model in PRESETS and not Path(args.model).exists():
+    plan = None
+    if args.tp > 1 or args.ep > 1:  # every rank runs the same benchmark on its shard
+        import os
+
+        from mixtral import parallel
+
+        if args.quant in ("int8", "int4") or args.max_ram:
+            raise parallel.ParallelError("--tp/--ep benchmark float weights (fp32, bf16)")
+        plan = parallel.init(args.tp, args.ep, args.device)
+        if plan.rank != 0:
+            sys.stdout = open(os.devnull, "w")
+    if plan is not None and not (args.model in PRESETS and not Path(args.model).exists()):
+        model = parallel.load_sharded(args.model, plan, float_dtype, args.device)
+    elif args.model in PRESETS and not Path(args.model).exists():
         with torch.device("meta"):
             model = Transformer(PRESETS[args.model]).to(float_dtype)
         model = model.to_empty(device=args.device)
@@ -504,6 +519,8 @@ def _bench(args: argparse.Namespace) -> int:
         import mixtral
         model = mixtral.load(args.model, None if args.max_ram else float_dtype, args.device,
                              args.max_ram)
+    if plan is not None and args.model in PRESETS and not Path(args.model).exists():
+        model = parallel.shard_modules(model, plan)  # a random preset: built whole, then cut
     if args.quant in ("int8", "int4") and isinstance(model.output, torch.nn.Linear):
         quantize_model(model, int(args.quant[3:]))
     if not args.reference:
@@ -512,6 +529,8 @@ def _bench(args: argparse.Namespace) -> int:
     result = bench.run(model.eval(), prompt_len=args.prompt_len, gen_len=args.gen_len,
                        batch=args.batch, repeats=args.repeats, quant=args.quant,
                        model_name=args.model)
+    if plan is not None:
+        result["parallel"] = {"tp": plan.tp, "ep": plan.ep, "world": plan.world}
     if args.json:
         print(json.dumps(result))
     else:
