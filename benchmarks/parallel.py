@@ -18,7 +18,8 @@ import subprocess
 import sys
 
 PLANS = [("1 process", 1, []), ("2 ranks, --tp 2", 2, ["--tp", "2"]),
-         ("2 ranks, --ep 2", 2, ["--ep", "2"]), ("2 ranks, --tp 2 --ep 2", 2, ["--tp", "2", "--ep", "2"])]
+         ("2 ranks, --ep 2", 2, ["--ep", "2"]),
+         ("2 ranks, --tp 2 --ep 2", 2, ["--tp", "2", "--ep", "2"])]
 
 
 def run(nproc: int, flags: list[str], a: argparse.Namespace, batch: int) -> dict:

@@ -69,9 +69,66 @@ def main() -> None:
     manifest = json.loads((Path(a.corpus) / "manifest.json").read_text())
     tasks = json.loads((Path(a.instruct) / "tasks.json").read_text())
     counts = param_counts(model.args)
+    paper = paper_evals(runs / "eval", dst)
     (dst / "MODEL_CARD.md").write_text(card(model.args, counts, size, stages, evals, manifest,
-                                           tasks))
+                                           tasks) + paper)
     print(f"{dst}: {size / 1e6:.1f} MB of weights, model card written")
+
+
+def paper_evals(folder: Path, dst: Path) -> str:
+    """The card's section from `mixtral eval passkey|perplexity|routing` (figures copied)."""
+    for png in ("passkey.png", "perplexity.png", "routing.png", "routing_repetition.png"):
+        shutil.copyfile(folder / png, dst / png)
+    pk = json.loads((folder / "passkey.json").read_text())
+    ppl = json.loads((folder / "perplexity.json").read_text())
+    rt = json.loads((folder / "routing.json").read_text())
+    runs = {}  # each command's wall time, from the run log it appends to
+    for line in (folder / "runs.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        runs[r["command"]] = r
+    head = "| length \\ depth | " + " | ".join(f"{d:.0%}" for d in pk["depths"]) + " |"
+    grid = "\n".join([head, "|---" * (len(pk["depths"]) + 1) + "|"] + [
+        f"| {n} | " + " | ".join(f"{a:.0%}" for a in row) + " |"
+        for n, row in zip(pk["lengths"], pk["accuracy"], strict=True)])
+    curve = "\n".join(f"| {r['length']} | {r['perplexity']:.2f} |" for r in ppl["curve"])
+    table = (folder / "routing.md").read_text()
+    balance = "; ".join(  # load balance: the busiest and idlest expert over all layers
+        f"{name} ({d['tokens']:,} tokens): {min(min(r) for r in d['first']):.1%}–"
+        f"{max(max(r) for r in d['first']):.1%}" for name, d in rt["domains"].items())
+
+    def took(cmd: str) -> str:
+        return f"{runs[cmd]['seconds'] / 60:.1f} min" if cmd in runs else "?"
+
+    return f"""
+## What the paper measures (`mixtral eval`, see the README)
+
+**Passkey retrieval** (landmark protocol, {pk['trials']} keys per cell,
+{'instruct format' if pk['chat'] else 'plain prompt'}, greedy; {took('eval passkey')}): overall
+{pk['overall']:.1%}. Rows are prompt lengths in tokens, columns the key's depth in the filler.
+
+{grid}
+
+![passkey](passkey.png)
+
+**Perplexity vs context** on the held-out pretraining text ({len(ppl['documents'])} documents of
+≥ {max(ppl['lengths'])} tokens, one forward pass each; {took('eval perplexity')}): monotonically
+decreasing within {ppl['tolerance']:.0%}: **{ppl['monotone_decreasing']}**.
+
+| context (tokens) | perplexity |
+|---|---|
+{curve}
+
+![perplexity](perplexity.png)
+
+**Routing** ({took('eval routing')}): share of consecutive tokens that keep the same first-choice
+expert (first) or share one of their two (first-or-second), per domain, at the first, middle
+and last layers, against chance. Expert shares per layer and domain are in `routing.png`; the
+range of first-choice shares over all layers and experts (uniform: {1 / rt['experts']:.1%}):
+{balance}.
+
+{table}
+![routing](routing.png) ![repetition](routing_repetition.png)
+"""
 
 
 def pct(x: float) -> str:
