@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,22 +305,34 @@ def test_lora_on_an_int8_base_learns_and_applies_to_the_float_base(tmp_path, cor
         config(tmp_path / "x", corpus, lora_base_bits=8)
 
 
-def test_two_processes_match_one(tmp_path, corpus):
+@pytest.mark.parametrize("fsdp", [True, False])
+def test_two_processes_match_one(tmp_path, corpus, fsdp):
     one = config(tmp_path / "one", corpus, steps=4, grad_accum=2, eval_every=100,
-                 save_every=4)
+                 save_every=2)
     train(one)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({**{k: v for k, v in vars(one).items()
                                      if k not in ("stage", "betas")},
-                                  "grad_accum": 1, "out": str(tmp_path / "two" / "run")}))
+                                  "grad_accum": 1, "fsdp": fsdp,
+                                  "out": str(tmp_path / "two" / "run")}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                             "2", "-m", "mixtral", "train", "pretrain", "--config", str(recipe)],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+
+    def two_processes() -> None:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run",
+                                 "--nproc-per-node", "2", "-m", "mixtral", "train", "pretrain",
+                                 "--config", str(recipe)],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    two_processes()
+    run_two = tmp_path / "two" / "run"
+    if fsdp:  # resume a sharded run from its step-2 checkpoint: it must end the same
+        shutil.rmtree(run_two / "step-000004")
+        (run_two / "latest").write_text("step-000002\n")
+        two_processes()
+    a, b = losses(tmp_path / "one" / "run"), losses(run_two)
     # the same global batch (2 micro-batches), averaged in another order: fp32 rounding only
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
     wa = load_file(tmp_path / "one" / "run" / "step-000004" / "model.safetensors")
-    wb = load_file(tmp_path / "two" / "run" / "step-000004" / "model.safetensors")
+    wb = load_file(run_two / "step-000004" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4

@@ -7,6 +7,10 @@ then `latest` is switched atomically; `resume` continues from it bit for bit (ba
 function of the step, and the optimizer and RNG states are saved). A NaN/inf loss stops the
 run with a clear message and leaves the last good checkpoint untouched. Under torchrun the
 same loop runs data-parallel: rank r takes micro-batches r, r+W, ... and gradients are averaged.
+Full training shards each layer's parameters, gradients and optimizer state over the ranks
+with FSDP (`fully_shard`; `fsdp: false` keeps whole copies and all-reduces the gradients);
+LoRA's small adapters are always all-reduced. Checkpoints are gathered whole on rank 0, so a
+run may resume on any number of processes.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from mixtral.checkpoint import load, save
 from mixtral.config import preset
@@ -79,6 +84,7 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept besides the final one
     seed: int = 0
     autocast: str = "none"  # none | bf16
+    fsdp: bool = True  # under torchrun, full training: shard parameters and optimizer state
     resume: bool = True
     progress: bool = True
 
@@ -262,12 +268,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.dim() >= 2 and "tok_embeddings" not in n]
-    rest = [p for n, p in trainable if not (p.dim() >= 2 and "tok_embeddings" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}],
+    decay, rest = _param_groups(model)
+    return torch.optim.AdamW([{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
+                              {"params": [p for _, p in rest], "weight_decay": 0.0}],
                              lr=cfg.lr, betas=cfg.betas)
+
+
+Named = list[tuple[str, torch.nn.Parameter]]
+
+
+def _param_groups(model: Transformer) -> tuple[Named, Named]:
+    """(decayed, not decayed) trainable parameters: matrices other than the embeddings decay."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [(n, p) for n, p in trainable if p.dim() >= 2 and "tok_embeddings" not in n]
+    rest = [(n, p) for n, p in trainable if not (p.dim() >= 2 and "tok_embeddings" not in n)]
+    return decay, rest
+
+
+def _grouped_names(model: Transformer) -> list[str]:
+    """Parameter names in the optimizer's index order."""
+    decay, rest = _param_groups(model)
+    return [n for n, _ in decay + rest]
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -290,8 +311,14 @@ def train(cfg: TrainConfig) -> Path:
         task = SFTTask(cfg, tokenizer, aux_coef)
     else:
         task = DPOTask(cfg, tokenizer, model)
+    resume_from = _latest(out) if cfg.resume else None
+    if resume_from is not None:
+        _resume_weights(resume_from, model)
+    sharded = world > 1 and cfg.fsdp and not cfg.lora_rank
+    if sharded:
+        _fully_shard(model)
     opt = optimizer(model, cfg)
-    start = _resume(out, model, opt) if cfg.resume else 0
+    start = _resume_state(resume_from, model, opt, sharded) if resume_from is not None else 0
     log = _MetricsLog(out / "metrics.jsonl", start, rank == 0)
     bar = _progress(cfg, start, rank == 0)
     model.train()
@@ -313,10 +340,12 @@ def train(cfg: TrainConfig) -> Path:
             (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss.item(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-        if world > 1:
-            _average_gradients(model, world, totals)
+        if world > 1:  # FSDP has already averaged (reduce-scattered) the gradients
+            _average(totals, world, None if sharded else model)
         norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
         opt.step()
         seconds = time.perf_counter() - t0
         record = {"step": step + 1, "lr": lr_at(step, cfg), "grad_norm": float(norm),
@@ -327,8 +356,10 @@ def train(cfg: TrainConfig) -> Path:
             record.update(_evaluate(model, task, cfg))
         log.write(record)
         bar.update(record)
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            _save(out, step + 1, model, opt, cfg)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            weights, optim = _full_state(model, opt, sharded)  # a collective under FSDP
+            if rank == 0:
+                _save(out, step + 1, model, weights, optim, cfg, sharded)
     bar.close()
     if rank == 0:
         log.plot(out / "loss.png")
@@ -367,18 +398,46 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _average_gradients(model: Transformer, world: int, totals: dict[str, float]) -> None:
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world
+def _average(totals: dict[str, float], world: int, model: Transformer | None) -> None:
+    """Average the logged values over the ranks, and the gradients unless FSDP did."""
+    if model is not None:
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
     keys = sorted(totals)
     values = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(values)
     for k, v in zip(keys, (values / world).tolist(), strict=True):
         totals[k] = v
+
+
+def _fully_shard(model: Transformer) -> None:
+    """FSDP2: each block is one unit (gathered for its forward and backward, then freed);
+    the root holds the embeddings, final norm and output head."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _full_state(model: Transformer, opt: torch.optim.Optimizer,
+                sharded: bool) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The whole model and optimizer state (gathered onto rank 0 when sharded)."""
+    if not sharded:
+        return {k: v.detach() for k, v in model.state_dict().items()}, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (cast(dict[str, Tensor], get_model_state_dict(model, options=options)),
+            cast(dict[str, Any], get_optimizer_state_dict(model, opt, options=options)))
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -391,8 +450,8 @@ def _latest(out: Path) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _save(out: Path, step: int, model: Transformer, opt: torch.optim.Optimizer,
-          cfg: TrainConfig) -> Path:
+def _save(out: Path, step: int, model: Transformer, weights: dict[str, Tensor],
+          optim: dict[str, Any], cfg: TrainConfig, sharded: bool) -> Path:
     name = f"step-{step:06d}"
     tmp = out / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -401,9 +460,10 @@ def _save(out: Path, step: int, model: Transformer, opt: torch.optim.Optimizer,
                      tuple(cfg.lora_targets))
         (tmp / "adapter" / "base.txt").write_text(str(Path(cfg.init).resolve()) + "\n")
     else:
-        save({k: v.detach() for k, v in model.state_dict().items()}, model.args, tmp, "hf")
-    state = {"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-             "config": asdict(cfg)}
+        save(weights, model.args, tmp, "hf")
+    # optimizer state by parameter name when gathered from FSDP, by index otherwise
+    state = {"step": step, "optimizer": optim, "optimizer_by_name": sharded,
+             "rng": torch.get_rng_state(), "config": asdict(cfg)}
     torch.save(state, tmp / "trainer_state.pt")
     for f in tmp.rglob("*"):
         if f.is_file():
@@ -430,11 +490,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _resume(out: Path, model: Transformer, opt: torch.optim.Optimizer) -> int:
-    folder = _latest(out)
-    if folder is None:
-        return 0
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+def _resume_weights(folder: Path, model: Transformer) -> None:
+    """The checkpoint's weights (or adapters) into the model, before any sharding."""
     if (folder / "adapter").exists():
         from safetensors.torch import load_file
 
@@ -446,10 +503,37 @@ def _resume(out: Path, model: Transformer, opt: torch.optim.Optimizer) -> int:
     else:
         weights = load(folder, dtype=torch.float32).state_dict()
         model.load_state_dict(weights)
-    opt.load_state_dict(state["optimizer"])
+
+
+def _resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
+                  sharded: bool) -> int:
+    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    if sharded or state.get("optimizer_by_name"):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        if state.get("optimizer_by_name"):
+            set_optimizer_state_dict(model, opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:  # saved by a process holding whole parameters: index -> name first
+            by_name = _optimizer_by_name(state["optimizer"], _grouped_names(model))
+            set_optimizer_state_dict(model, opt, by_name,
+                                     options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     print(f"[mixtral train] resuming from {folder} (step {state['step']})", file=sys.stderr)
     return int(state["step"])
+
+
+def _optimizer_by_name(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    name_of = dict(zip(ids, names, strict=True))
+    return {"state": {name_of[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]}
+                             for g in saved["param_groups"]]}
 
 
 # --- logs ----------------------------------------------------------------------------------------
