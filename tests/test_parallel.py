@@ -92,13 +92,14 @@ def test_cli_generate_under_torchrun_matches_one_process(checkpoints, capsys):
     assert lines == [alone]  # rank 0 printed it once; rank 1 stayed silent
 
 
-def test_default_model_under_torchrun(capsys):
+@pytest.mark.parametrize("plan", [["--tp", "2"], ["--ep", "2"], ["--tp", "2", "--ep", "2"]])
+def test_default_model_under_torchrun(capsys, plan):
     from mixtral.cli import main
 
     argv = ["generate", "--prompt", "Hello", "--temperature", "0", "--max-tokens", "8", "--json"]
     assert main(argv) == 0
     alone = json.loads(capsys.readouterr().out)
-    result = torchrun("-m", "mixtral", *argv, "--tp", "2")
+    result = torchrun("-m", "mixtral", *argv, *plan)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == alone
 
