@@ -59,11 +59,34 @@ JSON_PROMPTS = [
 ]
 
 
-def task_json(r: random.Random) -> tuple[list[dict], str, list[tuple[str, bool]]]:
+def pseudo_word(r: random.Random) -> str:
+    """A made-up capitalised word: values no model can have memorised, only copied."""
+    syllables = [r.choice("bcdfghklmnprstvz") + r.choice("aeiou") for _ in range(r.randint(2, 3))]
+    return "".join(syllables).capitalize() + r.choice(["", "", "n", "r", "s"])
+
+
+WIDE_FIELDS: dict[str, Callable[[random.Random], str]] = {
+    "name": pseudo_word,
+    "lastname": pseudo_word,
+    "address": lambda r: f"#{r.randint(1, 999)} {pseudo_word(r)} "
+                         f"{r.choice(['St.', 'Ave.', 'Road', 'Lane', 'Blvd.'])}",
+    "city": pseudo_word,
+    "age": lambda r: str(r.randint(1, 110)),
+    "email": lambda r: f"{pseudo_word(r).lower()}@{pseudo_word(r).lower()}.com",
+    "job": lambda r: pseudo_word(r).lower(),
+    "color": lambda r: pseudo_word(r).lower(),
+    "phone": lambda r: f"{r.randint(100, 999)}-{r.randint(1000, 9999)}",
+    "country": pseudo_word,
+}
+
+
+def task_json(r: random.Random, wide: bool = False) -> tuple[list[dict], str,
+                                                             list[tuple[str, bool]]]:
     keys = r.sample(list(FIELDS), r.randint(2, 5))
     if r.random() < 0.3:
         keys = ["name", "lastname", "address"][: r.randint(2, 3)]
-    values = {k: FIELDS[k](r) for k in keys}
+    pools = WIDE_FIELDS if wide and r.random() < 0.8 else FIELDS
+    values = {k: pools[k](r) for k in keys}
     lines = "\n".join(f"{k}: {v}" for k, v in values.items())
     prompt = r.choice(JSON_PROMPTS).format(lines=lines)
     answer = json.dumps(values, ensure_ascii=False)
@@ -243,11 +266,13 @@ def load_corpus(corpus: Path | None) -> tuple[list[dict[str, str]], list[dict[st
     return parallel, definitions
 
 
-def build(out: Path, corpus: Path | None, seed: int, n: int) -> dict[str, int]:
+def build(out: Path, corpus: Path | None, seed: int, n: int,
+          wide: float = 0.0) -> dict[str, int]:
     r = random.Random(seed)
     parallel, definitions = load_corpus(corpus)
     tasks: dict[str, tuple[float, Callable[[], tuple[list[dict], str, list]]]] = {
         "json": (3, lambda: task_json(r)),
+        "json_wide": (wide, lambda: task_json(r, wide=True)),
         "arithmetic": (2, lambda: task_arithmetic(r)),
         "passkey": (2, lambda: task_passkey(r)),
         "multiturn": (2, lambda: task_multiturn(r)),
@@ -285,8 +310,11 @@ def main() -> None:
     p.add_argument("--corpus", help="the output folder of scripts/build_corpus.py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--wide", type=float, default=0.0, help="weight of JSON tasks whose values "
+                   "are made-up words (copying, not recall; the other tasks weigh 1.5-3)")
     a = p.parse_args()
-    print(json.dumps(build(Path(a.out), Path(a.corpus) if a.corpus else None, a.seed, a.n)))
+    print(json.dumps(build(Path(a.out), Path(a.corpus) if a.corpus else None, a.seed, a.n,
+                           a.wide)))
 
 
 if __name__ == "__main__":

@@ -64,10 +64,16 @@ def main() -> None:
         dst.mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copyfile(f, dst / f.name)
-    stages = {s: stage_summary(runs / s) for s in ("pretrain", "sft", "dpo")}
+    stages = {s: stage_summary(runs / s) for s in ("pretrain", "sft", "sft_copy", "sft_json",
+                                                      "dpo")
+              if (runs / s / "metrics.jsonl").exists()}
     evals = {s: json.loads((runs / "eval" / f"{s}.json").read_text()) for s in ("sft", "dpo")}
     manifest = json.loads((Path(a.corpus) / "manifest.json").read_text())
     tasks = json.loads((Path(a.instruct) / "tasks.json").read_text())
+    for part in ("copy", "json"):
+        extra = Path(f"{a.instruct}_{part}") / "tasks.json"
+        if extra.exists():
+            tasks[part] = json.loads(extra.read_text())
     counts = param_counts(model.args)
     paper = paper_evals(runs / "eval", dst)
     (dst / "MODEL_CARD.md").write_text(card(model.args, counts, size, stages, evals, manifest,
@@ -131,6 +137,18 @@ range of first-choice shares over all layers and experts (uniform: {1 / rt['expe
 """
 
 
+def copy_note(tasks: dict[str, Any]) -> str:
+    notes = []
+    for part, label in (("copy", "2b (`sft_copy`)"), ("json", "2c (`sft_json`)")):
+        if part in tasks:
+            c = tasks[part]
+            notes.append(f"SFT part {label}: {c['conversations']:,} more conversations (seed "
+                         f"{c['seed']}), {c.get('json', 0) + c.get('json_wide', 0):,} of them "
+                         f"JSON tasks, {c.get('json_wide', 0):,} mostly with made-up values "
+                         "that can only be copied.")
+    return "\n" + "\n".join(notes) + "\n" if notes else ""
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
@@ -165,8 +183,9 @@ def card(args: Any, counts: dict[str, int], size: int, stages: dict[str, dict],
 
 A {counts['total'] / 1e6:.1f}M-parameter Mixtral ({counts['active'] / 1e6:.1f}M active per
 token) trained from scratch by this repository's own pipeline on 2 CPU cores: pretraining with
-the MoE load-balancing loss, then SFT, then DPO. It exists so that `mixtral chat`, `generate`
-and `serve` work offline out of the box and so that the whole pipeline is exercised end to end.
+the MoE load-balancing loss, then SFT (in two parts), then DPO. It exists so that `mixtral
+chat`, `generate` and `serve` work offline out of the box and so that the whole pipeline is
+exercised end to end.
 It is a demonstration of the system, **not an assistant**: see "What it cannot do".
 
 ## Architecture
@@ -198,7 +217,7 @@ prompts ({tasks.get('system', 0):,}), the safe prompt ({tasks.get('safety', 0):,
 definitions ({tasks.get('definition', 0):,}) — and preference pairs whose rejected answers are
 a small model's realistic failures (invalid JSON, a wrong passkey or sum, the wrong language,
 ignoring the system prompt, complying under the safe prompt, rambling without `</s>`).
-
+{copy_note(tasks)}
 ## Training ({total_minutes:.0f} minutes on 2 CPU cores, {platform.processor() or 'x86_64'})
 
 | stage | steps | minutes | final train loss | final held-out loss |
@@ -232,7 +251,12 @@ weights for real work.
 scripts/train_default.sh        # data, pretrain, SFT, DPO, evaluation (~{total_minutes:.0f} min)
 python scripts/ship_default.py  # this folder
 ```
-Recipes: `recipes/default/{{pretrain,sft,dpo}}.yaml`.
+Recipes: `recipes/default/{{pretrain,sft,sft_copy,sft_json,dpo}}.yaml`. The shipped pretraining run
+was planned for 2000 steps; a machine restart killed it at step 1002 and it was resumed from
+step 1000 with the 1300-step schedule now in the recipe, to fit the session (so a rerun from
+scratch follows a slightly different learning-rate curve). After the first SFT part the model
+wrote well-formed JSON with the wrong values (0/20 exact): it recalled familiar names instead
+of copying the prompt's, hence `sft_copy` (1/20 after it) and `sft_json`.
 """
 
 

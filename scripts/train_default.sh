@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the default model from scratch: data, pretraining, SFT, sampled preference pairs, DPO,
-# evaluation. About 2.5 hours on 2 CPU cores; every stage resumes where it stopped.
+# evaluation. About 3 hours on 2 CPU cores; every stage resumes where it stopped.
 #   scripts/train_default.sh            # then: scripts/ship_default.py to package the result
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,14 +11,20 @@ if [ -e "$JEMALLOC" ]; then export LD_PRELOAD="$JEMALLOC"; fi
 [ -s data/instruct/sft.jsonl ] || "$PY" scripts/build_instruct_data.py data/instruct --corpus data/corpus --n 30000
 "$PY" -m mixtral train pretrain --config recipes/default/pretrain.yaml
 "$PY" -m mixtral train sft --config recipes/default/sft.yaml
+[ -s data/instruct_copy/sft.jsonl ] || "$PY" scripts/build_instruct_data.py data/instruct_copy \
+  --corpus data/corpus --n 16000 --seed 2 --wide 9
+"$PY" -m mixtral train sft --config recipes/default/sft_copy.yaml
+[ -s data/instruct_json/sft.jsonl ] || "$PY" scripts/build_instruct_data.py data/instruct_json \
+  --corpus data/corpus --n 20000 --seed 3 --wide 30
+"$PY" -m mixtral train sft --config recipes/default/sft_json.yaml
 # DPO's rejected answers: the SFT model's own mistakes, plus the generated failure modes
-[ -s data/instruct/dpo_mix.jsonl ] || "$PY" scripts/sample_rejected.py runs/default/sft/step-000600 \
-  data/instruct/dpo_mix.jsonl --corpus data/corpus --n 2000 --mix data/instruct/dpo.jsonl --mix-n 3000
+[ -s data/instruct/dpo_mix.jsonl ] || "$PY" scripts/sample_rejected.py runs/default/sft_json/step-000500 \
+  data/instruct/dpo_mix.jsonl --corpus data/corpus --n 1000 --mix data/instruct/dpo.jsonl --mix-n 2000
 "$PY" -m mixtral train dpo --config recipes/default/dpo.yaml
 mkdir -p runs/default/eval
-"$PY" scripts/eval_default.py runs/default/dpo/step-000200 --compare runs/default/sft/step-000600 \
+"$PY" scripts/eval_default.py runs/default/dpo/step-000200 --compare runs/default/sft_json/step-000500 \
   --json runs/default/eval/dpo.json
-"$PY" scripts/eval_default.py runs/default/sft/step-000600 --json runs/default/eval/sft.json
+"$PY" scripts/eval_default.py runs/default/sft_json/step-000500 --json runs/default/eval/sft.json
 # What the paper measures, on the shipped model (its card reports these)
 D=runs/default/eval
 M=runs/default/dpo/step-000200
