@@ -73,7 +73,7 @@ def main() -> None:
     for part in ("copy", "json"):
         extra = Path(f"{a.instruct}_{part}") / "tasks.json"
         if extra.exists():
-            tasks[part] = json.loads(extra.read_text())
+            tasks[f"part_{part}"] = json.loads(extra.read_text())
     counts = param_counts(model.args)
     paper = paper_evals(runs / "eval", dst)
     (dst / "MODEL_CARD.md").write_text(card(model.args, counts, size, stages, evals, manifest,
@@ -96,7 +96,11 @@ def paper_evals(folder: Path, dst: Path) -> str:
     grid = "\n".join([head, "|---" * (len(pk["depths"]) + 1) + "|"] + [
         f"| {n} | " + " | ".join(f"{a:.0%}" for a in row) + " |"
         for n, row in zip(pk["lengths"], pk["accuracy"], strict=True)])
-    curve = "\n".join(f"| {r['length']} | {r['perplexity']:.2f} |" for r in ppl["curve"])
+    base_file = folder / "base" / "perplexity.json"  # the pretrained model, before SFT
+    base = {r["length"]: r["perplexity"] for r in json.loads(base_file.read_text())["curve"]} \
+        if base_file.exists() else {}
+    curve = "\n".join(f"| {r['length']} | {base.get(r['length'], float('nan')):.1f} | "
+                      f"{r['perplexity']:.1f} |" for r in ppl["curve"])
     table = (folder / "routing.md").read_text()
     balance = "; ".join(  # load balance: the busiest and idlest expert over all layers
         f"{name} ({d['tokens']:,} tokens): {min(min(r) for r in d['first']):.1%}–"
@@ -120,9 +124,14 @@ def paper_evals(folder: Path, dst: Path) -> str:
 ≥ {max(ppl['lengths'])} tokens, one forward pass each; {took('eval perplexity')}): monotonically
 decreasing within {ppl['tolerance']:.0%}: **{ppl['monotone_decreasing']}**.
 
-| context (tokens) | perplexity |
-|---|---|
+| context (tokens) | pretrained base | shipped (after SFT and DPO) |
+|---|---|---|
 {curve}
+
+The base model was pretrained on 256-token sequences: its perplexity falls up to that length
+and rises beyond it, where its positions were never trained (the paper's curve comes from a
+model trained at 32k). Fine-tuning on short templated conversations cost the shipped model
+most of its plain-text modelling; what it kept are the narrow skills above.
 
 ![perplexity](perplexity.png)
 
@@ -140,8 +149,8 @@ range of first-choice shares over all layers and experts (uniform: {1 / rt['expe
 def copy_note(tasks: dict[str, Any]) -> str:
     notes = []
     for part, label in (("copy", "2b (`sft_copy`)"), ("json", "2c (`sft_json`)")):
-        if part in tasks:
-            c = tasks[part]
+        if f"part_{part}" in tasks:
+            c = tasks[f"part_{part}"]
             notes.append(f"SFT part {label}: {c['conversations']:,} more conversations (seed "
                          f"{c['seed']}), {c.get('json', 0) + c.get('json_wide', 0):,} of them "
                          f"JSON tasks, {c.get('json_wide', 0):,} mostly with made-up values "
@@ -225,6 +234,10 @@ ignoring the system prompt, complying under the safe prompt, rambling without `<
 {stage_rows}
 
 ## Measured skills (held-out inputs, seed {d['seed']}, greedy; `scripts/eval_default.py`)
+
+Measured on the fp32 checkpoints; the shipped file is their bf16 copy, on which
+`tests/test_default_model.py` checks the source document's JSON prompt. "After SFT" is the
+model after all three SFT parts, DPO's starting point.
 
 | skill | after SFT | after DPO (shipped) |
 |---|---|---|

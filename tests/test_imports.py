@@ -51,7 +51,8 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"checkpoint", "model", "offload"},
     "__main__": {"cli"},
     "cli": {"chat", "checkpoint", "completion", "config", "default_model", "formats", "generate",
-            "model", "quantize", "server", "tokenizer", "bench", "fast", "train", "eval", "parallel"},
+            "model", "quantize", "server", "tokenizer", "bench", "fast", "train", "eval",
+            "parallel"},
 }
 # third-party imports that would break a layer's purity
 FORBIDDEN_EXTERNAL = {
