@@ -3,6 +3,11 @@ model, on the same cores, so that the cost of communication shows.
 
     python benchmarks/parallel.py [--model bench] [--quant fp32] [--batch 1,8] [--rounds 3]
                                   [--device cpu] [--gen-len 64] [--prompt-len 256]
+                                  [--checkpoint DIR]
+
+--checkpoint DIR writes the --model preset (random weights, seed 0, in --quant's dtype) to DIR
+as an HF checkpoint once and benchmarks that, so each rank reads only its shard from disk (a
+preset is otherwise built whole on every rank, then cut).
 
 One process uses all the cores' threads; each of the N ranks gets threads/N. Configurations
 alternate round by round (other jobs share the machine) and the table quotes medians.
@@ -34,6 +39,20 @@ def run(nproc: int, flags: list[str], a: argparse.Namespace, batch: int) -> dict
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
+def write_preset(name: str, quant: str, path: str) -> None:
+    import torch
+
+    from mixtral.checkpoint import save
+    from mixtral.config import PRESETS
+    from mixtral.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(PRESETS[name]).to(torch.float32 if quant == "fp32" else torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    save({k: v.detach() for k, v in model.state_dict().items()}, model.args, path, "hf")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="bench")
@@ -43,7 +62,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--checkpoint", help="write the preset here once and load it from disk")
     a = p.parse_args()
+    if a.checkpoint:
+        if not os.path.exists(a.checkpoint):
+            write_preset(a.model, a.quant, a.checkpoint)
+        a.model = a.checkpoint
     batches = [int(b) for b in a.batch.split(",")]
     results: dict[tuple[str, int], list[dict]] = {}
     for r in range(a.rounds):
