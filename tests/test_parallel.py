@@ -147,7 +147,7 @@ def test_parallel_flags_outside_torchrun_and_bad_launches(checkpoints, capsys):
     assert result.returncode != 0 and "--max-ram does not combine" in result.stderr
 
 
-def test_serve_under_torchrun_rank0_serves_the_others_follow(capsys):
+def test_serve_under_torchrun_answers_the_official_client(capsys):
     import socket
 
     import httpx
@@ -182,13 +182,21 @@ def test_serve_under_torchrun_rank0_serves_the_others_follow(capsys):
                       if line.startswith("data: {")]
         streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
                            if c["choices"])
+        from mistralai.client import Mistral  # the official client, as users call it
+
+        client = Mistral(api_key="unused", server_url=url)
+        official = client.chat.complete(model=NAME, messages=body["messages"], temperature=0,
+                                        max_tokens=8).choices[0].message.content
+        events = list(client.chat.stream(model=NAME, messages=body["messages"], temperature=0,
+                                         max_tokens=8))
+        official_streamed = "".join(e.data.choices[0].delta.content or "" for e in events)
     finally:
         server.terminate()  # torchrun passes SIGTERM on: rank 0 drains, then frees the others
         out, _ = server.communicate(timeout=90)
     assert main(["generate", "--chat", "--prompt", "Hello", "--temperature", "0",
                  "--max-tokens", "8", "--json", "--dtype", "fp32"]) == 0
     alone = json.loads(capsys.readouterr().out)["text"]
-    assert text == streamed == alone, out[-3000:]
+    assert text == streamed == official == official_streamed == alone, out[-3000:]
 
 
 def test_eval_under_torchrun_matches_one_process(tmp_path, capsys):
