@@ -41,7 +41,8 @@ class KVCache:
             view.v = self.v[:, slots[0]:slots[0] + len(slots)]
             view.slot_ids = [self.slot_ids[s] for s in slots]
             return view
-        return CacheRows(self, torch.tensor(slots, device=self.k.device))
+        return CacheRows(self, torch.tensor(slots, device=self.k.device),
+                         [self.slot_ids[s] for s in slots])
 
     def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor,
                span: int) -> tuple[Tensor, Tensor]:
@@ -55,9 +56,8 @@ class KVCache:
 class CacheRows:
     """Scattered slots of a KVCache as one batch: writes go to the slots, reads gather them."""
 
-    def __init__(self, cache: KVCache, slots: Tensor) -> None:
-        self.cache, self.slots = cache, slots
-        self.slot_ids = [cache.slot_ids[s] for s in slots.tolist()]
+    def __init__(self, cache: KVCache, slots: Tensor, slot_ids: list[int]) -> None:
+        self.cache, self.slots, self.slot_ids = cache, slots, slot_ids
 
     def span(self, positions: Tensor) -> int:
         return self.cache.span(positions)

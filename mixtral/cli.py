@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     import torch
 
+    from mixtral import parallel
     from mixtral.generate import GenerationParams
     from mixtral.model import Transformer
 
@@ -247,23 +248,34 @@ def _load(args: argparse.Namespace) -> Transformer:
     return model
 
 
-def _load_parallel(args: argparse.Namespace, dtype: torch.dtype | None) -> Transformer:
-    """This process's shard under torchrun; only rank 0 writes to stdout."""
+def _join_parallel(args: argparse.Namespace) -> tuple[parallel.Plan, str]:
+    """Join the torchrun launch: this rank's plan and device (GPU LOCAL_RANK under CUDA);
+    only rank 0 writes to stdout, the others follow it silently."""
     import os
 
     import torch
 
     from mixtral import parallel
 
-    for flag, given in (("--max-ram", args.max_ram), ("--lora", args.lora)):
-        if given:
-            raise parallel.ParallelError(f"{flag} does not combine with --tp/--ep (merge an "
-                                         "adapter first: mixtral lora merge)")
     plan = parallel.init(args.tp, args.ep, args.device)
     device = args.device
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(device)
+    if plan.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return plan, device
+
+
+def _load_parallel(args: argparse.Namespace, dtype: torch.dtype | None) -> Transformer:
+    """This process's shard under torchrun."""
+    from mixtral import parallel
+
+    for flag, given in (("--max-ram", args.max_ram), ("--lora", args.lora)):
+        if given:
+            raise parallel.ParallelError(f"{flag} does not combine with --tp/--ep (merge an "
+                                         "adapter first: mixtral lora merge)")
+    plan, device = _join_parallel(args)
     if args.model is None:
         from mixtral.default_model import LABEL, load_default
 
@@ -272,8 +284,6 @@ def _load_parallel(args: argparse.Namespace, dtype: torch.dtype | None) -> Trans
         model = parallel.shard_modules(load_default(dtype, device), plan).eval()
     else:
         model = parallel.load_sharded(args.model, plan, dtype, device)
-    if plan.rank != 0:
-        sys.stdout = open(os.devnull, "w")  # the other ranks follow rank 0 silently
     if not args.reference:
         from mixtral.fast import optimize
 
@@ -499,15 +509,12 @@ def _bench(args: argparse.Namespace) -> int:
     float_dtype = torch.float32 if args.quant == "fp32" else torch.bfloat16
     plan = None
     if args.tp > 1 or args.ep > 1:  # every rank runs the same benchmark on its shard
-        import os
-
         from mixtral import parallel
 
         if args.quant in ("int8", "int4") or args.max_ram:
-            raise parallel.ParallelError("--tp/--ep benchmark float weights (fp32, bf16)")
-        plan = parallel.init(args.tp, args.ep, args.device)
-        if plan.rank != 0:
-            sys.stdout = open(os.devnull, "w")
+            raise parallel.ParallelError("--tp/--ep benchmark float weights (fp32, bf16): "
+                                         "drop --quant int8/int4 and --max-ram")
+        plan, args.device = _join_parallel(args)
     if plan is not None and not (args.model in PRESETS and not Path(args.model).exists()):
         model = parallel.load_sharded(args.model, plan, float_dtype, args.device)
     elif args.model in PRESETS and not Path(args.model).exists():

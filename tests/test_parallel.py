@@ -129,12 +129,11 @@ def test_plans_that_cannot_work_are_clear_errors():
     Plan(tp=2, ep=2).check(args)  # fits
 
 
-def test_parallel_flags_outside_torchrun_and_bad_launches(checkpoints, capsys):
+def test_parallel_flags_outside_torchrun_and_bad_launches(checkpoints, capsys, monkeypatch):
     from mixtral.cli import main
 
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    os.environ.clear()
-    os.environ.update(env)
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
     assert main(["generate", "--model", str(checkpoints["hf"]), "--prompt", "x", "--tp",
                  "2"]) == 2
     assert "launch with torchrun --nproc-per-node 2" in capsys.readouterr().err

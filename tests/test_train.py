@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -223,13 +224,19 @@ def test_bad_data_names_file_and_line(tmp_path):
         TrainConfig.from_dict({"stage": "sft", "out": "x", "data": ["y"], "stepz": 3})
 
 
-def test_sft_then_dpo_with_lora_learn(tmp_path, corpus, capsys):
+def addition_sft(tmp_path: Path, corpus: Path) -> tuple[Path, Path]:
+    """A few pretraining steps, and 36 "What is a plus b?" conversations to fine-tune on."""
     base = train(config(tmp_path / "pre", corpus, steps=6, save_every=6))
     sft = tmp_path / "sft.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                           {"role": "assistant", "content": str(a + b)}]}
             for a in range(6) for b in range(6)]
     sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return base, sft
+
+
+def test_sft_then_dpo_with_lora_learn(tmp_path, corpus, capsys):
+    base, sft = addition_sft(tmp_path, corpus)
     train(config(tmp_path / "s", corpus, stage="sft", data=[str(sft)], init=str(base),
                  steps=30, batch_size=8, lr=3e-3, eval_every=10, save_every=30))
     curve = losses(tmp_path / "s" / "run")
@@ -276,12 +283,7 @@ def test_int8_linear_passes_gradients_to_its_input():
 
 
 def test_lora_on_an_int8_base_learns_and_applies_to_the_float_base(tmp_path, corpus):
-    base = train(config(tmp_path / "pre", corpus, steps=6, save_every=6))
-    sft = tmp_path / "sft.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": str(a + b)}]}
-            for a in range(6) for b in range(6)]
-    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base, sft = addition_sft(tmp_path, corpus)
     final = train(config(tmp_path / "s", corpus, stage="sft", data=[str(sft)], init=str(base),
                          steps=30, batch_size=8, lr=1e-2, lora_rank=8, lora_base_bits=8,
                          eval_every=30, save_every=30))
@@ -327,9 +329,17 @@ def test_two_processes_match_one(tmp_path, corpus, fsdp):
     two_processes()
     run_two = tmp_path / "two" / "run"
     if fsdp:  # resume a sharded run from its step-2 checkpoint: it must end the same
+        shutil.copytree(run_two, tmp_path / "alone")  # ... and so must one process
         shutil.rmtree(run_two / "step-000004")
         (run_two / "latest").write_text("step-000002\n")
         two_processes()
+        alone = tmp_path / "alone"
+        shutil.rmtree(alone / "step-000004")
+        (alone / "latest").write_text("step-000002\n")
+        train(replace(one, out=str(alone)))
+        wc = load_file(alone / "step-000004" / "model.safetensors")
+        wa = load_file(tmp_path / "one" / "run" / "step-000004" / "model.safetensors")
+        assert max((wa[k] - wc[k]).abs().max().item() for k in wa) < 1e-4
     a, b = losses(tmp_path / "one" / "run"), losses(run_two)
     # the same global batch (2 micro-batches), averaged in another order: fp32 rounding only
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
