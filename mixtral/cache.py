@@ -47,6 +47,10 @@ class KVCache:
     def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor,
                span: int) -> tuple[Tensor, Tensor]:
         """Write k, v [B, K, T, A] at positions [B, T]; return this layer's [B, K, span, A]."""
+        if k.shape[0] == 1:  # one row (decoding alone): a copy along positions, cheaper
+            self.k[layer, 0].index_copy_(1, positions[0], k[0].to(self.k.dtype))
+            self.v[layer, 0].index_copy_(1, positions[0], v[0].to(self.v.dtype))
+            return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
         idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])  # [B, K, T, A]
         self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
         self.v[layer].scatter_(2, idx, v.to(self.v.dtype))

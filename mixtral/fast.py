@@ -6,12 +6,16 @@ fp32 3x faster. So `optimize` repacks every matmul weight once, fusing wq/wk/wv 
 and each expert's w1/w3 into one, and replaces the per-token bookkeeping of attention and the
 MoE with fewer, larger operations:
 
-  FastAttention  one qkv product, RoPE as a complex multiply
+  FastAttention  one qkv product, RoPE as one complex multiply for queries and keys
   FastMoe        few tokens (decode): the chosen experts are called directly, no sort/scatter
   PackedLinear   x @ W.T on the packed weight (CPU, bf16/fp32)
+  Int8Rows, Int4Rows
+                 the quantized modules of mixtral.quantize on our own matrix-vector kernels
+                 (mixtral.kernels, CPU), fused the same way; long prompts dequantize and use
+                 the float GEMM
 
-Quantized modules (mixtral.quantize) keep their own kernels; FastMoe and FastAttention work
-with them too.
+Where a kernel is unavailable (CUDA, MIXTRAL_KERNELS=0, no compiler) the quantized modules
+keep PyTorch's kernels; FastMoe and FastAttention work with them too.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixtral import kernels
 from mixtral.cache import KVCache
 from mixtral.model import Attention, Experts, MoeLayer, Transformer, dispatch, route
+from mixtral.quantize import Int4Linear, Int8Linear, QuantExperts, int4_from_cpu64
+
+SMALL_M = 16  # rows of x up to which the matrix-vector kernels beat dequantize + GEMM
 
 
 def packable(weight: Tensor) -> bool:
@@ -54,55 +62,133 @@ def _linear(weight: Tensor) -> nn.Module:
     return layer
 
 
-def _fuse(*modules: nn.Module) -> nn.Module | None:
-    """One linear layer computing all of `modules` (stacked outputs), when they are plain."""
-    if not all(isinstance(m, nn.Linear) for m in modules):
+class Int8Rows(nn.Module):
+    """Int8Linear on mixtral.kernels: y = x @ (weight * scales[:, None]).T."""
+
+    def __init__(self, weight: Tensor, scales: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.dtype = dtype
+        self.weight, self.scales = weight.contiguous(), scales.float().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        if x2.shape[0] <= SMALL_M:  # y in x's dtype
+            y = kernels.int8_mv(x2, self.weight, self.scales)
+        else:  # a long prompt: one dequantized copy, then the float GEMM
+            y = F.linear(x2, kernels.int8_dequantize(self.weight, self.scales, x2.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Rows(nn.Module):
+    """Int4Linear on mixtral.kernels (its layout: see there)."""
+
+    def __init__(self, weight: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1] * 2
+        self.group_size, self.dtype = group_size, dtype
+        self.weight, self.sz = weight.contiguous(), sz.contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        if x2.shape[0] <= SMALL_M:  # y in x's dtype
+            y = kernels.int4_mv(x2, self.weight, self.sz, self.group_size)
+        else:
+            y = F.linear(x2, kernels.int4_dequantize(self.weight, self.sz, self.group_size,
+                                                     x2.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _rows(m: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """A quantized module's weight and scales in our kernels' layout, if they can take it."""
+    if m.weight.device.type != "cpu" or not kernels.available():  # type: ignore[union-attr]
         return None
-    return _linear(torch.cat([cast(nn.Linear, m).weight for m in modules]))
+    if type(m) is Int8Linear and m.in_features % 16 == 0:
+        return m.weight, m.scales.float()
+    if type(m) is Int4Linear and m.weight.shape[0] % 64 == 0:  # the cpu64 layout
+        n = m.out_features
+        packed = int4_from_cpu64(m.weight)[:n]  # [N, K/2], column 2j in the high nibble
+        q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)  # [N, K]
+        scale, zero = m.scales_and_zeros[:, :n].transpose(0, 1).unbind(-1)  # [N, K/g] each
+        return kernels.int4_pack(q), kernels.int4_offsets(scale, zero)
+    return None
+
+
+def _fuse(*modules: nn.Module) -> nn.Module | None:
+    """One module computing all of `modules` (stacked outputs): float ones packed, quantized
+    ones on our kernels; None when they cannot be fused (LoRA, CUDA without kernels...)."""
+    if all(type(m) is nn.Linear for m in modules):
+        return _linear(torch.cat([cast(nn.Linear, m).weight for m in modules]))
+    kinds = {type(m) for m in modules}
+    if len(kinds) != 1 or not kinds <= {Int8Linear, Int4Linear}:
+        return None
+    parts = [_rows(m) for m in modules]
+    if any(p is None for p in parts):
+        return None
+    weight = torch.cat([p[0] for p in parts if p is not None])
+    scales = torch.cat([p[1] for p in parts if p is not None])
+    first = modules[0]
+    if isinstance(first, Int8Linear):
+        return Int8Rows(weight, scales, first.scales.dtype)
+    assert isinstance(first, Int4Linear)
+    return Int4Rows(weight, scales, first.group_size, first.scales_and_zeros.dtype)
+
+
+def _swap(m: nn.Module) -> nn.Module:
+    """The fast twin of one projection (itself if there is none)."""
+    return _fuse(m) or m
 
 
 class FastAttention(nn.Module):
-    def __init__(self, ref: Attention) -> None:
+    def __init__(self, ref: Attention, window: int | None = None) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = ref.n_heads, ref.n_kv_heads, ref.head_dim
-        self.split = [ref.n_heads * ref.head_dim, ref.n_kv_heads * ref.head_dim,
-                      ref.n_kv_heads * ref.head_dim]
+        self.window = window  # the model's sliding window (None: none)
         self.wqkv = _fuse(ref.wq, ref.wk, ref.wv)
-        if self.wqkv is None:  # quantized projections: keep them apart
+        if self.wqkv is None:  # e.g. LoRA on them: keep them apart
             self.wq, self.wk, self.wv = ref.wq, ref.wk, ref.wv
-        self.wo = _linear(ref.wo.weight) if isinstance(ref.wo, nn.Linear) else ref.wo
+        self.wo = _swap(ref.wo)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 positions: Tensor, cache: KVCache | None, layer: int) -> Tensor:
         B, T, _ = x.shape
+        H, K, A = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
-            q, k, v = self.wqkv(x).split(self.split, dim=-1)
+            qkv = self.wqkv(x)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        rot = torch.complex(cos, sin)[:, :, None]  # [B, T, 1, A/2]
-        q = _rope(q.view(B, T, self.n_heads, self.head_dim), rot).transpose(1, 2)
-        k = _rope(k.view(B, T, self.n_kv_heads, self.head_dim), rot).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        # queries and keys rotate together: [B, T, H + K, A]
+        qk = _rope(qkv[..., :(H + K) * A].view(B, T, H + K, A), torch.complex(cos, sin)[:, :, None])
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, heads, T, A]
+        v = qkv[..., (H + K) * A:].view(B, T, K, A).transpose(1, 2)
         if cache is not None:
             assert mask is not None
             k, v = cache.update(layer, positions, k, v, span=mask.shape[-1])
         if T == 1 and mask is not None:  # decoding: CPU SDPA is slow for a single query
-            out = _one_query_attention(q, k, v, mask)
+            # one row attends to every cached position unless a window cuts it
+            needed = B > 1 or (self.window is not None and mask.shape[-1] > self.window)
+            out = _one_query_attention(q, k, v, mask if needed else None)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                 enable_gqa=self.n_heads != self.n_kv_heads)
+                                                 enable_gqa=H != K)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [B, H, 1, A], k/v [B, K, S, A], mask [B, 1, 1, S] -> [B, H, 1, A]. Query head h uses
-    key/value head h // (H/K), as SDPA's enable_gqa does; softmax in fp32."""
+def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """q [B, H, 1, A], k/v [B, K, S, A], mask [B, 1, 1, S] or None (all visible) ->
+    [B, H, 1, A]. Query head h uses key/value head h // (H/K), as SDPA's enable_gqa does;
+    softmax in fp32."""
     B, H, _, A = q.shape
     K = k.shape[1]
-    qg = q.reshape(B, K, H // K, A).float()  # [B, K, H/K, A]
-    scores = torch.einsum("bkha,bksa->bkhs", qg, k.float()) * A**-0.5  # [B, K, H/K, S]
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    out = torch.einsum("bkhs,bksa->bkha", probs, v.float())
+    qg = q.reshape(B, K, H // K, A).float() * A**-0.5  # [B, K, H/K, A]
+    scores = qg @ k.float().transpose(-1, -2)  # [B, K, H/K, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.float()  # [B, K, H/K, A]
     return out.reshape(B, H, 1, A).to(q.dtype)
 
 
@@ -112,15 +198,13 @@ def _rope(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
-class PackedExperts(nn.Module):
-    """Each expert's w1 and w3 fused into one packed [2F, D] matrix, w2 packed [D, F]."""
+class FusedExperts(nn.Module):
+    """Each expert's w1 and w3 fused into one [2F, D] projection, w2 its fast twin."""
 
-    def __init__(self, ref: Experts) -> None:
+    def __init__(self, w13: list[nn.Module], w2: list[nn.Module], hidden: int) -> None:
         super().__init__()
-        self.hidden = ref.w1.shape[1]
-        self.w13 = nn.ModuleList(_linear(torch.cat([ref.w1[e], ref.w3[e]]))
-                                 for e in range(ref.w1.shape[0]))
-        self.w2 = nn.ModuleList(_linear(ref.w2[e]) for e in range(ref.w2.shape[0]))
+        self.hidden = hidden
+        self.w13, self.w2 = nn.ModuleList(w13), nn.ModuleList(w2)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         gate, up = self.w13[e](x).split(self.hidden, dim=-1)
@@ -128,6 +212,22 @@ class PackedExperts(nn.Module):
 
     def forward(self, x: Tensor, counts: list[int]) -> Tensor:
         return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
+
+
+def fuse_experts(ref: nn.Module) -> FusedExperts | None:
+    """The fast form of a float (packed) or quantized (our kernels) expert bank, if any."""
+    if type(ref) is Experts and packable(ref.w1):
+        E = ref.w1.shape[0]
+        return FusedExperts([_linear(torch.cat([ref.w1[e], ref.w3[e]])) for e in range(E)],
+                            [_linear(ref.w2[e]) for e in range(E)], ref.w1.shape[1])
+    if type(ref) is QuantExperts:
+        w1, w2, w3 = (cast(nn.ModuleList, getattr(ref, w)) for w in ("w1", "w2", "w3"))
+        w13 = [_fuse(a, b) for a, b in zip(w1, w3, strict=True)]
+        down = [_fuse(m) for m in w2]
+        if all(m is not None for m in w13 + down):
+            return FusedExperts(cast(list[nn.Module], w13), cast(list[nn.Module], down),
+                                cast(Int8Linear | Int4Linear, w1[0]).out_features)
+    return None
 
 
 class FastMoe(nn.Module):
@@ -138,9 +238,7 @@ class FastMoe(nn.Module):
         super().__init__()
         self.top_k, self.direct_below = ref.top_k, direct_below
         self.gate = _linear(ref.gate.weight) if isinstance(ref.gate, nn.Linear) else ref.gate
-        experts = ref.experts
-        self.experts = PackedExperts(experts) if isinstance(experts, Experts) and \
-            packable(experts.w1) else experts
+        self.experts = fuse_experts(ref.experts) or ref.experts
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         shape = x.shape
@@ -150,31 +248,29 @@ class FastMoe(nn.Module):
         if x.shape[0] >= self.direct_below:
             return dispatch(self.experts, x, weights, chosen).view(shape), router_logits
         expert = cast(Callable[[int, Tensor], Tensor], self.experts.expert)
-        rows = []
-        for n, picks in enumerate(chosen.tolist()):
-            xn = x[n:n + 1]
-            # ascending expert order, as the sorted dispatch adds them
-            terms = sorted((e, j) for j, e in enumerate(picks))
-            out = torch.zeros_like(xn)
-            for e, j in terms:
-                out = out + expert(e, xn) * weights[n, j]
+        rows: list[Tensor] = []
+        for n, (picks, w) in enumerate(zip(chosen.tolist(), weights.tolist(), strict=True)):
+            # ascending expert order, as dispatch adds them
+            terms = [expert(e, x[n:n + 1]) * wj for e, wj in sorted(zip(picks, w, strict=True))]
+            out = terms[0]
+            for term in terms[1:]:
+                out = out + term
             rows.append(out)
-        return torch.cat(rows).view(shape), router_logits
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)).view(shape), router_logits
 
 
 @torch.no_grad()
 def optimize(model: Transformer) -> Transformer:
     """Swap in the fast modules (in place); the reference weights are released as they are
-    repacked, so memory does not grow. Subclasses of the reference modules (the sharded ones
-    of mixtral.parallel) keep their forward; only their expert banks are packed."""
+    repacked, so memory grows by one layer's at most. Subclasses of the reference modules (the
+    sharded ones of mixtral.parallel) keep their forward; only their expert banks are packed."""
     for layer in model.layers:
         if type(layer.attention) is Attention:
-            layer.attention = FastAttention(layer.attention)
+            layer.attention = FastAttention(layer.attention, model.args.sliding_window)
         ff = layer.feed_forward
         if type(ff) is MoeLayer:
             layer.feed_forward = FastMoe(ff)
-        elif isinstance(ff, MoeLayer) and type(ff.experts) is Experts and packable(ff.experts.w1):
-            ff.experts = PackedExperts(ff.experts)  # type: ignore[assignment]
-    if isinstance(model.output, nn.Linear):
-        model.output = _linear(model.output.weight)  # type: ignore[assignment]
+        elif isinstance(ff, MoeLayer):
+            ff.experts = fuse_experts(ff.experts) or ff.experts  # type: ignore[assignment]
+    model.output = _swap(model.output)  # type: ignore[assignment]
     return model

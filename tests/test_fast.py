@@ -8,7 +8,7 @@ import torch
 from mixtral.cache import KVCache
 from mixtral.config import ModelArgs
 from mixtral.engine import Engine
-from mixtral.fast import FastAttention, FastMoe, PackedExperts, PackedLinear, optimize
+from mixtral.fast import FastAttention, FastMoe, FusedExperts, PackedLinear, optimize
 from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
 from mixtral.quantize import quantize_model
@@ -36,7 +36,7 @@ def test_fast_equals_reference(dtype, window):
     ref, fast = pair(dtype, sliding_window=window)
     assert isinstance(fast.layers[0].attention, FastAttention)
     assert isinstance(fast.layers[0].feed_forward, FastMoe)
-    assert isinstance(fast.layers[0].feed_forward.experts, PackedExperts)
+    assert isinstance(fast.layers[0].feed_forward.experts, FusedExperts)
     assert isinstance(fast.output, PackedLinear)
     exact = Transformer(ref.args)
     exact.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})

@@ -1,0 +1,335 @@
+// Weight-only int8 and int4 matrix-vector products for decoding on CPU (a few rows of x).
+//
+// Decoding is memory-bound: each weight byte is read once per step, so the kernel's job is to
+// stream the weights at the machine's bandwidth while converting them to fp32 on the fly.
+// PyTorch's own low-bit kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) reach
+// ~60-75 % of it for one row of x; these reach ~90 %.
+//
+// Layouts (made once by mixtral/kernels.py from the portable checkpoint form):
+//   int8  w [N, K] int8, one fp32 scale per row:            y = scale[n] * sum_k x[k] w[n, k]
+//   int4  w [N, K/2] uint8; each 32 columns of a row are 16 bytes, byte i holding column i in
+//         its low nibble and column i + 16 in its high nibble (so one 16-byte load unpacks into
+//         two 16-lane vectors in column order). sz [N, K/g, 2] fp32 = (scale, offset) per group
+//         of g columns, the weight being q * scale + offset (q in 0..15):
+//         y = sum_groups scale * sum_k x[k] q[k] + offset * sum_k x[k]
+//
+// x is fp32 or bf16 [M, K] (M small; the caller dequantizes and uses a GEMM for long prompts);
+// the arithmetic is fp32 and y [M, N] comes back in x's dtype.
+// Work is split over output rows with at::parallel_for, i.e. PyTorch's own OpenMP team.
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---- int8 ------------------------------------------------------------------------------------
+
+// One output row n for MB rows of x. Rows are visited in memory order, so each thread streams
+// one contiguous range of the weight matrix (what the hardware prefetcher follows best).
+template <int MB>
+inline void int8_row(const float* x, int64_t K, const int8_t* w, float scale, float* y,
+                     int64_t N) {
+#if defined(__AVX512F__)
+  __m512 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(b)));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(b, 1)));
+    for (int m = 0; m < MB; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), acc[m][1]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    for (int m = 0; m < MB; ++m)
+      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
+  }
+  for (int m = 0; m < MB; ++m)
+    y[m * N] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+#else
+  for (int m = 0; m < MB; ++m) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * static_cast<float>(w[k]);
+    y[m * N] = scale * acc;
+  }
+#endif
+}
+
+inline void int8_rows(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                      float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) int8_row<4>(x + m * K, K, w + n * K, scale[n], y + m * N + n, N);
+    for (; m + 2 <= M; m += 2) int8_row<2>(x + m * K, K, w + n * K, scale[n], y + m * N + n, N);
+    for (; m < M; ++m) int8_row<1>(x + m * K, K, w + n * K, scale[n], y + m * N + n, N);
+  }
+}
+
+// ---- int4 ------------------------------------------------------------------------------------
+
+template <int MB>
+inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group,
+                     const uint8_t* w, const float* sz, float* y, int64_t N) {
+  const int64_t groups = K / group;
+#if defined(__AVX512F__)
+  __m512 total[MB];
+  float off[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps(), off[m] = 0.f;
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      for (int m = 0; m < MB; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + k + 16), acc[m][1]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(sz[2 * g]);
+    for (int m = 0; m < MB; ++m) {
+      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), s, total[m]);
+      off[m] += sz[2 * g + 1] * xsum[m * groups + g];
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * N] = _mm512_reduce_add_ps(total[m]) + off[m];
+#else
+  for (int m = 0; m < MB; ++m) {
+    float out = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32)
+        for (int i = 0; i < 16; ++i) {
+          const uint8_t b = w[k / 2 + i];
+          acc += x[m * K + k + i] * static_cast<float>(b & 15) +
+                 x[m * K + k + 16 + i] * static_cast<float>(b >> 4);
+        }
+      out += sz[2 * g] * acc + sz[2 * g + 1] * xsum[m * groups + g];
+    }
+    y[m * N] = out;
+  }
+#endif
+}
+
+inline void int4_rows(const float* x, const float* xsum, int64_t M, int64_t K, int64_t group,
+                      const uint8_t* w, const float* sz, float* y, int64_t N, int64_t n0,
+                      int64_t n1) {
+  const int64_t groups = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wn = w + n * (K / 2);
+    const float* szn = sz + n * groups * 2;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4)
+      int4_row<4>(x + m * K, xsum + m * groups, K, group, wn, szn, y + m * N + n, N);
+    for (; m + 2 <= M; m += 2)
+      int4_row<2>(x + m * K, xsum + m * groups, K, group, wn, szn, y + m * N + n, N);
+    for (; m < M; ++m) int4_row<1>(x + m * K, xsum + m * groups, K, group, wn, szn, y + m * N + n, N);
+  }
+}
+
+// ---- ops -------------------------------------------------------------------------------------
+
+// x [M, K] as contiguous fp32 (bf16 is converted: a few KB, cheaper here than another op)
+at::Tensor float_x(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, op, ": x must be [M, ", K, "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be fp32 or bf16, got ", x.scalar_type());
+  if (x.scalar_type() == at::kFloat) return x.contiguous();
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  const c10::BFloat16* src = xc.data_ptr<c10::BFloat16>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < xc.numel(); ++i) dst[i] = static_cast<float>(src[i]);
+  return out;
+}
+
+// y (fp32) in the dtype of x, rounded to nearest even for bf16
+at::Tensor like_x(const at::Tensor& y, const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return y;
+  at::Tensor out = at::empty(y.sizes(), y.options().dtype(at::kBFloat16));
+  const float* src = y.data_ptr<float>();
+  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < y.numel(); ++i) dst[i] = c10::BFloat16(src[i]);
+  return out;
+}
+
+at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
+              "int8_mv: w must be contiguous int8 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor x = float_x(x_in, K, "int8_mv");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(K % 16 == 0, "int8_mv: K must be a multiple of 16, got ", K);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
+              "int8_mv: scales must be contiguous fp32 [N]");
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    int8_rows(xp, M, K, wp, sp, yp, N, n0, n1);
+  });
+  return like_x(y, x_in);
+}
+
+at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz,
+                   int64_t group) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
+              "int4_mv: w must be contiguous uint8 [N, K/2]");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  const at::Tensor x = float_x(x_in, K, "int4_mv");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(group % 32 == 0 && K % group == 0,
+              "int4_mv: need group % 32 == 0 and K % group == 0; got group=", group, " K=", K);
+  TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 &&
+                  sz.size(0) == N && sz.size(1) == K / group && sz.size(2) == 2,
+              "int4_mv: sz must be contiguous fp32 [N, K/group, 2], got ", sz.sizes());
+  const int64_t groups = K / group;
+  at::Tensor xsum = at::empty({M, groups}, x.options());  // sum of x over each group
+  const float* xp = x.data_ptr<float>();
+  float* xs = xsum.data_ptr<float>();
+  for (int64_t i = 0; i < M * groups; ++i) {
+    float s = 0.f;
+    for (int64_t k = 0; k < group; ++k) s += xp[i * group + k];
+    xs[i] = s;
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = sz.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    int4_rows(xp, xs, M, K, group, wp, sp, yp, N, n0, n1);
+  });
+  return like_x(y, x_in);
+}
+
+// The float weight a quantized one stands for, in `dtype` (fp32 or bf16): long prompts
+// multiply by it with the float GEMM, which beats any matrix-vector kernel once x has many rows.
+inline void store_row(const float* src, int64_t K, float* dst) {
+  std::memcpy(dst, src, K * sizeof(float));
+}
+
+inline void store_row(const float* src, int64_t K, c10::BFloat16* dst) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  // round to nearest even, as c10::BFloat16 does (the weights are finite)
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  for (; k + 16 <= K; k += 16) {
+    __m512i b = _mm512_castps_si512(_mm512_loadu_ps(src + k));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+  }
+#endif
+  for (; k < K; ++k) dst[k] = c10::BFloat16(src[k]);
+}
+
+template <typename T, typename Row>
+void dequant_rows(int64_t N, int64_t K, T* out, const Row& row) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      row(n, buf.data());
+      store_row(buf.data(), K, out + n * K);
+    }
+  });
+}
+
+// into `out` [N, K] (a buffer the caller reuses: fresh pages would cost more than the work)
+template <typename Row>
+at::Tensor dequant(int64_t N, int64_t K, const at::Tensor& out, const Row& row) {
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) &&
+                  out.is_contiguous() && out.dim() == 2 && out.size(0) == N && out.size(1) == K,
+              "dequantize: out must be contiguous fp32 or bf16 [", N, ", ", K, "], got ",
+              out.scalar_type(), " ", out.sizes());
+  if (out.scalar_type() == at::kFloat)
+    dequant_rows(N, K, out.data_ptr<float>(), row);
+  else
+    dequant_rows(N, K, out.data_ptr<c10::BFloat16>(), row);
+  return out;
+}
+
+at::Tensor int8_dequant(const at::Tensor& w, const at::Tensor& scales, const at::Tensor& out) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() &&
+                  w.size(1) % 16 == 0 && scales.scalar_type() == at::kFloat &&
+                  scales.numel() == w.size(0),
+              "int8_dequant: need contiguous int8 w [N, K], K % 16 == 0, fp32 scales [N]");
+  const int64_t K = w.size(1);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  return dequant(w.size(0), K, out, [&](int64_t n, float* row) {
+    const int8_t* wn = wp + n * K;
+#if defined(__AVX512F__)
+    const __m512 s = _mm512_set1_ps(sp[n]);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k));
+      _mm512_storeu_ps(row + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s));
+    }
+#else
+    for (int64_t k = 0; k < K; ++k) row[k] = sp[n] * static_cast<float>(wn[k]);
+#endif
+  });
+}
+
+at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group,
+                        const at::Tensor& out) {
+  const int64_t K = w.size(1) * 2, groups = K / group;
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
+                  group % 32 == 0 && K % group == 0 && sz.scalar_type() == at::kFloat &&
+                  sz.is_contiguous() && sz.numel() == w.size(0) * groups * 2,
+              "int4_dequant: need contiguous uint8 w [N, K/2], fp32 sz [N, K/group, 2]");
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = sz.data_ptr<float>();
+  return dequant(w.size(0), K, out, [&](int64_t n, float* row) {
+    const uint8_t* wn = wp + n * (K / 2);
+    for (int64_t k = 0; k < K; k += 32) {
+      const float s = sp[(n * groups + k / group) * 2], o = sp[(n * groups + k / group) * 2 + 1];
+#if defined(__AVX512F__)
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k / 2)));
+      const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(o);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      _mm512_storeu_ps(row + k, _mm512_fmadd_ps(lo, sv, ov));
+      _mm512_storeu_ps(row + k + 16, _mm512_fmadd_ps(hi, sv, ov));
+#else
+      for (int i = 0; i < 16; ++i) {
+        row[k + i] = static_cast<float>(wn[k / 2 + i] & 15) * s + o;
+        row[k + 16 + i] = static_cast<float>(wn[k / 2 + i] >> 4) * s + o;
+      }
+#endif
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixtral, m) {
+  m.def("int8_mv(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int4_mv(Tensor x, Tensor w, Tensor sz, int group) -> Tensor");
+  m.def("int8_dequant(Tensor w, Tensor scales, Tensor(a!) out) -> Tensor(a!)");
+  m.def("int4_dequant(Tensor w, Tensor sz, int group, Tensor(a!) out) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(mixtral, CPU, m) {
+  m.impl("int8_mv", int8_mv);
+  m.impl("int4_mv", int4_mv);
+  m.impl("int8_dequant", int8_dequant);
+  m.impl("int4_dequant", int4_dequant);
+}

@@ -1,0 +1,112 @@
+"""Our own CPU kernels (mixtral/csrc/lowbit.cpp): weight-only int8/int4 matrix-vector products.
+
+PyTorch's low-bit CPU kernels stream the weights at ~60-75 % of memory bandwidth for the one
+row of activations that decoding has; ours reach ~90 % (benchmarks/RESULTS.md). The source is
+compiled for this machine (-march=native) on first use, like torch.compile's C++ kernels, into
+PyTorch's extension cache (~5 s, once). Without a compiler, on other CPUs than x86-64, or with
+MIXTRAL_KERNELS=0, `available()` is False and the fast modules keep PyTorch's kernels.
+
+Layouts (see the C++ file): int8 rows [N, K] with fp32 scales [N]; int4 rows [N, K/2] where
+each 32 columns are 16 bytes (column i in the low nibble, i + 16 in the high one) and
+sz [N, K/group, 2] = (scale, offset) in fp32, the weight being q * scale + offset.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "lowbit.cpp"
+
+
+@functools.cache
+def available() -> bool:
+    """Build (once per machine and source version) and load the kernels; False if impossible."""
+    if os.environ.get("MIXTRAL_KERNELS", "1") == "0" or platform.machine() not in ("x86_64",
+                                                                                  "AMD64"):
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="mixtral_lowbit", sources=[str(SOURCE)],
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+        return hasattr(torch.ops.mixtral, "int8_mv")
+    except Exception as e:  # no compiler, no ninja, an old CPU: PyTorch's kernels still work
+        warnings.warn(f"mixtral: CPU kernels unavailable, using PyTorch's ({e})", stacklevel=2)
+        return False
+
+
+def int8_mv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] @ (w int8 [N, K] * scales fp32 [N, 1]).T -> [M, N]; x fp32 or bf16, y in
+    x's dtype, fp32 arithmetic."""
+    return torch.ops.mixtral.int8_mv(x, w, scales)
+
+
+def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int) -> Tensor:
+    """x [M, K] @ W.T for the int4 W (our layout) -> [M, N], dtypes as int8_mv."""
+    return torch.ops.mixtral.int4_mv(x, w, sz, group)
+
+
+# --- int4 layout ---------------------------------------------------------------------------------
+
+def int4_pack(q: Tensor) -> Tensor:
+    """Values 0..15 [N, K] (any integer dtype) -> our layout, uint8 [N, K/2]."""
+    N, K = q.shape
+    q = q.to(torch.uint8).view(N, K // 32, 2, 16)  # [N, chunk, half, i]
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def int4_unpack(w: Tensor) -> Tensor:
+    """Our layout uint8 [N, K/2] -> values 0..15 uint8 [N, K]."""
+    N, half = w.shape
+    b = w.view(N, half // 16, 1, 16)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(N, half * 2)
+
+
+def int4_offsets(scale: Tensor, zero: Tensor) -> Tensor:
+    """Portable (scale, zero) with w = (q - 8) * scale + zero -> our sz [..., 2] fp32 with
+    w = q * scale + offset."""
+    scale, zero = scale.float(), zero.float()
+    return torch.stack([scale, zero - 8 * scale], dim=-1).contiguous()
+
+
+def int8_dequantize(w: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float weight [N, K] in `dtype` (fp32/bf16) that the int8 form stands for (long
+    prompts multiply by it with the float GEMM). It lives in a per-thread scratch buffer,
+    valid until this thread's next call: use it at once."""
+    return torch.ops.mixtral.int8_dequant(w, scales, _scratch(w.shape[0], w.shape[1], dtype))
+
+
+def int4_dequantize(w: Tensor, sz: Tensor, group: int, dtype: torch.dtype) -> Tensor:
+    """The same for our int4 form."""
+    return torch.ops.mixtral.int4_dequant(w, sz, group,
+                                          _scratch(w.shape[0], w.shape[1] * 2, dtype))
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, k: int, dtype: torch.dtype) -> Tensor:
+    """A reused [n, k] buffer: a fresh one each call costs more in page faults than the
+    dequantization itself (~3 ms for a 14 MB weight)."""
+    buf = getattr(_local, "buffers", {}).get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = torch.empty(n * k, dtype=dtype)
+        _local.buffers = {**getattr(_local, "buffers", {}), dtype: buf}
+    return buf[:n * k].view(n, k)
+
+
+def int4_reference(w: Tensor, sz: Tensor, group: int) -> Tensor:
+    """int4_dequantize in plain PyTorch, fp32 (what the tests hold the kernels to)."""
+    q = int4_unpack(w).float()
+    N, K = q.shape
+    g = q.view(N, K // group, group) * sz[..., :1] + sz[..., 1:]  # [N, K/g, g]
+    return g.reshape(N, K)

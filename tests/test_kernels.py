@@ -1,0 +1,138 @@
+"""Our CPU kernels (mixtral.kernels) against plain PyTorch in fp64, and their use by the fast
+modules: whole tensors, every row count the decode and prefill paths take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixtral import kernels
+from mixtral.fast import Int4Rows, Int8Rows, optimize
+from mixtral.model import Transformer
+from mixtral.quantize import Int4Linear, Int8Linear, int4_dequantize, int4_quantize, int8_quantize
+from tests.test_fast import ARGS
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("K", [16, 48, 1024])
+def test_int8_mv_equals_float_product(M, K):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    w = torch.randint(-127, 128, (37, K), dtype=torch.int8, generator=g)
+    scales = torch.rand(37, generator=g) + 0.1
+    x = torch.randn(M, K, generator=g)
+    want = x.double() @ (w.double() * scales.double()[:, None]).T
+    assert rel_err(kernels.int8_mv(x, w, scales), want) < 1e-6
+    xb = x.bfloat16()
+    got = kernels.int8_mv(xb, w, scales)
+    assert got.dtype == torch.bfloat16
+    want_b = (xb.double() @ (w.double() * scales.double()[:, None]).T).to(torch.bfloat16)
+    torch.testing.assert_close(got, want_b, atol=0, rtol=2**-7)  # one bf16 rounding
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("K,group", [(32, 32), (256, 64), (1024, 128)])
+def test_int4_mv_equals_float_product(M, K, group):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    w = torch.randn(52, K, generator=g)
+    packed, sz = int4_quantize(w, group)  # the portable form
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
+    scale, zero = sz.transpose(0, 1).unbind(-1)
+    ours, ours_sz = kernels.int4_pack(q), kernels.int4_offsets(scale, zero)
+    assert torch.equal(kernels.int4_unpack(ours), q)
+    dense = kernels.int4_reference(ours, ours_sz, group)
+    torch.testing.assert_close(dense, int4_dequantize(packed, sz, group), atol=1e-6, rtol=1e-6)
+    x = torch.randn(M, K, generator=g)
+    assert rel_err(kernels.int4_mv(x, ours, ours_sz, group), x.double() @ dense.double().T) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_equals_reference(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 256, generator=g)
+    q8, s8 = int8_quantize(w)
+    want8 = (q8.float() * s8[:, None]).to(dtype)
+    assert torch.equal(kernels.int8_dequantize(q8, s8, dtype), want8)
+    packed, sz = int4_quantize(w, 64)
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
+    ours = kernels.int4_pack(q)
+    ours_sz = kernels.int4_offsets(*sz.transpose(0, 1).unbind(-1))
+    want4 = kernels.int4_reference(ours, ours_sz, 64).to(dtype)
+    torch.testing.assert_close(kernels.int4_dequantize(ours, ours_sz, 64, dtype), want4,
+                               atol=1e-6, rtol=0)
+
+
+def test_kernels_name_bad_input():
+    w = torch.zeros(8, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match=r"int8_mv: x must be \[M, 32\]"):
+        kernels.int8_mv(torch.zeros(1, 16), w, torch.ones(8))
+    with pytest.raises(RuntimeError, match="int8_mv: scales must be"):
+        kernels.int8_mv(torch.zeros(1, 32), w, torch.ones(7))
+    with pytest.raises(RuntimeError, match="int4_mv: need group % 32 == 0"):
+        kernels.int4_mv(torch.zeros(1, 64), torch.zeros(8, 32, dtype=torch.uint8),
+                        torch.zeros(8, 3, 2), 20)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_quantized_modules_use_the_kernels(bits, dtype):
+    """optimize() moves int8/int4 projections onto the kernels (fused like the float ones),
+    and the model gives the reference quantized model's logits: single rows on the
+    matrix-vector kernels, a 40-token prompt also on dequantize + GEMM. bf16 rounds at other
+    points, and a near-tie then routes a token elsewhere: as in test_fast, the fast model must
+    be as close to the fp32 quantized model as the reference is, in the median."""
+    from mixtral.quantize import quantize_model
+
+    torch.manual_seed(0)
+    base = Transformer(ARGS.with_(dim=128, head_dim=32, hidden_dim=192, vocab_size=320))
+    base.init_weights(std=0.1)
+
+    def quantized(float_dtype: torch.dtype) -> Transformer:
+        model = Transformer(base.args)
+        model.load_state_dict(base.state_dict())
+        return quantize_model(model.to(float_dtype).eval(), bits)
+
+    ref, fast, exact = quantized(dtype), optimize(quantized(dtype)), quantized(torch.float32)
+    kind = Int8Rows if bits == 8 else Int4Rows
+    assert isinstance(fast.layers[0].attention.wqkv, kind)
+    assert isinstance(fast.layers[0].feed_forward.experts.w13[0], kind)
+    assert isinstance(fast.output, kind)
+    assert isinstance(ref.output, Int8Linear if bits == 8 else Int4Linear)
+    tokens = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
+    errors: dict[str, list[torch.Tensor]] = {"ref": [], "fast": []}
+    with torch.no_grad():
+        for t in (1, 2, 3, 40):
+            want, got = ref(tokens[:, :t]), fast(tokens[:, :t])
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(),
+                                           rtol=0)
+            e = exact(tokens[:, :t])
+            for name, out in (("ref", want), ("fast", got)):
+                errors[name].append(((out - e).norm(dim=-1) / e.norm(dim=-1)).flatten())
+    fast_err, ref_err = (torch.cat(errors[k]).median() for k in ("fast", "ref"))
+    assert fast_err <= 1.5 * ref_err + 1e-5, (fast_err, ref_err)
+
+
+def test_without_kernels_the_quantized_modules_stay(monkeypatch):
+    from mixtral.quantize import quantize_model
+
+    monkeypatch.setenv("MIXTRAL_KERNELS", "0")
+    kernels.available.cache_clear()
+    try:
+        assert not kernels.available()
+        torch.manual_seed(0)
+        model = Transformer(ARGS)
+        model.init_weights(std=0.1)
+        model = optimize(quantize_model(model.eval(), 8))
+        assert isinstance(model.output, Int8Linear)
+        assert isinstance(model.layers[0].attention.wq, Int8Linear)
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+    finally:
+        monkeypatch.delenv("MIXTRAL_KERNELS")
+        kernels.available.cache_clear()
