@@ -109,7 +109,8 @@ def _rows(m: nn.Module) -> tuple[Tensor, Tensor] | None:
         return None
     if type(m) is Int8Linear and m.in_features % 16 == 0:
         return m.weight, m.scales.float()
-    if type(m) is Int4Linear and m.weight.shape[0] % 64 == 0:  # the cpu64 layout
+    if type(m) is Int4Linear and m.weight.shape[0] % 64 == 0 and m.group_size % 64 == 0:
+        # stored in the cpu64 layout (rows in blocks of 64)
         n = m.out_features
         packed = int4_from_cpu64(m.weight)[:n]  # [N, K/2], column 2j in the high nibble
         q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)  # [N, K]

@@ -7,8 +7,9 @@ PyTorch's extension cache (~5 s, once). Without a compiler, on other CPUs than x
 MIXTRAL_KERNELS=0, `available()` is False and the fast modules keep PyTorch's kernels.
 
 Layouts (see the C++ file): int8 rows [N, K] with fp32 scales [N]; int4 rows [N, K/2] where
-each 32 columns are 16 bytes (column i in the low nibble, i + 16 in the high one) and
-sz [N, K/group, 2] = (scale, offset) in fp32, the weight being q * scale + offset.
+each 64 columns are 32 bytes (column i in the low nibble, i + 32 in the high one) and
+sz [N, K/group, 2] = (scale, offset) in fp32 (group % 64 == 0), the weight being
+q * scale + offset.
 """
 
 from __future__ import annotations
@@ -60,14 +61,14 @@ def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int) -> Tensor:
 def int4_pack(q: Tensor) -> Tensor:
     """Values 0..15 [N, K] (any integer dtype) -> our layout, uint8 [N, K/2]."""
     N, K = q.shape
-    q = q.to(torch.uint8).view(N, K // 32, 2, 16)  # [N, chunk, half, i]
+    q = q.to(torch.uint8).view(N, K // 64, 2, 32)  # [N, chunk, half, i]
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
 
 
 def int4_unpack(w: Tensor) -> Tensor:
     """Our layout uint8 [N, K/2] -> values 0..15 uint8 [N, K]."""
     N, half = w.shape
-    b = w.view(N, half // 16, 1, 16)
+    b = w.view(N, half // 32, 1, 32)
     return torch.cat([b & 15, b >> 4], dim=2).reshape(N, half * 2)
 
 

@@ -36,7 +36,7 @@ def test_int8_mv_equals_float_product(M, K):
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
-@pytest.mark.parametrize("K,group", [(32, 32), (256, 64), (1024, 128)])
+@pytest.mark.parametrize("K,group", [(64, 64), (256, 64), (1024, 128), (512, 256)])
 def test_int4_mv_equals_float_product(M, K, group):
     g = torch.Generator().manual_seed(M * 1000 + K)
     w = torch.randn(52, K, generator=g)
@@ -49,6 +49,12 @@ def test_int4_mv_equals_float_product(M, K, group):
     torch.testing.assert_close(dense, int4_dequantize(packed, sz, group), atol=1e-6, rtol=1e-6)
     x = torch.randn(M, K, generator=g)
     assert rel_err(kernels.int4_mv(x, ours, ours_sz, group), x.double() @ dense.double().T) < 1e-5
+    xb = x.bfloat16()  # the bf16 path (dot products of bf16 pairs where the CPU has them)
+    got = kernels.int4_mv(xb, ours, ours_sz, group)
+    assert got.dtype == torch.bfloat16
+    want = xb.double() @ dense.double().T
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(),
+                               rtol=2**-8)  # one bf16 rounding
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -73,7 +79,7 @@ def test_kernels_name_bad_input():
         kernels.int8_mv(torch.zeros(1, 16), w, torch.ones(8))
     with pytest.raises(RuntimeError, match="int8_mv: scales must be"):
         kernels.int8_mv(torch.zeros(1, 32), w, torch.ones(7))
-    with pytest.raises(RuntimeError, match="int4_mv: need group % 32 == 0"):
+    with pytest.raises(RuntimeError, match="int4_mv: need group % 64 == 0"):
         kernels.int4_mv(torch.zeros(1, 64), torch.zeros(8, 32, dtype=torch.uint8),
                         torch.zeros(8, 3, 2), 20)
 

@@ -7,10 +7,10 @@
 //
 // Layouts (made once by mixtral/kernels.py from the portable checkpoint form):
 //   int8  w [N, K] int8, one fp32 scale per row:            y = scale[n] * sum_k x[k] w[n, k]
-//   int4  w [N, K/2] uint8; each 32 columns of a row are 16 bytes, byte i holding column i in
-//         its low nibble and column i + 16 in its high nibble (so one 16-byte load unpacks into
-//         two 16-lane vectors in column order). sz [N, K/g, 2] fp32 = (scale, offset) per group
-//         of g columns, the weight being q * scale + offset (q in 0..15):
+//   int4  w [N, K/2] uint8; each 64 columns of a row are 32 bytes, byte i holding column i in
+//         its low nibble and column i + 32 in its high nibble (so one load unpacks into vectors
+//         in column order). sz [N, K/g, 2] fp32 = (scale, offset) per group of g columns
+//         (g % 64 == 0), the weight being q * scale + offset (q in 0..15):
 //         y = sum_groups scale * sum_k x[k] q[k] + offset * sum_k x[k]
 //
 // x is fp32 or bf16 [M, K] (M small; the caller dequantizes and uses a GEMM for long prompts);
@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -81,6 +82,10 @@ inline void int8_rows(const float* x, int64_t M, int64_t K, const int8_t* w, con
 
 // ---- int4 ------------------------------------------------------------------------------------
 
+// One output row n: per group, acc = sum_k x[k] q[k], then y += scale * acc + offset * xsum.
+// fp32 x: nibbles -> int32 -> fp32 and FMAs. bf16 x (AVX512-BF16): nibbles -> bf16 through a
+// 16-entry table and vdpbf16ps, 32 products per instruction, exact (small integers times bf16
+// are exact in fp32): half the instructions, which matters as int4 is nearly compute-bound.
 template <int MB>
 inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group,
                      const uint8_t* w, const float* sz, float* y, int64_t N) {
@@ -93,13 +98,17 @@ inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group
   for (int64_t g = 0; g < groups; ++g) {
     __m512 acc[MB][2];
     for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2)));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      for (int m = 0; m < MB; ++m) {
-        acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
-        acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + k + 16), acc[m][1]);
+    for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+      for (int half = 0; half < 2; ++half) {  // bytes 0-15, then 16-31 of the chunk
+        const __m512i v = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2 + 16 * half)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));  // columns k+16h+i
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));  // columns k+32+16h+i
+        for (int m = 0; m < MB; ++m) {
+          acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + k + 16 * half), acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + k + 32 + 16 * half),
+                                      acc[m][1]);
+        }
       }
     }
     const __m512 s = _mm512_set1_ps(sz[2 * g]);
@@ -114,11 +123,11 @@ inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group
     float out = 0.f;
     for (int64_t g = 0; g < groups; ++g) {
       float acc = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; k += 32)
-        for (int i = 0; i < 16; ++i) {
+      for (int64_t k = g * group; k < (g + 1) * group; k += 64)
+        for (int i = 0; i < 32; ++i) {
           const uint8_t b = w[k / 2 + i];
           acc += x[m * K + k + i] * static_cast<float>(b & 15) +
-                 x[m * K + k + 16 + i] * static_cast<float>(b >> 4);
+                 x[m * K + k + 32 + i] * static_cast<float>(b >> 4);
         }
       out += sz[2 * g] * acc + sz[2 * g + 1] * xsum[m * groups + g];
     }
@@ -127,19 +136,71 @@ inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group
 #endif
 }
 
-inline void int4_rows(const float* x, const float* xsum, int64_t M, int64_t K, int64_t group,
+#if defined(__AVX512BF16__)
+template <int MB>
+inline void int4_row_bf16(const c10::BFloat16* x, const float* xsum, int64_t K, int64_t group,
+                          const uint8_t* w, const float* sz, float* y, int64_t N) {
+  const int64_t groups = K / group;
+  // bf16 bit patterns of 0..15 (entries 16-31 unused)
+  const __m512i table = _mm512_set_epi16(
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130,
+      0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0);
+  const __m512i low = _mm512_set1_epi16(15);
+  __m512 total[MB];
+  float off[MB];
+  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps(), off[m] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+      const __m512i v = _mm512_cvtepu8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
+      const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
+      const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      for (int m = 0; m < MB; ++m) {
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], lo, x0);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], hi, x1);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(sz[2 * g]);
+    for (int m = 0; m < MB; ++m) {
+      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), s, total[m]);
+      off[m] += sz[2 * g + 1] * xsum[m * groups + g];
+    }
+  }
+  for (int m = 0; m < MB; ++m) y[m * N] = _mm512_reduce_add_ps(total[m]) + off[m];
+}
+#endif
+
+// X is float or c10::BFloat16 (the latter only with AVX512-BF16)
+template <typename X>
+inline void int4_rows(const X* x, const float* xsum, int64_t M, int64_t K, int64_t group,
                       const uint8_t* w, const float* sz, float* y, int64_t N, int64_t n0,
                       int64_t n1) {
   const int64_t groups = K / group;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wn = w + n * (K / 2);
     const float* szn = sz + n * groups * 2;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4)
-      int4_row<4>(x + m * K, xsum + m * groups, K, group, wn, szn, y + m * N + n, N);
-    for (; m + 2 <= M; m += 2)
-      int4_row<2>(x + m * K, xsum + m * groups, K, group, wn, szn, y + m * N + n, N);
-    for (; m < M; ++m) int4_row<1>(x + m * K, xsum + m * groups, K, group, wn, szn, y + m * N + n, N);
+    for (int64_t m = 0; m < M;) {
+      const int64_t mb = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+      const X* xm = x + m * K;
+      const float* xs = xsum + m * groups;
+      float* ym = y + m * N + n;
+      if constexpr (std::is_same_v<X, float>) {
+        if (mb == 4) int4_row<4>(xm, xs, K, group, wn, szn, ym, N);
+        else if (mb == 2) int4_row<2>(xm, xs, K, group, wn, szn, ym, N);
+        else int4_row<1>(xm, xs, K, group, wn, szn, ym, N);
+      } else {
+#if defined(__AVX512BF16__)
+        if (mb == 4) int4_row_bf16<4>(xm, xs, K, group, wn, szn, ym, N);
+        else if (mb == 2) int4_row_bf16<2>(xm, xs, K, group, wn, szn, ym, N);
+        else int4_row_bf16<1>(xm, xs, K, group, wn, szn, ym, N);
+#endif
+      }
+      m += mb;
+    }
   }
 }
 
@@ -194,28 +255,38 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "int4_mv: w must be contiguous uint8 [N, K/2]");
   const int64_t N = w.size(0), K = w.size(1) * 2;
-  const at::Tensor x = float_x(x_in, K, "int4_mv");
-  const int64_t M = x.size(0);
-  TORCH_CHECK(group % 32 == 0 && K % group == 0,
-              "int4_mv: need group % 32 == 0 and K % group == 0; got group=", group, " K=", K);
+  TORCH_CHECK(group % 64 == 0 && K % group == 0,
+              "int4_mv: need group % 64 == 0 and K % group == 0; got group=", group, " K=", K);
   TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 &&
                   sz.size(0) == N && sz.size(1) == K / group && sz.size(2) == 2,
               "int4_mv: sz must be contiguous fp32 [N, K/group, 2], got ", sz.sizes());
-  const int64_t groups = K / group;
-  at::Tensor xsum = at::empty({M, groups}, x.options());  // sum of x over each group
-  const float* xp = x.data_ptr<float>();
+#if defined(__AVX512BF16__)
+  const bool bf16 = x_in.scalar_type() == at::kBFloat16;
+#else
+  const bool bf16 = false;
+#endif
+  const at::Tensor x = bf16 ? x_in.contiguous() : float_x(x_in, K, "int4_mv");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_mv: x must be [M, ", K, "], got ",
+              x.sizes());
+  const int64_t M = x.size(0), groups = K / group;
+  at::Tensor xsum = at::empty({M, groups}, x.options().dtype(at::kFloat));  // x summed per group
   float* xs = xsum.data_ptr<float>();
   for (int64_t i = 0; i < M * groups; ++i) {
     float s = 0.f;
-    for (int64_t k = 0; k < group; ++k) s += xp[i * group + k];
+    for (int64_t k = 0; k < group; ++k)
+      s += bf16 ? static_cast<float>(x.data_ptr<c10::BFloat16>()[i * group + k])
+                : x.data_ptr<float>()[i * group + k];
     xs[i] = s;
   }
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = sz.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    int4_rows(xp, xs, M, K, group, wp, sp, yp, N, n0, n1);
+    if (bf16)
+      int4_rows(x.data_ptr<c10::BFloat16>(), xs, M, K, group, wp, sp, yp, N, n0, n1);
+    else
+      int4_rows(x.data_ptr<float>(), xs, M, K, group, wp, sp, yp, N, n0, n1);
   });
   return like_x(y, x_in);
 }
@@ -292,26 +363,29 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group
                         const at::Tensor& out) {
   const int64_t K = w.size(1) * 2, groups = K / group;
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous() &&
-                  group % 32 == 0 && K % group == 0 && sz.scalar_type() == at::kFloat &&
+                  group % 64 == 0 && K % group == 0 && sz.scalar_type() == at::kFloat &&
                   sz.is_contiguous() && sz.numel() == w.size(0) * groups * 2,
               "int4_dequant: need contiguous uint8 w [N, K/2], fp32 sz [N, K/group, 2]");
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = sz.data_ptr<float>();
   return dequant(w.size(0), K, out, [&](int64_t n, float* row) {
     const uint8_t* wn = wp + n * (K / 2);
-    for (int64_t k = 0; k < K; k += 32) {
+    for (int64_t k = 0; k < K; k += 64) {  // a 64-column chunk lies in one group
       const float s = sp[(n * groups + k / group) * 2], o = sp[(n * groups + k / group) * 2 + 1];
 #if defined(__AVX512F__)
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k / 2)));
       const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(o);
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      _mm512_storeu_ps(row + k, _mm512_fmadd_ps(lo, sv, ov));
-      _mm512_storeu_ps(row + k + 16, _mm512_fmadd_ps(hi, sv, ov));
+      for (int half = 0; half < 2; ++half) {
+        const __m512i v = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k / 2 + 16 * half)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        _mm512_storeu_ps(row + k + 16 * half, _mm512_fmadd_ps(lo, sv, ov));
+        _mm512_storeu_ps(row + k + 32 + 16 * half, _mm512_fmadd_ps(hi, sv, ov));
+      }
 #else
-      for (int i = 0; i < 16; ++i) {
+      for (int i = 0; i < 32; ++i) {
         row[k + i] = static_cast<float>(wn[k / 2 + i] & 15) * s + o;
-        row[k + 16 + i] = static_cast<float>(wn[k / 2 + i] >> 4) * s + o;
+        row[k + 32 + i] = static_cast<float>(wn[k / 2 + i] >> 4) * s + o;
       }
 #endif
     }
