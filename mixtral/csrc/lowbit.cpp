@@ -206,6 +206,25 @@ inline void int4_rows(const X* x, const float* xsum, int64_t M, int64_t K, int64
 
 // ---- ops -------------------------------------------------------------------------------------
 
+inline void store_row(const float* src, int64_t K, float* dst) {
+  std::memcpy(dst, src, K * sizeof(float));
+}
+
+inline void store_row(const float* src, int64_t K, c10::BFloat16* dst) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  // round to nearest even, as c10::BFloat16 does (the weights are finite)
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  for (; k + 16 <= K; k += 16) {
+    __m512i b = _mm512_castps_si512(_mm512_loadu_ps(src + k));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+  }
+#endif
+  for (; k < K; ++k) dst[k] = c10::BFloat16(src[k]);
+}
+
 // x [M, K] as contiguous fp32 (bf16 is converted: a few KB, cheaper here than another op)
 at::Tensor float_x(const at::Tensor& x, int64_t K, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, op, ": x must be [M, ", K, "], got ", x.sizes());
@@ -224,9 +243,7 @@ at::Tensor float_x(const at::Tensor& x, int64_t K, const char* op) {
 at::Tensor like_x(const at::Tensor& y, const at::Tensor& x) {
   if (x.scalar_type() == at::kFloat) return y;
   at::Tensor out = at::empty(y.sizes(), y.options().dtype(at::kBFloat16));
-  const float* src = y.data_ptr<float>();
-  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0; i < y.numel(); ++i) dst[i] = c10::BFloat16(src[i]);
+  store_row(y.data_ptr<float>(), y.numel(), out.data_ptr<c10::BFloat16>());
   return out;
 }
 
@@ -250,6 +267,34 @@ at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   return like_x(y, x_in);
 }
 
+// sum of n (a multiple of 16) values, in fp32
+inline float group_sum(const float* x, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + k));
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.f;
+  for (int64_t k = 0; k < n; ++k) s += x[k];
+  return s;
+#endif
+}
+
+inline float group_sum(const c10::BFloat16* x, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {  // bf16 -> fp32: the 16 bits become the high half
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)));
+    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0.f;
+  for (int64_t k = 0; k < n; ++k) s += static_cast<float>(x[k]);
+  return s;
+#endif
+}
+
 at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz,
                    int64_t group) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
@@ -271,13 +316,9 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   const int64_t M = x.size(0), groups = K / group;
   at::Tensor xsum = at::empty({M, groups}, x.options().dtype(at::kFloat));  // x summed per group
   float* xs = xsum.data_ptr<float>();
-  for (int64_t i = 0; i < M * groups; ++i) {
-    float s = 0.f;
-    for (int64_t k = 0; k < group; ++k)
-      s += bf16 ? static_cast<float>(x.data_ptr<c10::BFloat16>()[i * group + k])
-                : x.data_ptr<float>()[i * group + k];
-    xs[i] = s;
-  }
+  for (int64_t i = 0; i < M * groups; ++i)
+    xs[i] = bf16 ? group_sum(x.data_ptr<c10::BFloat16>() + i * group, group)
+                 : group_sum(x.data_ptr<float>() + i * group, group);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = sz.data_ptr<float>();
@@ -293,25 +334,6 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
 
 // The float weight a quantized one stands for, in `dtype` (fp32 or bf16): long prompts
 // multiply by it with the float GEMM, which beats any matrix-vector kernel once x has many rows.
-inline void store_row(const float* src, int64_t K, float* dst) {
-  std::memcpy(dst, src, K * sizeof(float));
-}
-
-inline void store_row(const float* src, int64_t K, c10::BFloat16* dst) {
-  int64_t k = 0;
-#if defined(__AVX512F__)
-  // round to nearest even, as c10::BFloat16 does (the weights are finite)
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-  for (; k + 16 <= K; k += 16) {
-    __m512i b = _mm512_castps_si512(_mm512_loadu_ps(src + k));
-    b = _mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
-  }
-#endif
-  for (; k < K; ++k) dst[k] = c10::BFloat16(src[k]);
-}
-
 template <typename T, typename Row>
 void dequant_rows(int64_t N, int64_t K, T* out, const Row& row) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
