@@ -33,6 +33,14 @@ class KVCache:
                              f"position {end - 1} does not fit")
         return end
 
+    def layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """This layer's key and value stores [R, K, S, A] and the store row of each batch row,
+        for kernels that write and read the cache in place."""
+        rows = self.__dict__.get("_row_ids")
+        if rows is None:
+            rows = self._row_ids = torch.arange(self.k.shape[1], device=self.k.device)
+        return self.k[layer], self.v[layer], rows
+
     def rows(self, slots: list[int]) -> KVCache | CacheRows:
         """The cache as seen by a batch whose row i is sequence `slots[i]`."""
         if slots == list(range(slots[0], slots[0] + len(slots))):  # a contiguous run: a view
@@ -65,6 +73,9 @@ class CacheRows:
 
     def span(self, positions: Tensor) -> int:
         return self.cache.span(positions)
+
+    def layer(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        return self.cache.k[layer], self.cache.v[layer], self.slots
 
     def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor,
                span: int) -> tuple[Tensor, Tensor]:

@@ -20,6 +20,7 @@ keep PyTorch's kernels; FastMoe and FastAttention work with them too.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import cast
 
@@ -153,6 +154,9 @@ class FastAttention(nn.Module):
         if self.wqkv is None:  # e.g. LoRA on them: keep them apart
             self.wq, self.wk, self.wv = ref.wq, ref.wk, ref.wv
         self.wo = _swap(ref.wo)
+        # decoding steps on the fused kernel (mixtral.kernels) where it runs: CPU, fp32/bf16
+        device = next(itertools.chain(ref.parameters(), ref.buffers())).device
+        self.fused_step = device.type == "cpu" and kernels.available()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 positions: Tensor, cache: KVCache | None, layer: int) -> Tensor:
@@ -162,6 +166,17 @@ class FastAttention(nn.Module):
             qkv = self.wqkv(x)
         else:
             qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        if T == 1 and cache is not None and mask is not None and self.fused_step:
+            k_store, v_store, rows = cache.layer(layer)
+            if qkv.dtype == k_store.dtype and qkv.dtype in (torch.float32, torch.bfloat16):
+                span = mask.shape[-1]
+                # one row attends to every cached position unless a window cuts it
+                needed = B > 1 or (self.window is not None and span > self.window)
+                out = kernels.decode_attention(
+                    qkv.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), k_store,
+                    v_store, rows, positions.reshape(B), mask.reshape(B, span) if needed else
+                    None, span, H, K)
+                return self.wo(out.view(B, 1, H * A))
         # queries and keys rotate together: [B, T, H + K, A]
         qk = _rope(qkv[..., :(H + K) * A].view(B, T, H + K, A), torch.complex(cos, sin)[:, :, None])
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, heads, T, A]

@@ -1,4 +1,5 @@
-"""Our own CPU kernels (mixtral/csrc/lowbit.cpp): weight-only int8/int4 matrix-vector products.
+"""Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 matrix-vector products
+(lowbit.cpp) and one fused decoding step of attention (attention.cpp).
 
 PyTorch's low-bit CPU kernels stream the weights at ~60-75 % of memory bandwidth for the one
 row of activations that decoding has; ours reach ~90 % (benchmarks/RESULTS.md). The source is
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "lowbit.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit.cpp", "attention.cpp")]
 
 
 @functools.cache
@@ -36,10 +37,10 @@ def available() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="mixtral_lowbit", sources=[str(SOURCE)],
+        cpp_extension.load(name="mixtral_kernels", sources=[str(p) for p in SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
-        return hasattr(torch.ops.mixtral, "int8_mv")
+        return hasattr(torch.ops.mixtral, "decode_attention")
     except Exception as e:  # no compiler, no ninja, an old CPU: PyTorch's kernels still work
         warnings.warn(f"mixtral: CPU kernels unavailable, using PyTorch's ({e})", stacklevel=2)
         return False
@@ -54,6 +55,17 @@ def int8_mv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
 def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int) -> Tensor:
     """x [M, K] @ W.T for the int4 W (our layout) -> [M, N], dtypes as int8_mv."""
     return torch.ops.mixtral.int4_mv(x, w, sz, group)
+
+
+def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     rows: Tensor, positions: Tensor, mask: Tensor | None, span: int,
+                     n_heads: int, n_kv_heads: int) -> Tensor:
+    """One decoding step of attention (csrc/attention.cpp): RoPE on the step's query and key,
+    key and value written at `positions` into cache rows `rows`, each query head attending
+    over positions 0..span-1 (where `mask` [B, span] allows). qkv [B, (H+2K)*A], cos/sin
+    [B, A/2] fp32, caches [R, K, S, A] -> [B, H*A]."""
+    return torch.ops.mixtral.decode_attention(qkv, cos, sin, k_cache, v_cache, rows, positions,
+                                              mask, span, n_heads, n_kv_heads)
 
 
 # --- int4 layout ---------------------------------------------------------------------------------

@@ -142,3 +142,61 @@ def test_without_kernels_the_quantized_modules_stay(monkeypatch):
     finally:
         monkeypatch.delenv("MIXTRAL_KERNELS")
         kernels.available.cache_clear()
+
+
+def _reference_step(qkv, cos, sin, k_store, v_store, rows, positions, mask, span, H, K):
+    """decode_attention in PyTorch: the fast path's own operations (fast._rope,
+    fast._one_query_attention) and an explicit cache write."""
+    from mixtral.fast import _one_query_attention, _rope
+
+    B, A = qkv.shape[0], k_store.shape[-1]
+    q, k, v = qkv.view(B, 1, H + 2 * K, A).split([H, K, K], dim=2)
+    rot = torch.complex(cos, sin).view(B, 1, 1, A // 2)
+    q, k, v = _rope(q, rot).transpose(1, 2), _rope(k, rot).transpose(1, 2), v.transpose(1, 2)
+    for b in range(B):
+        k_store[rows[b], :, positions[b]] = k[b, :, 0]
+        v_store[rows[b], :, positions[b]] = v[b, :, 0]
+    keys, values = k_store[rows, :, :span], v_store[rows, :, :span]
+    m = None if mask is None else mask.view(B, 1, 1, span)
+    return _one_query_attention(q, keys, values, m).reshape(B, H * A)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("A", [16, 24, 64])
+@pytest.mark.parametrize("case", ["one row", "scattered rows", "window"])
+def test_decode_attention_equals_pytorch(dtype, A, case):
+    from mixtral.model import attention_mask, rope_cos_sin
+
+    g = torch.Generator().manual_seed(A)
+    H, K, R, S = 8, 2, 4, 40
+    rows = torch.tensor([0]) if case == "one row" else torch.tensor([2, 0, 3])
+    positions = torch.tensor([17]) if case == "one row" else torch.tensor([5, 17, 11])
+    B = len(rows)
+    span = int(positions.max()) + 1
+    mask = None
+    if case != "one row":
+        window = 6 if case == "window" else None
+        mask = attention_mask(positions[:, None], torch.arange(span), window).reshape(B, span)
+    stores = [torch.randn(R, K, S, A, generator=g).to(dtype) for _ in range(2)]
+    theirs = [t.clone() for t in stores]
+    qkv = torch.randn(B, (H + 2 * K) * A, generator=g).to(dtype)
+    cos, sin = (t.reshape(B, A // 2) for t in rope_cos_sin(positions[:, None], A, 1e6))
+    got = kernels.decode_attention(qkv, cos, sin, *stores, rows, positions, mask, span, H, K)
+    want = _reference_step(qkv, cos, sin, *theirs, rows, positions, mask, span, H, K)
+    assert got.dtype == dtype
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(stores[0], theirs[0], **tol)  # the rotated keys written
+    assert torch.equal(stores[1], theirs[1])  # values are copied as they are
+
+
+def test_decode_attention_names_bad_input():
+    stores = [torch.zeros(2, 2, 8, 16) for _ in range(2)]
+    qkv = torch.zeros(1, (8 + 4) * 16)
+    cs = torch.zeros(1, 8)
+    with pytest.raises(RuntimeError, match="position 9; need row < 2 and position < span 5"):
+        kernels.decode_attention(qkv, cs, cs, *stores, torch.tensor([0]), torch.tensor([9]),
+                                 None, 5, 8, 2)
+    with pytest.raises(RuntimeError, match=r"qkv must be contiguous \[B, 192\]"):
+        kernels.decode_attention(qkv[:, :100], cs, cs, *stores, torch.tensor([0]),
+                                 torch.tensor([1]), None, 5, 8, 2)
