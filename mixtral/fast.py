@@ -215,12 +215,20 @@ def _rope(x: Tensor, rot: Tensor) -> Tensor:
 
 
 class FusedExperts(nn.Module):
-    """Each expert's w1 and w3 fused into one [2F, D] projection, w2 its fast twin."""
+    """Each expert's w1 and w3 fused into one [2F, D] projection, w2 its fast twin. Quantized
+    experts on our kernels are also stacked into banks [E, ...] (the modules hold views of
+    them), so that a decoding step's MoE is one kernel call (`decode`)."""
 
     def __init__(self, w13: list[nn.Module], w2: list[nn.Module], hidden: int) -> None:
         super().__init__()
         self.hidden = hidden
         self.w13, self.w2 = nn.ModuleList(w13), nn.ModuleList(w2)
+        self.banks: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self.bits = self.group = 0
+        for kind, bits in ((Int8Rows, 8), (Int4Rows, 4)):
+            if all(type(m) is kind for m in w13 + w2):
+                self.banks = (*_stack(w13), *_stack(w2))  # type: ignore[assignment]
+                self.bits, self.group = bits, getattr(w13[0], "group_size", 0)
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         gate, up = self.w13[e](x).split(self.hidden, dim=-1)
@@ -228,6 +236,21 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: Tensor, counts: list[int]) -> Tensor:
         return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
+
+    def decode(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """x [M, D] (a few rows), chosen/weights [M, k] -> the MoE output [M, D]."""
+        assert self.banks is not None
+        return kernels.moe_decode(x, chosen, weights, *self.banks, self.bits, self.group)
+
+
+def _stack(modules: list[nn.Module]) -> tuple[Tensor, Tensor]:
+    """One bank per tensor of the quantized modules; each module then holds views of it."""
+    names = ("weight", "scales") if isinstance(modules[0], Int8Rows) else ("weight", "sz")
+    banks = tuple(torch.stack([getattr(m, n) for m in modules]) for n in names)
+    for e, m in enumerate(modules):
+        for n, bank in zip(names, banks, strict=True):
+            setattr(m, n, bank[e])
+    return banks  # type: ignore[return-value]
 
 
 def fuse_experts(ref: nn.Module) -> FusedExperts | None:
@@ -263,6 +286,8 @@ class FastMoe(nn.Module):
         weights, chosen = route(router_logits, self.top_k, x.dtype)
         if x.shape[0] >= self.direct_below:
             return dispatch(self.experts, x, weights, chosen).view(shape), router_logits
+        if isinstance(self.experts, FusedExperts) and self.experts.banks is not None:
+            return self.experts.decode(x, chosen, weights).view(shape), router_logits
         expert = cast(Callable[[int, Tensor], Tensor], self.experts.expert)
         rows: list[Tensor] = []
         for n, (picks, w) in enumerate(zip(chosen.tolist(), weights.tolist(), strict=True)):

@@ -1,5 +1,6 @@
-"""Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 matrix-vector products
-(lowbit.cpp) and one fused decoding step of attention (attention.cpp).
+"""Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 matrix-vector products and a
+decoding step's MoE on them (lowbit.cpp), and one fused decoding step of attention
+(attention.cpp).
 
 PyTorch's low-bit CPU kernels stream the weights at ~60-75 % of memory bandwidth for the one
 row of activations that decoding has; ours reach ~90 % (benchmarks/RESULTS.md). The source is
@@ -55,6 +56,15 @@ def int8_mv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
 def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int) -> Tensor:
     """x [M, K] @ W.T for the int4 W (our layout) -> [M, N], dtypes as int8_mv."""
     return torch.ops.mixtral.int4_mv(x, w, sz, group)
+
+
+def moe_decode(x: Tensor, chosen: Tensor, weights: Tensor, w13: Tensor, s13: Tensor,
+               w2: Tensor, s2: Tensor, bits: int, group: int) -> Tensor:
+    """A decoding step's MoE on quantized expert banks (csrc/lowbit.cpp): x [M, D], chosen
+    and weights [M, k] -> sum over each row's experts (ascending) of weight * w2(silu(gate) *
+    up); w13 [E, 2F, ...] and w2 [E, D, ...] in int8_mv's (bits 8) or int4_mv's (bits 4)
+    layout, s13/s2 their scales."""
+    return torch.ops.mixtral.moe_decode(x, chosen, weights, w13, s13, w2, s2, bits, group)
 
 
 def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
