@@ -2,11 +2,13 @@
 decoding step's MoE on them (lowbit.cpp), and one fused decoding step of attention
 (attention.cpp).
 
-PyTorch's low-bit CPU kernels stream the weights at ~60-75 % of memory bandwidth for the one
-row of activations that decoding has; ours reach ~90 % (benchmarks/RESULTS.md). The source is
-compiled for this machine (-march=native) on first use, like torch.compile's C++ kernels, into
-PyTorch's extension cache (~5 s, once). Without a compiler, on other CPUs than x86-64, or with
-MIXTRAL_KERNELS=0, `available()` is False and the fast modules keep PyTorch's kernels.
+For the one row of activations that decoding has, PyTorch's low-bit CPU kernels stream the
+weights at 26-38 GB/s on this project's 2-core machine and ours at 36-58 GB/s; fusing a step's
+attention and MoE saves ~35 small operations each per layer (benchmarks/RESULTS.md). The
+sources are compiled for this machine (-march=native) on first use, like torch.compile's C++
+kernels, into PyTorch's extension cache (~5 s, once per CPU type). Without a compiler, on other
+CPUs than x86-64, or with MIXTRAL_KERNELS=0, `available()` is False and the fast modules keep
+PyTorch's operations.
 
 Layouts (see the C++ file): int8 rows [N, K] with fp32 scales [N]; int4 rows [N, K/2] where
 each 64 columns are 32 bytes (column i in the low nibble, i + 32 in the high one) and
@@ -17,6 +19,7 @@ q * scale + offset.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import threading
@@ -38,13 +41,26 @@ def available() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="mixtral_kernels", sources=[str(p) for p in SOURCES],
+        cpp_extension.load(name=f"mixtral_kernels_{_machine_tag()}",
+                           sources=[str(p) for p in SOURCES],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], is_python_module=False)
         return hasattr(torch.ops.mixtral, "decode_attention")
     except Exception as e:  # no compiler, no ninja, an old CPU: PyTorch's kernels still work
         warnings.warn(f"mixtral: CPU kernels unavailable, using PyTorch's ({e})", stacklevel=2)
         return False
+
+
+def _machine_tag() -> str:
+    """Which instruction sets the build is for: -march=native code must not be loaded on
+    another CPU (a cache directory shared between machines would crash it), so each CPU
+    feature set gets its own build."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
 def int8_mv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
