@@ -6,9 +6,9 @@ For the one row of activations that decoding has, PyTorch's low-bit CPU kernels 
 weights at 26-38 GB/s on this project's 2-core machine and ours at 36-58 GB/s; fusing a step's
 attention and MoE saves ~35 small operations each per layer (benchmarks/RESULTS.md). The
 sources are compiled for this machine (-march=native) on first use, like torch.compile's C++
-kernels, into PyTorch's extension cache (~5 s, once per CPU type). Without a compiler, on other
-CPUs than x86-64, or with MIXTRAL_KERNELS=0, `available()` is False and the fast modules keep
-PyTorch's operations.
+kernels, into PyTorch's extension cache (~5 s, once per CPU type). They are AVX-512 code: on
+CPUs without it (AVX2 laptops, ARM), without a compiler, or with MIXTRAL_KERNELS=0,
+`available()` is False and the fast modules keep PyTorch's operations.
 
 Layouts (see the C++ file): int8 rows [N, K] with fp32 scales [N]; int4 rows [N, K/2] where
 each 64 columns are 32 bytes (column i in the low nibble, i + 32 in the high one) and
@@ -35,8 +35,7 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit.cpp", "att
 @functools.cache
 def available() -> bool:
     """Build (once per machine and source version) and load the kernels; False if impossible."""
-    if os.environ.get("MIXTRAL_KERNELS", "1") == "0" or platform.machine() not in ("x86_64",
-                                                                                  "AMD64"):
+    if os.environ.get("MIXTRAL_KERNELS", "1") == "0" or not has_avx512():
         return False
     try:
         from torch.utils import cpp_extension
@@ -51,16 +50,27 @@ def available() -> bool:
         return False
 
 
+def has_avx512() -> bool:
+    """The kernels are AVX-512 (F, BW) code; elsewhere (AVX2 laptops, ARM) PyTorch's own
+    vectorised kernels beat any portable C++ we would ship, so those machines use them."""
+    flags = _cpu_flags().split()
+    return platform.machine() in ("x86_64", "AMD64") and {"avx512f", "avx512bw"} <= set(flags)
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return ""
+
+
 def _machine_tag() -> str:
     """Which instruction sets the build is for: -march=native code must not be loaded on
     another CPU (a cache directory shared between machines would crash it), so each CPU
     feature set gets its own build."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor() or platform.machine()
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]
 
 
 def int8_mv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:

@@ -226,3 +226,16 @@ def test_moe_decode_equals_the_python_path(bits, dtype, M):
                  for e, w in sorted(zip(chosen[n].tolist(), weights[n].tolist(), strict=True))]
         want.append(terms[0] + terms[1])
     assert torch.equal(experts.decode(x, chosen, weights), torch.cat(want))
+
+
+def test_cpus_without_avx512_use_pytorch_quietly(monkeypatch, recwarn):
+    """An AVX2 laptop: no build attempted, no warning, PyTorch's kernels."""
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "flags : fpu sse4_2 avx avx2 fma")
+    kernels.available.cache_clear()
+    try:
+        assert not kernels.has_avx512() and not kernels.available()
+        assert not [w for w in recwarn if "mixtral" in str(w.message)]
+    finally:
+        monkeypatch.undo()
+        kernels.available.cache_clear()
+    assert kernels.available()

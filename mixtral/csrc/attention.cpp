@@ -26,30 +26,28 @@
 #include <optional>
 #include <vector>
 
-#if defined(__AVX512F__)
 #include <immintrin.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "these kernels are AVX-512 (F, BW) code; mixtral.kernels builds them only on such CPUs"
 #endif
 
 namespace {
 
-#if defined(__AVX512F__)
 inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
 inline __m512 load16(const c10::BFloat16* x) {  // bf16 -> fp32: the 16 bits become the high half
   const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
-#endif
 
 // q . k over A values (fp32 q, k in the cache dtype)
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t A) {
   int64_t a = 0;
   float tail = 0.f;
-#if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (; a + 16 <= A; a += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + a), load16(k + a), acc);
   tail = _mm512_reduce_add_ps(acc);
-#endif
   for (; a < A; ++a) tail += q[a] * static_cast<float>(k[a]);
   return tail;
 }
@@ -58,11 +56,9 @@ inline float dot(const float* q, const T* k, int64_t A) {
 template <typename T>
 inline void axpy(float p, const T* v, float* acc, int64_t A) {
   int64_t a = 0;
-#if defined(__AVX512F__)
   const __m512 pv = _mm512_set1_ps(p);
   for (; a + 16 <= A; a += 16)
     _mm512_storeu_ps(acc + a, _mm512_fmadd_ps(pv, load16(v + a), _mm512_loadu_ps(acc + a)));
-#endif
   for (; a < A; ++a) acc[a] += p * static_cast<float>(v[a]);
 }
 

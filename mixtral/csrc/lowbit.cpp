@@ -31,8 +31,10 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
 #include <immintrin.h>
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "these kernels are AVX-512 (F, BW) code; mixtral.kernels builds them only on such CPUs"
 #endif
 
 namespace {
@@ -44,7 +46,6 @@ namespace {
 template <int MB>
 inline void int8_row(const float* x, int64_t K, const int8_t* w, float scale, float* y,
                      int64_t N) {
-#if defined(__AVX512F__)
   __m512 acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   int64_t k = 0;
@@ -65,13 +66,6 @@ inline void int8_row(const float* x, int64_t K, const int8_t* w, float scale, fl
   }
   for (int m = 0; m < MB; ++m)
     y[m * N] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-#else
-  for (int m = 0; m < MB; ++m) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k) acc += x[m * K + k] * static_cast<float>(w[k]);
-    y[m * N] = scale * acc;
-  }
-#endif
 }
 
 inline void int8_rows(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
@@ -94,7 +88,6 @@ template <int MB>
 inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group,
                      const uint8_t* w, const float* sz, float* y, int64_t N) {
   const int64_t groups = K / group;
-#if defined(__AVX512F__)
   __m512 total[MB];
   float off[MB];
   for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps(), off[m] = 0.f;
@@ -122,22 +115,6 @@ inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group
     }
   }
   for (int m = 0; m < MB; ++m) y[m * N] = _mm512_reduce_add_ps(total[m]) + off[m];
-#else
-  for (int m = 0; m < MB; ++m) {
-    float out = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      float acc = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; k += 64)
-        for (int i = 0; i < 32; ++i) {
-          const uint8_t b = w[k / 2 + i];
-          acc += x[m * K + k + i] * static_cast<float>(b & 15) +
-                 x[m * K + k + 32 + i] * static_cast<float>(b >> 4);
-        }
-      out += sz[2 * g] * acc + sz[2 * g + 1] * xsum[m * groups + g];
-    }
-    y[m * N] = out;
-  }
-#endif
 }
 
 #if defined(__AVX512BF16__)
@@ -216,7 +193,6 @@ inline void store_row(const float* src, int64_t K, float* dst) {
 
 inline void store_row(const float* src, int64_t K, c10::BFloat16* dst) {
   int64_t k = 0;
-#if defined(__AVX512F__)
   // round to nearest even, as c10::BFloat16 does (the weights are finite)
   const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
   for (; k + 16 <= K; k += 16) {
@@ -225,7 +201,6 @@ inline void store_row(const float* src, int64_t K, c10::BFloat16* dst) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
                         _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
   }
-#endif
   for (; k < K; ++k) dst[k] = c10::BFloat16(src[k]);
 }
 
@@ -273,30 +248,18 @@ at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
 
 // sum of n (a multiple of 16) values, in fp32
 inline float group_sum(const float* x, int64_t n) {
-#if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + k));
   return _mm512_reduce_add_ps(acc);
-#else
-  float s = 0.f;
-  for (int64_t k = 0; k < n; ++k) s += x[k];
-  return s;
-#endif
 }
 
 inline float group_sum(const c10::BFloat16* x, int64_t n) {
-#if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (int64_t k = 0; k < n; k += 16) {  // bf16 -> fp32: the 16 bits become the high half
     const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)));
     acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
   }
   return _mm512_reduce_add_ps(acc);
-#else
-  float s = 0.f;
-  for (int64_t k = 0; k < n; ++k) s += static_cast<float>(x[k]);
-  return s;
-#endif
 }
 
 at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz,
@@ -417,15 +380,11 @@ at::Tensor int8_dequant(const at::Tensor& w, const at::Tensor& scales, const at:
   const float* sp = scales.data_ptr<float>();
   return dequant(w.size(0), K, out, [&](int64_t n, float* row) {
     const int8_t* wn = wp + n * K;
-#if defined(__AVX512F__)
     const __m512 s = _mm512_set1_ps(sp[n]);
     for (int64_t k = 0; k < K; k += 16) {
       const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k));
       _mm512_storeu_ps(row + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s));
     }
-#else
-    for (int64_t k = 0; k < K; ++k) row[k] = sp[n] * static_cast<float>(wn[k]);
-#endif
   });
 }
 
@@ -442,7 +401,6 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group
     const uint8_t* wn = wp + n * (K / 2);
     for (int64_t k = 0; k < K; k += 64) {  // a 64-column chunk lies in one group
       const float s = sp[(n * groups + k / group) * 2], o = sp[(n * groups + k / group) * 2 + 1];
-#if defined(__AVX512F__)
       const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(o);
       for (int half = 0; half < 2; ++half) {
         const __m512i v = _mm512_cvtepu8_epi32(
@@ -452,12 +410,6 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group
         _mm512_storeu_ps(row + k + 16 * half, _mm512_fmadd_ps(lo, sv, ov));
         _mm512_storeu_ps(row + k + 32 + 16 * half, _mm512_fmadd_ps(hi, sv, ov));
       }
-#else
-      for (int i = 0; i < 32; ++i) {
-        row[k + i] = static_cast<float>(wn[k / 2 + i] & 15) * s + o;
-        row[k + 32 + i] = static_cast<float>(wn[k / 2 + i] >> 4) * s + o;
-      }
-#endif
     }
   });
 }
