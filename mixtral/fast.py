@@ -63,7 +63,29 @@ def _linear(weight: Tensor) -> nn.Module:
     return layer
 
 
-class Int8Rows(nn.Module):
+class _QuantRows(nn.Module):
+    """A quantized projection on mixtral.kernels: a matrix-vector kernel for a few rows of x,
+    one dequantized copy and the float GEMM for a long prompt. y comes in the model dtype."""
+
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        y = self.mv(x2) if x2.shape[0] <= SMALL_M else F.linear(x2, self.dense(x2.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def mv(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+
+class Int8Rows(_QuantRows):
     """Int8Linear on mixtral.kernels: y = x @ (weight * scales[:, None]).T."""
 
     def __init__(self, weight: Tensor, scales: Tensor, dtype: torch.dtype) -> None:
@@ -72,18 +94,14 @@ class Int8Rows(nn.Module):
         self.dtype = dtype
         self.weight, self.scales = weight.contiguous(), scales.float().contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != self.dtype:
-            x2 = x2.to(self.dtype)
-        if x2.shape[0] <= SMALL_M:  # y in x's dtype
-            y = kernels.int8_mv(x2, self.weight, self.scales)
-        else:  # a long prompt: one dequantized copy, then the float GEMM
-            y = F.linear(x2, kernels.int8_dequantize(self.weight, self.scales, x2.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def mv(self, x: Tensor) -> Tensor:
+        return kernels.int8_mv(x, self.weight, self.scales)
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        return kernels.int8_dequantize(self.weight, self.scales, dtype)
 
 
-class Int4Rows(nn.Module):
+class Int4Rows(_QuantRows):
     """Int4Linear on mixtral.kernels (its layout: see there)."""
 
     def __init__(self, weight: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype) -> None:
@@ -92,16 +110,11 @@ class Int4Rows(nn.Module):
         self.group_size, self.dtype = group_size, dtype
         self.weight, self.sz = weight.contiguous(), sz.contiguous()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != self.dtype:
-            x2 = x2.to(self.dtype)
-        if x2.shape[0] <= SMALL_M:  # y in x's dtype
-            y = kernels.int4_mv(x2, self.weight, self.sz, self.group_size)
-        else:
-            y = F.linear(x2, kernels.int4_dequantize(self.weight, self.sz, self.group_size,
-                                                     x2.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def mv(self, x: Tensor) -> Tensor:
+        return kernels.int4_mv(x, self.weight, self.sz, self.group_size)
+
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        return kernels.int4_dequantize(self.weight, self.sz, self.group_size, dtype)
 
 
 def _rows(m: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -166,16 +179,19 @@ class FastAttention(nn.Module):
             qkv = self.wqkv(x)
         else:
             qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
+        # decoding: one row attends to every cached position unless a window cuts it
+        decode_mask = None
+        if T == 1 and mask is not None:
+            span = mask.shape[-1]
+            if B > 1 or (self.window is not None and span > self.window):
+                decode_mask = mask
         if T == 1 and cache is not None and mask is not None and self.fused_step:
             k_store, v_store, rows = cache.layer(layer)
             if qkv.dtype == k_store.dtype and qkv.dtype in (torch.float32, torch.bfloat16):
-                span = mask.shape[-1]
-                # one row attends to every cached position unless a window cuts it
-                needed = B > 1 or (self.window is not None and span > self.window)
                 out = kernels.decode_attention(
                     qkv.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), k_store,
-                    v_store, rows, positions.reshape(B), mask.reshape(B, span) if needed else
-                    None, span, H, K)
+                    v_store, rows, positions.reshape(B),
+                    None if decode_mask is None else decode_mask.reshape(B, span), span, H, K)
                 return self.wo(out.view(B, 1, H * A))
         # queries and keys rotate together: [B, T, H + K, A]
         qk = _rope(qkv[..., :(H + K) * A].view(B, T, H + K, A), torch.complex(cos, sin)[:, :, None])
@@ -185,9 +201,7 @@ class FastAttention(nn.Module):
             assert mask is not None
             k, v = cache.update(layer, positions, k, v, span=mask.shape[-1])
         if T == 1 and mask is not None:  # decoding: CPU SDPA is slow for a single query
-            # one row attends to every cached position unless a window cuts it
-            needed = B > 1 or (self.window is not None and mask.shape[-1] > self.window)
-            out = _one_query_attention(q, k, v, mask if needed else None)
+            out = _one_query_attention(q, k, v, decode_mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=H != K)

@@ -15,6 +15,14 @@ from tests.test_fast import ARGS
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 
 
+def int4_reference(w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+    """Our int4 layout dequantized in plain PyTorch, fp32 (what the kernels are held to)."""
+    q = kernels.int4_unpack(w).float()
+    N, K = q.shape
+    g = q.view(N, K // group, group) * sz[..., :1] + sz[..., 1:]  # [N, K/g, g]
+    return g.reshape(N, K)
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
@@ -45,7 +53,7 @@ def test_int4_mv_equals_float_product(M, K, group):
     scale, zero = sz.transpose(0, 1).unbind(-1)
     ours, ours_sz = kernels.int4_pack(q), kernels.int4_offsets(scale, zero)
     assert torch.equal(kernels.int4_unpack(ours), q)
-    dense = kernels.int4_reference(ours, ours_sz, group)
+    dense = int4_reference(ours, ours_sz, group)
     torch.testing.assert_close(dense, int4_dequantize(packed, sz, group), atol=1e-6, rtol=1e-6)
     x = torch.randn(M, K, generator=g)
     assert rel_err(kernels.int4_mv(x, ours, ours_sz, group), x.double() @ dense.double().T) < 1e-5
@@ -68,7 +76,7 @@ def test_dequantize_equals_reference(dtype):
     q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
     ours = kernels.int4_pack(q)
     ours_sz = kernels.int4_offsets(*sz.transpose(0, 1).unbind(-1))
-    want4 = kernels.int4_reference(ours, ours_sz, 64).to(dtype)
+    want4 = int4_reference(ours, ours_sz, 64).to(dtype)
     torch.testing.assert_close(kernels.int4_dequantize(ours, ours_sz, 64, dtype), want4,
                                atol=1e-6, rtol=0)
 
@@ -235,6 +243,23 @@ def test_cpus_without_avx512_use_pytorch_quietly(monkeypatch, recwarn):
     try:
         assert not kernels.has_avx512() and not kernels.available()
         assert not [w for w in recwarn if "mixtral" in str(w.message)]
+    finally:
+        monkeypatch.undo()
+        kernels.available.cache_clear()
+    assert kernels.available()
+
+
+def test_a_failed_build_says_what_to_do(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def fail(**_kwargs):
+        raise RuntimeError("Error building extension 'mixtral_kernels': c++: not found\n...")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    kernels.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"c\+\+: not found.*Install a C\+\+ compiler"):
+            assert not kernels.available()
     finally:
         monkeypatch.undo()
         kernels.available.cache_clear()
