@@ -9,6 +9,10 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
+from mixtral import cpu
+
+cpu.cap_torch()  # MIXTRAL_ISA reaches PyTorch and oneDNN only if set before torch starts
+
 if TYPE_CHECKING:
     import torch
 

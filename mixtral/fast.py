@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixtral import kernels
+from mixtral import cpu, kernels
 from mixtral.cache import KVCache
 from mixtral.model import Attention, Experts, MoeLayer, Transformer, dispatch, route
 from mixtral.quantize import Int4Linear, Int8Linear, QuantExperts, int4_from_cpu64
@@ -37,8 +37,12 @@ SMALL_M = 16  # rows of x up to which the matrix-vector kernels beat dequantize 
 
 
 def packable(weight: Tensor) -> bool:
-    return (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and weight.dtype in (torch.float32, torch.bfloat16))
+    """oneDNN's packed layout: fp32 from AVX2 up, bf16 where oneDNN supports it (AVX-512)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    c = cpu.probe()
+    return (weight.dtype == torch.float32 and c.at_least("avx2")) or \
+        (weight.dtype == torch.bfloat16 and c.onednn_bf16)
 
 
 class PackedLinear(nn.Module):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import platform
 import threading
 import warnings
 from pathlib import Path
@@ -29,13 +28,31 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mixtral import cpu
+
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit.cpp", "attention.cpp")]
+
+
+def why_not() -> str:
+    """Why the kernels are not used here ('' when they are)."""
+    if os.environ.get("MIXTRAL_KERNELS", "1") == "0":
+        return "MIXTRAL_KERNELS=0"
+    tier = cpu.probe().tier
+    if not cpu.probe().at_least("avx512"):
+        return f"no build for the {tier} tier"
+    return "" if available() else "the build failed"
+
+
+def build_dir() -> str:
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(f"mixtral_kernels_{_machine_tag()}", False)
 
 
 @functools.cache
 def available() -> bool:
     """Build (once per machine and source version) and load the kernels; False if impossible."""
-    if os.environ.get("MIXTRAL_KERNELS", "1") == "0" or not has_avx512():
+    if os.environ.get("MIXTRAL_KERNELS", "1") == "0" or not cpu.probe().at_least("avx512"):
         return False
     try:
         from torch.utils import cpp_extension
@@ -52,13 +69,6 @@ def available() -> bool:
                       "Install a C++ compiler (g++) and the `ninja` package, or set "
                       "MIXTRAL_KERNELS=0 to silence this.", stacklevel=2)
         return False
-
-
-def has_avx512() -> bool:
-    """The kernels are AVX-512 (F, BW) code; elsewhere (AVX2 laptops, ARM) PyTorch's own
-    vectorised kernels beat any portable C++ we would ship, so those machines use them."""
-    flags = _cpu_flags().split()
-    return platform.machine() in ("x86_64", "AMD64") and {"avx512f", "avx512bw"} <= set(flags)
 
 
 @functools.cache

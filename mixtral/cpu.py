@@ -1,0 +1,127 @@
+"""What this CPU can do, asked once: the one place that decides which paths run.
+
+Every choice that depends on the processor — oneDNN's packed bf16 weights, which build of our
+kernels (mixtral/csrc/), how PyTorch packs int4 — asks `probe()`, nowhere else. The answer
+comes from CPUID as PyTorch's cpuinfo reads it (so emulators and containers report what they
+emulate, unlike /proc/cpuinfo text), reduced to a tier:
+
+  avx512_bf16  AVX-512 F/BW/VL/DQ with native bf16 dot products (Zen 4/5, Cooper/Sapphire Lake)
+  avx512       AVX-512 F/BW/VL/DQ (Skylake-X, Ice Lake)
+  avx2         AVX2 + FMA + F16C (Haswell and later, Zen 1-3: most laptops and desktops)
+  generic      anything else, ARM included: PyTorch's own operations alone
+
+`MIXTRAL_ISA=<tier>` caps the tier, so that every tier can be tested on a machine at or above
+it. Set before PyTorch starts (i.e. before `import mixtral` or torch), the cap also lowers
+PyTorch's own dispatch (`ATEN_CPU_CAPABILITY`) and oneDNN (`ONEDNN_MAX_CPU_ISA`), so that
+`MIXTRAL_ISA=avx2` on an AVX-512 machine behaves as an AVX2 machine does; explicit settings of
+those two variables win. `mixtral info --system` prints the answer and the paths it chooses.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+TIERS = ("generic", "avx2", "avx512", "avx512_bf16")  # ascending
+ENV = "MIXTRAL_ISA"
+
+# what PyTorch and oneDNN are capped to under each tier (see the docstring)
+_ATEN = {"generic": "default", "avx2": "avx2", "avx512": "avx512", "avx512_bf16": "avx512"}
+_ONEDNN = {"generic": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE",
+           "avx512_bf16": "AVX512_CORE_BF16"}
+_ATEN_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}  # torch's names for its own tiers
+
+
+class IsaError(ValueError):
+    """MIXTRAL_ISA names no tier."""
+
+
+@dataclass(frozen=True)
+class Cpu:
+    tier: str          # the tier the paths use: the machine's, capped by MIXTRAL_ISA
+    machine: str       # the tier the processor has
+    cap: str | None    # MIXTRAL_ISA, if set
+    arch: str          # x86_64, aarch64, ...
+    name: str          # the processor's name as cpuinfo gives it
+    bf16: bool         # native bf16 dot products (vdpbf16ps), at this tier
+    vnni: bool         # int8 dot products (vpdpbusd), at this tier
+    aten: str          # PyTorch's own dispatch tier in this process (DEFAULT/AVX2/AVX512/...)
+
+    def at_least(self, tier: str) -> bool:
+        return TIERS.index(self.tier) >= TIERS.index(tier)
+
+    @property
+    def onednn_bf16(self) -> bool:
+        """oneDNN can pack and multiply bf16 weights (it refuses below AVX-512 BW/VL/DQ)."""
+        return self.at_least("avx512")
+
+
+def cap_from_env() -> str | None:
+    """The tier MIXTRAL_ISA asks for (None: no cap); IsaError if it names none."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in TIERS:
+        raise IsaError(f"{ENV}={value!r} is not a tier; use one of {', '.join(TIERS)}")
+    return value
+
+
+def cap_torch() -> None:
+    """Carry MIXTRAL_ISA over to PyTorch and oneDNN; only has full effect before torch starts
+    (mixtral/__init__.py calls it first). An invalid value is left for probe() to report."""
+    try:
+        cap = cap_from_env()
+    except IsaError:
+        return
+    if cap is not None and cap != "avx512_bf16":
+        os.environ.setdefault("ATEN_CPU_CAPABILITY", _ATEN[cap])
+        os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ONEDNN[cap])
+
+
+def machine_tier(features: dict[str, object]) -> str:
+    """A cpuinfo feature dict (torch._C._cpu._get_cpu_capability()) -> the processor's tier."""
+    def has(*names: str) -> bool:
+        return all(bool(features.get(n)) for n in names)
+
+    if features.get("architecture") not in ("x86_64", "AMD64") or not has("avx2", "fma3", "f16c"):
+        return "generic"
+    if not has("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq"):
+        return "avx2"
+    return "avx512_bf16" if has("avx512_bf16") else "avx512"
+
+
+@functools.cache
+def probe() -> Cpu:
+    """This process's answer (cached; tests clear it with probe.cache_clear())."""
+    import platform
+
+    import torch
+
+    features: dict[str, object] = dict(torch._C._cpu._get_cpu_capability())
+    features.setdefault("architecture", platform.machine())
+    machine = machine_tier(features)
+    cap = cap_from_env()
+    tier = machine if cap is None else TIERS[min(TIERS.index(machine), TIERS.index(cap))]
+    aten = torch.backends.cpu.get_cpu_capability()
+    return Cpu(tier=tier, machine=machine, cap=cap, arch=str(features["architecture"]),
+               name=str(features.get("cpu_name") or platform.processor() or "unknown"),
+               bf16=tier == "avx512_bf16",
+               vnni=(tier.startswith("avx512") and bool(features.get("avx512_vnni")))
+               ,
+               aten=aten)
+
+
+
+def describe() -> list[str]:
+    """The processor's lines for `mixtral info --system` (mixtral.fast adds the paths)."""
+    c = probe()
+    lines = [f"cpu: {c.name} ({c.arch}), tier {c.machine}",
+             f"tier used: {c.tier}" + (f" (capped by {ENV}={c.cap})" if c.cap else ""),
+             f"native bf16 dot products: {'yes' if c.bf16 else 'no'}; "
+             f"int8 dot products (VNNI): {'yes' if c.vnni else 'no'}",
+             f"PyTorch's own kernels: {c.aten}"]
+    if _ATEN_RANK.get(c.aten, 2) > _ATEN_RANK.get(_ATEN[c.tier].upper(), 2):
+        lines.append(f"  note: PyTorch started before {ENV} was read; set it before Python "
+                     "starts for PyTorch's own kernels to follow the cap")
+    return lines
