@@ -29,11 +29,15 @@ serve: $(VENV)/.runtime
 chat: $(VENV)/.runtime
 	$(VENV)/bin/mixtral chat $(ARGS)
 
-# The page tests drive Debian's Chromium (never a downloaded browser); install it if we can.
+# The page tests drive Debian's Chromium (never a downloaded browser), and one test runs the
+# main job on an emulated AVX2 CPU with Debian's qemu-user; install them if we can.
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
 	  >/dev/null; } || echo "note: no chromium; the web-page tests will be skipped"
+	@command -v qemu-x86_64 >/dev/null || [ "$$(uname -m)" != x86_64 ] || { [ "$$(id -u)" = 0 ] \
+	  && command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq qemu-user >/dev/null; } || echo "note: no qemu-user; the emulated-CPU test will be skipped"
 
 test: $(VENV)/.test browser
 	$(VENV)/bin/ruff check mixtral tests

@@ -1,5 +1,5 @@
 """Write a full-size Mixtral-8x7B (46.7B parameters) with random weights as an int4 checkpoint
-(CPU kernel layout, ~25 GB), tensor by tensor: never more than one shard in RAM.
+(the portable layout of mixtral.quant, ~25 GB), tensor by tensor: never more than one shard in RAM.
 
     python benchmarks/make_full_random.py /tmp/mixtral-8x7b-int4
     mixtral bench --model /tmp/mixtral-8x7b-int4 --max-ram 16GiB --prompt-len 16 --gen-len 8
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     a = p.parse_args()
     args = preset(a.preset)
-    quant = {"bits": 4, "group_size": a.group_size, "layout": "cpu64"}
+    quant = {"bits": 4, "group_size": a.group_size, "layout": "portable"}
     expected = quantized_tensors(args, torch.bfloat16, quant)
     g = torch.Generator().manual_seed(0)
 

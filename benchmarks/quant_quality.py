@@ -24,7 +24,7 @@ from mixtral.config import PRESETS
 from mixtral.default_model import load_default
 from mixtral.fast import optimize
 from mixtral.model import Transformer
-from mixtral.quantize import quantize_model
+from mixtral.quant import quantize_model
 from mixtral.tokenizer import default_tokenizer
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")  # on every Debian; fixed, public

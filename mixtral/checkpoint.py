@@ -35,7 +35,6 @@ from mixtral.formats import (
     Layout,
     args_from_hf_config,
     args_from_params,
-    canonical_shapes,
     check_quantization,
     detect_layout,
     dtype_name,
@@ -50,13 +49,7 @@ from mixtral.formats import (
     write_canonical,
 )
 from mixtral.model import Transformer
-from mixtral.quantize import (
-    GROUP_SIZES,
-    apply,
-    default_group_size,
-    int4_to_cpu64,
-    quantize_weight,
-)
+from mixtral.quant import GROUP_SIZES, apply, default_group_size, get, quantize_weight
 
 
 class CheckpointError(ValueError):
@@ -392,12 +385,21 @@ def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype
     missing, _ = model.load_state_dict(floats, strict=False, assign=True)
     assert all(is_quantized_weight(m) for m in missing), missing
 
-    def weight(name: str) -> tuple[Tensor, Tensor]:
-        qname, sname = portable_names(name, bits)
-        return read(qname), read(sname)
+    return apply(model, quantized_reader(info), bits, group, target, device).eval()
 
-    return apply(model, weight, bits, group, target, device,
-                 info.quantization.get("layout", "portable")).eval()
+
+def quantized_reader(info: CheckpointInfo) -> Callable[[str], tuple[Tensor, Tensor]]:
+    """canonical weight name -> its stored pair, converted to the portable layout if the file
+    holds a legacy one."""
+    assert info.quantization is not None
+    read, fmt = reader(info), get(info.quantization["bits"])
+    to_portable = fmt.layouts[info.quantization["layout"]]
+
+    def weight(name: str) -> tuple[Tensor, Tensor]:
+        qname, sname = portable_names(name, fmt.bits)
+        return to_portable(read(qname)), read(sname)
+
+    return weight
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -488,24 +490,18 @@ def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, lay
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
-                        group_size: int | None = None, max_shard_bytes: int = 5 * 2**30,
-                        layout: str = "portable") -> list[Path]:
-    """Read a float checkpoint tensor by tensor and write its int8/int4 form, which
-    `load` reads directly. Memory: one float tensor and one shard at a time. layout "cpu64"
-    stores int4 in the CPU kernel's own layout (CPU loads and offloading convert nothing)."""
+                        group_size: int | None = None,
+                        max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+    """Read a float checkpoint tensor by tensor and write its int8/int4 form (the portable
+    layout of mixtral.quant, the same bytes on every machine), which `load` reads directly.
+    Memory: one float tensor and one shard at a time."""
     info = inspect(src)
     if info.quantization:
         raise CheckpointError(f"{src}: already quantized ({info.quantization})")
     group_size = group_size or default_group_size(info.args)
     if bits == 4 and group_size not in GROUP_SIZES:
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
-    quant = {"bits": bits, "group_size": group_size, "layout": layout}
-    if layout == "cpu64":
-        rows = [shape[-2] for name, shape in canonical_shapes(info.args).items()
-                if is_quantized_weight(name)]
-        if bits != 4 or any(n % 64 for n in rows):
-            raise ValueError("layout cpu64 is for int4 with every output size a multiple of 64, "
-                             f"got bits {bits} and sizes {sorted(set(rows))}")
+    quant = {"bits": get(bits).bits, "group_size": group_size, "layout": "portable"}
     expected = quantized_tensors(info.args, info.dtype, quant)
     out = Path(dst)
 
@@ -513,9 +509,6 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
         for name, t in read_state_dict(info):
             if is_quantized_weight(name):
                 q, s = quantize_weight(t, bits, group_size)
-                if layout == "cpu64":
-                    q = torch.stack([int4_to_cpu64(m) for m in q.view(-1, *q.shape[-2:])])
-                    q = q.view(*t.shape[:-1], -1)
                 qname, sname = portable_names(name, bits)
                 yield qname, q.contiguous()
                 yield sname, s.contiguous()

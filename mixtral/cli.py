@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        _check_device(getattr(args, "device", "cpu"))
         code = args.run(args)
         if getattr(args, "tp", 1) > 1 or getattr(args, "ep", 1) > 1:
             from mixtral.parallel import finish
@@ -192,8 +193,11 @@ def _parser() -> argparse.ArgumentParser:
                     "checkpoint path)")
     sp.set_defaults(run=_bench)
 
-    sp = sub.add_parser("info", help="sizes of a preset or checkpoint, and a checkpoint's layout")
-    sp.add_argument("target", help="a preset name (mixtral-8x7b, bench, tiny) or a path")
+    sp = sub.add_parser("info", help="sizes of a preset or checkpoint, and a checkpoint's "
+                        "layout; --system: this CPU and the paths it takes")
+    sp.add_argument("target", nargs="?", help="a preset name (mixtral-8x7b, bench, tiny) or a path")
+    sp.add_argument("--system", action="store_true",
+                    help="the CPU tier (MIXTRAL_ISA caps it) and the paths chosen for it")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(run=_info)
 
@@ -206,8 +210,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: the largest of 128/64/32 that divides every input size)")
     sp.add_argument("--shard-size", default="5GB")
     sp.add_argument("--layout", default="portable", choices=["portable", "cpu64"],
-                    help="int4 storage: portable nibbles, or the CPU kernel's own layout "
-                    "(loads without conversion; best for --max-ram offloading)")
+                    help="portable (the only one written: the same bytes on every machine; "
+                    "cpu64 files of mixtral 0.1 still load)")
     sp.set_defaults(run=_quantize)
 
     sp = sub.add_parser("convert", help="rewrite a checkpoint in the HF or Mistral layout")
@@ -221,6 +225,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --- running models ------------------------------------------------------------------------------
+
+def _check_device(text: str) -> None:
+    """--device: one that this machine and this build of PyTorch have (ValueError, so exit 2
+    with one line, otherwise); PyTorch is imported only for devices other than the CPU."""
+    if text == "cpu":
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"{text!r} is not a device; write cpu, cuda or "
+                                         "cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "this PyTorch has no CUDA" if torch.version.cuda is None else "no GPU found"
+            raise ValueError(f"{text}: {build}; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{text}: there are {count} GPU(s), cuda:0 to "
+                                             f"cuda:{count - 1}")
+    elif device.type != "cpu" and device.type != "mps":
+        raise ValueError(f"{text}: mixtral runs on cpu or cuda")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{text}: no MPS device here; use --device cpu")
+
 
 def _load(args: argparse.Namespace) -> Transformer:
     from mixtral.formats import parse_dtype
@@ -437,6 +467,17 @@ def _serve(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from mixtral.config import PRESETS, kv_cache_bytes_per_token, param_counts, weight_bytes
 
+    if args.system:
+        from mixtral.fast import describe_paths
+
+        system = describe_paths()
+        print(json.dumps(system, indent=2) if args.json else
+              "\n".join(f"{k:<13} {v}" for k, v in system.items()))
+        if args.target is None:
+            return 0
+    if args.target is None:
+        raise ValueError("name a preset (mixtral-8x7b, bench, tiny) or a checkpoint path, or "
+                         "pass --system")
     report: dict[str, Any] = {"target": args.target}
     if args.target in PRESETS and not Path(args.target).exists():
         margs = PRESETS[args.target]
@@ -504,7 +545,7 @@ def _bench(args: argparse.Namespace) -> int:
     from mixtral import bench
     from mixtral.config import PRESETS
     from mixtral.model import Transformer
-    from mixtral.quantize import quantize_model
+    from mixtral.quant import quantize_model
 
     float_dtype = torch.float32 if args.quant == "fp32" else torch.bfloat16
     plan = None
@@ -733,8 +774,12 @@ def _lora(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from mixtral.checkpoint import quantize_checkpoint
 
+    if args.layout != "portable":
+        raise ValueError("--layout cpu64 is no longer written: it was PyTorch's AVX-512 packing, "
+                         "which other CPUs read as garbage; files now hold one layout on every "
+                         "machine and each CPU packs it at load (old cpu64 files still load)")
     for f in quantize_checkpoint(args.src, args.dst, args.bits, args.group_size,
-                                 _parse_size(args.shard_size), args.layout):
+                                 _parse_size(args.shard_size)):
         print(f)
     return 0
 

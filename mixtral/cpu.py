@@ -113,15 +113,16 @@ def probe() -> Cpu:
 
 
 
-def describe() -> list[str]:
-    """The processor's lines for `mixtral info --system` (mixtral.fast adds the paths)."""
+
+def describe() -> dict[str, str]:
+    """The processor's part of `mixtral info --system` (mixtral.fast adds the paths)."""
     c = probe()
-    lines = [f"cpu: {c.name} ({c.arch}), tier {c.machine}",
-             f"tier used: {c.tier}" + (f" (capped by {ENV}={c.cap})" if c.cap else ""),
-             f"native bf16 dot products: {'yes' if c.bf16 else 'no'}; "
-             f"int8 dot products (VNNI): {'yes' if c.vnni else 'no'}",
-             f"PyTorch's own kernels: {c.aten}"]
+    out = {"cpu": f"{c.name} ({c.arch}), tier {c.machine}",
+           "tier": c.tier + (f" (capped by {ENV}={c.cap})" if c.cap else ""),
+           "bf16 dot": "native (vdpbf16ps)" if c.bf16 else "none: bf16 is widened to fp32",
+           "int8 dot": "VNNI" if c.vnni else "none",
+           "pytorch": f"dispatches at {c.aten}"}
     if _ATEN_RANK.get(c.aten, 2) > _ATEN_RANK.get(_ATEN[c.tier].upper(), 2):
-        lines.append(f"  note: PyTorch started before {ENV} was read; set it before Python "
-                     "starts for PyTorch's own kernels to follow the cap")
-    return lines
+        out["pytorch"] += (f" (it started before {ENV} was read: set it before Python starts "
+                           "for PyTorch's own kernels to follow the cap)")
+    return out

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from mixtral import cpu, kernels
 from mixtral.cache import KVCache
 from mixtral.model import Attention, Experts, MoeLayer, Transformer, dispatch, route
-from mixtral.quantize import Int4Linear, Int8Linear, QuantExperts, int4_from_cpu64
+from mixtral.quant import Int4Linear, Int8Linear, QuantExperts, int4
 
 SMALL_M = 16  # rows of x up to which the matrix-vector kernels beat dequantize + GEMM
 
@@ -59,9 +59,38 @@ class PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class Bf16Rows(nn.Module):
+    """y = x @ W.T for a bf16 W where oneDNN cannot pack bf16 (below AVX-512): PyTorch's bf16
+    linear for a few rows of x; for a prompt, W widened to fp32 and the fp32 GEMM,
+    because PyTorch's bf16 GEMM there runs ~3.7x slower than its fp32 one (512 x 1024 x 4096
+    on the avx2 tier: 97 ms vs 26 ms, widening included). y comes back in bf16."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.detach().contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] > SMALL_M:
+            y = F.linear(x2.float(), self.weight.float()).to(x.dtype)
+        else:
+            y = F.linear(x2, self.weight)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def widenable(weight: Tensor) -> bool:
+    """A bf16 CPU weight on an x86 tier where oneDNN cannot pack it: Bf16Rows."""
+    c = cpu.probe()
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and \
+        c.at_least("avx2") and not c.onednn_bf16
+
+
 def _linear(weight: Tensor) -> nn.Module:
     if packable(weight):
         return PackedLinear(weight)
+    if widenable(weight):
+        return Bf16Rows(weight)
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
     return layer
@@ -127,12 +156,10 @@ def _rows(m: nn.Module) -> tuple[Tensor, Tensor] | None:
         return None
     if type(m) is Int8Linear and m.in_features % 16 == 0:
         return m.weight, m.scales.float()
-    if type(m) is Int4Linear and m.weight.shape[0] % 64 == 0 and m.group_size % 64 == 0:
-        # stored in the cpu64 layout (rows in blocks of 64)
-        n = m.out_features
-        packed = int4_from_cpu64(m.weight)[:n]  # [N, K/2], column 2j in the high nibble
-        q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)  # [N, K]
-        scale, zero = m.scales_and_zeros[:, :n].transpose(0, 1).unbind(-1)  # [N, K/g] each
+    if type(m) is Int4Linear and not m.packed and m.in_features % 64 == 0 \
+            and m.group_size % 64 == 0:
+        q = int4.unpack(m.weight)  # [N, K] from the portable bytes, before PyTorch packs them
+        scale, zero = m.scales_and_zeros.transpose(0, 1).unbind(-1)  # [N, K/g] each
         return kernels.int4_pack(q), kernels.int4_offsets(scale, zero)
     return None
 
@@ -273,7 +300,7 @@ def _stack(modules: list[nn.Module]) -> tuple[Tensor, Tensor]:
 
 def fuse_experts(ref: nn.Module) -> FusedExperts | None:
     """The fast form of a float (packed) or quantized (our kernels) expert bank, if any."""
-    if type(ref) is Experts and packable(ref.w1):
+    if type(ref) is Experts and (packable(ref.w1) or widenable(ref.w1)):
         E = ref.w1.shape[0]
         return FusedExperts([_linear(torch.cat([ref.w1[e], ref.w3[e]])) for e in range(E)],
                             [_linear(ref.w2[e]) for e in range(E)], ref.w1.shape[1])
@@ -333,3 +360,21 @@ def optimize(model: Transformer) -> Transformer:
             ff.experts = fuse_experts(ff.experts) or ff.experts  # type: ignore[assignment]
     model.output = _swap(model.output)  # type: ignore[assignment]
     return model
+
+
+def describe_paths() -> dict[str, str]:
+    """`mixtral info --system`: this CPU (mixtral.cpu) and the path each kind of weight takes."""
+    c, ours = cpu.probe(), kernels.available()
+    out = cpu.describe()
+    out["kernels"] = (f"ours, the {c.tier} build" if ours else
+                      f"PyTorch's only ({kernels.why_not()})")
+    out["fp32"] = "oneDNN packed layout" if c.at_least("avx2") else "PyTorch's linear"
+    out["bf16"] = ("oneDNN packed layout" if c.onednn_bf16 else
+                   f"{'our bf16 kernel' if ours else 'PyTorch bf16 linear'} for decoding, "
+                   "widened to fp32 for prompts" if c.at_least("avx2") else
+                   "PyTorch's bf16 linear")
+    out["int8/int4"] = ("our kernels for decoding (and the MoE and attention step), "
+                        "dequantize + GEMM for prompts" if ours else
+                        "PyTorch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu, int4 "
+                        "packed at load by PyTorch for this CPU")
+    return out

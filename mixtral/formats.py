@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mixtral import quant
 from mixtral.config import ModelArgs
 
 
@@ -247,37 +248,37 @@ def is_quantized_weight(name: str) -> bool:
 def portable_names(name: str, bits: int) -> tuple[str, str]:
     """On-disk names of a quantized weight and of its scales."""
     base = name.removesuffix(".weight")
-    return f"{base}.qweight", f"{base}.scales" if bits == 8 else f"{base}.scales_and_zeros"
+    return f"{base}.qweight", f"{base}.{quant.get(bits).scales_name}"
 
 
 def quantized_tensors(args: ModelArgs, dtype: torch.dtype,
-                      quant: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+                      settings: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every tensor of a quantized checkpoint, in writing order, with shape and dtype."""
-    bits, group = quant["bits"], quant["group_size"]
+    fmt, group = quant.get(settings["bits"]), settings["group_size"]
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name, shape in canonical_shapes(args).items():
         if not is_quantized_weight(name):
             out[name] = (shape, dtype)
             continue
-        *lead, N, K = shape
-        qname, sname = portable_names(name, bits)
-        if bits == 8:
-            out[qname] = (shape, torch.int8)
-            out[sname] = ((*lead, N), torch.float32)
-        else:
-            out[qname] = ((*lead, N, K // 2), torch.uint8)
-            out[sname] = ((*lead, K // group, N, 2), torch.float32)
+        qname, sname = portable_names(name, fmt.bits)
+        (qshape, sshape), (qdtype, sdtype) = fmt.shapes(shape, group), fmt.dtypes
+        out[qname], out[sname] = (qshape, qdtype), (sshape, sdtype)
     return out
 
 
-def check_quantization(quant: object, source: str) -> dict[str, Any]:
-    if not isinstance(quant, dict) or quant.get("bits") not in (8, 4) or \
-            not isinstance(quant.get("group_size"), int) or quant["group_size"] < 1 or \
-            quant.get("layout", "portable") not in ("portable", "cpu64"):
+def check_quantization(settings: object, source: str) -> dict[str, Any]:
+    """config.json's quantization settings, checked against the formats (and their layouts)."""
+    bits = settings.get("bits") if isinstance(settings, dict) else None
+    fmt = quant.FORMATS.get(bits) if isinstance(bits, int) else None
+    if fmt is None or not isinstance(settings, dict) or \
+            not isinstance(settings.get("group_size"), int) or \
+            settings.get("layout", "portable") not in fmt.layouts or \
+            (fmt.bits == 4 and settings["group_size"] not in quant.GROUP_SIZES):
         raise ConfigError(f"{source}: {QUANTIZATION_KEY} must be {{\"bits\": 8 or 4, "
-                          f'"group_size": n, "layout": "portable" or "cpu64"}}, got {quant!r}')
-    return {"bits": quant["bits"], "group_size": quant["group_size"],
-            "layout": quant.get("layout", "portable")}
+                          f'"group_size": {" or ".join(map(str, quant.GROUP_SIZES))} (int4), '
+                          f'"layout": "portable"}}, got {settings!r}')
+    return {"bits": fmt.bits, "group_size": settings["group_size"],
+            "layout": settings.get("layout", "portable")}
 
 
 # --- configs -------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 in from a quantized checkpoint on demand, into an LRU cache of hot experts under a RAM budget.
 
 Each expert of each layer is a contiguous slice of its bank in the safetensors file, so paging
-one in is three reads (w1, w3, w2 and their scales) straight into fresh buffers; with int4 in
-the CPU kernel's layout (`mixtral quantize --bits 4 --layout cpu64`) nothing is converted.
+one in is three reads (w1, w3, w2 and their scales) straight into fresh buffers; int4 experts
+are packed for this CPU's kernel at their first call (mixtral.quant.int4).
 Experts run where they were read; nothing else is copied. Pages read are dropped from the page
 cache (POSIX_FADV_DONTNEED), so the file is not held twice.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mixtral.checkpoint import CheckpointError, CheckpointInfo, inspect, reader
+from mixtral.checkpoint import CheckpointError, CheckpointInfo, inspect, quantized_reader, reader
 from mixtral.formats import is_quantized_weight, parse_dtype, portable_names
 from mixtral.model import Transformer
-from mixtral.quantize import QuantExperts, apply
+from mixtral.quant import Format, QuantExperts, apply, get
 
 RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short contexts
 
@@ -49,6 +49,7 @@ class ExpertStore:
     def __init__(self, info: CheckpointInfo) -> None:
         assert info.quantization is not None
         self.info, self.bits = info, info.quantization["bits"]
+        self.to_portable = get(self.bits).layouts[info.quantization["layout"]]
         self.bytes_read = 0
         self._files: dict[Path, int] = {}
 
@@ -56,7 +57,7 @@ class ExpertStore:
         out = {}
         for w in ("w1", "w2", "w3"):
             qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
-            out[w] = (self._slice(qname, expert), self._slice(sname, expert))
+            out[w] = (self.to_portable(self._slice(qname, expert)), self._slice(sname, expert))
         return out
 
     def _slice(self, name: str, expert: int) -> Tensor:
@@ -85,10 +86,10 @@ class ExpertStore:
 class ExpertCache:
     """The hot experts of all layers, least recently used evicted first, under a byte budget."""
 
-    def __init__(self, store: ExpertStore, budget: int, bits: int, group_size: int,
-                 dtype: torch.dtype, layout: str) -> None:
+    def __init__(self, store: ExpertStore, budget: int, fmt: Format, group_size: int,
+                 dtype: torch.dtype) -> None:
         self.store, self.budget = store, budget
-        self.bits, self.group_size, self.dtype, self.layout = bits, group_size, dtype, layout
+        self.fmt, self.group_size, self.dtype = fmt, group_size, dtype
         self._lru: collections.OrderedDict[tuple[int, int], tuple[QuantExperts, int]] = \
             collections.OrderedDict()
         self.used = 0
@@ -106,7 +107,7 @@ class ExpertCache:
         banks = {w: (q[None], s[None]) for w, (q, s) in self.store.read(layer, expert).items()}
         size = sum(q.numel() * q.element_size() + s.numel() * s.element_size()
                    for q, s in banks.values())
-        module = QuantExperts(banks, self.bits, self.group_size, self.dtype, self.layout)
+        module = QuantExperts(banks, self.fmt, self.group_size, self.dtype)
         with self._lock:
             while self._lru and self.used + size > self.budget:
                 _, (_, freed) = self._lru.popitem(last=False)
@@ -158,7 +159,7 @@ def load_offloaded(path: str | os.PathLike, max_ram: int | str,
     info = inspect(path)
     if info.quantization is None:
         raise CheckpointError(f"{path}: offloading reads quantized experts; make such a copy "
-                              "with `mixtral quantize SRC DST --bits 4 --layout cpu64`")
+                              "with `mixtral quantize SRC DST --bits 4`")
     budget = parse_size(max_ram)
     _, left = plan(info, budget, kv_cache_bytes)
     quant = info.quantization
@@ -170,14 +171,8 @@ def load_offloaded(path: str | os.PathLike, max_ram: int | str,
               if not is_quantized_weight(name)}
     model.load_state_dict(floats, strict=False, assign=True)
     store = ExpertStore(info)
-    cache = ExpertCache(store, left, quant["bits"], quant["group_size"], target, quant["layout"])
-
-    def weight(name: str) -> tuple[Tensor, Tensor]:
-        qname, sname = portable_names(name, quant["bits"])
-        return read(qname), read(sname)
-
-    model = apply(model, weight, quant["bits"], quant["group_size"], target, "cpu",
-                  quant["layout"],
+    cache = ExpertCache(store, left, get(quant["bits"]), quant["group_size"], target)
+    model = apply(model, quantized_reader(info), quant["bits"], quant["group_size"], target, "cpu",
                   experts=lambda layer: OffloadedExperts(layer, cache, info.args.num_experts))
     model.expert_cache = cache  # type: ignore[assignment]  # for reports (hits, bytes read)
     return model.eval()

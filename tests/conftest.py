@@ -137,3 +137,38 @@ def hf_tiny():
 @pytest.fixture(scope="session")
 def hf_tiny_dir(hf_tiny, tmp_path_factory) -> Path:
     return write_layout(hf_tiny, "hf", tmp_path_factory.mktemp("hf_tiny"))
+
+
+def _machine_tier() -> str:
+    import torch
+
+    from mixtral import cpu
+
+    return cpu.machine_tier(dict(torch._C._cpu._get_cpu_capability()))
+
+
+def tiers_up_to_machine(lowest: str = "generic") -> list:
+    """pytest params for every tier from `lowest` up; tiers above this machine's are skipped
+    by name (they need a CPU that has them)."""
+    from mixtral import cpu
+
+    top = cpu.TIERS.index(_machine_tier())
+    return [pytest.param(t, marks=() if cpu.TIERS.index(t) <= top else pytest.mark.skip(
+                reason=f"tier {t} needs a CPU that has it; this one is {_machine_tier()}"))
+            for t in cpu.TIERS[cpu.TIERS.index(lowest):]]
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    """Run the test with MIXTRAL_ISA capped to the parametrized tier (our path choices and
+    kernel builds; PyTorch's own dispatch keeps the process's, which only a fresh process
+    changes: tests/test_tiers.py does that)."""
+    from mixtral import cpu, kernels
+
+    monkeypatch.setenv("MIXTRAL_ISA", request.param)
+    cpu.probe.cache_clear()
+    kernels.available.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    cpu.probe.cache_clear()
+    kernels.available.cache_clear()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiers_up_to_machine
+from torch import nn
 
 from mixtral.cache import KVCache
 from mixtral.config import ModelArgs
 from mixtral.engine import Engine
-from mixtral.fast import FastAttention, FastMoe, FusedExperts, PackedLinear, optimize
+from mixtral.fast import Bf16Rows, FastAttention, FastMoe, FusedExperts, PackedLinear, optimize
 from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
-from mixtral.quantize import quantize_model
+from mixtral.quant import quantize_model
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=96,
                  num_experts=8, num_experts_per_tok=2, vocab_size=300, max_seq_len=128)
@@ -27,17 +29,28 @@ def pair(dtype, **changes):
     return ref, optimize(fast).eval()
 
 
+# the module each tier gives a weight of each dtype (mixtral.fast's choice, from mixtral.cpu)
+LINEAR = {("generic", torch.float32): nn.Linear, ("generic", torch.bfloat16): nn.Linear,
+          ("avx2", torch.float32): PackedLinear, ("avx2", torch.bfloat16): Bf16Rows,
+          ("avx512", torch.float32): PackedLinear, ("avx512", torch.bfloat16): PackedLinear,
+          ("avx512_bf16", torch.float32): PackedLinear,
+          ("avx512_bf16", torch.bfloat16): PackedLinear}
+
+
+@pytest.mark.parametrize("isa", tiers_up_to_machine(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 6])
-def test_fast_equals_reference(dtype, window):
+def test_fast_equals_reference(dtype, window, isa):
     """fp32: equal up to summation order. bf16: the rounding points differ, and on random
     weights a near-tie then sends a token to another expert, so the test asks that the fast
-    path be as close to fp32 as the reference is, position by position, in the median."""
+    path be as close to fp32 as the reference is, position by position, in the median.
+    Every tier this machine can be capped to: each picks its own modules."""
     ref, fast = pair(dtype, sliding_window=window)
     assert isinstance(fast.layers[0].attention, FastAttention)
     assert isinstance(fast.layers[0].feed_forward, FastMoe)
-    assert isinstance(fast.layers[0].feed_forward.experts, FusedExperts)
-    assert isinstance(fast.output, PackedLinear)
+    assert type(fast.output) is LINEAR[isa, dtype]
+    if LINEAR[isa, dtype] is not nn.Linear:
+        assert isinstance(fast.layers[0].feed_forward.experts, FusedExperts)
     exact = Transformer(ref.args)
     exact.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     models = [ref, fast, exact.eval()]
@@ -64,8 +77,9 @@ def test_fast_equals_reference(dtype, window):
     assert fast_err <= 1.5 * ref_err + 1e-6, (fast_err, ref_err)
 
 
+@pytest.mark.parametrize("isa", tiers_up_to_machine(), indirect=True)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fast_paths_over_quantized_modules(bits):
+def test_fast_paths_over_quantized_modules(bits, isa):
     torch.manual_seed(0)
     ref = Transformer(ARGS)
     ref.init_weights(std=0.1)

@@ -9,7 +9,10 @@ import torch
 from mixtral import kernels
 from mixtral.fast import Int4Rows, Int8Rows, optimize
 from mixtral.model import Transformer
-from mixtral.quantize import Int4Linear, Int8Linear, int4_dequantize, int4_quantize, int8_quantize
+from mixtral.quant import Int4Linear, Int8Linear
+from mixtral.quant.int4 import dequantize as int4_dequantize
+from mixtral.quant.int4 import quantize as int4_quantize
+from mixtral.quant.int8 import quantize as int8_quantize
 from tests.test_fast import ARGS
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
@@ -100,7 +103,7 @@ def test_fast_quantized_modules_use_the_kernels(bits, dtype):
     matrix-vector kernels, a 40-token prompt also on dequantize + GEMM. bf16 rounds at other
     points, and a near-tie then routes a token elsewhere: as in test_fast, the fast model must
     be as close to the fp32 quantized model as the reference is, in the median."""
-    from mixtral.quantize import quantize_model
+    from mixtral.quant import quantize_model
 
     torch.manual_seed(0)
     base = Transformer(ARGS.with_(dim=128, head_dim=32, hidden_dim=192, vocab_size=320))
@@ -133,7 +136,7 @@ def test_fast_quantized_modules_use_the_kernels(bits, dtype):
 
 
 def test_without_kernels_the_quantized_modules_stay(monkeypatch):
-    from mixtral.quantize import quantize_model
+    from mixtral.quant import quantize_model
 
     monkeypatch.setenv("MIXTRAL_KERNELS", "0")
     kernels.available.cache_clear()
@@ -217,13 +220,13 @@ def test_moe_decode_equals_the_python_path(bits, dtype, M):
     """The one-call MoE of a decoding step gives the per-expert Python loop's tensor exactly:
     the same operations in the same dtype and order."""
     from mixtral.fast import FusedExperts, fuse_experts
-    from mixtral.quantize import QuantExperts, quantize_weight
+    from mixtral.quant import QuantExperts, get, quantize_weight
 
     g = torch.Generator().manual_seed(bits * 10 + M)
     E, D, Fh = 8, 128, 192
     banks = {name: quantize_weight(torch.randn(E, *shape, generator=g) * 0.1, bits, 64)
              for name, shape in (("w1", (Fh, D)), ("w2", (D, Fh)), ("w3", (Fh, D)))}
-    experts = fuse_experts(QuantExperts(banks, bits, 64, dtype))
+    experts = fuse_experts(QuantExperts(banks, get(bits), 64, dtype))
     assert isinstance(experts, FusedExperts) and experts.banks is not None
     x = torch.randn(M, D, generator=g).to(dtype)
     chosen = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(M)])

@@ -23,7 +23,7 @@ def checkpoints(tmp_path_factory):
     model = Transformer(ARGS)
     model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
     save(model.to(torch.bfloat16).state_dict(), ARGS, d / "float")
-    quantize_checkpoint(d / "float", d / "q4", 4, layout="cpu64")
+    quantize_checkpoint(d / "float", d / "q4", 4)
     quantize_checkpoint(d / "float", d / "q8", 8)
     return d
 

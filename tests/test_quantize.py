@@ -14,15 +14,11 @@ from mixtral.default_model import random_tiny
 from mixtral.engine import Engine
 from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
-from mixtral.quantize import (
-    Int4Linear,
-    Int8Linear,
-    QuantExperts,
-    int4_dequantize,
-    int4_quantize,
-    int8_quantize,
-    quantize_model,
-)
+from mixtral.quant import Int4Linear, Int8Linear, QuantExperts, quantize_model
+from mixtral.quant.int4 import dequantize as int4_dequantize
+from mixtral.quant.int4 import from_cpu64, to_cpu64
+from mixtral.quant.int4 import quantize as int4_quantize
+from mixtral.quant.int8 import quantize as int8_quantize
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -139,11 +135,55 @@ def test_quantize_cli(tmp_path, capsys):
     assert "group size must be one of" in capsys.readouterr().err
 
 
-def test_cpu64_layout_is_the_kernels():
-    packed = torch.randint(0, 256, (128, 96), dtype=torch.uint8)
-    from mixtral.quantize import int4_from_cpu64, int4_to_cpu64
-    q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2).to(torch.int32)
-    kernel = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    assert torch.equal(int4_to_cpu64(packed), kernel)
-    assert int4_to_cpu64(packed).is_contiguous()
-    assert torch.equal(int4_from_cpu64(kernel), packed)
+def test_legacy_cpu64_bytes_are_read_as_documented():
+    """mixtral 0.1's cpu64 layout, spelled out byte by byte from its definition (rows in blocks
+    of 64; byte (kk, 32*parity + n) of a block holds row n's column 2kk + parity in the low
+    nibble and row n + 32's in the high one), read back into the portable bytes."""
+    g = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (2, 128, 12), dtype=torch.uint8, generator=g)  # [E, N, K/2]
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)  # [E, N, K] values
+    legacy = torch.zeros_like(packed)
+    for e in range(2):
+        for b in range(2):
+            block = legacy[e, b * 64:(b + 1) * 64].view(-1)  # [K/2 * 64] bytes
+            for kk in range(12):
+                for parity in range(2):
+                    for n in range(32):
+                        lo = q[e, b * 64 + n, 2 * kk + parity]
+                        hi = q[e, b * 64 + n + 32, 2 * kk + parity]
+                        block[kk * 64 + 32 * parity + n] = lo | (hi << 4)
+    assert torch.equal(to_cpu64(packed), legacy)
+    assert torch.equal(from_cpu64(legacy), packed)
+
+
+def write_legacy_cpu64(src, dst):
+    """A copy of the portable int4 checkpoint `src` as mixtral 0.1 wrote `--layout cpu64`."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["mixtral_quantization"]["layout"] = "cpu64"
+    (dst / "config.json").write_text(json.dumps(config))
+    for f in dst.glob("*.safetensors"):
+        sd = load_file(f)
+        save_file({k: to_cpu64(v) if k.endswith(".qweight") else v for k, v in sd.items()}, f)
+
+
+def test_legacy_cpu64_checkpoints_load_to_the_same_model(tmp_path, capsys):
+    from mixtral.config import ModelArgs
+
+    model = Transformer(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
+                                  hidden_dim=256, vocab_size=32000, max_seq_len=256))
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    save(model.state_dict(), model.args, tmp_path / "float")
+    quantize_checkpoint(tmp_path / "float", tmp_path / "q4", 4)
+    write_legacy_cpu64(tmp_path / "q4", tmp_path / "old")
+    tokens = torch.randint(0, 32000, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(mixtral.load(tmp_path / "old")(tokens),
+                                   mixtral.load(tmp_path / "q4")(tokens), atol=0, rtol=0)
+    # and none is written any more
+    assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "new"), "--bits", "4",
+                 "--layout", "cpu64"]) == 2
+    assert "no longer written" in capsys.readouterr().err

@@ -22,7 +22,8 @@ from mixtral.chat import encode_for_training
 from mixtral.cli import main
 from mixtral.config import ModelArgs
 from mixtral.model import Transformer
-from mixtral.quantize import Int8Linear, int8_quantize
+from mixtral.quant import Int8Linear
+from mixtral.quant.int8 import quantize as int8_quantize
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.data import DataError, pad_batch, sft_examples
 from mixtral.train.lora import apply_lora, load_adapter, merge_lora, save_adapter
@@ -290,7 +291,7 @@ def test_lora_on_an_int8_base_learns_and_applies_to_the_float_base(tmp_path, cor
     curve = losses(tmp_path / "s" / "run")
     assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5  # only the adapters learn
     import mixtral
-    from mixtral.quantize import quantize_model
+    from mixtral.quant import quantize_model
 
     tokens = torch.tensor([[1, 5, 9, 200, 31, 7, 2]])
     with torch.no_grad():

@@ -28,7 +28,7 @@ from mixtral.cache import KVCache  # noqa: E402
 from mixtral.engine import Engine  # noqa: E402
 from mixtral.fast import optimize  # noqa: E402
 from mixtral.generate import GenerationParams  # noqa: E402
-from mixtral.quantize import quantize_model  # noqa: E402
+from mixtral.quant import quantize_model  # noqa: E402
 
 
 def main() -> None:

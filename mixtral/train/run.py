@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from mixtral.checkpoint import load, save
 from mixtral.config import preset
 from mixtral.model import Transformer
-from mixtral.quantize import quantize_model
+from mixtral.quant import quantize_model
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 from mixtral.train import data as D
 from mixtral.train.lora import LoRAExperts, LoRALinear, apply_lora, save_adapter

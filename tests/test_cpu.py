@@ -1,0 +1,124 @@
+"""The CPU probe (mixtral.cpu): tiers from cpuinfo's feature bits, the MIXTRAL_ISA cap, what
+`mixtral info --system` says, and devices that are not there."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from mixtral import cpu
+from mixtral.cli import main
+
+X86 = {"architecture": "x86_64", "avx2": True, "fma3": True, "f16c": True}
+AVX512 = {"avx512_f": True, "avx512_bw": True, "avx512_vl": True, "avx512_dq": True}
+
+
+@pytest.mark.parametrize(("features", "tier"), [
+    (X86, "avx2"),  # Zen 3, Haswell, most laptops
+    ({**X86, **AVX512}, "avx512"),  # Skylake-X
+    ({**X86, **AVX512, "avx512_bf16": True}, "avx512_bf16"),  # Zen 4/5, Sapphire Rapids
+    ({**X86, "avx512_f": True}, "avx2"),  # Xeon Phi: F without BW/VL/DQ
+    ({**X86, "fma3": False}, "generic"),  # Sandy/Ivy Bridge
+    ({"architecture": "aarch64", "avx2": True}, "generic"),  # ARM: x86 bits mean nothing
+    ({}, "generic"),
+])
+def test_tiers_from_feature_bits(features, tier):
+    assert cpu.machine_tier(features) == tier
+
+
+def test_the_cap_lowers_and_never_raises_the_tier(monkeypatch):
+    machine = cpu.probe.__wrapped__().machine
+    try:
+        for cap in cpu.TIERS:
+            monkeypatch.setenv("MIXTRAL_ISA", cap)
+            cpu.probe.cache_clear()
+            c = cpu.probe()
+            want = cpu.TIERS[min(cpu.TIERS.index(cap), cpu.TIERS.index(machine))]
+            assert (c.tier, c.cap, c.machine) == (want, cap, machine)
+            assert c.onednn_bf16 == c.at_least("avx512")
+            assert not c.bf16 or c.tier == "avx512_bf16"
+    finally:
+        monkeypatch.undo()
+        cpu.probe.cache_clear()
+
+
+def test_a_bad_cap_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("MIXTRAL_ISA", "avx3")
+    cpu.probe.cache_clear()
+    try:
+        with pytest.raises(cpu.IsaError, match="'avx3' is not a tier"):
+            cpu.probe()
+        assert main(["info", "--system"]) == 2
+        assert "MIXTRAL_ISA='avx3' is not a tier; use one of generic, avx2" in \
+            capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        cpu.probe.cache_clear()
+
+
+def test_the_cap_reaches_pytorch_unless_set_explicitly(monkeypatch):
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MIXTRAL_ISA", "avx2")
+    cpu.cap_torch()
+    import os
+
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    monkeypatch.setenv("MIXTRAL_ISA", "generic")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx512")
+    cpu.cap_torch()
+    assert os.environ["ATEN_CPU_CAPABILITY"] == "avx512"  # the user's own setting wins
+    monkeypatch.setenv("MIXTRAL_ISA", "nonsense")
+    cpu.cap_torch()  # left for probe() to report, never an error at import
+
+
+def test_the_probe_does_not_start_torch():
+    """MIXTRAL_ISA must reach PyTorch before it starts, so mixtral/cpu.py and mixtral/__init__
+    import torch only inside functions (mixtral/__init__ calls cpu.cap_torch() first)."""
+    for name in ("cpu.py", "__init__.py"):
+        tree = ast.parse((Path(cpu.__file__).parent / name).read_text())
+        top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+               for a in node.names}
+        top |= {(node.module or "").split(".")[0] for node in tree.body
+                if isinstance(node, ast.ImportFrom)}
+        assert "torch" not in top, name
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"], indirect=True)
+def test_info_system_names_the_tier_and_the_paths(isa, capsys):
+    assert main(["info", "--system"]) == 0
+    out = capsys.readouterr().out
+    assert f"tier          {isa} (capped by MIXTRAL_ISA={isa})" in out
+    from mixtral import kernels
+
+    assert ("PyTorch's only" in out) == (not kernels.available())
+    assert (isa == "generic") <= ("PyTorch's only" in out)
+    assert main(["info", "--system", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"cpu", "tier", "kernels", "fp32", "bf16", "int8/int4"}
+    assert main(["info", "mixtral-8x7b", "--system"]) == 0
+    assert "46.7B total" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cdua", "'cdua' is not a device; write cpu, cuda or cuda:N"),
+    ("vulkan", "vulkan: mixtral runs on cpu or cuda"),
+])
+def test_devices_that_are_not_there_are_one_line_errors(device, message, capsys):
+    assert main(["generate", "--prompt", "hi", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mixtral generate: error: {message}\n"
+
+
+def test_cuda_without_cuda_is_a_one_line_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral bench: error: cuda: ") and err.count("\n") == 1
