@@ -590,7 +590,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     import yaml
 
-    from mixtral.train.run import TrainConfig, train
+    from mixtral.train.run import TrainConfig, TrainingError, train
 
     try:
         recipe = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -604,7 +604,10 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"override {item!r}: write KEY=VALUE")
         recipe[key] = yaml.safe_load(value)
     recipe["stage"] = args.stage
-    final = train(TrainConfig.from_dict(recipe, args.config))
+    try:
+        final = train(TrainConfig.from_dict(recipe, args.config))
+    except TrainingError as e:  # a diverged run, a refused checkpoint: one line, status 2
+        raise ValueError(str(e)) from None
     print(final)
     return 0
 

@@ -10,6 +10,12 @@ cancelled at any time — waiting or running — and its slot is free before the
 Each sequence samples with its own `Sampler` (settings and seed), so batching changes no
 request's tokens.
 
+A fault belongs to the request that caused it: a job that cannot be admitted, a prefill that
+raises, a row whose decode raises when run alone (a failed batch is retried row by row) — each
+fails only its own job, with the error delivered to `on_done`, and the loop goes on. Should the
+loop itself ever end, `failure` says why, every job still in it is failed, and `submit` raises
+`EngineDown`, so that no caller waits for an engine that is gone.
+
 The loop runs on the engine's own thread, or — `Engine(..., thread=False)` then `run()` — on the
 caller's. PyTorch's CPU kernels are fastest on the thread whose OpenMP team is already warm (with
 2 cores, libgomp stops spinning as soon as a second team exists), so `mixtral serve` and
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +36,17 @@ import torch
 from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
 from mixtral.model import Transformer
+from mixtral.sampling import check_seed
+
+log = logging.getLogger("mixtral.engine")
 
 
 class QueueFull(RuntimeError):
     pass
+
+
+class EngineDown(RuntimeError):
+    """The engine's loop has ended (stopped, or crashed): nothing submitted would ever run."""
 
 
 @dataclass(eq=False)
@@ -73,6 +87,7 @@ class Engine:
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
         self._stopping = False
+        self._ended: str | None = None  # why the loop is no longer running, once it is not
         self._thread = None
         if thread:
             self._thread = threading.Thread(target=self.run, name="mixtral-engine", daemon=True)
@@ -95,23 +110,45 @@ class Engine:
     def busy(self) -> bool:
         return self.running > 0
 
+    @property
+    def failure(self) -> str | None:
+        """Why the loop is not running (it stopped or crashed); None while it runs or has yet
+        to be started by its caller (`thread=False`)."""
+        if self._ended is None and self._thread is not None and not self._thread.is_alive():
+            return "the engine thread is not running"
+        return self._ended
+
     def check(self, prompt: list[int], params: GenerationParams) -> int:
         """How many tokens the request may generate; ValueError if it cannot run here."""
+        check_seed(params.seed)
         return max_new_tokens(self.model, prompt, params, self.context)
+
+    def job(self, prompt: list[int], params: GenerationParams,
+            on_token: Callable[[int], object], on_done: Callable[[BaseException | None], object],
+            constraint: TokenConstraint | None = None) -> Job:
+        """A checked job, not yet queued (see `enqueue`); ValueError if it cannot run here."""
+        self.check(prompt, params)
+        return Job(prompt, params, on_token, on_done, constraint, next(self._ids))
 
     def submit(self, prompt: list[int], params: GenerationParams,
                on_token: Callable[[int], object], on_done: Callable[[BaseException | None], object],
                constraint: TokenConstraint | None = None) -> Job:
-        self.check(prompt, params)
-        job = Job(prompt, params, on_token, on_done, constraint, next(self._ids))
+        job = self.job(prompt, params, on_token, on_done, constraint)
+        self.enqueue([job])
+        return job
+
+    def enqueue(self, jobs: list[Job]) -> None:
+        """Queue all of `jobs` or none (QueueFull): the n answers of one request share a fate.
+        A group larger than the queue still goes in when nothing waits, so it cannot starve."""
         with self._lock:
+            if why := self.failure:
+                raise EngineDown(why)
             if self._stopping:
                 raise QueueFull("the engine is shutting down")
-            if len(self._waiting) >= self.max_queue:
+            if self._waiting and len(self._waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._lock.notify()
-        return job
 
     def stop(self, timeout: float | None = None) -> None:
         """Cancel everything and end the loop (and its thread)."""
@@ -127,17 +164,31 @@ class Engine:
 
     def run(self, until_idle: bool = False) -> None:
         """The engine loop, on the calling thread: until `stop()`, or until nothing is left to
-        do with `until_idle`."""
-        while self._admit(block=not until_idle):
-            self._step()
+        do with `until_idle`. Faults of single requests fail those requests only; should the
+        loop itself raise, every job in it fails and `failure` reports the crash."""
+        try:
+            while self._admit(block=not until_idle):
+                self._step()
+        except BaseException as e:
+            self._ended = f"the engine loop crashed: {type(e).__name__}: {e}"
+            log.error("engine loop crashed", exc_info=e)
+            self._fail_all(EngineDown(self._ended))
+            raise
+        if self._stopping:
+            self._ended = "the engine has stopped"
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting:
+            _done(job, error)
+        for r in self._active():
+            self._finish(r, error)
 
     def _step(self) -> None:
-        try:
-            self._prefill()
-            self._decode()
-        except Exception as e:  # a failed forward fails the jobs in it; the engine goes on
-            for r in list(self._active()):
-                self._finish(r, e)
+        self._prefill()
+        self._decode()
 
     def _active(self) -> list[_Running]:
         return [r for r in self._slots if r is not None]
@@ -155,15 +206,8 @@ class Engine:
                 free = [i for i, r in enumerate(self._slots) if r is None]
                 while self._waiting and free:
                     job = self._waiting.popleft()
-                    slot = free.pop(0)
-                    try:
-                        n = self.check(job.prompt, job.params)
-                    except ValueError as e:
-                        _done(job, e)
-                        continue
-                    sampler = Sampler(job.params, n, self.model.args.vocab_size, self.device,
-                                      job.constraint)
-                    self._slots[slot] = _Running(job, slot, sampler)
+                    if self._place(job, free[0]):
+                        free.pop(0)
                 if self._stopping and not self._active():
                     return False
                 if self._active():
@@ -171,6 +215,22 @@ class Engine:
                 if not block:
                     return False
                 self._lock.wait()
+
+    def _place(self, job: Job, slot: int) -> bool:
+        """Give `job` the slot; False when it ended instead: it fails (any error admitting it,
+        e.g. a seed its generator cannot hold, is its own), or it asked for no tokens at all."""
+        try:
+            n = self.check(job.prompt, job.params)
+            sampler = Sampler(job.params, n, self.model.args.vocab_size, self.device,
+                              job.constraint)
+        except Exception as e:
+            _done(job, e)
+            return False
+        if n == 0:  # max_tokens 0: done before any forward pass
+            _done(job, None)
+            return False
+        self._slots[slot] = _Running(job, slot, sampler)
+        return True
 
     def _finish(self, r: _Running, error: BaseException | None = None) -> None:
         with self._lock:
@@ -199,7 +259,11 @@ class Engine:
         chunk = r.job.prompt[start:start + self.prefill_chunk]
         tokens = torch.tensor([chunk], device=self.device)
         positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        logits = self.model(tokens, positions, self.cache.rows([r.slot]), last_only=True)
+        try:
+            logits = self.model(tokens, positions, self.cache.rows([r.slot]), last_only=True)
+        except Exception as e:  # only this request was in the forward pass
+            self._finish(r, e)
+            return
         r.prefilled += len(chunk)
         if r.prefilled == len(r.job.prompt):
             self._choose(r, logits[:, -1])
@@ -210,16 +274,40 @@ class Engine:
         rows = sorted((r for r in self._active() if r.pending is not None), key=lambda x: x.slot)
         if not rows:
             return
+        try:
+            logits = self._decode_forward(rows)
+        except Exception as e:
+            if len(rows) == 1:
+                self._finish(rows[0], e)
+                return
+            self._decode_alone(rows)  # find the row to blame; the others go on
+            return
+        for i, r in enumerate(rows):
+            self._next(r, logits[i:i + 1, -1])
+
+    def _decode_alone(self, rows: list[_Running]) -> None:
+        """After a failed batch: each row on its own, failing only those that fail alone.
+        Rewriting a row's cache entries for the same position is harmless."""
+        for r in rows:
+            try:
+                logits = self._decode_forward([r])
+            except Exception as e:
+                self._finish(r, e)
+                continue
+            self._next(r, logits[:, -1])
+
+    def _decode_forward(self, rows: list[_Running]) -> torch.Tensor:
         tokens = torch.tensor([[r.pending] for r in rows], device=self.device)
         positions = torch.tensor([[len(r.job.prompt) + r.sample.generated - 1] for r in rows],
                                  device=self.device)
-        logits = self.model(tokens, positions, self.cache.rows([r.slot for r in rows]))
-        for i, r in enumerate(rows):
-            r.pending = None
-            if r.job.cancelled.is_set():
-                self._finish(r)
-                continue
-            self._choose(r, logits[i:i + 1, -1])
+        return self.model(tokens, positions, self.cache.rows([r.slot for r in rows]))
+
+    def _next(self, r: _Running, logits: torch.Tensor) -> None:
+        r.pending = None
+        if r.job.cancelled.is_set():
+            self._finish(r)
+            return
+        self._choose(r, logits)
 
     def _choose(self, r: _Running, logits: torch.Tensor) -> None:
         try:

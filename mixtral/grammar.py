@@ -14,6 +14,7 @@ random-weights model returns JSON that parses instead of a truncated object.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,10 @@ SPACE = "\u2581"  # SentencePiece's word-boundary mark
 # or a random model spends its budget on newlines.
 FORMAT = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,12}"}
 CLOSE_WITHIN = 32  # tokens left when the constraint starts closing the document
+# llguidance builds a regex's repetitions lazily, and fails mid-answer ("too many expressions
+# constructed") once a pattern must repeat ~50k times (a{30000} works, a{50000} does not); such
+# schemas are refused up front. A JSON string that long would not fit most budgets anyway.
+MAX_PATTERN_REPEAT = 10_000
 
 
 class _Vocabulary:
@@ -101,6 +106,13 @@ class JsonConstraint:
             return text if text.any() else mask
         return mask
 
+    def can_start(self) -> bool:
+        """Whether any text can begin the answer: a schema that admits no value at all (e.g.
+        {"$ref": "#"}) allows only the leading space and the end, which would answer ""."""
+        text = self.allowed() & ~self.vocab.blank
+        text[self.vocab.special_token_ids] = False
+        return bool(text.any())
+
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"JSON grammar rejected token {token}: {self.matcher.get_error()}")
@@ -113,6 +125,52 @@ class JsonConstraint:
                 self.escaped = True
             elif byte == 0x22:  # quote
                 self.in_string = not self.in_string
+
+
+def _least_repeats(pattern: str) -> int:
+    """How many atoms any match of `pattern` must have, by its repetition lower bounds (what
+    the grammar engine must expand); 0 if Python cannot parse it (llguidance then judges)."""
+    from re import _parser  # type: ignore[attr-defined]  # the stdlib's own regex parser
+
+    try:
+        parsed = _parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return 0
+
+    def size(items: Any) -> int:
+        total = 0
+        for op, arg in items:
+            if op in (_parser.MAX_REPEAT, _parser.MIN_REPEAT, _parser.POSSESSIVE_REPEAT):
+                total += arg[0] * size(arg[2])
+            elif op is _parser.SUBPATTERN:
+                total += size(arg[3])
+            elif op is _parser.BRANCH:
+                total += min(size(b) for b in arg[1])
+            else:
+                total += 1
+        return total
+
+    return size(parsed)
+
+
+def _check_patterns(schema: Any) -> None:
+    """ValueError for a regular expression in the schema that the grammar engine would fail
+    on in the middle of an answer (see MAX_PATTERN_REPEAT)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _check_patterns(item)
+    if not isinstance(schema, dict):
+        return
+    patterns = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+    if isinstance(schema.get("patternProperties"), dict):
+        patterns += list(schema["patternProperties"])
+    for pattern in patterns:
+        if _least_repeats(pattern) > MAX_PATTERN_REPEAT:
+            shown = pattern if len(pattern) <= 60 else pattern[:60] + "..."
+            raise ValueError(f"the pattern {shown!r} repeats more than {MAX_PATTERN_REPEAT} "
+                             "times, which JSON mode cannot follow")
+    for value in schema.values():
+        _check_patterns(value)
 
 
 def json_constraint_factory(tokenizer: Tokenizer) -> Callable[[dict[str, Any] | None],
@@ -128,12 +186,17 @@ def json_constraint_factory(tokenizer: Tokenizer) -> Callable[[dict[str, Any] | 
 
     def make(schema: dict[str, Any] | None) -> JsonConstraint:
         schema = dict(schema) if schema is not None else {"type": "object"}
+        _check_patterns(schema)
         schema.setdefault("x-guidance", FORMAT)
         # the answer's first piece is usually "▁{": allow the one space SentencePiece adds
         grammar = 'start: " "? answer\nanswer: %json ' + json.dumps(schema)
         error = llguidance.LLMatcher.validate_grammar(grammar, lltok)
         if error:
             raise ValueError(f"cannot use this JSON schema: {error}")
-        return JsonConstraint(lltok, grammar, vocab, closers)
+        constraint = JsonConstraint(lltok, grammar, vocab, closers)
+        if not constraint.can_start():
+            raise ValueError("the schema admits no JSON value (a $ref to itself and nothing "
+                             "else?)")
+        return constraint
 
     return make

@@ -37,8 +37,8 @@ def server():
     s = LiveServer(api_key=KEY, json_constraint=json_constraints())
     prompts = []
     engine = s.state.engine
-    submit = engine.submit
-    engine.submit = lambda prompt, *a, **k: prompts.append(prompt) or submit(prompt, *a, **k)
+    job = engine.job  # every choice of every request is made here, then queued
+    engine.job = lambda prompt, *a, **k: prompts.append(prompt) or job(prompt, *a, **k)
     s.prompts = prompts
     yield s
     s.stop()

@@ -51,6 +51,21 @@ def test_tiny_temperature_is_greedy_not_nan():
         assert torch.equal(sample(logits, t, 0.5, make_generator(0)), logits.argmax(-1))
 
 
+def test_denormal_top_p_keeps_the_likeliest_token():
+    # top_p = 1e-46 is 0 in fp32: every token was dropped and multinomial raised (an API 500)
+    logits = torch.randn(2, 50)
+    for top_p in (1e-46, 5e-324):
+        assert torch.equal(sample(logits, 1.0, top_p, make_generator(0)), logits.argmax(-1))
+
+
+def test_seeds_outside_64_bits_are_a_value_error():
+    # 2**64 raised "Overflow when unpacking long long" inside the engine's loop, killing it
+    assert make_generator(2**64 - 1).initial_seed() == 2**64 - 1
+    for seed in (2**64, -1, -2**70):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64 - 1\]"):
+            make_generator(seed)
+
+
 def test_sampling_rejects_bad_settings():
     with pytest.raises(ValueError, match="temperature >= 0 and 0 < top_p <= 1"):
         sample(torch.zeros(1, 4), -1.0)

@@ -25,8 +25,8 @@ ARTIFACTS = Path(os.environ.get("MIXTRAL_TEST_ARTIFACTS",
 def server():
     s = LiveServer(load=lambda: Slow(delay=0.03), json_constraint=json_constraints())
     prompts = []
-    submit = s.state.engine.submit
-    s.state.engine.submit = lambda p, *a, **k: prompts.append(p) or submit(p, *a, **k)
+    job = s.state.engine.job  # every choice of every request is made here, then queued
+    s.state.engine.job = lambda p, *a, **k: prompts.append(p) or job(p, *a, **k)
     s.prompts = prompts
     yield s
     s.stop()

@@ -211,6 +211,99 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypa
     assert (out / "step-000004" / "model.safetensors").exists()
 
 
+def finite_checkpoints(out: Path) -> bool:
+    return all(torch.isfinite(t).all() for step in out.glob("step-*")
+               for t in load_file(step / "model.safetensors").values())
+
+
+def test_nan_gradient_stops_before_the_update(tmp_path, corpus):
+    # lr 1e8: step 1's loss is finite but its gradient is NaN; the NaN weights it made were
+    # saved as step-000002 and became `latest`, and every resume failed
+    with pytest.raises(TrainingError, match=r"step 1: the gradient norm is nan \(not finite\) "
+                       r"while the loss is .*; stopping before the update\. The last good "
+                       r"checkpoint, .*step-000001, is intact"):
+        train(config(tmp_path, corpus, lr=1e8, warmup=0, save_every=1, eval_every=100))
+    out = tmp_path / "run"
+    assert (out / "latest").read_text().strip() == "step-000001"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000001"]
+    assert finite_checkpoints(out)
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, corpus, monkeypatch):
+    import mixtral.train.run as run
+
+    real = run.optimizer
+
+    def breaking(model, cfg):  # the 8th (last) update turns a weight inf, gradients finite
+        opt = real(model, cfg)
+        step, steps = opt.step, {"n": 0}
+
+        def broken_step(*args, **kwargs):
+            result = step(*args, **kwargs)
+            steps["n"] += 1
+            if steps["n"] == 8:
+                with torch.no_grad():
+                    model.output.weight[0, 0] = float("inf")
+            return result
+
+        opt.step = broken_step
+        return opt
+
+    monkeypatch.setattr(run, "optimizer", breaking)
+    with pytest.raises(TrainingError, match=r"step 7: after the update output.weight is not "
+                       r"finite; stopping without saving it\. The last good checkpoint, "
+                       r".*step-000004, is intact"):
+        train(config(tmp_path, corpus, eval_every=100))
+    out = tmp_path / "run"
+    assert (out / "latest").read_text().strip() == "step-000004"
+    assert not (out / "step-000008").exists() and finite_checkpoints(out)
+
+
+def test_cli_reports_a_diverged_run_in_one_line(tmp_path, corpus, capsys):
+    cfg = config(tmp_path, corpus, lr=1e8, warmup=0, save_every=1, eval_every=100)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({k: v for k, v in vars(cfg).items()
+                                  if k not in ("stage", "betas")}))
+    assert main(["train", "pretrain", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral train: error: step 1: the gradient norm is nan")
+    assert "Traceback" not in err
+
+
+class _Payload:
+    """What an attacker would plant: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_resume_never_runs_a_planted_pickle(tmp_path, corpus):
+    train(config(tmp_path, corpus, steps=4, save_every=2, eval_every=100))
+    state_file = tmp_path / "run" / "step-000004" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)  # what is saved loads this way
+    marker = tmp_path / "pwned"
+    torch.save({**state, "config": _Payload(marker)}, state_file)
+    with pytest.raises(TrainingError, match=r"trainer_state.pt: refusing to load it: it holds "
+                       r"more than tensors and numbers"):
+        train(config(tmp_path, corpus, steps=6, save_every=2, eval_every=100))
+    assert not marker.exists()  # the payload did not run
+
+
+def test_latest_must_stay_inside_the_run_folder(tmp_path, corpus):
+    train(config(tmp_path / "other", corpus, steps=2, save_every=2, eval_every=100))
+    run_dir = tmp_path / "mine" / "run"
+    run_dir.mkdir(parents=True)
+    for pointer in ("../../other/run/step-000002", str(tmp_path / "other" / "run" /
+                                                       "step-000002")):
+        (run_dir / "latest").write_text(pointer + "\n")
+        with pytest.raises(TrainingError, match=r"latest names .* which is not a step-N "
+                           r"folder inside .*; refusing to resume from it"):
+            train(config(tmp_path / "mine", corpus, steps=4, eval_every=100))
+
+
 def test_bad_data_names_file_and_line(tmp_path):
     bad = tmp_path / "sft.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},

@@ -20,13 +20,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-import torch  # noqa: E402
 
+# mixtral first: importing it carries MIXTRAL_ISA over to PyTorch and oneDNN (cpu.cap_torch),
+# which only takes full effect before torch starts
 import mixtral  # noqa: E402
+import torch  # noqa: E402
+from mixtral import cpu  # noqa: E402
 from mixtral.bench import peak_rss_gib, weight_bytes_per_token  # noqa: E402
 from mixtral.cache import KVCache  # noqa: E402
 from mixtral.engine import Engine  # noqa: E402
-from mixtral.fast import optimize  # noqa: E402
+from mixtral.fast import describe_paths, optimize  # noqa: E402
 from mixtral.generate import GenerationParams  # noqa: E402
 from mixtral.quant import quantize_model  # noqa: E402
 
@@ -60,9 +63,15 @@ def main() -> None:
     bytes_per = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 128}[a.quant]
     expert_bytes = args.n_layers * args.num_experts * 3 * args.dim * args.hidden_dim * bytes_per
     dense_bytes = per_token - expert_bytes * args.num_experts_per_tok / args.num_experts
+    c = cpu.probe()
+    # the tier this process actually ran at: cpu.probe() (the machine's, capped by MIXTRAL_ISA),
+    # PyTorch's own dispatch, oneDNN's cap and the path each kind of weight took
+    isa = dict(tier=c.tier, machine=c.machine, cap=c.cap, aten=c.aten,
+               onednn_max_cpu_isa=os.environ.get("ONEDNN_MAX_CPU_ISA"), paths=describe_paths())
     base = dict(engine="mixtral", engine_detail="mixtral (packed oneDNN weights, direct MoE "
                 "decode, continuous batching)", dtype=a.quant, threads=a.threads, tag=a.tag,
-                torch=torch.__version__, dense_bytes=dense_bytes, expert_bytes=expert_bytes)
+                torch=torch.__version__, dense_bytes=dense_bytes, expert_bytes=expert_bytes,
+                tier=c.tier, isa=isa)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
 
     def emit(rec: dict) -> None:

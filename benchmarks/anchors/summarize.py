@@ -141,6 +141,24 @@ def main():
     table(f"Only runs during which other processes kept >= {a.quiet_max} core busy (contended)",
           lambda x: x.get("other_cores", 9) >= a.quiet_max)
     print("Engine details: " + "; ".join(sorted({r["detail"] for r in rows})))
+    print("\nTier each configuration's processes recorded (what they actually ran at):\n")
+    for r in rows:
+        seen = set()
+        for ms in r["g"].values():
+            for x in ms:
+                isa = x.get("isa") or {}
+                if r["engine"] == "mixtral":
+                    t = (f"{x.get('tier')} (machine {isa.get('machine')}, MIXTRAL_ISA={isa.get('cap')}, "
+                         f"PyTorch dispatch {isa.get('aten')}, ONEDNN_MAX_CPU_ISA={isa.get('onednn_max_cpu_isa')}; "
+                         f"kernels: {(isa.get('paths') or {}).get('kernels')})")
+                elif r["engine"] == "hf":
+                    t = (f"PyTorch dispatch {isa.get('aten')}, "
+                         f"ONEDNN_MAX_CPU_ISA={isa.get('onednn_max_cpu_isa')}")
+                else:
+                    t = (f"{x.get('tier')} build (built as {isa.get('build_tier')}, "
+                         f"zmm check {isa.get('objdump_zmm_check') or 'n/a'})")
+                seen.add(t if x.get("tier") or isa else "not recorded")
+        print(f"- {r['engine']} {r['dtype']}: " + "; ".join(sorted(seen)))
     print("\nEvery run (other_cores = cores other processes kept busy during that measurement):\n")
     print("| engine | dtype | tag | metric | new tokens | tok/s | other_cores |\n|---|---|---|---|---|---|---|")
     for r in recs:

@@ -30,23 +30,33 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mixtral import chat
 from mixtral.completion import TextStream
-from mixtral.engine import Engine, Job, QueueFull
+from mixtral.engine import Engine, EngineDown, Job, QueueFull
 from mixtral.generate import GenerationParams, TokenConstraint
 from mixtral.model import Transformer
 from mixtral.server import protocol
-from mixtral.server.protocol import ChatCompletionRequest, error_body
+from mixtral.server.protocol import ChatCompletionRequest, clip, error_body, lone_surrogate
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 
 log = logging.getLogger("mixtral.server")
 ConstraintFactory = Callable[[dict[str, Any] | None], TokenConstraint]
+Handler = Callable[..., Awaitable[Any]]
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        message = clip(message)  # it may quote the request, which can be megabytes
         super().__init__(message)
         self.status, self.message, self.type, self.code = status, message, type_, code
         self.headers = headers
+
+
+class _ErrorJSON(JSONResponse):
+    """Error bodies as ASCII JSON: what they quote of a request (a name, a field's path) may
+    hold lone surrogates, which UTF-8 cannot encode but a \\u escape can."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -119,25 +129,25 @@ def create_app(load: Callable[[], Transformer] | None, settings: Settings,
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.type, exc.code), exc.status,
-                            headers=exc.headers)
+        return _ErrorJSON(error_body(exc.message, exc.type, exc.code), exc.status,
+                          headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
                   for e in exc.errors()]
-        return JSONResponse(error_body({"detail": detail}, "invalid_request_error",
-                                       detail=detail), 422)
+        return _ErrorJSON(error_body({"detail": detail}, "invalid_request_error",
+                                     detail=detail), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"),
-                            exc.status_code, headers=exc.headers)
+        return _ErrorJSON(error_body(str(exc.detail), "invalid_request_error"),
+                          exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("request failed", exc_info=exc)  # the details stay in the server's log
-        return JSONResponse(error_body("internal error", "internal_error"), 500)
+        return _ErrorJSON(error_body("internal error", "internal_error"), 500)
 
     def ready() -> State:
         if state.load_error:
@@ -146,6 +156,8 @@ def create_app(load: Callable[[], Transformer] | None, settings: Settings,
         if state.engine is None:
             raise APIError(503, "the model is still loading; retry shortly",
                            "service_unavailable", headers={"Retry-After": "5"})
+        if why := state.engine.failure:
+            raise APIError(503, f"the engine is not running: {why}", "service_unavailable")
         return state
 
     def names() -> list[str]:
@@ -154,32 +166,44 @@ def create_app(load: Callable[[], Transformer] | None, settings: Settings,
     def context() -> int:
         return state.engine.context if state.engine else 32768
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def get(path: str, **options: Any) -> Callable[[Handler], Handler]:
+        """A GET route that answers HEAD too (load balancers and uptime checks probe with it);
+        the HEAD twin stays out of the OpenAPI schema, where it would repeat the GET."""
+        def register(handler: Handler) -> Handler:
+            app.add_api_route(path, handler, methods=["HEAD"],
+                              **{**options, "include_in_schema": False})
+            return app.get(path, **options)(handler)
+
+        return register
+
+    @get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("mixtral.server").joinpath("static/index.html").read_text()
         return HTMLResponse(html)
 
-    @app.get("/health")
+    @get("/health")
     async def health() -> JSONResponse:
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, 503)
         if state.engine is None:
             return JSONResponse({"status": "loading"}, 503)
+        if why := state.engine.failure:  # a server that would hang every request is not ok
+            return JSONResponse({"status": "error", "error": why}, 503)
         return JSONResponse({"status": "ok", "model": settings.name})
 
-    @app.get("/metrics", include_in_schema=False)
+    @get("/metrics", include_in_schema=False)
     async def metrics_route() -> Response:
         return Response(generate_latest(metrics.registry),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @get("/v1/models")
     async def list_models() -> dict[str, Any]:
         all_names = names()
         return {"object": "list",
                 "data": [protocol.model_card(n, [a for a in all_names if a != n], context(),
                                              settings.description) for n in all_names]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         all_names = names()
         if model_id not in all_names:
@@ -190,20 +214,19 @@ def create_app(load: Callable[[], Transformer] | None, settings: Settings,
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest,
                                request: Request) -> JSONResponse | StreamingResponse:
+        if where := lone_surrogate(body.model_dump(by_alias=True)):
+            raise APIError(400, f"{where}: not valid Unicode text (it holds a lone surrogate "
+                           "escape such as \\ud800)")
         st = ready()
         assert st.engine is not None
         if body.model not in names():
             raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
         plan = _plan(body, st)
-        if st.engine.queue_depth >= settings.max_queue:  # refuse before any byte is sent
-            raise _queue_full(f"{settings.max_queue} requests are already waiting")
+        choices = _reserve(plan, st)  # 429 now, before any byte of a 200 is sent
         metrics.prompt_tokens.inc(len(plan.prompt))
         if body.stream:
-            return StreamingResponse(_sse(plan, st, metrics, settings.keepalive_s),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        result = await _until_disconnect(request, _collect(plan, st, metrics))
+            return _EventStream(_sse(plan, st, metrics, choices, settings.keepalive_s), choices)
+        result = await _until_disconnect(request, _collect(plan, st, metrics, choices))
         return JSONResponse(result)
 
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -246,10 +269,15 @@ def serve(load: Callable[[], Transformer], settings: Settings, host: str, port: 
     engine = Engine(model, settings.max_queue, settings.max_batch, settings.max_seq_len,
                     thread=False)
     state.engine = engine
-    if web.is_alive() and not server.should_exit:
-        engine.run()  # returns when the app's shutdown stops the engine
-    engine.stop()
-    web.join()
+    try:
+        if web.is_alive() and not server.should_exit:
+            engine.run()  # returns when the app's shutdown stops the engine
+    except BaseException:  # the engine crashed: stop serving (and exit non-zero), not hang
+        server.should_exit = True
+        raise
+    finally:
+        engine.stop()
+        web.join()
     return 0
 
 
@@ -344,8 +372,8 @@ class Choice:
     events: asyncio.Queue[int | _Done]
 
 
-def _start(plan: Plan, st: State, index: int) -> Choice:
-    """Queue one choice on the engine; 429 when the queue is full, 400 for a bad schema."""
+def _choice(plan: Plan, st: State, index: int) -> Choice:
+    """One choice's engine job, not yet queued; 400 for a bad schema."""
     assert st.engine is not None
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[int | _Done] = asyncio.Queue()
@@ -354,13 +382,48 @@ def _start(plan: Plan, st: State, index: int) -> Choice:
         params = replace(params, seed=params.seed + index)
     constraint = plan.constraint if index == 0 else _constraint(plan, st)
     try:
-        job = st.engine.submit(plan.prompt, params,
-                               lambda t: loop.call_soon_threadsafe(events.put_nowait, t),
-                               lambda e: loop.call_soon_threadsafe(events.put_nowait, _Done(e)),
-                               constraint)
+        job = st.engine.job(plan.prompt, params,
+                            lambda t: loop.call_soon_threadsafe(events.put_nowait, t),
+                            lambda e: loop.call_soon_threadsafe(events.put_nowait, _Done(e)),
+                            constraint)
+    except ValueError as e:
+        raise APIError(400, str(e), code="3210") from None
+    return Choice(index, job, events)
+
+
+def _reserve(plan: Plan, st: State) -> list[Choice]:
+    """Queue all n choices at once, before the response starts: 429 (with Retry-After) when
+    the queue cannot take them all, rather than a 200 whose stream then says it was refused."""
+    assert st.engine is not None
+    choices = [_choice(plan, st, i) for i in range(plan.n)]
+    try:
+        st.engine.enqueue([c.job for c in choices])
     except QueueFull as e:
         raise _queue_full(str(e)) from None
-    return Choice(index, job, events)
+    except EngineDown as e:
+        raise APIError(503, f"the engine is not running: {e}", "service_unavailable") from None
+    return choices
+
+
+def _cancel(choices: list[Choice]) -> None:
+    for choice in choices:
+        choice.job.cancel()  # a no-op for a job that ended; frees its slot at once otherwise
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response of reserved choices, cancelled however the response ends — even when
+    the client left before the first byte, and the body's generator never started."""
+
+    def __init__(self, events: AsyncIterator[bytes], choices: list[Choice]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.choices = choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _cancel(self.choices)
 
 
 def _queue_full(why: str) -> APIError:
@@ -420,18 +483,22 @@ async def _run(plan: Plan, st: State, metrics: Metrics, choice: Choice,
         choice.job.cancel()  # a no-op when it already ended; frees the slot at once otherwise
 
 
-async def _collect(plan: Plan, st: State, metrics: Metrics) -> dict[str, Any]:
-    choices, total = [], 0
-    for i in range(plan.n):
-        parts, finish = [plan.prefix], "length"
-        async for item in _run(plan, st, metrics, _start(plan, st, i), None):
-            if isinstance(item, str):
-                parts.append(item)
-            elif isinstance(item, tuple):
-                finish, n = item
-                total += n
-        choices.append(("".join(parts), finish))
-    return protocol.completion_response(plan.id, plan.created, plan.model, choices,
+async def _collect(plan: Plan, st: State, metrics: Metrics,
+                   choices: list[Choice]) -> dict[str, Any]:
+    answers, total = [], 0
+    try:
+        for choice in choices:
+            parts, finish = [plan.prefix], "length"
+            async for item in _run(plan, st, metrics, choice, None):
+                if isinstance(item, str):
+                    parts.append(item)
+                elif isinstance(item, tuple):
+                    finish, n = item
+                    total += n
+            answers.append(("".join(parts), finish))
+    finally:  # an error or a disconnect: the choices not yet read must not run on
+        _cancel(choices)
+    return protocol.completion_response(plan.id, plan.created, plan.model, answers,
                                         len(plan.prompt), total)
 
 
@@ -439,7 +506,7 @@ def _event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse(plan: Plan, st: State, metrics: Metrics,
+async def _sse(plan: Plan, st: State, metrics: Metrics, choices: list[Choice],
                keepalive_s: float) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], index: int, finish: str | None = None,
               use: dict[str, int] | None = None) -> bytes:
@@ -447,10 +514,11 @@ async def _sse(plan: Plan, st: State, metrics: Metrics,
 
     total = 0
     try:
-        for i in range(plan.n):
+        for choice in choices:
+            i = choice.index
             yield chunk({"role": "assistant", "content": ""}, i)
             held = plan.prefix  # each content chunk is sent once the next is known, so the
-            choice = _start(plan, st, i)  # last one carries the usage
+            # last one carries the usage
             async for item in _run(plan, st, metrics, choice, keepalive_s):
                 if item is _KEEPALIVE:
                     yield b": ping\n\n"
@@ -476,6 +544,8 @@ async def _sse(plan: Plan, st: State, metrics: Metrics,
         log.error("stream failed", exc_info=e)
         yield _event({"error": {"message": "internal error during generation",
                                 "type": "internal_error", "param": None, "code": "500"}})
+    finally:
+        _cancel(choices)
 
 
 async def _until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:

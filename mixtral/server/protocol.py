@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 ALIASES = ("open-mixtral-8x7b", "mistral-small", "mistral-small-2312")
 CREATED = 1702252800  # 2023-12-11, Mixtral 8x7B's release
+SEED_MAX = 2**64 - 1  # what a torch.Generator holds; choice i of n samples with seed + i
+ERROR_TEXT_LIMIT = 1000  # characters of an error message: never echo megabytes of input
 
 
 class TextChunk(BaseModel):
@@ -84,8 +86,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    random_seed: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0)  # OpenAI's name
+    random_seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)  # OpenAI's name
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -110,6 +112,15 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 16 stop strings")
         return v
 
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> ChatCompletionRequest:
+        seed, n = self.sampling_seed, self.n or 1
+        if seed is not None and seed + n - 1 > SEED_MAX:
+            field = "random_seed" if self.random_seed is not None else "seed"
+            raise ValueError(f"{field} + n - 1 must be at most 2**64 - 1 (choice i samples "
+                             f"with {field} + i); got {field} {seed} with n {n}")
+        return self
+
     @property
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -123,6 +134,33 @@ class ChatCompletionRequest(BaseModel):
     @property
     def sampling_seed(self) -> int | None:
         return self.random_seed if self.random_seed is not None else self.seed
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) in `value` that holds a lone UTF-16
+    surrogate ("\\ud800" is valid JSON but no character), or None."""
+    if isinstance(value, str):
+        return path or "body" if any("\ud800" <= c <= "\udfff" for c in value) else None
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    for key, item in items:
+        shown = str(key).encode("utf-8", "backslashreplace").decode()  # the path is echoed
+        where = f"{path}.{shown}" if path else shown
+        if isinstance(key, str) and lone_surrogate(key):
+            return where
+        if found := lone_surrogate(item, where):
+            return found
+    return None
+
+
+def clip(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """`text`, cut to `limit` characters with a note of how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def new_id() -> str:

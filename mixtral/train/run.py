@@ -4,8 +4,11 @@ One explicit loop — AdamW, warmup + cosine, gradient accumulation and clipping
 autocast, periodic held-out evaluation, a JSONL metrics log, a loss-curve PNG — and
 checkpoints that never lose work: each is written to a temporary folder, fsynced and renamed,
 then `latest` is switched atomically; `resume` continues from it bit for bit (batches are a
-function of the step, and the optimizer and RNG states are saved). A NaN/inf loss stops the
-run with a clear message and leaves the last good checkpoint untouched. Under torchrun the
+function of the step, and the optimizer and RNG states are saved as plain tensors and numbers,
+read back with weights_only=True so that a planted pickle cannot run). A NaN/inf loss or
+gradient norm stops the run before the update, with a clear message naming the step, and
+leaves the last good checkpoint untouched; weights are checked before every save, so no
+checkpoint holds a non-finite value. Under torchrun the
 same loop runs data-parallel: rank r takes micro-batches r, r+W, ... and gradients are averaged.
 Full training shards each layer's parameters, gradients and optimizer state over the ranks
 with FSDP (`fully_shard`; `fsdp: false` keeps whole copies and all-reduces the gradients);
@@ -20,6 +23,8 @@ import copy
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import sys
 import time
@@ -334,9 +339,8 @@ def train(cfg: TrainConfig) -> Path:
                 loss, stats = task.loss(model, batch)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"step {step}: the loss is {loss.item()} (not finite); stopping. The last "
-                    f"good checkpoint, {_latest(out) or 'none yet'}, is intact: lower lr "
-                    f"({cfg.lr}) or check the data, then resume")
+                    f"step {step}: the loss is {loss.item()} (not finite); stopping. "
+                    f"{_intact(out, cfg)}")
             (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss.item(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
@@ -346,6 +350,10 @@ def train(cfg: TrainConfig) -> Path:
             [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
+        if not torch.isfinite(norm):  # the same on every rank: the gradients are reduced
+            raise TrainingError(
+                f"step {step}: the gradient norm is {float(norm)} (not finite) while the loss "
+                f"is {totals['loss']:.4g}; stopping before the update. {_intact(out, cfg)}")
         opt.step()
         seconds = time.perf_counter() - t0
         record = {"step": step + 1, "lr": lr_at(step, cfg), "grad_norm": float(norm),
@@ -357,6 +365,7 @@ def train(cfg: TrainConfig) -> Path:
         log.write(record)
         bar.update(record)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _check_weights(model, step, out, cfg, world)  # never save a broken model
             weights, optim = _full_state(model, opt, sharded)  # a collective under FSDP
             if rank == 0:
                 _save(out, step + 1, model, weights, optim, cfg, sharded)
@@ -366,6 +375,28 @@ def train(cfg: TrainConfig) -> Path:
     if world > 1:
         dist.barrier()
     return out / f"step-{cfg.steps:06d}"
+
+
+def _intact(out: Path, cfg: TrainConfig) -> str:
+    return (f"The last good checkpoint, {_latest(out) or 'none yet'}, is intact: lower lr "
+            f"({cfg.lr}) or check the data, then resume")
+
+
+@torch.no_grad()
+def _check_weights(model: Transformer, step: int, out: Path, cfg: TrainConfig,
+                   world: int) -> None:
+    """TrainingError, on every rank, if any rank holds a non-finite parameter."""
+    bad = next((name for name, p in model.named_parameters()
+                if not torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all()),
+               None)
+    if world > 1:  # all ranks stop together, or the others would wait for rank 0 forever
+        flag = torch.tensor([float(bad is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and bad is None:
+            bad = "a parameter on another rank"
+    if bad is not None:
+        raise TrainingError(f"step {step}: after the update {bad} is not finite; stopping "
+                            f"without saving it. {_intact(out, cfg)}")
 
 
 @torch.no_grad()
@@ -443,10 +474,16 @@ def _full_state(model: Transformer, opt: torch.optim.Optimizer,
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def _latest(out: Path) -> Path | None:
+    """The checkpoint `latest` names: only a step-N folder of this run (a pointer written by
+    someone else, e.g. "../other-run/step-4", is refused, not followed)."""
     pointer = out / "latest"
     if not pointer.exists():
         return None
-    folder = out / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    folder = out / name
+    if not re.fullmatch(r"step-\d+", name) or folder.resolve().parent != out.resolve():
+        raise TrainingError(f"{pointer} names {name[:200]!r}, which is not a step-N folder "
+                            f"inside {out}; refusing to resume from it")
     return folder if folder.is_dir() else None
 
 
@@ -507,7 +544,7 @@ def _resume_weights(folder: Path, model: Transformer) -> None:
 
 def _resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
                   sharded: bool) -> int:
-    state = torch.load(folder / "trainer_state.pt", weights_only=False)
+    state = _trainer_state(folder / "trainer_state.pt")
     if sharded or state.get("optimizer_by_name"):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -526,6 +563,20 @@ def _resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
     torch.set_rng_state(state["rng"])
     print(f"[mixtral train] resuming from {folder} (step {state['step']})", file=sys.stderr)
     return int(state["step"])
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    """The saved step, optimizer and RNG state: tensors, numbers, strings and containers only
+    (weights_only=True), so a pickle planted in the run folder is refused, never run."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"{path}: refusing to load it: it holds more than tensors and "
+                            f"numbers ({first[:300]})") from None
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path}: not a trainer state (a {type(state).__name__})")
+    return state
 
 
 def _optimizer_by_name(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
