@@ -33,6 +33,17 @@ _ONEDNN = {"generic": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE",
 _ATEN_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}  # torch's names for its own tiers
 
 
+_ATEN_TIER = {"DEFAULT": "generic", "AVX2": "avx2"}  # PyTorch's dispatch level -> at most
+
+
+def _onednn_tier(value: str, machine: str) -> str:
+    """The highest tier a ONEDNN_MAX_CPU_ISA value allows (oneDNN packs bf16 from AVX-512)."""
+    value = value.strip().upper()
+    if not value or value in ("ALL", "DEFAULT") or value.startswith(("AVX512", "AVX10", "AMX")):
+        return machine
+    return "avx2" if value.startswith("AVX2") else "generic"
+
+
 class IsaError(ValueError):
     """MIXTRAL_ISA names no tier."""
 
@@ -102,8 +113,11 @@ def probe() -> Cpu:
     features.setdefault("architecture", platform.machine())
     machine = machine_tier(features)
     cap = cap_from_env()
-    tier = machine if cap is None else TIERS[min(TIERS.index(machine), TIERS.index(cap))]
     aten = torch.backends.cpu.get_cpu_capability()
+    # the lowest of: the CPU, MIXTRAL_ISA, and PyTorch's or oneDNN's own caps if set by hand
+    tiers = [machine, cap or machine, _ATEN_TIER.get(aten, machine),
+             _onednn_tier(os.environ.get("ONEDNN_MAX_CPU_ISA", ""), machine)]
+    tier = TIERS[min(TIERS.index(t) for t in tiers)]
     return Cpu(tier=tier, machine=machine, cap=cap, arch=str(features["architecture"]),
                name=str(features.get("cpu_name") or platform.processor() or "unknown"),
                bf16=tier == "avx512_bf16",

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from mixtral import cpu, kernels
 from mixtral.cache import KVCache
-from mixtral.model import Attention, Experts, MoeLayer, Transformer, dispatch, route
-from mixtral.quant import Int4Linear, Int8Linear, QuantExperts, int4
+from mixtral.model import Attention, Experts, MoeLayer, RMSNorm, Transformer, dispatch, route
+from mixtral.quant import Int4Linear, Int8Linear, QuantExperts
 
 SMALL_M = 16  # rows of x up to which the matrix-vector kernels beat dequantize + GEMM
 
@@ -60,8 +60,8 @@ class PackedLinear(nn.Module):
 
 
 class Bf16Rows(nn.Module):
-    """y = x @ W.T for a bf16 W where oneDNN cannot pack bf16 (below AVX-512): PyTorch's bf16
-    linear for a few rows of x; for a prompt, W widened to fp32 and the fp32 GEMM,
+    """y = x @ W.T for a bf16 W where oneDNN cannot pack bf16 (below AVX-512): our bf16 kernel
+    (fp32 arithmetic) for a few rows of x; for a prompt, W widened to fp32 and the fp32 GEMM,
     because PyTorch's bf16 GEMM there runs ~3.7x slower than its fp32 one (512 x 1024 x 4096
     on the avx2 tier: 97 ms vs 26 ms, widening included). y comes back in bf16."""
 
@@ -74,6 +74,8 @@ class Bf16Rows(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] > SMALL_M:
             y = F.linear(x2.float(), self.weight.float()).to(x.dtype)
+        elif kernels.available():
+            y = kernels.bf16_mv(x2, self.weight)
         else:
             y = F.linear(x2, self.weight)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -158,9 +160,9 @@ def _rows(m: nn.Module) -> tuple[Tensor, Tensor] | None:
         return m.weight, m.scales.float()
     if type(m) is Int4Linear and not m.packed and m.in_features % 64 == 0 \
             and m.group_size % 64 == 0:
-        q = int4.unpack(m.weight)  # [N, K] from the portable bytes, before PyTorch packs them
+        # from the portable bytes, before PyTorch would pack them for its kernel
         scale, zero = m.scales_and_zeros.transpose(0, 1).unbind(-1)  # [N, K/g] each
-        return kernels.int4_pack(q), kernels.int4_offsets(scale, zero)
+        return kernels.int4_repack(m.weight), kernels.int4_offsets(scale, zero)
     return None
 
 
@@ -260,9 +262,9 @@ def _rope(x: Tensor, rot: Tensor) -> Tensor:
 
 
 class FusedExperts(nn.Module):
-    """Each expert's w1 and w3 fused into one [2F, D] projection, w2 its fast twin. Quantized
-    experts on our kernels are also stacked into banks [E, ...] (the modules hold views of
-    them), so that a decoding step's MoE is one kernel call (`decode`)."""
+    """Each expert's w1 and w3 fused into one [2F, D] projection, w2 its fast twin. Experts on
+    our kernels (int8, int4, and bf16 below AVX-512) are also stacked into banks [E, ...] (the
+    modules hold views of them), so that a decoding step's MoE is one kernel call (`decode`)."""
 
     def __init__(self, w13: list[nn.Module], w2: list[nn.Module], hidden: int) -> None:
         super().__init__()
@@ -270,8 +272,8 @@ class FusedExperts(nn.Module):
         self.w13, self.w2 = nn.ModuleList(w13), nn.ModuleList(w2)
         self.banks: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.bits = self.group = 0
-        for kind, bits in ((Int8Rows, 8), (Int4Rows, 4)):
-            if all(type(m) is kind for m in w13 + w2):
+        for kind, bits in ((Int8Rows, 8), (Int4Rows, 4), (Bf16Rows, 16)):
+            if all(type(m) is kind for m in w13 + w2) and kernels.available():
                 self.banks = (*_stack(w13), *_stack(w2))  # type: ignore[assignment]
                 self.bits, self.group = bits, getattr(w13[0], "group_size", 0)
 
@@ -290,11 +292,14 @@ class FusedExperts(nn.Module):
 
 def _stack(modules: list[nn.Module]) -> tuple[Tensor, Tensor]:
     """One bank per tensor of the quantized modules; each module then holds views of it."""
-    names = ("weight", "scales") if isinstance(modules[0], Int8Rows) else ("weight", "sz")
+    names = {Int8Rows: ("weight", "scales"), Int4Rows: ("weight", "sz"),
+             Bf16Rows: ("weight",)}[type(modules[0])]  # type: ignore[index]
     banks = tuple(torch.stack([getattr(m, n) for m in modules]) for n in names)
     for e, m in enumerate(modules):
         for n, bank in zip(names, banks, strict=True):
             setattr(m, n, bank[e])
+    if len(banks) == 1:  # bf16: no scales
+        banks = (banks[0], torch.empty(0))
     return banks  # type: ignore[return-value]
 
 
@@ -359,7 +364,37 @@ def optimize(model: Transformer) -> Transformer:
         elif isinstance(ff, MoeLayer):
             ff.experts = fuse_experts(ff.experts) or ff.experts  # type: ignore[assignment]
     model.output = _swap(model.output)  # type: ignore[assignment]
-    return model
+    fp32 = _fp32_compute(model)
+    cache = getattr(model, "expert_cache", None)
+    if cache is not None:  # offloaded experts (mixtral.offload): each one paged in goes fast too
+        cache.swap = lambda m: _compute_in(fuse_experts(m) or m, fp32)
+    return cast(Transformer, _compute_in(model, fp32))
+
+
+def _fp32_compute(model: Transformer) -> bool:
+    """A bf16 model on a CPU without native bf16 (below AVX-512) runs its activations in fp32,
+    weights staying bf16/int8/int4: PyTorch's bf16 operations there (its GEMM 0.7 GFLOP/s on
+    the avx2 tier, attention, norms) are several times slower than fp32 ones. Only when every
+    matmul weight is in a module that takes fp32 input (not under LoRA, say)."""
+    embed = model.tok_embeddings.weight
+    if embed.dtype != torch.bfloat16 or embed.device.type != "cpu" or cpu.probe().onednn_bf16 \
+            or not cpu.probe().at_least("avx2"):
+        return False
+    small = (nn.Embedding, RMSNorm)
+    return all(isinstance(m, small) for m in model.modules()
+               if any(t.dtype == torch.bfloat16 for t in
+                      itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False))))
+
+
+def _compute_in(module: nn.Module, fp32: bool) -> nn.Module:
+    """Embeddings, norms and the quantized modules' activations in fp32 (see _fp32_compute)."""
+    if fp32:
+        for m in module.modules():
+            if isinstance(m, _QuantRows):
+                m.dtype = torch.float32
+            elif isinstance(m, (nn.Embedding, RMSNorm)):
+                m.float()
+    return module
 
 
 def describe_paths() -> dict[str, str]:

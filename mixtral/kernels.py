@@ -1,36 +1,48 @@
-"""Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 matrix-vector products and a
-decoding step's MoE on them (lowbit.cpp), and one fused decoding step of attention
+"""Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 and bf16 matrix-vector products
+and a decoding step's MoE on them (lowbit.cpp), and one fused decoding step of attention
 (attention.cpp).
 
 For the one row of activations that decoding has, PyTorch's low-bit CPU kernels stream the
-weights at 26-38 GB/s on this project's 2-core machine and ours at 36-58 GB/s; fusing a step's
-attention and MoE saves ~35 small operations each per layer (benchmarks/RESULTS.md). The
-sources are compiled for this machine (-march=native) on first use, like torch.compile's C++
-kernels, into PyTorch's extension cache (~5 s, once per CPU type). They are AVX-512 code: on
-CPUs without it (AVX2 laptops, ARM), without a compiler, or with MIXTRAL_KERNELS=0,
-`available()` is False and the fast modules keep PyTorch's operations.
+weights at 25-32 GB/s on this project's 2-core machine (int4 at 9 on AVX2) and ours at 34-47
+GB/s (int4 at 20-24 on AVX2, csrc/lowbit.cpp); fusing a step's attention and MoE saves ~35
+small operations each per layer (benchmarks/RESULTS.md). The
+sources are compiled on first use, like torch.compile's C++ kernels, into PyTorch's extension
+cache (~5-10 s, once per tier and source version): one build per x86 tier of `cpu.probe()`
+(avx2, avx512, avx512_bf16), with that tier's explicit instruction-set flags rather than
+-march=native, so that a build serves every CPU of its tier (csrc/simd.h). Each tier's build
+registers its ops under its own namespace (torch.ops.mixtral_<tier>), so that several can be
+loaded in one process (the tests compare them). On the generic tier (ARM, x86 without AVX2),
+without a compiler, or with MIXTRAL_KERNELS=0, `available()` is False and the fast modules keep
+PyTorch's operations.
 
 Layouts (see the C++ file): int8 rows [N, K] with fp32 scales [N]; int4 rows [N, K/2] where
 each 64 columns are 32 bytes (column i in the low nibble, i + 32 in the high one) and
 sz [N, K/group, 2] = (scale, offset) in fp32 (group % 64 == 0), the weight being
-q * scale + offset.
+q * scale + offset; bf16 rows [N, K] as nn.Linear holds them.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mixtral import cpu
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("lowbit.cpp", "attention.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("lowbit.cpp", "attention.cpp", "repack.cpp")]  # and csrc/simd.h
+
+# Each tier's instruction sets, spelled out: the build must run on every CPU of the tier.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+FLAGS = {"avx2": _AVX2, "avx512": _AVX512, "avx512_bf16": [*_AVX512, "-mavx512bf16"]}
 
 
 def why_not() -> str:
@@ -38,33 +50,36 @@ def why_not() -> str:
     if os.environ.get("MIXTRAL_KERNELS", "1") == "0":
         return "MIXTRAL_KERNELS=0"
     tier = cpu.probe().tier
-    if not cpu.probe().at_least("avx512"):
+    if tier not in FLAGS:
         return f"no build for the {tier} tier"
     return "" if available() else "the build failed"
 
 
-def build_dir() -> str:
+def _name(tier: str) -> str:
+    return f"mixtral_kernels_{tier}"
+
+
+def build_dir(tier: str | None = None) -> str:
+    """Where the build for `tier` (default: this process's) lives."""
     from torch.utils import cpp_extension
 
-    return cpp_extension._get_build_directory(f"mixtral_kernels_{_machine_tag()}", False)
+    return cpp_extension._get_build_directory(_name(tier or cpu.probe().tier), False)
 
 
 @functools.cache
 def available() -> bool:
-    """Build (once per machine and source version) and load the kernels; False if impossible."""
-    if os.environ.get("MIXTRAL_KERNELS", "1") == "0" or not cpu.probe().at_least("avx512"):
+    """Build (once per tier and source version) and load the kernels for this process's tier;
+    False, quietly, where there are none (generic tier, MIXTRAL_KERNELS=0), False with a
+    warning where the build fails."""
+    tier = cpu.probe().tier
+    if os.environ.get("MIXTRAL_KERNELS", "1") == "0" or tier not in FLAGS:
         return False
     try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(name=f"mixtral_kernels_{_machine_tag()}",
-                           sources=[str(p) for p in SOURCES],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], is_python_module=False)
-        return hasattr(torch.ops.mixtral, "decode_attention")
+        ops(tier)
+        return True
     except Exception as e:  # no compiler, no ninja: PyTorch's kernels still work
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        warnings.warn(f"mixtral: could not build the CPU kernels in {SOURCES[0].parent} "
+        warnings.warn(f"mixtral: could not build the CPU kernels in {CSRC} "
                       f"({first[:300]}); using PyTorch's, which decode int8/int4 ~1.4x slower. "
                       "Install a C++ compiler (g++) and the `ninja` package, or set "
                       "MIXTRAL_KERNELS=0 to silence this.", stacklevel=2)
@@ -72,39 +87,76 @@ def available() -> bool:
 
 
 @functools.cache
-def _cpu_flags() -> str:
+def ops(tier: str) -> Any:
+    """The op namespace of `tier`'s build (torch.ops.mixtral_<tier>), built and loaded on first
+    use; raises if the tier has no build, exceeds this CPU, or the build fails. The public
+    functions below use this process's tier; tests use it to compare tiers in one process."""
+    if tier not in FLAGS:
+        raise ValueError(f"no kernels for the {tier} tier (tiers with kernels: "
+                         f"{', '.join(FLAGS)})")
+    machine = cpu.probe().machine
+    if cpu.TIERS.index(tier) > cpu.TIERS.index(machine):
+        raise ValueError(f"this CPU ({machine}) cannot run the {tier} kernels")
+    from torch.utils import cpp_extension
+
+    clear_stale_lock(build_dir(tier))
+    namespace = f"mixtral_{tier}"
+    cpp_extension.load(name=_name(tier), sources=[str(p) for p in SOURCES],
+                       extra_cflags=["-O3", *FLAGS[tier], f"-DMIXTRAL_NS={namespace}",
+                                     "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
+                       is_python_module=False)
+    namespace_ops = getattr(torch.ops, namespace)
+    if not hasattr(namespace_ops, "decode_attention"):
+        raise RuntimeError(f"the {tier} build registered no ops in torch.ops.{namespace}")
+    return namespace_ops
+
+
+STALE_LOCK_S = 600  # no build takes this long
+
+
+def clear_stale_lock(directory: str) -> bool:
+    """Remove a build lock older than any build (True if one was): a build killed midway leaves
+    PyTorch's lock file behind, and every later process would wait for it forever."""
+    lock = Path(directory) / "lock"
     try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return ""
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            return True
+    except OSError:  # no lock, or another process removed it first
+        pass
+    return False
 
 
-def _machine_tag() -> str:
-    """Which instruction sets the build is for: -march=native code must not be loaded on
-    another CPU (a cache directory shared between machines would crash it), so each CPU
-    feature set gets its own build."""
-    return hashlib.sha1(_cpu_flags().encode()).hexdigest()[:10]
+def _here() -> Any:
+    """This process's tier's ops (both lookups are cached: ~0.1 us a call)."""
+    return ops(cpu.probe().tier)
 
 
 def int8_mv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     """x [M, K] @ (w int8 [N, K] * scales fp32 [N, 1]).T -> [M, N]; x fp32 or bf16, y in
     x's dtype, fp32 arithmetic."""
-    return torch.ops.mixtral.int8_mv(x, w, scales)
+    return _here().int8_mv(x, w, scales)
 
 
 def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int) -> Tensor:
     """x [M, K] @ W.T for the int4 W (our layout) -> [M, N], dtypes as int8_mv."""
-    return torch.ops.mixtral.int4_mv(x, w, sz, group)
+    return _here().int4_mv(x, w, sz, group)
+
+
+def bf16_mv(x: Tensor, w: Tensor) -> Tensor:
+    """x [M, K] @ w.T for a bf16 w [N, K] (an nn.Linear weight) -> [M, N]; x fp32 or bf16, y in
+    x's dtype, fp32 arithmetic. For decoding where oneDNN cannot pack bf16 weights (AVX2)."""
+    return _here().bf16_mv(x, w)
 
 
 def moe_decode(x: Tensor, chosen: Tensor, weights: Tensor, w13: Tensor, s13: Tensor,
                w2: Tensor, s2: Tensor, bits: int, group: int) -> Tensor:
-    """A decoding step's MoE on quantized expert banks (csrc/lowbit.cpp): x [M, D], chosen
-    and weights [M, k] -> sum over each row's experts (ascending) of weight * w2(silu(gate) *
-    up); w13 [E, 2F, ...] and w2 [E, D, ...] in int8_mv's (bits 8) or int4_mv's (bits 4)
-    layout, s13/s2 their scales."""
-    return torch.ops.mixtral.moe_decode(x, chosen, weights, w13, s13, w2, s2, bits, group)
+    """A decoding step's MoE on quantized or bf16 expert banks (csrc/lowbit.cpp): x [M, D],
+    chosen and weights [M, k] -> sum over each row's experts (ascending) of weight *
+    w2(silu(gate) * up); w13 [E, 2F, ...] and w2 [E, D, ...] in int8_mv's (bits 8), int4_mv's
+    (bits 4) or bf16_mv's (bits 16) layout, s13/s2 their scales (unused for bits 16)."""
+    return _here().moe_decode(x, chosen, weights, w13, s13, w2, s2, bits, group)
 
 
 def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -114,8 +166,8 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_c
     key and value written at `positions` into cache rows `rows`, each query head attending
     over positions 0..span-1 (where `mask` [B, span] allows). qkv [B, (H+2K)*A], cos/sin
     [B, A/2] fp32, caches [R, K, S, A] -> [B, H*A]."""
-    return torch.ops.mixtral.decode_attention(qkv, cos, sin, k_cache, v_cache, rows, positions,
-                                              mask, span, n_heads, n_kv_heads)
+    return _here().decode_attention(qkv, cos, sin, k_cache, v_cache, rows, positions, mask,
+                                    span, n_heads, n_kv_heads)
 
 
 # --- int4 layout ---------------------------------------------------------------------------------
@@ -134,6 +186,13 @@ def int4_unpack(w: Tensor) -> Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).reshape(N, half * 2)
 
 
+def int4_repack(packed: Tensor) -> Tensor:
+    """The file's portable int4 bytes [..., N, K/2] (mixtral.quant.int4; K % 64 == 0) -> our
+    layout, at memory speed (csrc/repack.cpp): models load and offloaded experts page in
+    through it."""
+    return _here().int4_repack(packed)
+
+
 def int4_offsets(scale: Tensor, zero: Tensor) -> Tensor:
     """Portable (scale, zero) with w = (q - 8) * scale + zero -> our sz [..., 2] fp32 with
     w = q * scale + offset."""
@@ -145,13 +204,13 @@ def int8_dequantize(w: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """The float weight [N, K] in `dtype` (fp32/bf16) that the int8 form stands for (long
     prompts multiply by it with the float GEMM). It lives in a per-thread scratch buffer,
     valid until this thread's next call: use it at once."""
-    return torch.ops.mixtral.int8_dequant(w, scales, _scratch(w.shape[0], w.shape[1], dtype))
+    return _here().int8_dequant(w, scales, _scratch(w.shape[0], w.shape[1], dtype))
 
 
 def int4_dequantize(w: Tensor, sz: Tensor, group: int, dtype: torch.dtype) -> Tensor:
     """The same for our int4 form."""
-    return torch.ops.mixtral.int4_dequant(w, sz, group,
-                                          _scratch(w.shape[0], w.shape[1] * 2, dtype))
+    return _here().int4_dequant(w, sz, group,
+                                  _scratch(w.shape[0], w.shape[1] * 2, dtype))
 
 
 _local = threading.local()

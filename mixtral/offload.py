@@ -14,7 +14,9 @@ import collections
 import ctypes
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -90,13 +92,15 @@ class ExpertCache:
                  dtype: torch.dtype) -> None:
         self.store, self.budget = store, budget
         self.fmt, self.group_size, self.dtype = fmt, group_size, dtype
-        self._lru: collections.OrderedDict[tuple[int, int], tuple[QuantExperts, int]] = \
+        # what each paged-in expert becomes: mixtral.fast swaps in its own form (our kernels)
+        self.swap: Callable[[nn.Module], nn.Module] = lambda module: module
+        self._lru: collections.OrderedDict[tuple[int, int], tuple[nn.Module, int]] = \
             collections.OrderedDict()
         self.used = 0
         self.hits = self.misses = 0
         self._lock = threading.Lock()
 
-    def get(self, layer: int, expert: int) -> QuantExperts:
+    def get(self, layer: int, expert: int) -> nn.Module:
         key = (layer, expert)
         with self._lock:
             if key in self._lru:
@@ -107,7 +111,7 @@ class ExpertCache:
         banks = {w: (q[None], s[None]) for w, (q, s) in self.store.read(layer, expert).items()}
         size = sum(q.numel() * q.element_size() + s.numel() * s.element_size()
                    for q, s in banks.values())
-        module = QuantExperts(banks, self.fmt, self.group_size, self.dtype)
+        module = self.swap(QuantExperts(banks, self.fmt, self.group_size, self.dtype))
         with self._lock:
             while self._lru and self.used + size > self.budget:
                 _, (_, freed) = self._lru.popitem(last=False)
@@ -125,7 +129,7 @@ class OffloadedExperts(nn.Module):
         self.layer, self.cache, self.num_experts = layer, cache, num_experts
 
     def expert(self, e: int, x: Tensor) -> Tensor:
-        return self.cache.get(self.layer, e).expert(0, x)
+        return cast(Callable[[int, Tensor], Tensor], self.cache.get(self.layer, e).expert)(0, x)
 
     def forward(self, x: Tensor, counts: list[int]) -> Tensor:
         return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])

@@ -139,22 +139,23 @@ def hf_tiny_dir(hf_tiny, tmp_path_factory) -> Path:
     return write_layout(hf_tiny, "hf", tmp_path_factory.mktemp("hf_tiny"))
 
 
-def _machine_tier() -> str:
-    import torch
-
+def _top_tier() -> str:
+    """This process's tier: the machine's, capped by a MIXTRAL_ISA set before pytest started
+    (which also capped PyTorch and oneDNN, so the tests must not go above it)."""
     from mixtral import cpu
 
-    return cpu.machine_tier(dict(torch._C._cpu._get_cpu_capability()))
+    return cpu.probe().tier
 
 
 def tiers_up_to_machine(lowest: str = "generic") -> list:
-    """pytest params for every tier from `lowest` up; tiers above this machine's are skipped
-    by name (they need a CPU that has them)."""
+    """pytest params for every tier from `lowest` up; tiers above this process's (the CPU's,
+    or MIXTRAL_ISA's) are skipped by name."""
     from mixtral import cpu
 
-    top = cpu.TIERS.index(_machine_tier())
-    return [pytest.param(t, marks=() if cpu.TIERS.index(t) <= top else pytest.mark.skip(
-                reason=f"tier {t} needs a CPU that has it; this one is {_machine_tier()}"))
+    top = _top_tier()
+    return [pytest.param(t, marks=() if cpu.TIERS.index(t) <= cpu.TIERS.index(top) else
+                         pytest.mark.skip(reason=f"tier {t} needs a CPU that has it; this "
+                                          f"process runs at {top}"))
             for t in cpu.TIERS[cpu.TIERS.index(lowest):]]
 
 

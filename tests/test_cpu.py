@@ -61,7 +61,8 @@ def test_a_bad_cap_is_a_clear_error(monkeypatch, capsys):
 
 def test_the_cap_reaches_pytorch_unless_set_explicitly(monkeypatch):
     for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # so that monkeypatch restores them, set or not
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MIXTRAL_ISA", "avx2")
     cpu.cap_torch()
     import os
@@ -74,6 +75,22 @@ def test_the_cap_reaches_pytorch_unless_set_explicitly(monkeypatch):
     assert os.environ["ATEN_CPU_CAPABILITY"] == "avx512"  # the user's own setting wins
     monkeypatch.setenv("MIXTRAL_ISA", "nonsense")
     cpu.cap_torch()  # left for probe() to report, never an error at import
+
+
+def test_pytorch_and_onednn_caps_set_by_hand_cap_the_tier(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 without MIXTRAL_ISA: oneDNN would refuse bf16 packing, so the
+    tier follows it (a process's PyTorch dispatch level counts the same way)."""
+    machine = cpu.probe.__wrapped__().machine
+    try:
+        for value, cap in (("AVX2", "avx2"), ("SSE41", "generic"), ("AVX512_CORE_BF16", None)):
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", value)
+            cpu.probe.cache_clear()
+            want = machine if cap is None else \
+                cpu.TIERS[min(cpu.TIERS.index(cap), cpu.TIERS.index(machine))]
+            assert cpu.probe().tier == want, value
+    finally:
+        monkeypatch.undo()
+        cpu.probe.cache_clear()
 
 
 def test_the_probe_does_not_start_torch():

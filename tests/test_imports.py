@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "tokenizer": set(),
     "chat": {"tokenizer"},
     "completion": {"generate", "model", "tokenizer"},
-    "engine": {"cache", "generate", "model"},
+    "engine": {"cache", "generate", "model", "sampling"},
     "quant.__init__": {"model", "quant"},
     "quant.base": set(),
     "quant.int8": {"quant"},

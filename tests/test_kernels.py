@@ -1,12 +1,15 @@
 """Our CPU kernels (mixtral.kernels) against plain PyTorch in fp64, and their use by the fast
-modules: whole tensors, every row count the decode and prefill paths take."""
+modules: whole tensors, every row count the decode and prefill paths take, on every x86 tier
+of kernels this CPU can run (each tier's build is held to the same standards)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import tiers_up_to_machine
 
-from mixtral import kernels
+from mixtral import cpu, kernels
 from mixtral.fast import Int4Rows, Int8Rows, optimize
 from mixtral.model import Transformer
 from mixtral.quant import Int4Linear, Int8Linear
@@ -16,6 +19,40 @@ from mixtral.quant.int8 import quantize as int8_quantize
 from tests.test_fast import ARGS
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+
+# every tier with kernels; those above this CPU's are skipped, naming the tier
+KERNEL_TIERS = tiers_up_to_machine("avx2")
+assert [p.values[0] for p in KERNEL_TIERS] == list(kernels.FLAGS)
+# MIXTRAL_ISA as this run started: PyTorch and oneDNN were capped with it, so the run is an
+# older CPU's, and tiers above it are skipped too (the fast modules would use oneDNN's bf16)
+START_CAP = cpu.cap_from_env()
+
+
+def _above_cap(tier: str) -> bool:
+    return START_CAP is not None and cpu.TIERS.index(tier) > cpu.TIERS.index(START_CAP)
+
+
+def _clear() -> None:
+    cpu.probe.cache_clear()
+    kernels.available.cache_clear()
+
+
+@pytest.fixture(params=KERNEL_TIERS)
+def tier(request, monkeypatch):
+    """Runs the test as on a CPU of this tier (MIXTRAL_ISA caps the probe; the kernels follow:
+    kernels.* call this tier's build)."""
+    t = request.param
+    if _above_cap(t):
+        pytest.skip(f"tier {t}: this run is capped at MIXTRAL_ISA={START_CAP}")
+    monkeypatch.setenv("MIXTRAL_ISA", t)
+    _clear()
+    try:
+        assert cpu.probe().tier == t and kernels.available()
+        assert kernels._here() is kernels.ops(t) is getattr(torch.ops, f"mixtral_{t}")
+        yield t
+    finally:
+        monkeypatch.undo()
+        _clear()
 
 
 def int4_reference(w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
@@ -31,8 +68,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 7, 16])
-@pytest.mark.parametrize("K", [16, 48, 1024])
-def test_int8_mv_equals_float_product(M, K):
+@pytest.mark.parametrize("K", [16, 48, 1024, 8256])  # rows of x past 16 KB: weight rows 8 at a time
+def test_int8_mv_equals_float_product(tier, M, K):
     g = torch.Generator().manual_seed(M * 1000 + K)
     w = torch.randint(-127, 128, (37, K), dtype=torch.int8, generator=g)
     scales = torch.rand(37, generator=g) + 0.1
@@ -47,8 +84,8 @@ def test_int8_mv_equals_float_product(M, K):
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
-@pytest.mark.parametrize("K,group", [(64, 64), (256, 64), (1024, 128), (512, 256)])
-def test_int4_mv_equals_float_product(M, K, group):
+@pytest.mark.parametrize("K,group", [(64, 64), (256, 64), (1024, 128), (512, 256), (16512, 128)])
+def test_int4_mv_equals_float_product(tier, M, K, group):
     g = torch.Generator().manual_seed(M * 1000 + K)
     w = torch.randn(52, K, generator=g)
     packed, sz = int4_quantize(w, group)  # the portable form
@@ -68,8 +105,33 @@ def test_int4_mv_equals_float_product(M, K, group):
                                rtol=2**-8)  # one bf16 rounding
 
 
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("K", [16, 40, 1024, 1030, 8200])  # whole blocks of pairs, and a tail
+def test_bf16_mv_equals_float_product(tier, M, K):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    w = torch.randn(37, K, generator=g).bfloat16()
+    x = torch.randn(M, K, generator=g)
+    want = x.double() @ w.double().T
+    got = kernels.bf16_mv(x, w)
+    assert got.dtype == torch.float32 and got.shape == (M, 37)
+    assert rel_err(got, want) < 1e-6
+    xb = x.bfloat16()
+    got = kernels.bf16_mv(xb, w)
+    assert got.dtype == torch.bfloat16
+    want_b = (xb.double() @ w.double().T).to(torch.bfloat16)
+    torch.testing.assert_close(got, want_b, atol=0, rtol=2**-7)  # one bf16 rounding
+    assert torch.equal(kernels.bf16_mv(x[:, :0], w[:, :0]), torch.zeros(M, 37))
+
+
+def test_bf16_mv_names_bad_input(tier):
+    with pytest.raises(RuntimeError, match=r"bf16_mv: w must be contiguous bf16 \[N, K\]"):
+        kernels.bf16_mv(torch.zeros(1, 32), torch.zeros(8, 32))
+    with pytest.raises(RuntimeError, match=r"bf16_mv: x must be \[M, 32\]"):
+        kernels.bf16_mv(torch.zeros(1, 16), torch.zeros(8, 32, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_equals_reference(dtype):
+def test_dequantize_equals_reference(tier, dtype):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(24, 256, generator=g)
     q8, s8 = int8_quantize(w)
@@ -84,7 +146,7 @@ def test_dequantize_equals_reference(dtype):
                                atol=1e-6, rtol=0)
 
 
-def test_kernels_name_bad_input():
+def test_kernels_name_bad_input(tier):
     w = torch.zeros(8, 32, dtype=torch.int8)
     with pytest.raises(RuntimeError, match=r"int8_mv: x must be \[M, 32\]"):
         kernels.int8_mv(torch.zeros(1, 16), w, torch.ones(8))
@@ -97,7 +159,7 @@ def test_kernels_name_bad_input():
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_quantized_modules_use_the_kernels(bits, dtype):
+def test_fast_quantized_modules_use_the_kernels(tier, bits, dtype):
     """optimize() moves int8/int4 projections onto the kernels (fused like the float ones),
     and the model gives the reference quantized model's logits: single rows on the
     matrix-vector kernels, a 40-token prompt also on dequantize + GEMM. bf16 rounds at other
@@ -175,7 +237,7 @@ def _reference_step(qkv, cos, sin, k_store, v_store, rows, positions, mask, span
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("A", [16, 24, 64])
 @pytest.mark.parametrize("case", ["one row", "scattered rows", "window"])
-def test_decode_attention_equals_pytorch(dtype, A, case):
+def test_decode_attention_equals_pytorch(tier, dtype, A, case):
     from mixtral.model import attention_mask, rope_cos_sin
 
     g = torch.Generator().manual_seed(A)
@@ -201,7 +263,7 @@ def test_decode_attention_equals_pytorch(dtype, A, case):
     assert torch.equal(stores[1], theirs[1])  # values are copied as they are
 
 
-def test_decode_attention_names_bad_input():
+def test_decode_attention_names_bad_input(tier):
     stores = [torch.zeros(2, 2, 8, 16) for _ in range(2)]
     qkv = torch.zeros(1, (8 + 4) * 16)
     cs = torch.zeros(1, 8)
@@ -216,7 +278,7 @@ def test_decode_attention_names_bad_input():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 3])
-def test_moe_decode_equals_the_python_path(bits, dtype, M):
+def test_moe_decode_equals_the_python_path(tier, bits, dtype, M):
     """The one-call MoE of a decoding step gives the per-expert Python loop's tensor exactly:
     the same operations in the same dtype and order."""
     from mixtral.fast import FusedExperts, fuse_experts
@@ -239,21 +301,90 @@ def test_moe_decode_equals_the_python_path(bits, dtype, M):
     assert torch.equal(experts.decode(x, chosen, weights), torch.cat(want))
 
 
-def test_cpus_without_avx512_use_pytorch_quietly(monkeypatch, recwarn):
-    """An AVX2 laptop: no build attempted, no warning, PyTorch's kernels."""
-    from mixtral import cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3])
+def test_moe_decode_on_bf16_banks_equals_the_python_loop(tier, dtype, M):
+    """bits=16: bf16 banks w13 [E, 2F, D] and w2 [E, D, F] on bf16_mv (no scales), exactly the
+    per-expert loop of the same operations."""
+    g = torch.Generator().manual_seed(16 + M)
+    E, D, Fh = 8, 128, 192
+    w13 = (torch.randn(E, 2 * Fh, D, generator=g) * 0.1).bfloat16()
+    w2 = (torch.randn(E, D, Fh, generator=g) * 0.1).bfloat16()
+    x = torch.randn(M, D, generator=g).to(dtype)
+    chosen = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(M)])
+    weights = torch.softmax(torch.randn(M, 2, generator=g), dim=-1).to(dtype)
+    want = []
+    for n in range(M):
+        terms = []
+        for e, wt in sorted(zip(chosen[n].tolist(), weights[n].tolist(), strict=True)):
+            h = kernels.bf16_mv(x[n:n + 1], w13[e])
+            terms.append(kernels.bf16_mv(F.silu(h[:, :Fh]) * h[:, Fh:], w2[e]) * wt)
+        want.append(terms[0] + terms[1])
+    none = torch.empty(0)
+    got = kernels.moe_decode(x, chosen, weights, w13, none, w2, none, 16, 0)
+    assert torch.equal(got, torch.cat(want))
 
-    monkeypatch.setenv("MIXTRAL_ISA", "avx2")
-    cpu.probe.cache_clear()
-    kernels.available.cache_clear()
+
+def test_generic_cpus_use_pytorch_quietly(monkeypatch, recwarn):
+    """A CPU without AVX2 (or ARM): no build attempted, no warning, PyTorch's kernels."""
+    from torch.utils import cpp_extension
+
+    def no_build(**_kwargs):
+        raise AssertionError("a build was attempted")
+
+    monkeypatch.setenv("MIXTRAL_ISA", "generic")
+    monkeypatch.setattr(cpp_extension, "load", no_build)
+    _clear()
     try:
         assert not kernels.available()
+        assert kernels.why_not() == "no build for the generic tier"
         assert not [w for w in recwarn if "mixtral" in str(w.message)]
+        with pytest.raises(ValueError, match="no kernels for the generic tier"):
+            kernels.ops("generic")
     finally:
         monkeypatch.undo()
-        cpu.probe.cache_clear()
-        kernels.available.cache_clear()
+        _clear()
     assert kernels.available()
+
+
+def test_two_tiers_load_in_one_process_and_agree():
+    """Each tier's build has its own op namespace, so several load side by side; they compute
+    the same products (to fp32 rounding: their sums run in different orders)."""
+    tiers = [t for t in kernels.FLAGS if not _above_cap(t) and
+             cpu.TIERS.index(t) <= cpu.TIERS.index(cpu.probe().machine)]
+    if len(tiers) < 2:
+        pytest.skip(f"this run has one tier of kernels ({cpu.probe().machine} CPU, "
+                    f"MIXTRAL_ISA={START_CAP})")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 256, generator=g)
+    w8, s8 = torch.randint(-127, 128, (40, 256), dtype=torch.int8, generator=g), torch.rand(40)
+    w4 = torch.randint(0, 256, (40, 128), dtype=torch.uint8, generator=g)
+    sz = torch.randn(40, 2, 2, generator=g)
+    wb = torch.randn(40, 256, generator=g).bfloat16()
+    results = {}
+    for t in tiers:
+        o = kernels.ops(t)
+        results[t] = [o.int8_mv(x, w8, s8), o.int4_mv(x, w4, sz, 128), o.bf16_mv(x, wb),
+                      o.int4_mv(x.bfloat16(), w4, sz, 128).float()]
+    assert len({id(kernels.ops(t)) for t in tiers}) == len(tiers)
+    for t in tiers[1:]:
+        for got, want in zip(results[t], results[tiers[0]], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            # (the bf16 row: one bf16 rounding of nearly equal fp32 sums)
+
+
+def test_a_killed_builds_lock_is_cleared(tmp_path):
+    """A build killed midway leaves PyTorch's lock; the next process must not wait forever."""
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not kernels.clear_stale_lock(str(tmp_path)) and lock.exists()  # a build under way
+    old = time.time() - kernels.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert kernels.clear_stale_lock(str(tmp_path)) and not lock.exists()
+    assert not kernels.clear_stale_lock(str(tmp_path))  # nothing to clear
 
 
 def test_a_failed_build_says_what_to_do(monkeypatch):
@@ -264,6 +395,7 @@ def test_a_failed_build_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", fail)
     kernels.available.cache_clear()
+    kernels.ops.cache_clear()
     try:
         with pytest.warns(UserWarning, match=r"c\+\+: not found.*Install a C\+\+ compiler"):
             assert not kernels.available()

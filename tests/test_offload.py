@@ -53,6 +53,25 @@ def test_offloaded_equals_loaded(checkpoints, name):
     assert cache.store.bytes_read >= cache.misses * expert_bytes(path) * 0.99
 
 
+@pytest.mark.parametrize("name", ["q4", "q8"])
+def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
+    """After mixtral.fast.optimize, each paged-in expert is swapped for its fast form (our
+    kernels: int4 repacked from the file's bytes at memory speed) and the logits stay those
+    of the fast fully loaded model."""
+    from mixtral import kernels
+    from mixtral.fast import FusedExperts, optimize
+
+    path = checkpoints / name
+    resident, _ = plan(inspect(path), 2**40)
+    off = optimize(mixtral.load(path, max_ram=resident + RUNTIME_RESERVE + 3 * expert_bytes(path)))
+    full = optimize(mixtral.load(path))
+    tokens = torch.randint(0, 32000, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(off(tokens), full(tokens), atol=1e-5, rtol=1e-5)
+    paged = off.expert_cache.get(0, 0)
+    assert isinstance(paged, FusedExperts) == kernels.available()
+
+
 def test_budget_errors(checkpoints):
     with pytest.raises(ValueError, match=r"--max-ram 0.1 GiB is too small .* need"):
         mixtral.load(checkpoints / "q4", max_ram="100MB")

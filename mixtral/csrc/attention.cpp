@@ -17,37 +17,27 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <vector>
 
-#include <immintrin.h>
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "these kernels are AVX-512 (F, BW) code; mixtral.kernels builds them only on such CPUs"
-#endif
+#include "simd.h"
 
 namespace {
 
-inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
-inline __m512 load16(const c10::BFloat16* x) {  // bf16 -> fp32: the 16 bits become the high half
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
+using simd::L;
 
 // q . k over A values (fp32 q, k in the cache dtype)
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t A) {
   int64_t a = 0;
-  float tail = 0.f;
-  __m512 acc = _mm512_setzero_ps();
-  for (; a + 16 <= A; a += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + a), load16(k + a), acc);
-  tail = _mm512_reduce_add_ps(acc);
+  simd::vf acc = simd::zero();
+  for (; a + L <= A; a += L) acc = simd::fmadd(simd::load(q + a), simd::load(k + a), acc);
+  float tail = simd::sum(acc);
   for (; a < A; ++a) tail += q[a] * static_cast<float>(k[a]);
   return tail;
 }
@@ -56,9 +46,9 @@ inline float dot(const float* q, const T* k, int64_t A) {
 template <typename T>
 inline void axpy(float p, const T* v, float* acc, int64_t A) {
   int64_t a = 0;
-  const __m512 pv = _mm512_set1_ps(p);
-  for (; a + 16 <= A; a += 16)
-    _mm512_storeu_ps(acc + a, _mm512_fmadd_ps(pv, load16(v + a), _mm512_loadu_ps(acc + a)));
+  const simd::vf pv = simd::set1(p);
+  for (; a + L <= A; a += L)
+    simd::store(acc + a, simd::fmadd(pv, simd::load(v + a), simd::load(acc + a)));
   for (; a < A; ++a) acc[a] += p * static_cast<float>(v[a]);
 }
 
@@ -188,12 +178,12 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mixtral, m) {
+MIXTRAL_FRAGMENT(m) {
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor rows, Tensor positions, Tensor? mask, int span, "
         "int n_heads, int n_kv_heads) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mixtral, CPU, m) {
+MIXTRAL_IMPL(m) {
   m.impl("decode_attention", decode_attention);
 }

@@ -1,9 +1,13 @@
-// Weight-only int8 and int4 matrix-vector products for decoding on CPU (a few rows of x).
+// Weight-only int8, int4 and bf16 matrix-vector products for decoding on CPU (a few rows of x).
 //
 // Decoding is memory-bound: each weight byte is read once per step, so the kernel's job is to
 // stream the weights at the machine's bandwidth while converting them to fp32 on the fly.
-// For one row of x, PyTorch's own low-bit kernels (_weight_int8pack_mm,
-// _weight_int4pack_mm_for_cpu) stream 26-38 GB/s on this project's 2-core machine, these 36-58.
+// For one row of x on this project's 2-core machine (Zen 5, ~40-45 GB/s), PyTorch's own
+// low-bit kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) stream 25-32 GB/s at its
+// AVX-512 dispatch and int4 at 9 at AVX2; these stream int8 and bf16 at 34-47 GB/s on every
+// tier, int4 at 28-42 on AVX-512 and 20-24 on AVX2, where converting the nibbles to fp32 is
+// the limit (~13 GB/s a core). Written once for every tier in terms of simd.h (8 fp32 lanes
+// on AVX2, 16 on AVX-512).
 //
 // Layouts (made once by mixtral/kernels.py from the portable checkpoint form):
 //   int8  w [N, K] int8, one fp32 scale per row:            y = scale[n] * sum_k x[k] w[n, k]
@@ -12,177 +16,310 @@
 //         in column order). sz [N, K/g, 2] fp32 = (scale, offset) per group of g columns
 //         (g % 64 == 0), the weight being q * scale + offset (q in 0..15):
 //         y = sum_groups scale * sum_k x[k] q[k] + offset * sum_k x[k]
+//   bf16  w [N, K] bf16 (an nn.Linear weight as it is): for CPUs where oneDNN cannot pack bf16
+//         weights (AVX2), whose bf16 F.linear converts the whole weight first
 //
 // x is fp32 or bf16 [M, K] (M small; the caller dequantizes and uses a GEMM for long prompts);
-// the arithmetic is fp32 and y [M, N] comes back in x's dtype.
+// the arithmetic is fp32 and y [M, N] comes back in x's dtype. The activations stay in fp32:
+// quantizing them to int8 for integer dot products (llama.cpp's way) would be faster on AVX2
+// but adds ~1e-3 relative error to every product, which the tests' 1e-5 bounds do not allow.
 // Work is split over output rows with at::parallel_for, i.e. PyTorch's own OpenMP team.
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/silu.h>
-#include <c10/util/BFloat16.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
-#include <immintrin.h>
-
-#if !defined(__AVX512F__) || !defined(__AVX512BW__)
-#error "these kernels are AVX-512 (F, BW) code; mixtral.kernels builds them only on such CPUs"
-#endif
+#include "simd.h"
 
 namespace {
 
+using simd::L;
+using simd::vf;
+
+using simd::unrolled;
+
+// the sum of an accumulator array
+template <int C>
+inline vf add_all(const vf (&acc)[C]) {
+  vf t = acc[0];
+  unrolled<C - 1>([&](auto c) { t = simd::add(t, acc[c + 1]); });
+  return t;
+}
+
+template <int C>
+inline float total(const vf (&acc)[C]) {
+  return simd::sum(add_all(acc));
+}
+
+// zeroes an accumulator array [A][B][C]
+template <int A, int B, int C>
+inline void zero(vf (&acc)[A][B][C]) {
+  unrolled<A>([&](auto a) {
+    unrolled<B>([&](auto b) { unrolled<C>([&](auto c) { acc[a][b][c] = simd::zero(); }); });
+  });
+}
+
+// Each kernel's block<MB, R> is [[gnu::flatten]]: everything it calls (the unrolled lambdas)
+// must be inlined for its accumulators to live in registers, and GCC's inlining limits would
+// otherwise stop short in the larger blocks (AVX-512 int8 at 4 x 4 ran at a third of its speed).
+//
+// Runs kernel.block<MB, R>(m, n) (rows m.. of x, rows n.. of the weight) over weight rows
+// n0..n1, one at a time, or simd::kRows at a time (then the rest one by one) where a row of x
+// takes more than simd::kBlockRowsAbove bytes; and for each over every block of x's rows: a
+// weight block is read from memory once, then from cache for the next rows of x.
+template <typename Kernel>
+inline void for_blocks(const Kernel& kernel, int64_t M, int64_t n0, int64_t n1,
+                       int64_t x_row_bytes) {
+  auto rows = [&](auto r, int64_t n) {  // weight rows n..n+r-1, in blocks of rows_for<MB>
+    constexpr int R = decltype(r)::value;
+    auto blocks = [&](auto mb, int64_t m) {
+      constexpr int MB = decltype(mb)::value, RB = R < simd::rows_for<MB> ? R : simd::rows_for<MB>;
+      static_assert(R % RB == 0);
+      for (int i = 0; i < R; i += RB) kernel.template block<MB, RB>(m, n + i);
+    };
+    int64_t m = 0;
+    if constexpr (simd::kMaxMB >= 4)
+      for (; m + 4 <= M; m += 4) blocks(std::integral_constant<int, 4>{}, m);
+    for (; m + 2 <= M; m += 2) blocks(std::integral_constant<int, 2>{}, m);
+    for (; m < M; ++m) blocks(std::integral_constant<int, 1>{}, m);
+  };
+  int64_t n = n0;
+  if (x_row_bytes > simd::kBlockRowsAbove)
+    for (; n + simd::kRows <= n1; n += simd::kRows)
+      rows(std::integral_constant<int, simd::kRows>{}, n);
+  for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+}
+
 // ---- int8 ------------------------------------------------------------------------------------
 
-// One output row n for MB rows of x. Rows are visited in memory order, so each thread streams
-// one contiguous range of the weight matrix (what the hardware prefetcher follows best).
-template <int MB>
-inline void int8_row(const float* x, int64_t K, const int8_t* w, float scale, float* y,
-                     int64_t N) {
-  __m512 acc[MB][2];
-  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(b)));
-    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(b, 1)));
-    for (int m = 0; m < MB; ++m) {
-      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), acc[m][1]);
-    }
-  }
-  for (; k < K; k += 16) {
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k));
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-    for (int m = 0; m < MB; ++m)
-      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
-  }
-  for (int m = 0; m < MB; ++m)
-    y[m * N] = scale * _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-}
+struct Int8Kernel {
+  const float* x;  // [M, K] fp32
+  const int8_t* w;
+  const float* scale;
+  float* y;
+  int64_t K, N;
 
-inline void int8_rows(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                      float* y, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) int8_row<4>(x + m * K, K, w + n * K, scale[n], y + m * N + n, N);
-    for (; m + 2 <= M; m += 2) int8_row<2>(x + m * K, K, w + n * K, scale[n], y + m * N + n, N);
-    for (; m < M; ++m) int8_row<1>(x + m * K, K, w + n * K, scale[n], y + m * N + n, N);
+  template <int MB, int R>
+  [[gnu::flatten]] void block(int64_t m0, int64_t n0) const {
+    constexpr int U = simd::unroll<MB, R>;
+    const float* xm = x + m0 * K;
+    const int8_t* wn = w + n0 * K;
+    vf acc[MB][R][U];
+    zero(acc);
+    auto step = [&](int64_t k, auto u) {  // columns k..k+L-1 into accumulators u
+      vf xv[MB];
+      unrolled<MB>([&](auto m) { xv[m] = simd::load(xm + m * K + k); });
+      unrolled<R>([&](auto r) {
+        const vf wv = simd::load_i8(wn + r * K + k);
+        unrolled<MB>([&](auto m) { acc[m][r][u] = simd::fmadd(wv, xv[m], acc[m][r][u]); });
+      });
+    };
+    int64_t k = 0;
+    for (; k + U * L <= K; k += U * L) unrolled<U>([&](auto u) { step(k + u * L, u); });
+    for (; k < K; k += L) step(k, std::integral_constant<int, 0>{});  // K % 16 == 0
+    unrolled<MB>([&](auto m) {
+      unrolled<R>([&](auto r) {
+        y[(m0 + m) * N + n0 + r] = scale[n0 + r] * total(acc[m][r]);
+      });
+    });
   }
-}
+};
 
 // ---- int4 ------------------------------------------------------------------------------------
 
-// One output row n: per group, acc = sum_k x[k] q[k], then y += scale * acc + offset * xsum.
-// fp32 x: nibbles -> int32 -> fp32 and FMAs. bf16 x (AVX512-BF16): nibbles -> bf16 through a
-// 16-entry table and vdpbf16ps, 32 products per instruction, exact (small integers times bf16
-// are exact in fp32): half the instructions, which matters as int4 is nearly compute-bound.
-template <int MB>
-inline void int4_row(const float* x, const float* xsum, int64_t K, int64_t group,
-                     const uint8_t* w, const float* sz, float* y, int64_t N) {
-  const int64_t groups = K / group;
-  __m512 total[MB];
-  float off[MB];
-  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps(), off[m] = 0.f;
-  const __m512i low = _mm512_set1_epi32(15);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[MB][2];
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
-      for (int half = 0; half < 2; ++half) {  // bytes 0-15, then 16-31 of the chunk
-        const __m512i v = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2 + 16 * half)));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));  // columns k+16h+i
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));  // columns k+32+16h+i
-        for (int m = 0; m < MB; ++m) {
-          acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + k + 16 * half), acc[m][0]);
-          acc[m][1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + k + 32 + 16 * half),
-                                      acc[m][1]);
-        }
+// Per group and row: acc = sum_k x[k] q[k], then y += scale * acc + offset * xsum.
+// fp32 x: nibbles -> int32 -> fp32 and FMAs. bf16 x with AVX512-BF16: Int4Bf16Kernel.
+struct Int4Kernel {
+  const float* x;     // [M, K] fp32
+  const float* xsum;  // [M, K/group]: x summed per group
+  const uint8_t* w;
+  const float* sz;
+  float* y;
+  int64_t K, group, N;
+
+  template <int MB, int R>
+  [[gnu::flatten]] void block(int64_t m0, int64_t n0) const {
+    // accumulators per row: half the products of a 64-column chunk (32/L loads, 2 nibbles
+    // each), as the group's reduction costs more than chains beyond that gain
+    constexpr int P = 32 / L;
+    constexpr int C = simd::unroll<MB, R> < P ? simd::unroll<MB, R> : P;
+    const int64_t groups = K / group;
+    const float* xm = x + m0 * K;
+    vf sums[MB][R][1];
+    float off[MB][R] = {};
+    zero(sums);
+    for (int64_t g = 0; g < groups; ++g) {
+      vf acc[MB][R][C];
+      zero(acc);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+        unrolled<32 / L>([&](auto v) {  // bytes v*L.. of the chunk: columns k+i.. and k+32+i..
+          constexpr int i = decltype(v)::value * L, c0 = (2 * v) % C, c1 = (2 * v + 1) % C;
+          vf xl[MB], xh[MB];
+          unrolled<MB>([&](auto m) {
+            xl[m] = simd::load(xm + m * K + k + i);
+            xh[m] = simd::load(xm + m * K + k + 32 + i);
+          });
+          unrolled<R>([&](auto r) {
+            vf lo, hi;
+            simd::nibbles(w + (n0 + r) * (K / 2) + k / 2 + i, lo, hi);
+            unrolled<MB>([&](auto m) {
+              acc[m][r][c0] = simd::fmadd(lo, xl[m], acc[m][r][c0]);
+              acc[m][r][c1] = simd::fmadd(hi, xh[m], acc[m][r][c1]);
+            });
+          });
+        });
       }
+      unrolled<R>([&](auto r) {
+        const float* so = sz + ((n0 + r) * groups + g) * 2;
+        const vf s = simd::set1(so[0]);
+        unrolled<MB>([&](auto m) {
+          sums[m][r][0] = simd::fmadd(add_all(acc[m][r]), s, sums[m][r][0]);
+          off[m][r] += so[1] * xsum[(m0 + m) * groups + g];
+        });
+      });
     }
-    const __m512 s = _mm512_set1_ps(sz[2 * g]);
-    for (int m = 0; m < MB; ++m) {
-      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), s, total[m]);
-      off[m] += sz[2 * g + 1] * xsum[m * groups + g];
-    }
+    unrolled<MB>([&](auto m) {
+      unrolled<R>([&](auto r) {
+        y[(m0 + m) * N + n0 + r] = simd::sum(sums[m][r][0]) + off[m][r];
+      });
+    });
   }
-  for (int m = 0; m < MB; ++m) y[m * N] = _mm512_reduce_add_ps(total[m]) + off[m];
-}
+};
 
 #if defined(__AVX512BF16__)
-template <int MB>
-inline void int4_row_bf16(const c10::BFloat16* x, const float* xsum, int64_t K, int64_t group,
-                          const uint8_t* w, const float* sz, float* y, int64_t N) {
-  const int64_t groups = K / group;
-  // bf16 bit patterns of 0..15 (entries 16-31 unused)
-  const __m512i table = _mm512_set_epi16(
-      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130,
-      0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0);
-  const __m512i low = _mm512_set1_epi16(15);
-  __m512 total[MB];
-  float off[MB];
-  for (int m = 0; m < MB; ++m) total[m] = _mm512_setzero_ps(), off[m] = 0.f;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 acc[MB][2];
-    for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
-      const __m512i v = _mm512_cvtepu8_epi16(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
-      const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
-      const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
-      for (int m = 0; m < MB; ++m) {
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-        const __m512bh x1 = (__m512bh)_mm512_loadu_si512(x + m * K + k + 32);
-        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], lo, x0);
-        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], hi, x1);
+// bf16 x: nibbles -> bf16 through a 16-entry table and vdpbf16ps, 32 products per instruction,
+// exact (small integers times bf16 are exact in fp32): half the instructions of Int4Kernel,
+// which matters as int4 is nearly compute-bound.
+struct Int4Bf16Kernel {
+  const c10::BFloat16* x;  // [M, K] bf16
+  const float* xsum;
+  const uint8_t* w;
+  const float* sz;
+  float* y;
+  int64_t K, group, N;
+
+  template <int MB, int R>
+  [[gnu::flatten]] void block(int64_t m0, int64_t n0) const {
+    constexpr int C = simd::unroll<MB, R> < 2 ? simd::unroll<MB, R> : 2;
+    const int64_t groups = K / group;
+    const c10::BFloat16* xm = x + m0 * K;
+    // bf16 bit patterns of 0..15 (entries 16-31 unused)
+    const __m512i table = _mm512_set_epi16(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130,
+        0x4120, 0x4110, 0x4100, 0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0);
+    const __m512i low = _mm512_set1_epi16(15);
+    vf sums[MB][R][1];
+    float off[MB][R] = {};
+    zero(sums);
+    for (int64_t g = 0; g < groups; ++g) {
+      vf acc[MB][R][C];
+      zero(acc);
+      for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
+        __m512bh x0[MB], x1[MB];
+        unrolled<MB>([&](auto m) {
+          x0[m] = (__m512bh)_mm512_loadu_si512(xm + m * K + k);
+          x1[m] = (__m512bh)_mm512_loadu_si512(xm + m * K + k + 32);
+        });
+        unrolled<R>([&](auto r) {
+          const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(w + (n0 + r) * (K / 2) + k / 2)));
+          const __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, low), table);
+          const __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+          unrolled<MB>([&](auto m) {
+            acc[m][r][0] = _mm512_dpbf16_ps(acc[m][r][0], lo, x0[m]);
+            acc[m][r][C - 1] = _mm512_dpbf16_ps(acc[m][r][C - 1], hi, x1[m]);
+          });
+        });
       }
+      unrolled<R>([&](auto r) {
+        const float* so = sz + ((n0 + r) * groups + g) * 2;
+        const vf s = simd::set1(so[0]);
+        unrolled<MB>([&](auto m) {
+          sums[m][r][0] = simd::fmadd(add_all(acc[m][r]), s, sums[m][r][0]);
+          off[m][r] += so[1] * xsum[(m0 + m) * groups + g];
+        });
+      });
     }
-    const __m512 s = _mm512_set1_ps(sz[2 * g]);
-    for (int m = 0; m < MB; ++m) {
-      total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m][0], acc[m][1]), s, total[m]);
-      off[m] += sz[2 * g + 1] * xsum[m * groups + g];
-    }
+    unrolled<MB>([&](auto m) {
+      unrolled<R>([&](auto r) {
+        y[(m0 + m) * N + n0 + r] = simd::sum(sums[m][r][0]) + off[m][r];
+      });
+    });
   }
-  for (int m = 0; m < MB; ++m) y[m * N] = _mm512_reduce_add_ps(total[m]) + off[m];
-}
+};
 #endif
 
-// X is float or c10::BFloat16 (the latter only with AVX512-BF16)
-template <typename X>
-inline void int4_rows(const X* x, const float* xsum, int64_t M, int64_t K, int64_t group,
-                      const uint8_t* w, const float* sz, float* y, int64_t N, int64_t n0,
-                      int64_t n1) {
-  const int64_t groups = K / group;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wn = w + n * (K / 2);
-    const float* szn = sz + n * groups * 2;
-    for (int64_t m = 0; m < M;) {
-      const int64_t mb = M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-      const X* xm = x + m * K;
-      const float* xs = xsum + m * groups;
-      float* ym = y + m * N + n;
-      if constexpr (std::is_same_v<X, float>) {
-        if (mb == 4) int4_row<4>(xm, xs, K, group, wn, szn, ym, N);
-        else if (mb == 2) int4_row<2>(xm, xs, K, group, wn, szn, ym, N);
-        else int4_row<1>(xm, xs, K, group, wn, szn, ym, N);
-      } else {
-#if defined(__AVX512BF16__)
-        if (mb == 4) int4_row_bf16<4>(xm, xs, K, group, wn, szn, ym, N);
-        else if (mb == 2) int4_row_bf16<2>(xm, xs, K, group, wn, szn, ym, N);
-        else int4_row_bf16<1>(xm, xs, K, group, wn, szn, ym, N);
-#endif
-      }
-      m += mb;
-    }
+// ---- bf16 ------------------------------------------------------------------------------------
+
+// Each load of 2L bf16 weights gives the even-indexed and the odd-indexed columns as fp32
+// (simd::bf16_pairs: a shift and a mask, no conversion), so x comes "paired" (pair_x): in each
+// block of 2L columns, the even ones and then the odd ones. Columns past the last whole block
+// (K % 2L) stay in place and are done one by one.
+struct Bf16Kernel {
+  const float* x;  // [M, K] fp32, paired
+  const c10::BFloat16* w;
+  float* y;
+  int64_t K, N;
+
+  template <int MB, int R>
+  [[gnu::flatten]] void block(int64_t m0, int64_t n0) const {
+    constexpr int U = simd::unroll<MB, R>;  // blocks per step (two FMAs each, one accumulator)
+    const float* xm = x + m0 * K;
+    const c10::BFloat16* wn = w + n0 * K;
+    vf acc[MB][R][U];
+    zero(acc);
+    auto step = [&](int64_t k, auto u) {  // columns k..k+2L-1 into accumulators u
+      vf xe[MB], xo[MB];
+      unrolled<MB>([&](auto m) {
+        xe[m] = simd::load(xm + m * K + k);
+        xo[m] = simd::load(xm + m * K + k + L);
+      });
+      unrolled<R>([&](auto r) {
+        vf even, odd;
+        simd::bf16_pairs(wn + r * K + k, even, odd);
+        unrolled<MB>([&](auto m) {
+          acc[m][r][u] = simd::fmadd(odd, xo[m], simd::fmadd(even, xe[m], acc[m][r][u]));
+        });
+      });
+    };
+    int64_t k = 0;
+    for (; k + 2 * L * U <= K; k += 2 * L * U)
+      unrolled<U>([&](auto u) { step(k + 2 * L * u, u); });
+    for (; k + 2 * L <= K; k += 2 * L) step(k, std::integral_constant<int, 0>{});
+    unrolled<MB>([&](auto m) {
+      unrolled<R>([&](auto r) {
+        float t = total(acc[m][r]);
+        for (int64_t j = k; j < K; ++j) t += xm[m * K + j] * static_cast<float>(wn[r * K + j]);
+        y[(m0 + m) * N + n0 + r] = t;
+      });
+    });
   }
+};
+
+// x [M, K] fp32 -> the paired order Bf16Kernel reads
+at::Tensor pair_x(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor out = at::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* s = src + m * K;
+    float* d = dst + m * K;
+    int64_t k = 0;
+    for (; k + 2 * L <= K; k += 2 * L)
+      for (int j = 0; j < L; ++j) d[k + j] = s[k + 2 * j], d[k + L + j] = s[k + 2 * j + 1];
+    for (; k < K; ++k) d[k] = s[k];
+  }
+  return out;
 }
 
 // ---- ops -------------------------------------------------------------------------------------
@@ -193,14 +330,7 @@ inline void store_row(const float* src, int64_t K, float* dst) {
 
 inline void store_row(const float* src, int64_t K, c10::BFloat16* dst) {
   int64_t k = 0;
-  // round to nearest even, as c10::BFloat16 does (the weights are finite)
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-  for (; k + 16 <= K; k += 16) {
-    __m512i b = _mm512_castps_si512(_mm512_loadu_ps(src + k));
-    b = _mm512_add_epi32(b, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(b, 16), one)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
-                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
-  }
+  for (; k + L <= K; k += L) simd::store(dst + k, simd::load(src + k));  // nearest even
   for (; k < K; ++k) dst[k] = c10::BFloat16(src[k]);
 }
 
@@ -240,26 +370,19 @@ at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const Int8Kernel kernel{xp, wp, sp, yp, K, N};
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    int8_rows(xp, M, K, wp, sp, yp, N, n0, n1);
+    for_blocks(kernel, M, n0, n1, 4 * K);  // x's row: 4 * K bytes
   });
   return like_x(y, x_in);
 }
 
 // sum of n (a multiple of 16) values, in fp32
-inline float group_sum(const float* x, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(x + k));
-  return _mm512_reduce_add_ps(acc);
-}
-
-inline float group_sum(const c10::BFloat16* x, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {  // bf16 -> fp32: the 16 bits become the high half
-    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)));
-    acc = _mm512_add_ps(acc, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-  }
-  return _mm512_reduce_add_ps(acc);
+template <typename T>
+inline float group_sum(const T* x, int64_t n) {
+  vf acc = simd::zero();
+  for (int64_t k = 0; k < n; k += L) acc = simd::add(acc, simd::load(x + k));
+  return simd::sum(acc);
 }
 
 at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz,
@@ -275,7 +398,7 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
 #if defined(__AVX512BF16__)
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
 #else
-  const bool bf16 = false;
+  const bool bf16 = false;  // bf16 x is converted to fp32 (a few KB) and takes the fp32 path
 #endif
   const at::Tensor x = bf16 ? x_in.contiguous() : float_x(x_in, K, "int4_mv");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_mv: x must be [M, ", K, "], got ",
@@ -290,25 +413,52 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = sz.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+#if defined(__AVX512BF16__)
+  if (bf16) {
+    const Int4Bf16Kernel kernel{x.data_ptr<c10::BFloat16>(), xs, wp, sp, yp, K, group, N};
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for_blocks(kernel, M, n0, n1, 2 * K);  // x's row: 2 * K bytes
+  });
+    return like_x(y, x_in);
+  }
+#endif
+  const Int4Kernel kernel{x.data_ptr<float>(), xs, wp, sp, yp, K, group, N};
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    if (bf16)
-      int4_rows(x.data_ptr<c10::BFloat16>(), xs, M, K, group, wp, sp, yp, N, n0, n1);
-    else
-      int4_rows(x.data_ptr<float>(), xs, M, K, group, wp, sp, yp, N, n0, n1);
+    for_blocks(kernel, M, n0, n1, 4 * K);  // x's row: 4 * K bytes
   });
   return like_x(y, x_in);
 }
 
-// The MoE of one decoding step on quantized experts: for each row, its chosen experts in
-// ascending order (as the sorted dispatch adds them), each w2(silu(gate) * up) from the fused
-// [2F, D] bank w13 and the [D, F] bank w2, weighted and summed. The same operations, in the
-// same dtype, as the Python path in fast.py, without its ~35 Python-level steps per layer.
-//   x [M, D], chosen [M, k] int64, weights [M, k] (x's dtype); banks [E, ...] as int8_mv
-//   (bits 8: w [E, N, K] int8, s [E, N] fp32) or int4_mv (bits 4: w [E, N, K/2], s = sz)
+// x [M, K] (fp32 or bf16) @ w.T for a bf16 w [N, K] -> [M, N] in x's dtype, fp32 arithmetic
+at::Tensor bf16_mv(const at::Tensor& x_in, const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
+              "bf16_mv: w must be contiguous bf16 [N, K], got ", w.scalar_type(), " ", w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  const at::Tensor x = pair_x(float_x(x_in, K, "bf16_mv"));
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  const Bf16Kernel kernel{xp, wp, yp, K, N};
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for_blocks(kernel, M, n0, n1, 4 * K);  // x's row: 4 * K bytes
+  });
+  return like_x(y, x_in);
+}
+
+// The MoE of one decoding step: for each row, its chosen experts in ascending order (as the
+// sorted dispatch adds them), each w2(silu(gate) * up) from the fused [2F, D] bank w13 and the
+// [D, F] bank w2, weighted and summed. The same operations, in the same dtype, as the Python
+// path in fast.py, without its ~35 Python-level steps per layer.
+//   x [M, D], chosen [M, k] int64, weights [M, k] (x's dtype); banks [E, ...] as
+//   int8_mv (bits 8: w [E, N, K] int8, s [E, N] fp32), int4_mv (bits 4: w [E, N, K/2], s = sz)
+//   or bf16_mv (bits 16: w [E, N, K] bf16; s13 and s2 unused, e.g. empty)
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& chosen, const at::Tensor& weights,
                       const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
                       const at::Tensor& s2, int64_t bits, int64_t group) {
-  TORCH_CHECK(bits == 8 || bits == 4, "moe_decode: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 16, "moe_decode: bits must be 8, 4 or 16, got ",
+              bits);
   TORCH_CHECK(x.dim() == 2 && chosen.dim() == 2 && chosen.size(0) == x.size(0) &&
                   weights.sizes() == chosen.sizes() && chosen.scalar_type() == at::kLong &&
                   weights.scalar_type() == x.scalar_type(),
@@ -318,8 +468,10 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& chosen, const at::T
   const int64_t E = w13.size(0), F = w13.size(1) / 2, k = chosen.size(1);
   const at::Tensor ids = chosen.contiguous();
   const int64_t* ip = ids.data_ptr<int64_t>();
-  auto mv = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& sc) {
-    return bits == 8 ? int8_mv(in, w, sc) : int4_mv(in, w, sc, group);
+  auto mv = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& s, int64_t e) {
+    if (bits == 16) return bf16_mv(in, w.select(0, e));
+    return bits == 8 ? int8_mv(in, w.select(0, e), s.select(0, e))
+                     : int4_mv(in, w.select(0, e), s.select(0, e), group);
   };
   std::vector<at::Tensor> rows;
   for (int64_t m = 0; m < x.size(0); ++m) {
@@ -333,9 +485,9 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& chosen, const at::T
     const at::Tensor xm = x.narrow(0, m, 1);
     at::Tensor out;
     for (const auto& [e, j] : order) {
-      const at::Tensor h = mv(xm, w13.select(0, e), s13.select(0, e));  // [1, 2F]
+      const at::Tensor h = mv(xm, w13, s13, e);  // [1, 2F]
       const at::Tensor act = at::silu(h.narrow(1, 0, F)).mul_(h.narrow(1, F, F));
-      const at::Tensor term = mv(act, w2.select(0, e), s2.select(0, e)).mul_(weights[m][j]);
+      const at::Tensor term = mv(act, w2, s2, e).mul_(weights[m][j]);
       out = out.defined() ? out.add_(term) : term;
     }
     rows.push_back(out);
@@ -380,11 +532,8 @@ at::Tensor int8_dequant(const at::Tensor& w, const at::Tensor& scales, const at:
   const float* sp = scales.data_ptr<float>();
   return dequant(w.size(0), K, out, [&](int64_t n, float* row) {
     const int8_t* wn = wp + n * K;
-    const __m512 s = _mm512_set1_ps(sp[n]);
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k));
-      _mm512_storeu_ps(row + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), s));
-    }
+    const vf s = simd::set1(sp[n]);
+    for (int64_t k = 0; k < K; k += L) simd::store(row + k, simd::mul(simd::load_i8(wn + k), s));
   });
 }
 
@@ -400,15 +549,13 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group
   return dequant(w.size(0), K, out, [&](int64_t n, float* row) {
     const uint8_t* wn = wp + n * (K / 2);
     for (int64_t k = 0; k < K; k += 64) {  // a 64-column chunk lies in one group
-      const float s = sp[(n * groups + k / group) * 2], o = sp[(n * groups + k / group) * 2 + 1];
-      const __m512 sv = _mm512_set1_ps(s), ov = _mm512_set1_ps(o);
-      for (int half = 0; half < 2; ++half) {
-        const __m512i v = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k / 2 + 16 * half)));
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        _mm512_storeu_ps(row + k + 16 * half, _mm512_fmadd_ps(lo, sv, ov));
-        _mm512_storeu_ps(row + k + 32 + 16 * half, _mm512_fmadd_ps(hi, sv, ov));
+      const float* so = sp + (n * groups + k / group) * 2;
+      const vf s = simd::set1(so[0]), o = simd::set1(so[1]);
+      for (int i = 0; i < 32; i += L) {
+        vf lo, hi;
+        simd::nibbles(wn + k / 2 + i, lo, hi);
+        simd::store(row + k + i, simd::fmadd(lo, s, o));
+        simd::store(row + k + 32 + i, simd::fmadd(hi, s, o));
       }
     }
   });
@@ -416,18 +563,20 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group
 
 }  // namespace
 
-TORCH_LIBRARY(mixtral, m) {
+MIXTRAL_LIBRARY(m) {
   m.def("int8_mv(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("int4_mv(Tensor x, Tensor w, Tensor sz, int group) -> Tensor");
+  m.def("bf16_mv(Tensor x, Tensor w) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor chosen, Tensor weights, Tensor w13, Tensor s13, "
         "Tensor w2, Tensor s2, int bits, int group) -> Tensor");
   m.def("int8_dequant(Tensor w, Tensor scales, Tensor(a!) out) -> Tensor(a!)");
   m.def("int4_dequant(Tensor w, Tensor sz, int group, Tensor(a!) out) -> Tensor(a!)");
 }
 
-TORCH_LIBRARY_IMPL(mixtral, CPU, m) {
+MIXTRAL_IMPL(m) {
   m.impl("int8_mv", int8_mv);
   m.impl("int4_mv", int4_mv);
+  m.impl("bf16_mv", bf16_mv);
   m.impl("moe_decode", moe_decode);
   m.impl("int8_dequant", int8_dequant);
   m.impl("int4_dequant", int4_dequant);
