@@ -20,16 +20,11 @@ from tests.test_fast import ARGS
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 
-# every tier with kernels; those above this CPU's are skipped, naming the tier
+# every tier with kernels; those above this process's (its CPU's, or a MIXTRAL_ISA set before
+# it started, which capped PyTorch and oneDNN too) are skipped, naming the tier
 KERNEL_TIERS = tiers_up_to_machine("avx2")
 assert [p.values[0] for p in KERNEL_TIERS] == list(kernels.FLAGS)
-# MIXTRAL_ISA as this run started: PyTorch and oneDNN were capped with it, so the run is an
-# older CPU's, and tiers above it are skipped too (the fast modules would use oneDNN's bf16)
-START_CAP = cpu.cap_from_env()
-
-
-def _above_cap(tier: str) -> bool:
-    return START_CAP is not None and cpu.TIERS.index(tier) > cpu.TIERS.index(START_CAP)
+RUNNABLE = [p.values[0] for p in KERNEL_TIERS if not p.marks]
 
 
 def _clear() -> None:
@@ -42,8 +37,6 @@ def tier(request, monkeypatch):
     """Runs the test as on a CPU of this tier (MIXTRAL_ISA caps the probe; the kernels follow:
     kernels.* call this tier's build)."""
     t = request.param
-    if _above_cap(t):
-        pytest.skip(f"tier {t}: this run is capped at MIXTRAL_ISA={START_CAP}")
     monkeypatch.setenv("MIXTRAL_ISA", t)
     _clear()
     try:
@@ -350,11 +343,10 @@ def test_generic_cpus_use_pytorch_quietly(monkeypatch, recwarn):
 def test_two_tiers_load_in_one_process_and_agree():
     """Each tier's build has its own op namespace, so several load side by side; they compute
     the same products (to fp32 rounding: their sums run in different orders)."""
-    tiers = [t for t in kernels.FLAGS if not _above_cap(t) and
-             cpu.TIERS.index(t) <= cpu.TIERS.index(cpu.probe().machine)]
+    tiers = RUNNABLE
     if len(tiers) < 2:
-        pytest.skip(f"this run has one tier of kernels ({cpu.probe().machine} CPU, "
-                    f"MIXTRAL_ISA={START_CAP})")
+        pytest.skip(f"this process runs one tier with kernels ({', '.join(tiers)}): "
+                    "a CPU or MIXTRAL_ISA at avx512 or above has two")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 256, generator=g)
     w8, s8 = torch.randint(-127, 128, (40, 256), dtype=torch.int8, generator=g), torch.rand(40)
