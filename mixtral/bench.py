@@ -34,8 +34,8 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
 @torch.inference_mode()
 def prefill_once(model: Transformer, prompt: list[int]) -> float:
     """Seconds for one forward over the prompt into a fresh cache."""
-    device = model.tok_embeddings.weight.device
-    cache = KVCache(model.args, 1, len(prompt) + 1, model.tok_embeddings.weight.dtype, device)
+    device = model.device
+    cache = KVCache(model.args, 1, len(prompt) + 1, model.dtype, device)
     tokens = torch.tensor([prompt], device=device)
     positions = torch.arange(len(prompt), device=device)[None]
     _sync(device)
@@ -70,7 +70,7 @@ def decode_once(model: Transformer, batch: int, prompt_len: int, gen_len: int,
 
 def run(model: Transformer, *, prompt_len: int = 512, gen_len: int = 128, batch: int = 1,
         repeats: int = 3, quant: str = "", model_name: str = "") -> dict[str, Any]:
-    device = model.tok_embeddings.weight.device
+    device = model.device
     prompt = prompt_ids(prompt_len, 1234, model.args.vocab_size)
     prefill_once(model, prompt[:16])  # warm-up
     decode_once(model, batch, 16, 4, 0)

@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -268,7 +268,7 @@ def _load(args: argparse.Namespace) -> Transformer:
 
         model = mixtral.load(args.model, dtype, args.device, args.max_ram, _kv_bytes(args))
     if args.lora:
-        from mixtral.train.lora import load_adapter, merge_lora
+        from mixtral.lora import load_adapter, merge_lora
 
         merge_lora(load_adapter(model, args.lora))
     if not args.reference:
@@ -453,9 +453,9 @@ def _serve(args: argparse.Namespace) -> int:
             parallel.follow(model, settings.max_batch, settings.max_seq_len or 8192)
             return 0
         leader = parallel.Leader(model, settings.max_batch)
-        try:  # the engine sees the leader as the model: same calls, same results
-            return serve(lambda: cast("Transformer", leader), settings, args.host, args.port,
-                         args.grace, json_constraints())
+        try:  # the engine runs the leader as it would the model: same calls, same results
+            return serve(lambda: leader, settings, args.host, args.port, args.grace,
+                         json_constraints())
         finally:
             leader.stop()
     return serve(lambda: _load(args), settings, args.host, args.port, args.grace,
@@ -765,7 +765,7 @@ def _eval_lm(args: argparse.Namespace) -> int:
 def _lora(args: argparse.Namespace) -> int:
     import mixtral
     from mixtral.checkpoint import save
-    from mixtral.train.lora import load_adapter, merge_lora
+    from mixtral.lora import load_adapter, merge_lora
 
     model = mixtral.load(args.base)
     merge_lora(load_adapter(model, args.adapter))

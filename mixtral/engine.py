@@ -35,7 +35,7 @@ import torch
 
 from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
-from mixtral.model import Transformer
+from mixtral.model import Runner
 from mixtral.sampling import check_seed
 
 log = logging.getLogger("mixtral.engine")
@@ -73,15 +73,14 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, model: Transformer, max_queue: int = 16, max_batch: int = 8,
+    def __init__(self, model: Runner, max_queue: int = 16, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = 512,
                  thread: bool = True) -> None:
         self.model = model
         self.max_queue, self.max_batch, self.prefill_chunk = max_queue, max_batch, prefill_chunk
         self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
-        embed = model.tok_embeddings.weight  # never quantized: the dtype and device to use
-        self.device = embed.device
-        self.cache = KVCache(model.args, max_batch, self.context, embed.dtype, embed.device)
+        self.device = model.device
+        self.cache = KVCache(model.args, max_batch, self.context, model.dtype, model.device)
         self._slots: list[_Running | None] = [None] * max_batch
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mixtral.cache import KVCache
-from mixtral.model import Transformer
+from mixtral.model import Runner, Transformer
 from mixtral.sampling import make_generator, sample
 
 
@@ -41,7 +41,7 @@ class TokenConstraint(Protocol):
     def advance(self, token: int) -> None: ...
 
 
-def max_new_tokens(model: Transformer, prompt: list[int], params: GenerationParams,
+def max_new_tokens(model: Runner, prompt: list[int], params: GenerationParams,
                    context: int | None = None) -> int:
     """The number of tokens the request may generate within `context` positions (default: the
     model's); ValueError if it cannot run."""
@@ -125,9 +125,8 @@ def generate(model: Transformer, prompt: list[int], params: GenerationParams,
     n = max_new_tokens(model, prompt, params)
     if n == 0:
         return
-    weight = model.tok_embeddings.weight  # embeddings are never quantized: dtype, device
-    device = weight.device
-    cache = KVCache(model.args, 1, len(prompt) + n, weight.dtype, device)
+    device = model.device
+    cache = KVCache(model.args, 1, len(prompt) + n, model.dtype, device)
     choose = Sampler(params, n, model.args.vocab_size, device, constraint)
     logits = _forward(model, torch.tensor([prompt], device=device),
                       torch.arange(len(prompt), device=device)[None], cache)

@@ -13,11 +13,13 @@ Hugging Face layout's rotate-half convention is undone when its checkpoints are 
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mixtral.cache import KVCache
+from mixtral.cache import CacheRows, KVCache
 from mixtral.config import ModelArgs
 
 
@@ -156,6 +158,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
+    # the embeddings are never quantized or sharded: their dtype is the activations' (and the
+    # KV cache's), their device the one every input goes to
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init for training from scratch: N(0, std) matrices, unit norm weights."""
@@ -194,6 +206,22 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         logits = self.output(self.norm(h)).float()  # [B, T, V]
         return (logits, router_logits) if return_router_logits else logits
+
+
+class Runner(Protocol):
+    """What the engine and the decode loops need of a model: the Transformer itself, or
+    parallel.Leader (which announces each call to the other ranks, then makes it)."""
+
+    args: ModelArgs
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: KVCache | CacheRows, *,
+                 last_only: bool = False) -> Any: ...
 
 
 def attention_mask(positions: Tensor, key_pos: Tensor, window: int | None) -> Tensor:

@@ -286,9 +286,16 @@ class Leader(nn.Module):
 
     def __init__(self, model: Transformer, max_batch: int) -> None:
         super().__init__()
-        self.model, self.max_batch = model, max_batch
-        self.args, self.tok_embeddings = model.args, model.tok_embeddings
+        self.model, self.max_batch, self.args = model, max_batch, model.args
         self.control = dist.new_group(backend="gloo", timeout=_IDLE)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache,
                 last_only: bool = False) -> Tensor:
@@ -314,9 +321,8 @@ def follow(model: Transformer, max_batch: int, context: int) -> None:
     """A follower rank's serving loop: the same KV cache as the leader's engine, the same
     calls, until the leader stops."""
     control = dist.new_group(backend="gloo", timeout=_IDLE)
-    embed = model.tok_embeddings.weight
-    cache = KVCache(model.args, max_batch, min(context, model.args.max_seq_len), embed.dtype,
-                    embed.device)
+    cache = KVCache(model.args, max_batch, min(context, model.args.max_seq_len), model.dtype,
+                    model.device)
     header = torch.empty(3 + max_batch, dtype=torch.long)
     while True:
         dist.broadcast(header, 0, group=control)
@@ -328,7 +334,7 @@ def follow(model: Transformer, max_batch: int, context: int) -> None:
         for t in (tokens, positions):
             dist.broadcast(t, 0, group=control)
         try:
-            model(tokens.to(embed.device), positions.to(embed.device), cache.rows(slots),
+            model(tokens.to(model.device), positions.to(model.device), cache.rows(slots),
                   last_only=bool(last_only))
         except ValueError:  # bad input (e.g. past the cache): the leader fails the same way
             continue

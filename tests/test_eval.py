@@ -68,11 +68,12 @@ class _Parrot(nn.Module):
     """A 'model' that answers every passkey prompt correctly: it reads the key in the prompt
     it is given and emits the key's tokens, then </s>. Exercises run()'s bookkeeping."""
 
+    dtype, device = torch.float32, torch.device("cpu")  # a runner (mixtral.model.Runner)
+
     def __init__(self) -> None:
         super().__init__()
         self.args = ModelArgs(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8,
                               hidden_dim=8, max_seq_len=4096)
-        self.tok_embeddings = nn.Embedding(1, 1)
 
     def forward(self, tokens, positions, cache, last_only=False):
         if tokens.shape[1] > 1:  # the prompt, in one chunk

@@ -21,12 +21,12 @@ from safetensors.torch import load_file
 from mixtral.chat import encode_for_training
 from mixtral.cli import main
 from mixtral.config import ModelArgs
+from mixtral.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from mixtral.model import Transformer
 from mixtral.quant import Int8Linear
 from mixtral.quant.int8 import quantize as int8_quantize
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.data import DataError, pad_batch, sft_examples
-from mixtral.train.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from mixtral.train.losses import dpo_loss, load_balancing_loss, router_z_loss
 from mixtral.train.run import TrainConfig, TrainingError, train
 

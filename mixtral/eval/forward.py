@@ -23,8 +23,7 @@ def check_length(model: Transformer, tokens: int, what: str) -> None:
 
 
 def _cache(model: Transformer, positions: int) -> KVCache:
-    weight = model.tok_embeddings.weight  # never quantized: the model's dtype and device
-    return KVCache(model.args, 1, positions, weight.dtype, weight.device)
+    return KVCache(model.args, 1, positions, model.dtype, model.device)
 
 
 @torch.inference_mode()
@@ -32,7 +31,7 @@ def chunked_logits(model: Transformer, ids: list[int], chunk: int = 1024) -> Ite
     """Yield fp32 logits [t, V] for consecutive chunks of `ids` (t <= chunk), in order."""
     check_length(model, len(ids), f"a sequence of {len(ids)} tokens")
     cache = _cache(model, len(ids))
-    device = model.tok_embeddings.weight.device
+    device = model.device
     for start in range(0, len(ids), chunk):
         piece = torch.tensor([ids[start:start + chunk]], device=device)  # [1, t]
         positions = torch.arange(start, start + piece.shape[1], device=device)[None]
@@ -59,7 +58,7 @@ def greedy(model: Transformer, ids: list[int], max_new: int, stop_ids: tuple[int
     check_length(model, len(ids) + max_new,
                  f"a prompt of {len(ids)} tokens with {max_new} answer tokens")
     cache = _cache(model, len(ids) + max_new)
-    device = model.tok_embeddings.weight.device
+    device = model.device
     logits = torch.empty(0)
     for start in range(0, len(ids), chunk):
         piece = torch.tensor([ids[start:start + chunk]], device=device)

@@ -93,7 +93,7 @@ class MixtralLM(TemplateLM):
         if model is None:
             model = _load(path, dtype, _usable_device(device), reference, max_ram)
         self.model = model
-        self._device = model.tok_embeddings.weight.device
+        self._device = model.device
         self._max_length = wanted or model.args.max_seq_len
         if self._max_length > model.args.max_seq_len:
             raise ValueError(f"max_length={max_length} exceeds the model's context of "

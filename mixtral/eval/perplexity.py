@@ -111,7 +111,7 @@ def reference_curve(model: Transformer, docs: Sequence[tuple[str, list[int]]],
                     lengths: Sequence[int]) -> list[dict[str, float]]:
     """The slow oracle: a separate full forward (no cache) for every (document, length)."""
     _check(model, docs, lengths)
-    device = model.tok_embeddings.weight.device
+    device = model.device
     by_length: dict[int, list[torch.Tensor]] = {}
     for length in lengths:
         for _, ids in docs:

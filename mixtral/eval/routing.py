@@ -41,12 +41,11 @@ def table_layers(n_layers: int) -> list[int]:
 def choices(model: Transformer, ids: list[int], chunk: int = 1024) -> Tensor:
     """Ordered top-k expert ids [n_layers, len(ids), k] of one sequence, chunk by chunk."""
     check_length(model, len(ids), f"a routing window of {len(ids)} tokens")
-    weight = model.tok_embeddings.weight
-    cache = KVCache(model.args, 1, len(ids), weight.dtype, weight.device)
+    cache = KVCache(model.args, 1, len(ids), model.dtype, model.device)
     parts = []
     for start in range(0, len(ids), chunk):
-        piece = torch.tensor([ids[start:start + chunk]], device=weight.device)
-        positions = torch.arange(start, start + piece.shape[1], device=weight.device)[None]
+        piece = torch.tensor([ids[start:start + chunk]], device=model.device)
+        positions = torch.arange(start, start + piece.shape[1], device=model.device)[None]
         _, router_logits = model(piece, positions, cache, last_only=True,
                                  return_router_logits=True)
         # topk sorts descending: column 0 is the first choice

@@ -94,6 +94,5 @@ def apply(model: Transformer, weight: Callable[[str], Pair], bits: int, group_si
 def quantize_model(model: Transformer, bits: int, group_size: int | None = None) -> Transformer:
     """Quantize a loaded float model in place, weight by weight."""
     group_size = group_size or default_group_size(model.args)
-    embed = model.tok_embeddings.weight
     return apply(model, lambda name: quantize_weight(model.get_parameter(name), bits, group_size),
-                 bits, group_size, embed.dtype, embed.device)
+                 bits, group_size, model.dtype, model.device)

@@ -32,7 +32,7 @@ from mixtral import chat
 from mixtral.completion import TextStream
 from mixtral.engine import Engine, EngineDown, Job, QueueFull
 from mixtral.generate import GenerationParams, TokenConstraint
-from mixtral.model import Transformer
+from mixtral.model import Runner
 from mixtral.server import protocol
 from mixtral.server.protocol import ChatCompletionRequest, clip, error_body, lone_surrogate
 from mixtral.tokenizer import Tokenizer, default_tokenizer
@@ -99,7 +99,7 @@ class Metrics:
         running.set_function(lambda: int(state.engine.busy) if state.engine else 0)
 
 
-def create_app(load: Callable[[], Transformer] | None, settings: Settings,
+def create_app(load: Callable[[], Runner] | None, settings: Settings,
                json_constraint: ConstraintFactory | None = None) -> FastAPI:
     """The ASGI app. `load` runs in a thread at start-up (the engine gets its own thread);
     until it returns, the API says 503. With load=None the caller loads the model and sets
@@ -107,7 +107,7 @@ def create_app(load: Callable[[], Transformer] | None, settings: Settings,
     state = State(settings, json_constraint=json_constraint)
     metrics = Metrics(state)
 
-    def start(load: Callable[[], Transformer]) -> None:
+    def start(load: Callable[[], Runner]) -> None:
         try:
             state.engine = Engine(load(), settings.max_queue, settings.max_batch,
                                   settings.max_seq_len)
@@ -235,7 +235,7 @@ def create_app(load: Callable[[], Transformer] | None, settings: Settings,
     return app
 
 
-def serve(load: Callable[[], Transformer], settings: Settings, host: str, port: int,
+def serve(load: Callable[[], Runner], settings: Settings, host: str, port: int,
           grace: float, json_constraint: ConstraintFactory | None = None) -> int:
     """Serve until SIGTERM/Ctrl-C: the web server on a thread (503 while the model loads), the
     model loaded and the engine run on this (the main) thread, where PyTorch's CPU kernels are

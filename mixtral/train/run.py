@@ -40,11 +40,11 @@ from torch.distributed.tensor import DTensor
 
 from mixtral.checkpoint import load, save
 from mixtral.config import preset
+from mixtral.lora import LoRAExperts, LoRALinear, apply_lora, save_adapter
 from mixtral.model import Transformer
 from mixtral.quant import quantize_model
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 from mixtral.train import data as D
-from mixtral.train.lora import LoRAExperts, LoRALinear, apply_lora, save_adapter
 from mixtral.train.losses import (
     cross_entropy,
     dpo_loss,

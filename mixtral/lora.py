@@ -1,5 +1,8 @@
 """LoRA as module swaps: low-rank adapters on attention (wq, wk, wv, wo) and on every expert
 (w1, w2, w3 of each bank), trained alone on a frozen base, saved small, merged back.
+It sits beside the other inference swaps (quant, offload, fast, parallel) because serving uses
+it too: `--lora ADAPTER` merges an adapter at load (mixtral.assemble); training (train/run.py)
+adds fresh adapters and saves them.
 
 W x + (alpha / r) * B A x with A ~ small random, B = 0: a fresh adapter changes nothing.
 """
