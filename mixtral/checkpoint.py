@@ -4,7 +4,9 @@ What each layout means lives in `formats.py`; this module deals with files. Read
 an unknown or missing tensor, a shape or dtype that contradicts the config, a truncated or
 corrupt file or a missing shard raises `CheckpointError` naming the file, the tensor and what
 was expected. Loading builds the model on the meta device and reads every tensor straight into
-its final buffer, so the weights are never held twice.
+its final buffer, so the weights are never held twice. The files' bytes are parsed and bounded
+in `checkfile.py`, the config checked against them in `crosscheck.py` before any table sized
+by it is built, and the weights' size against the free memory in `memory.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mixtral.checkfile import (
+    CheckpointError,
+    TensorEntry,
+    load_torch_file,
+    read_json,
+    read_safetensors_header,
+    short,
+)
 from mixtral.config import ModelArgs
+from mixtral.crosscheck import check_config
 from mixtral.formats import (
     LAYOUTS,
     QUANTIZATION_KEY,
@@ -48,67 +59,9 @@ from mixtral.formats import (
     read_canonical,
     write_canonical,
 )
+from mixtral.memory import check_fits, load_bytes
 from mixtral.model import Transformer
 from mixtral.quant import GROUP_SIZES, apply, default_group_size, get, quantize_weight
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int = 0  # absolute byte range in a safetensors file
-    end: int = 0
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
-    """Parse and check a safetensors header: 8-byte little-endian length, then JSON."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size}; "
-                                  "the file is truncated or not safetensors")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    entries = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _ST_DTYPES[meta["dtype"]]
-            shape = tuple(int(d) for d in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
-                                  f"{meta!r}") from None
-        nbytes = dtype.itemsize
-        for d in shape:
-            nbytes *= d
-        if end - begin != nbytes or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] "
-                                  f"but {meta['dtype']}{list(shape)} needs {nbytes} bytes")
-        if 8 + n + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + n + end} but the "
-                                  f"file has {size} bytes: the file is truncated")
-        entries[name] = TensorEntry(path, dtype, shape, 8 + n + begin, 8 + n + end)
-    return entries
 
 
 def _read_safetensor(entry: TensorEntry) -> Tensor:
@@ -141,17 +94,6 @@ def _release_pages(t: Tensor) -> None:
 @functools.lru_cache(maxsize=1)
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
-
-
-def _load_torch_file(path: Path) -> dict[str, Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for a bad zip or pickle
-        raise CheckpointError(f"{path}: cannot read this PyTorch checkpoint "
-                              f"(truncated or corrupt?): {e}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
-    return sd
 
 
 @dataclass
@@ -208,11 +150,13 @@ def _find_files(path: Path) -> tuple[Path, list[Path]]:
 
 
 def _index_shards(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{index}: malformed index ({e!r})") from None
+    doc = read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(s, str) and s and Path(s).name == s for s in weight_map.values()):
+        raise CheckpointError(f"{index}: malformed index (needs a weight_map of tensor name -> "
+                              "shard file name beside the index)")
+    shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (index.parent / s).exists()]
     if missing:
         raise CheckpointError(f"{index}: shard {missing[0]} is missing from {index.parent}"
@@ -222,10 +166,7 @@ def _index_shards(index: Path) -> list[Path]:
 
 def _read_config(config_file: Path) -> tuple[ModelArgs, dict[str, Any] | None]:
     """-> (model args, quantization settings or None)."""
-    try:
-        cfg = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    cfg = read_json(config_file)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object")
     try:
@@ -251,31 +192,31 @@ def inspect(path: str | os.PathLike) -> CheckpointInfo:
             found = read_safetensors_header(f)
         else:
             found = {k: TensorEntry(f, v.dtype, tuple(v.shape))
-                     for k, v in _load_torch_file(f).items()}
+                     for k, v in load_torch_file(f).items()}
         for k, e in found.items():
             if k in entries:
-                raise CheckpointError(f"tensor {k!r} appears in both {entries[k].file} and {f}")
+                raise CheckpointError(f"tensor {short(k)} appears in both {entries[k].file} "
+                                      f"and {f}")
             entries[k] = e
     _check_index(path, entries)
     declared = _declared_dtype(config_file)
+    detected = QUANTIZED if quant is not None else detect_layout(set(entries))
+    if detected is None:
+        raise CheckpointError(f"{path}: not a Mixtral checkpoint in a known layout; it "
+                              f"holds {', '.join(short(k) for k in sorted(entries)[:4])}, ... "
+                              f"({len(entries)} tensors)")
+    layout = detected
+    check_config(config_file, args, layout, entries)  # before any table sized by the config
     if quant is not None:
-        layout = QUANTIZED
-        float_dtype = declared or torch.bfloat16
-        typed = quantized_tensors(args, float_dtype, quant)
+        typed = quantized_tensors(args, declared or torch.bfloat16, quant)
         expected = {k: shape for k, (shape, _) in typed.items()}
     else:
-        detected = detect_layout(set(entries))
-        if detected is None:
-            raise CheckpointError(f"{path}: not a Mixtral checkpoint in a known layout; it "
-                                  f"holds {', '.join(sorted(entries)[:4])}, ... "
-                                  f"({len(entries)} tensors)")
-        layout = detected
         expected = file_tensors(layout, args)
     where = weight_files[0] if len(weight_files) == 1 else path
     for k in sorted(set(entries) - set(expected)):
-        raise CheckpointError(f"{entries[k].file}: unexpected tensor {k!r} for a {layout.name} "
-                              f"checkpoint of {args.n_layers} layers, {args.num_experts} experts "
-                              f"(config {config_file.name})")
+        raise CheckpointError(f"{entries[k].file}: unexpected tensor {short(k)} for a "
+                              f"{layout.name} checkpoint of {args.n_layers} layers, "
+                              f"{args.num_experts} experts (config {config_file.name})")
     for k in sorted(set(expected) - set(entries)):
         raise CheckpointError(f"{where}: tensor {k!r} is missing (expected shape "
                               f"{list(expected[k])} for the {layout.name} layout)")
@@ -307,9 +248,9 @@ def _check_index(path: Path, entries: dict[str, TensorEntry]) -> None:
     index = path / "model.safetensors.index.json" if path.is_dir() else None
     if index is None or not index.exists():
         return
-    for k, shard in json.loads(index.read_text())["weight_map"].items():
+    for k, shard in read_json(index)["weight_map"].items():  # checked by _index_shards
         if k not in entries:
-            raise CheckpointError(f"{index}: lists tensor {k!r} in {shard}, but no shard the "
+            raise CheckpointError(f"{index}: lists tensor {short(k)} in {shard}, but no shard the "
                                   "index lists holds it")
         if entries[k].file.name != shard:
             raise CheckpointError(f"{index}: lists tensor {k!r} in {shard}, but it is in "
@@ -317,12 +258,12 @@ def _check_index(path: Path, entries: dict[str, TensorEntry]) -> None:
 
 
 def _declared_dtype(config_file: Path) -> torch.dtype | None:
-    cfg = json.loads(config_file.read_text())
+    cfg = read_json(config_file)  # a JSON object: _read_config checked it
     name = cfg.get("torch_dtype") or cfg.get("dtype")
     if name is None:
         return None
     try:
-        return parse_dtype(name)
+        return parse_dtype(name) if isinstance(name, str) else parse_dtype(repr(name))
     except ValueError:
         raise CheckpointError(f"{config_file}: unknown dtype {name!r}") from None
 
@@ -337,7 +278,7 @@ def reader(info: CheckpointInfo) -> Callable[[str], Tensor]:
             return _read_safetensor(entry)
         if entry.file not in torch_files:
             torch_files.clear()  # keep one memory-mapped .pt file open at a time
-            torch_files[entry.file] = _load_torch_file(entry.file)
+            torch_files[entry.file] = load_torch_file(entry.file)
         mapped = torch_files[entry.file][key]
         out = mapped.clone()
         _release_pages(mapped)
@@ -364,6 +305,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     """Load a checkpoint (HF or Mistral layout) into a model; weights keep their dtype unless
     one is asked for."""
     info = inspect(path)
+    if torch.device(device).type == "cpu":
+        check_fits(load_bytes(info.entries.values(), parse_dtype(dtype)), f"loading {path}",
+                   "load a quantized copy (mixtral quantize), offload its experts (--max-ram)")
     with torch.device("meta"):
         model = Transformer(info.args)
     if info.quantization:

@@ -6,6 +6,7 @@ anything. Readers for `config.json` / `params.json` live with the formats (`form
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -44,9 +45,9 @@ class ModelArgs:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError("ModelArgs: sliding_window must be None or >= 1, "
                              f"got {self.sliding_window}")
-        if not self.rope_theta > 0 or not self.norm_eps > 0:
+        if not 0 < self.rope_theta < math.inf or not 0 < self.norm_eps < math.inf:
             raise ValueError(f"ModelArgs: rope_theta ({self.rope_theta}) and norm_eps "
-                             f"({self.norm_eps}) must be positive")
+                             f"({self.norm_eps}) must be positive and finite")
 
     def to_dict(self) -> dict:
         return asdict(self)

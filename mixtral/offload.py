@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mixtral.checkpoint import CheckpointError, CheckpointInfo, inspect, quantized_reader, reader
 from mixtral.formats import is_quantized_weight, parse_dtype, portable_names
+from mixtral.memory import check_fits, load_bytes
 from mixtral.model import Transformer
 from mixtral.quant import Format, QuantExperts, apply, get
 
@@ -168,6 +169,9 @@ def load_offloaded(path: str | os.PathLike, max_ram: int | str,
     _, left = plan(info, budget, kv_cache_bytes)
     quant = info.quantization
     target = parse_dtype(dtype) or info.dtype
+    # the budget bounds what this load takes; a model smaller than it takes only its own size
+    check_fits(min(budget, load_bytes(info.entries.values(), target) + kv_cache_bytes),
+               f"{path} with --max-ram {budget / 2**30:.2f} GiB", "lower --max-ram")
     with torch.device("meta"):
         model = Transformer(info.args)
     read = reader(info)
