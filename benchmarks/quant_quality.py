@@ -20,28 +20,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mixtral.config import PRESETS
-from mixtral.default_model import load_default
-from mixtral.fast import optimize
+from mixtral.assemble import assemble
 from mixtral.model import Transformer
-from mixtral.quant import quantize_model
 from mixtral.tokenizer import default_tokenizer
 
 DEFAULT_TEXT = Path("/usr/share/common-licenses/GPL-3")  # on every Debian; fixed, public
 
 
-def build(model: str, dtype: torch.dtype) -> Transformer:
-    if model == "default":
-        return load_default(dtype)
-    if model in PRESETS:
-        with torch.device("meta"):
-            m = Transformer(PRESETS[model])
-        m = m.to_empty(device="cpu")
-        m.init_weights(generator=torch.Generator().manual_seed(0))
-        return m.to(dtype).eval()
-    import mixtral
-
-    return mixtral.load(model, dtype)
+def build(model: str, dtype: torch.dtype, bits: int | None = None,
+          group_size: int | None = None) -> Transformer:
+    """The model on the fast paths, in `dtype` or quantized to `bits` (int4: `group_size`)."""
+    return assemble(None if model == "default" else model, dtype=dtype, quantize=bits,
+                    group_size=group_size, presets=True)
 
 
 @torch.inference_mode()
@@ -63,7 +53,7 @@ def main() -> None:
     windows = [torch.tensor([1] + ids[i:i + a.window - 1])
                for i in range(0, len(ids) - a.window + 2, a.window - 1)]
     targets = torch.cat([w[1:] for w in windows])
-    base_model = optimize(build(a.model, torch.bfloat16))
+    base_model = build(a.model, torch.bfloat16)
     base = log_probs(base_model, windows)
     del base_model
     rows = []
@@ -72,11 +62,11 @@ def main() -> None:
         if name == "bf16":
             lp = base
         else:
-            model = build(a.model, torch.float32 if name == "fp32" else torch.bfloat16)
-            if name.startswith("int"):
-                group = int(name.split("g")[1]) if "g" in name else None
-                quantize_model(model, int(name[3]), group)
-            lp = log_probs(optimize(model), windows)
+            bits = int(name[3]) if name.startswith("int") else None
+            group = int(name.split("g")[1]) if "g" in name else None
+            model = build(a.model, torch.float32 if name == "fp32" else torch.bfloat16, bits,
+                          group)
+            lp = log_probs(model, windows)
         kl = (base.exp() * (base - lp)).sum(-1)  # KL(p_bf16 || p) per position
         ppl = torch.exp(-lp.gather(1, targets[:, None]).mean()).item()
         agree = (lp.argmax(-1) == base.argmax(-1)).float().mean().item()

@@ -28,14 +28,12 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     model in eval mode. Calling the model on a [B, T] LongTensor of token ids returns fp32
     logits [B, T, vocab]. With `max_ram` (e.g. "16GiB"; quantized checkpoints, CPU) the
     experts stay on disk and are paged in on demand under that budget, which must also hold
-    the caller's KV cache (`kv_cache_bytes`)."""
-    if max_ram is not None:
-        from mixtral.offload import load_offloaded
+    the caller's KV cache (`kv_cache_bytes`). The model runs the reference modules of
+    model.py; mixtral.assemble adds the fast paths, LoRA, quantization and sharding."""
+    from mixtral.assemble import assemble
 
-        return load_offloaded(path, max_ram, dtype, kv_cache_bytes)
-    from mixtral.checkpoint import load as _load
-
-    return _load(path, dtype, device)
+    return assemble(path, dtype=dtype, device=device, max_ram=max_ram,
+                    kv_cache_bytes=kv_cache_bytes, fast=False)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
 
-    from mixtral import parallel
     from mixtral.generate import GenerationParams
     from mixtral.model import Transformer
 
@@ -253,88 +251,12 @@ def _check_device(text: str) -> None:
 
 
 def _load(args: argparse.Namespace) -> Transformer:
-    from mixtral.formats import parse_dtype
+    from mixtral.assemble import from_args
 
-    dtype = parse_dtype(args.dtype)
-    if args.tp > 1 or args.ep > 1:
-        return _load_parallel(args, dtype)
-    if args.model is None:
-        from mixtral.default_model import LABEL, load_default
-
-        print(f"[mixtral] {LABEL}", file=sys.stderr)
-        model = load_default(dtype, args.device)
-    else:
-        import mixtral
-
-        model = mixtral.load(args.model, dtype, args.device, args.max_ram, _kv_bytes(args))
-    if args.lora:
-        from mixtral.lora import load_adapter, merge_lora
-
-        merge_lora(load_adapter(model, args.lora))
-    if not args.reference:
-        from mixtral.fast import optimize
-
-        optimize(model)
-    return model
-
-
-def _join_parallel(args: argparse.Namespace) -> tuple[parallel.Plan, str]:
-    """Join the torchrun launch: this rank's plan and device (GPU LOCAL_RANK under CUDA);
-    only rank 0 writes to stdout, the others follow it silently."""
-    import os
-
-    import torch
-
-    from mixtral import parallel
-
-    plan = parallel.init(args.tp, args.ep, args.device)
-    device = args.device
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        torch.cuda.set_device(device)
-    if plan.rank != 0:
-        sys.stdout = open(os.devnull, "w")
-    return plan, device
-
-
-def _load_parallel(args: argparse.Namespace, dtype: torch.dtype | None) -> Transformer:
-    """This process's shard under torchrun."""
-    from mixtral import parallel
-
-    for flag, given in (("--max-ram", args.max_ram), ("--lora", args.lora)):
-        if given:
-            raise parallel.ParallelError(f"{flag} does not combine with --tp/--ep (merge an "
-                                         "adapter first: mixtral lora merge)")
-    plan, device = _join_parallel(args)
-    if args.model is None:
-        from mixtral.default_model import LABEL, load_default
-
-        if plan.rank == 0:
-            print(f"[mixtral] {LABEL}", file=sys.stderr)
-        model = parallel.shard_modules(load_default(dtype, device), plan).eval()
-    else:
-        model = parallel.load_sharded(args.model, plan, dtype, device)
-    if not args.reference:
-        from mixtral.fast import optimize
-
-        optimize(model)
-    return model
-
-
-def _kv_bytes(args: argparse.Namespace) -> int:
-    """The KV cache a command will allocate (for the --max-ram budget): serve holds
-    max-batch sequences of max-seq-len; chat and generate one sequence."""
-    if not args.max_ram:
-        return 0
-    from mixtral.checkpoint import inspect
-    from mixtral.config import kv_cache_bytes_per_token
-
-    margs = inspect(args.model).args
-    if args.command == "serve":
-        positions = args.max_batch * min(args.max_seq_len or 8192, margs.max_seq_len)
-    else:
-        positions = min(margs.max_seq_len, 4096 + getattr(args, "max_tokens", 0))
-    return kv_cache_bytes_per_token(margs) * positions
+    if args.command == "serve":  # the engine's cache: max-batch sequences
+        return from_args(args, lambda m: args.max_batch * min(args.max_seq_len or 8192,
+                                                              m.max_seq_len))
+    return from_args(args)
 
 
 def _params(args: argparse.Namespace) -> GenerationParams:
@@ -543,9 +465,7 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from mixtral import bench
-    from mixtral.config import PRESETS
-    from mixtral.model import Transformer
-    from mixtral.quant import quantize_model
+    from mixtral.assemble import assemble, is_preset
 
     float_dtype = torch.float32 if args.quant == "fp32" else torch.bfloat16
     plan = None
@@ -555,26 +475,13 @@ def _bench(args: argparse.Namespace) -> int:
         if args.quant in ("int8", "int4") or args.max_ram:
             raise parallel.ParallelError("--tp/--ep benchmark float weights (fp32, bf16): "
                                          "drop --quant int8/int4 and --max-ram")
-        plan, args.device = _join_parallel(args)
-    if plan is not None and not (args.model in PRESETS and not Path(args.model).exists()):
-        model = parallel.load_sharded(args.model, plan, float_dtype, args.device)
-    elif args.model in PRESETS and not Path(args.model).exists():
-        with torch.device("meta"):
-            model = Transformer(PRESETS[args.model]).to(float_dtype)
-        model = model.to_empty(device=args.device)
-        model.init_weights(generator=torch.Generator(args.device).manual_seed(0))
-    else:
-        import mixtral
-        model = mixtral.load(args.model, None if args.max_ram else float_dtype, args.device,
-                             args.max_ram)
-    if plan is not None and args.model in PRESETS and not Path(args.model).exists():
-        model = parallel.shard_modules(model, plan)  # a random preset: built whole, then cut
-    if args.quant in ("int8", "int4") and isinstance(model.output, torch.nn.Linear):
-        quantize_model(model, int(args.quant[3:]))
-    if not args.reference:
-        from mixtral.fast import optimize
-        optimize(model)
-    result = bench.run(model.eval(), prompt_len=args.prompt_len, gen_len=args.gen_len,
+        plan, args.device = parallel.join(args.tp, args.ep, args.device)
+    bits = int(args.quant[3:]) if args.quant in ("int8", "int4") else None
+    offloaded = args.max_ram and not is_preset(args.model)  # experts keep the file's dtype
+    model = assemble(args.model, dtype=None if offloaded else float_dtype,
+                     device=args.device, max_ram=args.max_ram, quantize=bits, plan=plan,
+                     fast=not args.reference, presets=True)
+    result = bench.run(model, prompt_len=args.prompt_len, gen_len=args.gen_len,
                        batch=args.batch, repeats=args.repeats, quant=args.quant,
                        model_name=args.model)
     if plan is not None:
@@ -763,12 +670,10 @@ def _eval_lm(args: argparse.Namespace) -> int:
 
 
 def _lora(args: argparse.Namespace) -> int:
-    import mixtral
+    from mixtral.assemble import assemble
     from mixtral.checkpoint import save
-    from mixtral.lora import load_adapter, merge_lora
 
-    model = mixtral.load(args.base)
-    merge_lora(load_adapter(model, args.adapter))
+    model = assemble(args.base, lora=args.adapter, fast=False)  # as stored, adapter merged
     for f in save({k: v.detach() for k, v in model.state_dict().items()}, model.args, args.dst):
         print(f)
     return 0

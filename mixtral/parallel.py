@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import cast
 
@@ -264,6 +265,18 @@ def init(plan_tp: int, plan_ep: int, device: str = "cpu",
         backend = "nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return plan
+
+
+def join(tp: int, ep: int, device: str) -> tuple[Plan, str]:
+    """Join the torchrun launch: this rank's plan and device (its GPU, LOCAL_RANK, under
+    CUDA). Only rank 0 writes to stdout; the others follow it silently."""
+    plan = init(tp, ep, device)
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    if plan.rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return plan, device
 
 
 def finish() -> None:

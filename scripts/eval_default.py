@@ -23,8 +23,8 @@ import torch
 
 import mixtral
 from mixtral import chat
+from mixtral.assemble import assemble
 from mixtral.completion import complete
-from mixtral.fast import optimize
 from mixtral.generate import GenerationParams
 from mixtral.model import Transformer
 from mixtral.tokenizer import default_tokenizer
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the report here too")
     a = p.parse_args()
-    fast = optimize(mixtral.load(a.model).eval())  # the decode path the CLI uses
+    fast = assemble(a.model)  # the decode path the CLI uses
     report = {"model": a.model, "seed": a.seed, "n": a.n, **evaluate(fast, a.n, a.seed)}
     model = mixtral.load(a.model).eval()
     held = Path(f"/tmp/eval-pairs-{a.seed}")

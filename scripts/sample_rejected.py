@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-import mixtral
 from mixtral import chat
+from mixtral.assemble import assemble
 from mixtral.completion import complete
-from mixtral.fast import optimize
 from mixtral.generate import GenerationParams
 from mixtral.tokenizer import default_tokenizer
 
@@ -51,7 +50,7 @@ def main() -> None:
     p.add_argument("--mix", help="generated preference pairs (JSONL) to draw from as well")
     p.add_argument("--mix-n", type=int, default=3000)
     a = p.parse_args()
-    model = optimize(mixtral.load(a.model).eval())  # the decode path the CLI uses
+    model = assemble(a.model)  # the decode path the CLI uses
     tok = default_tokenizer()
     r = random.Random(a.seed)
     parallel, definitions = tasks.load_corpus(Path(a.corpus))

@@ -23,15 +23,15 @@ import common  # noqa: E402
 
 # mixtral first: importing it carries MIXTRAL_ISA over to PyTorch and oneDNN (cpu.cap_torch),
 # which only takes full effect before torch starts
-import mixtral  # noqa: E402
+import mixtral  # noqa: E402, F401
 import torch  # noqa: E402
 from mixtral import cpu  # noqa: E402
+from mixtral.assemble import assemble  # noqa: E402
 from mixtral.bench import peak_rss_gib, weight_bytes_per_token  # noqa: E402
 from mixtral.cache import KVCache  # noqa: E402
 from mixtral.engine import Engine  # noqa: E402
-from mixtral.fast import describe_paths, optimize  # noqa: E402
+from mixtral.fast import describe_paths  # noqa: E402
 from mixtral.generate import GenerationParams  # noqa: E402
-from mixtral.quant import quantize_model  # noqa: E402
 
 
 def main() -> None:
@@ -53,10 +53,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    model = mixtral.load(a.model, dtype="fp32" if a.quant == "fp32" else "bf16")
-    if a.quant in ("int8", "int4"):
-        quantize_model(model, int(a.quant[3:]))
-    optimize(model)
+    model = assemble(a.model, dtype="fp32" if a.quant == "fp32" else "bf16",
+                     quantize=int(a.quant[3:]) if a.quant in ("int8", "int4") else None)
     load_s = time.perf_counter() - t0
     args = model.args
     per_token = weight_bytes_per_token(args, a.quant)

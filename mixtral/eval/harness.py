@@ -373,23 +373,15 @@ def _usable_device(device: str | None) -> str:
 
 def _load(path: str | None, dtype: str | None, device: str, reference: bool,
           max_ram: str | None) -> Transformer:
-    import mixtral
-    from mixtral.formats import parse_dtype
+    from mixtral.assemble import assemble
 
-    if path is None or str(path) == "default":
-        from mixtral.default_model import LABEL, load_default
-
-        log.warning("mixtral: %s", LABEL)
-        model = load_default(parse_dtype(dtype), device)
-    else:
-        if not Path(str(path)).exists():
-            raise FileNotFoundError(f"model_args path={path!r}: no such checkpoint")
-        model = mixtral.load(str(path), dtype, device, max_ram)
-    if not reference:  # the fast modules, as every mixtral command uses unless --reference
-        from mixtral.fast import optimize
-
-        optimize(model)
-    return model
+    default = path is None or str(path) == "default"
+    if not default and not Path(str(path)).exists():
+        raise FileNotFoundError(f"model_args path={path!r}: no such checkpoint")
+    # the fast modules, as every mixtral command uses unless --reference
+    return assemble(None if default else str(path), dtype=dtype, device=device,
+                    max_ram=max_ram, fast=not reference,
+                    announce=lambda label: log.warning("mixtral: %s", label))
 
 
 # --- running tasks -------------------------------------------------------------------------------
