@@ -1,4 +1,5 @@
-"""`mixtral bench`: prefill and decode speed of the engine, as external checks read them.
+"""`mixtral bench`: prefill and decode speed of the engine, as external checks read them
+(`python -m mixtral.bench --model tiny --json`; the command is at the end of this file).
 
 Prefill is one forward pass over `prompt_len` tokens. Decode runs `batch` requests through the
 engine (continuous batching, greedy, no early stop) and counts the tokens produced once every
@@ -9,7 +10,9 @@ peak_rss_gib, weight_bytes_per_token, repeats.
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import resource
 import statistics
 import sys
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from mixtral.cache import KVCache
+from mixtral.command import Arguments, standalone
 from mixtral.config import ModelArgs
 from mixtral.engine import Engine
 from mixtral.generate import GenerationParams
@@ -128,3 +132,62 @@ def peak_rss_gib() -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# --- `mixtral bench` -----------------------------------------------------------------------------
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="bench", help="a preset (bench, tiny, mixtral-8x7b: "
+                   "random weights) or a checkpoint path (default: bench)")
+    p.add_argument("--quant", default="bf16", choices=["fp32", "bf16", "int8", "int4"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel (under torchrun)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel (under torchrun)")
+    p.add_argument("--json", action="store_true", help="one JSON line (stable keys)")
+    p.add_argument("--reference", action="store_true",
+                   help="measure the reference modules of model.py, without the fast paths")
+    p.add_argument("--max-ram", help="offload experts under this RAM budget (quantized "
+                   "checkpoint path)")
+    p.set_defaults(run=main)
+
+
+COMMANDS: dict[str, Arguments] = {"bench": arguments}
+
+
+def main(args: argparse.Namespace) -> int:
+    """One benchmark, printed as a table or (--json) one line; under --tp/--ep every rank runs
+    it on its shard and rank 0 prints."""
+    from mixtral.assemble import assemble, is_preset
+
+    float_dtype = torch.float32 if args.quant == "fp32" else torch.bfloat16
+    plan = None
+    if args.tp > 1 or args.ep > 1:
+        from mixtral import parallel
+
+        if args.quant in ("int8", "int4") or args.max_ram:
+            raise parallel.ParallelError("--tp/--ep benchmark float weights (fp32, bf16): "
+                                         "drop --quant int8/int4 and --max-ram")
+        plan, args.device = parallel.join(args.tp, args.ep, args.device)
+    bits = int(args.quant[3:]) if args.quant in ("int8", "int4") else None
+    offloaded = args.max_ram and not is_preset(args.model)  # experts keep the file's dtype
+    model = assemble(args.model, dtype=None if offloaded else float_dtype,
+                     device=args.device, max_ram=args.max_ram, quantize=bits, plan=plan,
+                     fast=not args.reference, presets=True)
+    result = run(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
+                 repeats=args.repeats, quant=args.quant, model_name=args.model)
+    if plan is not None:
+        result["parallel"] = {"tp": plan.tp, "ep": plan.ep, "world": plan.world}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(standalone("python -m mixtral.bench", COMMANDS))

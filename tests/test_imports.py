@@ -36,7 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "fast": {"cache", "cpu", "kernels", "model", "quant"},
     "parallel": {"cache", "checkpoint", "config", "formats", "model"},
     "offload": {"checkpoint", "formats", "memory", "model", "quant"},
-    "bench": {"cache", "config", "engine", "generate", "model"},
+    "bench": {"assemble", "cache", "command", "config", "engine", "generate", "model",
+              "parallel"},
     "grammar": {"tokenizer"},
     "server.protocol": set(),
     "server.app": {"chat", "completion", "engine", "generate", "grammar", "model",
@@ -60,9 +61,14 @@ ALLOWED: dict[str, set[str]] = {
     "eval.tasks.offline_data": set(),
     "__init__": {"assemble", "cpu", "model"},
     "__main__": {"cli"},
-    "cli": {"assemble", "chat", "checkpoint", "completion", "config", "default_model",
-            "formats", "generate", "model", "quant", "server", "tokenizer", "bench", "fast",
-            "train", "eval", "parallel", "lora"},
+    "command": {"parallel"},
+    "terminal": {"assemble", "chat", "command", "completion", "generate", "tokenizer"},
+    "files": {"assemble", "checkpoint", "command", "config", "fast", "formats"},
+    "server.launch": {"assemble", "command", "config", "default_model", "parallel", "server"},
+    "train.recipe": {"command", "train"},
+    "eval.commands": {"assemble", "command", "default_model", "eval", "model", "tokenizer"},
+    "cli": {"command"},  # and, by name, the module of the command being run
+
 }
 # third-party imports that would break a layer's purity
 FORBIDDEN_EXTERNAL = {

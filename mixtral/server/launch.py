@@ -1,0 +1,83 @@
+"""`mixtral serve`: from flags to a running server (app.serve). The model loads on the main
+thread while the web server already answers (503 until it is ready); under --tp/--ep every
+rank loads its shard first, rank 0 serves and the others repeat its model calls.
+
+    python -m mixtral.server.launch [--model PATH] [--port 8000] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mixtral import assemble
+from mixtral.command import Arguments, standalone
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    assemble.add_arguments(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this bearer key on /v1/* (default: the "
+                   "MIXTRAL_API_KEY environment variable; none: open)")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for the engine before 429 (default 16)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="sequences generated together (KV cache slots; default 8)")
+    p.add_argument("--max-seq-len", type=int, help="positions per sequence (default: the "
+                   "model's context, at most 8192); the KV cache holds max-batch of them")
+    p.add_argument("--grace", type=int, default=10, help="seconds in-flight requests get "
+                   "to finish on SIGTERM/Ctrl-C before they are cancelled (default 10)")
+    p.set_defaults(run=run)
+
+
+COMMANDS: dict[str, Arguments] = {"serve": arguments}
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixtral.config import ModelArgs
+    from mixtral.server.app import Settings, json_constraints, serve
+
+    if args.model is None:
+        from mixtral.default_model import DESCRIPTION as description
+        from mixtral.default_model import NAME as name
+    else:
+        path = Path(args.model)
+        name = (path if path.is_dir() else path.parent).resolve().name
+        description = "Mixtral 8x7B"
+    settings = Settings(name=name, api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY"),
+                        max_queue=args.max_queue, description=description,
+                        max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192)
+    url = f"http://{args.host}:{args.port}"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"
+              + (" (bearer key required)" if settings.api_key else ""), file=sys.stderr)
+
+    def kv_positions(margs: ModelArgs) -> int:  # the engine's cache: max-batch sequences
+        return args.max_batch * min(args.max_seq_len or 8192, margs.max_seq_len)
+
+    if args.tp > 1 or args.ep > 1:  # under torchrun: rank 0 serves, the others follow it
+        import signal
+
+        from mixtral import parallel
+
+        model = assemble.from_args(args, kv_positions)
+        if parallel.dist.get_rank() != 0:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains, then releases us
+                signal.signal(sig, signal.SIG_IGN)
+            parallel.follow(model, settings.max_batch, settings.max_seq_len or 8192)
+            return 0
+        leader = parallel.Leader(model, settings.max_batch)
+        try:  # the engine runs the leader as it would the model: same calls, same results
+            return serve(lambda: leader, settings, args.host, args.port, args.grace,
+                         json_constraints())
+        finally:
+            leader.stop()
+    return serve(lambda: assemble.from_args(args, kv_positions), settings, args.host,
+                 args.port, args.grace, json_constraints())
+
+
+if __name__ == "__main__":
+    sys.exit(standalone("python -m mixtral.server.launch", COMMANDS))
