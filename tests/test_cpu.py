@@ -114,6 +114,7 @@ def test_the_probe_does_not_start_torch():
         assert "torch" not in top, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", tiers_up_to_machine()[:2], indirect=True)  # generic, avx2
 def test_info_system_names_the_tier_and_the_paths(isa, capsys):
     assert main(["info", "--system"]) == 0

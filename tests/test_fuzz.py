@@ -33,6 +33,7 @@ def server():
     s.stop()
 
 
+@pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_never_fails(case, server):

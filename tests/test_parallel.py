@@ -24,6 +24,8 @@ WORKER = Path(__file__).with_name("parallel_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MIXTRAL_DIST_TIMEOUT": "20"}
 BOUND = 2e-5
 
+pytestmark = pytest.mark.slow  # most tests launch ranks under torchrun
+
 
 def torchrun(*argv: str, n: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",

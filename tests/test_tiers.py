@@ -41,6 +41,8 @@ c = cpu.probe()
 print(c.tier, c.aten)
 """
 
+pytestmark = pytest.mark.slow  # fresh processes per CPU tier, one under QEMU
+
 
 def run(args: list[str], tier: str | None, **kw) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in

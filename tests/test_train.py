@@ -167,6 +167,7 @@ def test_pretrain_learns_and_writes_everything(tmp_path, corpus):
     assert "eval_loss" in records[7]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_for_bit(tmp_path, corpus):
     straight = config(tmp_path / "a", corpus, steps=12, save_every=3, eval_every=100)
     train(straight)
@@ -401,6 +402,7 @@ def test_lora_on_an_int8_base_learns_and_applies_to_the_float_base(tmp_path, cor
         config(tmp_path / "x", corpus, lora_base_bits=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [True, False])
 def test_two_processes_match_one(tmp_path, corpus, fsdp):
     one = config(tmp_path / "one", corpus, steps=4, grad_accum=2, eval_every=100,
