@@ -25,6 +25,15 @@ from dataclasses import dataclass
 
 TIERS = ("generic", "avx2", "avx512", "avx512_bf16")  # ascending
 ENV = "MIXTRAL_ISA"
+ACTIVATIONS_ENV = "MIXTRAL_ACTIVATIONS"
+
+# What our kernels multiply int8/int4 weights with, by default. On AVX2 the float path is
+# compute-bound (widening the weights to fp32 costs more than reading them), so the activations
+# are quantized to int8 in blocks of 32 and integer dot products do the work, as llama.cpp does
+# (mixtral/csrc/q8.cpp: 1.5-2.7x faster products, ~1e-3 relative error each); AVX-512 streams
+# the weights at memory speed in fp32 and keeps the exact activations. MIXTRAL_ACTIVATIONS=
+# float|int8 overrides.
+_ACTIVATIONS = {"generic": "float", "avx2": "int8", "avx512": "float", "avx512_bf16": "float"}
 
 # what PyTorch and oneDNN are capped to under each tier (see the docstring)
 _ATEN = {"generic": "default", "avx2": "avx2", "avx512": "avx512", "avx512_bf16": "avx512"}
@@ -45,7 +54,7 @@ def _onednn_tier(value: str, machine: str) -> str:
 
 
 class IsaError(ValueError):
-    """MIXTRAL_ISA names no tier."""
+    """MIXTRAL_ISA names no tier, or MIXTRAL_ACTIVATIONS no kind."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class Cpu:
     bf16: bool         # native bf16 dot products (vdpbf16ps), at this tier
     vnni: bool         # int8 dot products (vpdpbusd), at this tier
     aten: str          # PyTorch's own dispatch tier in this process (DEFAULT/AVX2/AVX512/...)
+    activations: str   # "int8" or "float": what int8/int4 weights multiply (see _ACTIVATIONS)
 
     def at_least(self, tier: str) -> bool:
         return TIERS.index(self.tier) >= TIERS.index(tier)
@@ -76,6 +86,14 @@ def cap_from_env() -> str | None:
     if value not in TIERS:
         raise IsaError(f"{ENV}={value!r} is not a tier; use one of {', '.join(TIERS)}")
     return value
+
+
+def activations_from_env() -> str | None:
+    """What MIXTRAL_ACTIVATIONS asks for (None: the tier's default); IsaError if invalid."""
+    value = os.environ.get(ACTIVATIONS_ENV, "").strip().lower()
+    if value and value not in ("float", "int8"):
+        raise IsaError(f"{ACTIVATIONS_ENV}={value!r}: use float or int8")
+    return value or None
 
 
 def cap_torch() -> None:
@@ -121,11 +139,8 @@ def probe() -> Cpu:
     return Cpu(tier=tier, machine=machine, cap=cap, arch=str(features["architecture"]),
                name=str(features.get("cpu_name") or platform.processor() or "unknown"),
                bf16=tier == "avx512_bf16",
-               vnni=(tier.startswith("avx512") and bool(features.get("avx512_vnni")))
-               ,
-               aten=aten)
-
-
+               vnni=tier.startswith("avx512") and bool(features.get("avx512_vnni")),
+               aten=aten, activations=activations_from_env() or _ACTIVATIONS[tier])
 
 
 def describe() -> dict[str, str]:
@@ -134,7 +149,10 @@ def describe() -> dict[str, str]:
     out = {"cpu": f"{c.name} ({c.arch}), tier {c.machine}",
            "tier": c.tier + (f" (capped by {ENV}={c.cap})" if c.cap else ""),
            "bf16 dot": "native (vdpbf16ps)" if c.bf16 else "none: bf16 is widened to fp32",
-           "int8 dot": "VNNI" if c.vnni else "none",
+           "int8 dot": ("VNNI (vpdpbusd)" if c.vnni else
+                        "vpmaddubsw" if c.at_least("avx2") else "none"),
+           "activations": (f"{c.activations} for int8/int4 weights"
+                           + (f" ({ACTIVATIONS_ENV})" if activations_from_env() else "")),
            "pytorch": f"dispatches at {c.aten}"}
     if _ATEN_RANK.get(c.aten, 2) > _ATEN_RANK.get(_ATEN[c.tier].upper(), 2):
         out["pytorch"] += (f" (it started before {ENV} was read: set it before Python starts "

@@ -105,6 +105,7 @@ class _QuantRows(nn.Module):
     in_features: int
     out_features: int
     dtype: torch.dtype
+    qx = False  # quantize x to int8 for the kernels' integer dot products (cpu.probe decides)
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -130,7 +131,7 @@ class Int8Rows(_QuantRows):
         self.weight, self.scales = weight.contiguous(), scales.float().contiguous()
 
     def mv(self, x: Tensor) -> Tensor:
-        return kernels.int8_mv(x, self.weight, self.scales)
+        return kernels.int8_mv(x, self.weight, self.scales, self.qx)
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         return kernels.int8_dequantize(self.weight, self.scales, dtype)
@@ -146,7 +147,7 @@ class Int4Rows(_QuantRows):
         self.weight, self.sz = weight.contiguous(), sz.contiguous()
 
     def mv(self, x: Tensor) -> Tensor:
-        return kernels.int4_mv(x, self.weight, self.sz, self.group_size)
+        return kernels.int4_mv(x, self.weight, self.sz, self.group_size, self.qx)
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         return kernels.int4_dequantize(self.weight, self.sz, self.group_size, dtype)
@@ -180,10 +181,14 @@ def _fuse(*modules: nn.Module) -> nn.Module | None:
     weight = torch.cat([p[0] for p in parts if p is not None])
     scales = torch.cat([p[1] for p in parts if p is not None])
     first = modules[0]
+    rows: _QuantRows
     if isinstance(first, Int8Linear):
-        return Int8Rows(weight, scales, first.scales.dtype)
-    assert isinstance(first, Int4Linear)
-    return Int4Rows(weight, scales, first.group_size, first.scales_and_zeros.dtype)
+        rows = Int8Rows(weight, scales, first.scales.dtype)
+    else:
+        assert isinstance(first, Int4Linear)
+        rows = Int4Rows(weight, scales, first.group_size, first.scales_and_zeros.dtype)
+    rows.qx = cpu.probe().activations == "int8"
+    return rows
 
 
 def _swap(m: nn.Module) -> nn.Module:
@@ -272,6 +277,7 @@ class FusedExperts(nn.Module):
         self.w13, self.w2 = nn.ModuleList(w13), nn.ModuleList(w2)
         self.banks: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self.bits = self.group = 0
+        self.qx = any(getattr(m, "qx", False) for m in w13)
         for kind, bits in ((Int8Rows, 8), (Int4Rows, 4), (Bf16Rows, 16)):
             if all(type(m) is kind for m in w13 + w2) and kernels.available():
                 self.banks = (*_stack(w13), *_stack(w2))  # type: ignore[assignment]
@@ -287,7 +293,8 @@ class FusedExperts(nn.Module):
     def decode(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
         """x [M, D] (a few rows), chosen/weights [M, k] -> the MoE output [M, D]."""
         assert self.banks is not None
-        return kernels.moe_decode(x, chosen, weights, *self.banks, self.bits, self.group)
+        return kernels.moe_decode(x, chosen, weights, *self.banks, self.bits, self.group,
+                                  self.qx)
 
 
 def _stack(modules: list[nn.Module]) -> tuple[Tensor, Tensor]:
@@ -408,8 +415,8 @@ def describe_paths() -> dict[str, str]:
                    f"{'our bf16 kernel' if ours else 'PyTorch bf16 linear'} for decoding, "
                    "widened to fp32 for prompts" if c.at_least("avx2") else
                    "PyTorch's bf16 linear")
-    out["int8/int4"] = ("our kernels for decoding (and the MoE and attention step), "
-                        "dequantize + GEMM for prompts" if ours else
+    out["int8/int4"] = (f"our kernels for decoding (and the MoE and attention step) on "
+                        f"{c.activations} activations, dequantize + GEMM for prompts" if ours else
                         "PyTorch's _weight_int8pack_mm / _weight_int4pack_mm_for_cpu, int4 "
                         "packed at load by PyTorch for this CPU")
     return out

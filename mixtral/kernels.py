@@ -24,6 +24,7 @@ q * scale + offset; bf16 rows [N, K] as nn.Linear holds them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import threading
 import time
@@ -37,7 +38,8 @@ from torch import Tensor
 from mixtral import cpu
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("lowbit.cpp", "attention.cpp", "repack.cpp")]  # and csrc/simd.h
+SOURCES = [CSRC / name for name in ("lowbit.cpp", "q8.cpp", "attention.cpp", "repack.cpp")]
+HEADERS = sorted(CSRC.glob("*.h"))
 
 # Each tier's instruction sets, spelled out: the build must run on every CPU of the tier.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
@@ -103,13 +105,19 @@ def ops(tier: str) -> Any:
     namespace = f"mixtral_{tier}"
     cpp_extension.load(name=_name(tier), sources=[str(p) for p in SOURCES],
                        extra_cflags=["-O3", *FLAGS[tier], f"-DMIXTRAL_NS={namespace}",
-                                     "-fopenmp"],
+                                     f"-DMIXTRAL_HEADERS={_headers_hash()}", "-fopenmp"],
                        extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
                        is_python_module=False)
     namespace_ops = getattr(torch.ops, namespace)
     if not hasattr(namespace_ops, "decode_attention"):
         raise RuntimeError(f"the {tier} build registered no ops in torch.ops.{namespace}")
     return namespace_ops
+
+
+def _headers_hash() -> str:
+    """The headers' contents, as a build flag: PyTorch rebuilds when the sources or the flags
+    change, and does not read the headers they include."""
+    return hashlib.sha256(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:16]
 
 
 STALE_LOCK_S = 600  # no build takes this long
@@ -133,15 +141,16 @@ def _here() -> Any:
     return ops(cpu.probe().tier)
 
 
-def int8_mv(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+def int8_mv(x: Tensor, w: Tensor, scales: Tensor, qx: bool = False) -> Tensor:
     """x [M, K] @ (w int8 [N, K] * scales fp32 [N, 1]).T -> [M, N]; x fp32 or bf16, y in
-    x's dtype, fp32 arithmetic."""
-    return _here().int8_mv(x, w, scales)
+    x's dtype, fp32 arithmetic; with qx, x is first quantized to int8 in blocks of 32 columns
+    for integer dot products (csrc/q8.cpp; where K % 32 == 0)."""
+    return _here().int8_mv(x, w, scales, qx)
 
 
-def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int) -> Tensor:
-    """x [M, K] @ W.T for the int4 W (our layout) -> [M, N], dtypes as int8_mv."""
-    return _here().int4_mv(x, w, sz, group)
+def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int, qx: bool = False) -> Tensor:
+    """x [M, K] @ W.T for the int4 W (our layout) -> [M, N], dtypes and qx as int8_mv."""
+    return _here().int4_mv(x, w, sz, group, qx)
 
 
 def bf16_mv(x: Tensor, w: Tensor) -> Tensor:
@@ -151,12 +160,13 @@ def bf16_mv(x: Tensor, w: Tensor) -> Tensor:
 
 
 def moe_decode(x: Tensor, chosen: Tensor, weights: Tensor, w13: Tensor, s13: Tensor,
-               w2: Tensor, s2: Tensor, bits: int, group: int) -> Tensor:
+               w2: Tensor, s2: Tensor, bits: int, group: int, qx: bool = False) -> Tensor:
     """A decoding step's MoE on quantized or bf16 expert banks (csrc/lowbit.cpp): x [M, D],
     chosen and weights [M, k] -> sum over each row's experts (ascending) of weight *
     w2(silu(gate) * up); w13 [E, 2F, ...] and w2 [E, D, ...] in int8_mv's (bits 8), int4_mv's
-    (bits 4) or bf16_mv's (bits 16) layout, s13/s2 their scales (unused for bits 16)."""
-    return _here().moe_decode(x, chosen, weights, w13, s13, w2, s2, bits, group)
+    (bits 4) or bf16_mv's (bits 16) layout, s13/s2 their scales (unused for bits 16); qx as
+    int8_mv's (bits 8 and 4)."""
+    return _here().moe_decode(x, chosen, weights, w13, s13, w2, s2, bits, group, qx)
 
 
 def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,

@@ -7,6 +7,7 @@ import torch
 from conftest import tiers_up_to_machine
 from torch import nn
 
+from mixtral import cpu
 from mixtral.cache import KVCache
 from mixtral.config import ModelArgs
 from mixtral.engine import Engine
@@ -82,7 +83,11 @@ def test_fast_equals_reference(dtype, window, isa):
 
 @pytest.mark.parametrize("isa", tiers_up_to_machine(), indirect=True)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_fast_paths_over_quantized_modules(bits, isa):
+def test_fast_paths_over_quantized_modules(bits, isa, monkeypatch):
+    """On float activations at every tier (int8 ones, AVX2's default, have their own bound:
+    test_kernels.py)."""
+    monkeypatch.setenv("MIXTRAL_ACTIVATIONS", "float")
+    cpu.probe.cache_clear()
     torch.manual_seed(0)
     ref = Transformer(ARGS)
     ref.init_weights(std=0.1)

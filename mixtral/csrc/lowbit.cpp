@@ -38,13 +38,16 @@
 #include <utility>
 #include <vector>
 
+#include "q8.h"
 #include "simd.h"
 
 namespace {
 
+namespace q8 = MIXTRAL_NS::q8;
 using simd::L;
 using simd::vf;
 
+using simd::for_blocks;
 using simd::unrolled;
 
 // the sum of an accumulator array
@@ -66,37 +69,6 @@ inline void zero(vf (&acc)[A][B][C]) {
   unrolled<A>([&](auto a) {
     unrolled<B>([&](auto b) { unrolled<C>([&](auto c) { acc[a][b][c] = simd::zero(); }); });
   });
-}
-
-// Each kernel's block<MB, R> is [[gnu::flatten]]: everything it calls (the unrolled lambdas)
-// must be inlined for its accumulators to live in registers, and GCC's inlining limits would
-// otherwise stop short in the larger blocks (AVX-512 int8 at 4 x 4 ran at a third of its speed).
-//
-// Runs kernel.block<MB, R>(m, n) (rows m.. of x, rows n.. of the weight) over weight rows
-// n0..n1, one at a time, or simd::kRows at a time (then the rest one by one) where a row of x
-// takes more than simd::kBlockRowsAbove bytes; and for each over every block of x's rows: a
-// weight block is read from memory once, then from cache for the next rows of x.
-template <typename Kernel>
-inline void for_blocks(const Kernel& kernel, int64_t M, int64_t n0, int64_t n1,
-                       int64_t x_row_bytes) {
-  auto rows = [&](auto r, int64_t n) {  // weight rows n..n+r-1, in blocks of rows_for<MB>
-    constexpr int R = decltype(r)::value;
-    auto blocks = [&](auto mb, int64_t m) {
-      constexpr int MB = decltype(mb)::value, RB = R < simd::rows_for<MB> ? R : simd::rows_for<MB>;
-      static_assert(R % RB == 0);
-      for (int i = 0; i < R; i += RB) kernel.template block<MB, RB>(m, n + i);
-    };
-    int64_t m = 0;
-    if constexpr (simd::kMaxMB >= 4)
-      for (; m + 4 <= M; m += 4) blocks(std::integral_constant<int, 4>{}, m);
-    for (; m + 2 <= M; m += 2) blocks(std::integral_constant<int, 2>{}, m);
-    for (; m < M; ++m) blocks(std::integral_constant<int, 1>{}, m);
-  };
-  int64_t n = n0;
-  if (x_row_bytes > simd::kBlockRowsAbove)
-    for (; n + simd::kRows <= n1; n += simd::kRows)
-      rows(std::integral_constant<int, simd::kRows>{}, n);
-  for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
 }
 
 // ---- int8 ------------------------------------------------------------------------------------
@@ -356,7 +328,9 @@ at::Tensor like_x(const at::Tensor& y, const at::Tensor& x) {
   return out;
 }
 
-at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales) {
+// qx: quantize x to int8 and use integer dot products (q8.cpp) where K % 32 == 0
+at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales,
+                   bool qx) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
               "int8_mv: w must be contiguous int8 [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
@@ -365,6 +339,7 @@ at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   TORCH_CHECK(K % 16 == 0, "int8_mv: K must be a multiple of 16, got ", K);
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
               "int8_mv: scales must be contiguous fp32 [N]");
+  if (qx && K % q8::kBlock == 0) return like_x(q8::int8_mv(x, w, scales), x_in);
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -386,7 +361,7 @@ inline float group_sum(const T* x, int64_t n) {
 }
 
 at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz,
-                   int64_t group) {
+                   int64_t group, bool qx) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "int4_mv: w must be contiguous uint8 [N, K/2]");
   const int64_t N = w.size(0), K = w.size(1) * 2;
@@ -395,6 +370,14 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 &&
                   sz.size(0) == N && sz.size(1) == K / group && sz.size(2) == 2,
               "int4_mv: sz must be contiguous fp32 [N, K/group, 2], got ", sz.sizes());
+  if (qx) {
+    const at::Tensor x = x_in.contiguous();
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == K &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+                "int4_mv: x must be fp32 or bf16 [M, ", K, "], got ", x.scalar_type(), " ",
+                x.sizes());
+    return like_x(q8::int4_mv(x, w, sz, group), x_in);  // K % 64 == 0 already
+  }
 #if defined(__AVX512BF16__)
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
 #else
@@ -456,7 +439,7 @@ at::Tensor bf16_mv(const at::Tensor& x_in, const at::Tensor& w) {
 //   or bf16_mv (bits 16: w [E, N, K] bf16; s13 and s2 unused, e.g. empty)
 at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& chosen, const at::Tensor& weights,
                       const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
-                      const at::Tensor& s2, int64_t bits, int64_t group) {
+                      const at::Tensor& s2, int64_t bits, int64_t group, bool qx) {
   TORCH_CHECK(bits == 8 || bits == 4 || bits == 16, "moe_decode: bits must be 8, 4 or 16, got ",
               bits);
   TORCH_CHECK(x.dim() == 2 && chosen.dim() == 2 && chosen.size(0) == x.size(0) &&
@@ -470,8 +453,8 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& chosen, const at::T
   const int64_t* ip = ids.data_ptr<int64_t>();
   auto mv = [&](const at::Tensor& in, const at::Tensor& w, const at::Tensor& s, int64_t e) {
     if (bits == 16) return bf16_mv(in, w.select(0, e));
-    return bits == 8 ? int8_mv(in, w.select(0, e), s.select(0, e))
-                     : int4_mv(in, w.select(0, e), s.select(0, e), group);
+    return bits == 8 ? int8_mv(in, w.select(0, e), s.select(0, e), qx)
+                     : int4_mv(in, w.select(0, e), s.select(0, e), group, qx);
   };
   std::vector<at::Tensor> rows;
   for (int64_t m = 0; m < x.size(0); ++m) {
@@ -564,11 +547,11 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group
 }  // namespace
 
 MIXTRAL_LIBRARY(m) {
-  m.def("int8_mv(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("int4_mv(Tensor x, Tensor w, Tensor sz, int group) -> Tensor");
+  m.def("int8_mv(Tensor x, Tensor w, Tensor scales, bool qx=False) -> Tensor");
+  m.def("int4_mv(Tensor x, Tensor w, Tensor sz, int group, bool qx=False) -> Tensor");
   m.def("bf16_mv(Tensor x, Tensor w) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor chosen, Tensor weights, Tensor w13, Tensor s13, "
-        "Tensor w2, Tensor s2, int bits, int group) -> Tensor");
+        "Tensor w2, Tensor s2, int bits, int group, bool qx=False) -> Tensor");
   m.def("int8_dequant(Tensor w, Tensor scales, Tensor(a!) out) -> Tensor(a!)");
   m.def("int4_dequant(Tensor w, Tensor sz, int group, Tensor(a!) out) -> Tensor(a!)");
 }
