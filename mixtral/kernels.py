@@ -1,6 +1,7 @@
 """Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 and bf16 matrix-vector products
-and a decoding step's MoE on them (lowbit.cpp), and one fused decoding step of attention
-(attention.cpp).
+and a decoding step's MoE on them (lowbit.cpp; int8/int4 also on int8-quantized activations
+with integer dot products, q8.cpp, where mixtral.cpu chooses it), and one fused decoding step
+of attention (attention.cpp).
 
 For the one row of activations that decoding has, PyTorch's low-bit CPU kernels stream the
 weights at 25-32 GB/s on this project's 2-core machine (int4 at 9 on AVX2) and ours at 34-47
