@@ -370,14 +370,7 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 &&
                   sz.size(0) == N && sz.size(1) == K / group && sz.size(2) == 2,
               "int4_mv: sz must be contiguous fp32 [N, K/group, 2], got ", sz.sizes());
-  if (qx) {
-    const at::Tensor x = x_in.contiguous();
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == K &&
-                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
-                "int4_mv: x must be fp32 or bf16 [M, ", K, "], got ", x.scalar_type(), " ",
-                x.sizes());
-    return like_x(q8::int4_mv(x, w, sz, group), x_in);  // K % 64 == 0 already
-  }
+  if (qx) return like_x(q8::int4_mv(float_x(x_in, K, "int4_mv"), w, sz, group), x_in);
 #if defined(__AVX512BF16__)
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
 #else

@@ -37,10 +37,6 @@ namespace {
 using simd::unrolled;
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -64,11 +60,10 @@ inline __m256i dot32(__m256i u, __m256i s) {
 }
 
 // n_blocks blocks of 32 values of x -> their int8 values q and scales d
-template <typename T>
-void quantize(const T* x, int64_t n_blocks, int8_t* q, float* d) {
+void quantize(const float* x, int64_t n_blocks, int8_t* q, float* d) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t i = 0; i < n_blocks; ++i) {
-    const T* src = x + i * kBlock;
+    const float* src = x + i * kBlock;
     __m256 v[4];
     unrolled<4>([&](auto j) { v[j] = load8(src + 8 * j); });
     const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]),
@@ -96,11 +91,7 @@ Quantized quantize(const at::Tensor& x) {
   TORCH_CHECK(K % kBlock == 0, "q8: K must be a multiple of ", kBlock, ", got ", K);
   Quantized out{at::empty({M, K}, x.options().dtype(at::kChar)),
                 at::empty({M, K / kBlock}, x.options().dtype(at::kFloat))};
-  if (x.scalar_type() == at::kFloat)
-    quantize(x.data_ptr<float>(), M * K / kBlock, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>());
-  else
-    quantize(x.data_ptr<c10::BFloat16>(), M * K / kBlock, out.q.data_ptr<int8_t>(),
-             out.d.data_ptr<float>());
+  quantize(x.data_ptr<float>(), M * K / kBlock, out.q.data_ptr<int8_t>(), out.d.data_ptr<float>());
   return out;
 }
 
@@ -221,8 +212,7 @@ struct Int4Kernel {
   }
 };
 
-template <typename T>
-void group_sums(const T* x, int64_t n_groups, int64_t group, float* out) {
+void group_sums(const float* x, int64_t n_groups, int64_t group, float* out) {
   for (int64_t i = 0; i < n_groups; ++i) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t k = 0; k < group; k += 8) acc = _mm256_add_ps(acc, load8(x + i * group + k));
@@ -248,10 +238,7 @@ at::Tensor int4_mv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), groups = K / group;
   const Quantized xq = quantize(x);
   at::Tensor xsum = at::empty({M, groups}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kFloat)
-    group_sums(x.data_ptr<float>(), M * groups, group, xsum.data_ptr<float>());
-  else
-    group_sums(x.data_ptr<c10::BFloat16>(), M * groups, group, xsum.data_ptr<float>());
+  group_sums(x.data_ptr<float>(), M * groups, group, xsum.data_ptr<float>());
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const Int4Kernel kernel{xq.q.data_ptr<int8_t>(), xq.d.data_ptr<float>(), xsum.data_ptr<float>(),
                           w.data_ptr<uint8_t>(), sz.data_ptr<float>(), y.data_ptr<float>(), K,
