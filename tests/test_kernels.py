@@ -109,7 +109,7 @@ def q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(xb * inv[..., None]).double(), d.double()
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 16, 37])  # past 16 rows: x in chunks (a prompt)
 @pytest.mark.parametrize("K", [32, 96, 4096, 16416])  # past 16 KB of x: weight rows 8 at a time
 def test_int8_mv_on_int8_activations(tier, M, K):
     """qx: x quantized to int8 per 32 columns, integer dot products. Equal (to fp32 rounding)
@@ -136,7 +136,7 @@ def test_int8_mv_on_int8_activations(tier, M, K):
                    x16.double() @ (w16.double() * scales.double()[:, None]).T) < 1e-6
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 37])  # 37 rows of 16512 columns: three chunks
 @pytest.mark.parametrize("K,group", [(64, 64), (1024, 128), (512, 256), (16512, 128)])
 def test_int4_mv_on_int8_activations(tier, M, K, group):
     """The same for int4 weights: sum over groups of scale * sum_b d_b * (q . nibbles) plus
@@ -222,8 +222,9 @@ def test_fast_quantized_modules_use_the_kernels(tier, bits, dtype, activations, 
     matrix-vector kernels, a 40-token prompt also on dequantize + GEMM. bf16 rounds at other
     points, and a near-tie then routes a token elsewhere: as in test_fast, the fast model must
     be as close to the fp32 quantized model as the reference is, in the median. With int8
-    activations (AVX2's default) the rounding of x adds its own: up to 3e-2 more median relative
-    error in the logits (measured ~1e-2 in fp32)."""
+    activations (AVX2's default, prompts included) the rounding of x adds its own: up to 6e-2
+    more median relative error in this small random model's logits (measured in fp32: int8
+    2.1e-2, int4 4.7e-2; on the shipped model's text that is KL +0.0013 nats, RESULTS.md)."""
     from mixtral.quant import quantize_model
 
     monkeypatch.setenv("MIXTRAL_ACTIVATIONS", activations)
@@ -259,7 +260,7 @@ def test_fast_quantized_modules_use_the_kernels(tier, bits, dtype, activations, 
     if activations == "float":
         assert fast_err <= 1.5 * ref_err + 1e-5, (fast_err, ref_err)
     else:
-        assert fast_err <= 1.5 * ref_err + 3e-2, (fast_err, ref_err)
+        assert fast_err <= 1.5 * ref_err + 6e-2, (fast_err, ref_err)
         if dtype == torch.float32:  # the activations were quantized: the test sees the path
             assert fast_err > 1e-4, fast_err
 

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "q8.h"
@@ -220,6 +221,20 @@ void group_sums(const float* x, int64_t n_groups, int64_t group, float* out) {
   }
 }
 
+// Many rows of x (a prompt: the integer dot products beat dequantizing for the float GEMM at
+// every M measured, 1.2-1.6x at 512): x in chunks of rows that stay in L2 (kTileBytes), and
+// for each chunk the thread's weight rows kRows at a time, each weight block loaded once for
+// all the chunk's rows (its rows come from L1, the chunk from L2).
+constexpr int64_t kManyRows = 16, kTileBytes = 256 * 1024;
+
+template <typename Kernel>
+void for_tiles(const Kernel& kernel, int64_t M, int64_t n0, int64_t n1, int64_t x_row_bytes) {
+  if (M <= kManyRows) return simd::for_blocks(kernel, M, n0, n1, x_row_bytes);
+  const int64_t chunk = std::max<int64_t>(4, kTileBytes / x_row_bytes);
+  for (int64_t m = 0; m < M; m += chunk)
+    simd::for_blocks(kernel, m, std::min(M, m + chunk), n0, n1, true);
+}
+
 }  // namespace
 
 at::Tensor int8_mv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
@@ -229,7 +244,7 @@ at::Tensor int8_mv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   const Int8Kernel kernel{xq.q.data_ptr<int8_t>(), xq.d.data_ptr<float>(), w.data_ptr<int8_t>(),
                           scales.data_ptr<float>(), y.data_ptr<float>(), K, N};
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    simd::for_blocks(kernel, M, n0, n1, K);  // x's row: K bytes
+    for_tiles(kernel, M, n0, n1, K);  // x's row: K bytes
   });
   return y;
 }
@@ -244,7 +259,7 @@ at::Tensor int4_mv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
                           w.data_ptr<uint8_t>(), sz.data_ptr<float>(), y.data_ptr<float>(), K,
                           group, N};
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    simd::for_blocks(kernel, M, n0, n1, K);  // x's row: K bytes
+    for_tiles(kernel, M, n0, n1, K);  // x's row: K bytes
   });
   return y;
 }

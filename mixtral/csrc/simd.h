@@ -182,8 +182,8 @@ inline void unrolled(const F& f) {
 // takes more than kBlockRowsAbove bytes; and for each over every block of x's rows: a
 // weight block is read from memory once, then from cache for the next rows of x.
 template <typename Kernel>
-inline void for_blocks(const Kernel& kernel, int64_t M, int64_t n0, int64_t n1,
-                       int64_t x_row_bytes) {
+inline void for_blocks(const Kernel& kernel, int64_t m_begin, int64_t m_end, int64_t n0,
+                       int64_t n1, bool block_rows) {
   auto rows = [&](auto r, int64_t n) {  // weight rows n..n+r-1, in blocks of rows_for<MB>
     constexpr int R = decltype(r)::value;
     auto blocks = [&](auto mb, int64_t m) {
@@ -191,17 +191,23 @@ inline void for_blocks(const Kernel& kernel, int64_t M, int64_t n0, int64_t n1,
       static_assert(R % RB == 0);
       for (int i = 0; i < R; i += RB) kernel.template block<MB, RB>(m, n + i);
     };
-    int64_t m = 0;
+    int64_t m = m_begin;
     if constexpr (kMaxMB >= 4)
-      for (; m + 4 <= M; m += 4) blocks(std::integral_constant<int, 4>{}, m);
-    for (; m + 2 <= M; m += 2) blocks(std::integral_constant<int, 2>{}, m);
-    for (; m < M; ++m) blocks(std::integral_constant<int, 1>{}, m);
+      for (; m + 4 <= m_end; m += 4) blocks(std::integral_constant<int, 4>{}, m);
+    for (; m + 2 <= m_end; m += 2) blocks(std::integral_constant<int, 2>{}, m);
+    for (; m < m_end; ++m) blocks(std::integral_constant<int, 1>{}, m);
   };
   int64_t n = n0;
-  if (x_row_bytes > kBlockRowsAbove)
+  if (block_rows)
     for (; n + kRows <= n1; n += kRows)
       rows(std::integral_constant<int, kRows>{}, n);
   for (; n < n1; ++n) rows(std::integral_constant<int, 1>{}, n);
+}
+
+template <typename Kernel>
+inline void for_blocks(const Kernel& kernel, int64_t M, int64_t n0, int64_t n1,
+                       int64_t x_row_bytes) {
+  for_blocks(kernel, 0, M, n0, n1, x_row_bytes > kBlockRowsAbove);
 }
 
 }  // namespace simd
