@@ -1,7 +1,8 @@
 """Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 and bf16 matrix-vector products
-and a decoding step's MoE on them (lowbit.cpp; int8/int4 also on int8-quantized activations
-with integer dot products, q8.cpp, where mixtral.cpu chooses it), and one fused decoding step
-of attention (attention.cpp).
+(lowbit.cpp, bf16.cpp; int8/int4 also on int8-quantized activations with integer dot products,
+q8.cpp, where mixtral.cpu chooses it, prompts included), a decoding step's MoE on them
+(moe.cpp), dequantization for prompts (dequant.cpp), int4 repacking at load (repack.cpp) and
+one fused decoding step of attention (attention.cpp).
 
 For the one row of activations that decoding has, PyTorch's low-bit CPU kernels stream the
 weights at 25-32 GB/s on this project's 2-core machine (int4 at 9 on AVX2) and ours at 34-47
@@ -39,7 +40,8 @@ from torch import Tensor
 from mixtral import cpu
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("lowbit.cpp", "q8.cpp", "attention.cpp", "repack.cpp")]
+SOURCES = [CSRC / name for name in ("lowbit.cpp", "bf16.cpp", "q8.cpp", "moe.cpp",
+                                           "dequant.cpp", "attention.cpp", "repack.cpp")]
 HEADERS = sorted(CSRC.glob("*.h"))
 
 # Each tier's instruction sets, spelled out: the build must run on every CPU of the tier.
@@ -162,7 +164,7 @@ def bf16_mv(x: Tensor, w: Tensor) -> Tensor:
 
 def moe_decode(x: Tensor, chosen: Tensor, weights: Tensor, w13: Tensor, s13: Tensor,
                w2: Tensor, s2: Tensor, bits: int, group: int, qx: bool = False) -> Tensor:
-    """A decoding step's MoE on quantized or bf16 expert banks (csrc/lowbit.cpp): x [M, D],
+    """A decoding step's MoE on quantized or bf16 expert banks (csrc/moe.cpp): x [M, D],
     chosen and weights [M, k] -> sum over each row's experts (ascending) of weight *
     w2(silu(gate) * up); w13 [E, 2F, ...] and w2 [E, D, ...] in int8_mv's (bits 8), int4_mv's
     (bits 4) or bf16_mv's (bits 16) layout, s13/s2 their scales (unused for bits 16); qx as

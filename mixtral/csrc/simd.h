@@ -173,6 +173,27 @@ inline void unrolled(const F& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
+// the sum of an accumulator array
+template <int C>
+inline vf add_all(const vf (&acc)[C]) {
+  vf t = acc[0];
+  unrolled<C - 1>([&](auto c) { t = add(t, acc[c + 1]); });
+  return t;
+}
+
+template <int C>
+inline float total(const vf (&acc)[C]) {
+  return sum(add_all(acc));
+}
+
+// zeroes an accumulator array [A][B][C]
+template <int A, int B, int C>
+inline void zero(vf (&acc)[A][B][C]) {
+  unrolled<A>([&](auto a) {
+    unrolled<B>([&](auto b) { unrolled<C>([&](auto c) { acc[a][b][c] = zero(); }); });
+  });
+}
+
 // Each kernel's block<MB, R> is [[gnu::flatten]]: everything it calls (the unrolled lambdas)
 // must be inlined for its accumulators to live in registers, and GCC's inlining limits would
 // otherwise stop short in the larger blocks (AVX-512 int8 at 4 x 4 ran at a third of its speed).
