@@ -9,9 +9,10 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-from mixtral import cpu
+from mixtral import cpu, threads
 
 cpu.cap_torch()  # MIXTRAL_ISA reaches PyTorch and oneDNN only if set before torch starts
+threads.set_policy()  # OpenMP's wait policy, likewise read once when torch starts
 
 if TYPE_CHECKING:
     import torch

@@ -23,6 +23,8 @@ import functools
 import os
 from dataclasses import dataclass
 
+from mixtral import threads
+
 TIERS = ("generic", "avx2", "avx512", "avx512_bf16")  # ascending
 ENV = "MIXTRAL_ISA"
 ACTIVATIONS_ENV = "MIXTRAL_ACTIVATIONS"
@@ -153,7 +155,8 @@ def describe() -> dict[str, str]:
                         "vpmaddubsw" if c.at_least("avx2") else "none"),
            "activations": (f"{c.activations} for int8/int4 weights"
                            + (f" ({ACTIVATIONS_ENV})" if activations_from_env() else "")),
-           "pytorch": f"dispatches at {c.aten}"}
+           "pytorch": f"dispatches at {c.aten}",
+           "openmp": threads.describe()}
     if _ATEN_RANK.get(c.aten, 2) > _ATEN_RANK.get(_ATEN[c.tier].upper(), 2):
         out["pytorch"] += (f" (it started before {ENV} was read: set it before Python starts "
                            "for PyTorch's own kernels to follow the cap)")

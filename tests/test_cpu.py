@@ -149,3 +149,24 @@ def test_cuda_without_cuda_is_a_one_line_error(capsys):
     assert main(["bench", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mixtral bench: error: cuda: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("env,first,want", [
+    ({}, "mixtral", "10000 None"),  # ours: a short spin (mixtral/threads.py)
+    ({"GOMP_SPINCOUNT": "500"}, "mixtral", "500 None"),  # the user's wins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "mixtral", "None PASSIVE"),
+    ({}, "torch", "None None"),  # torch first: its OpenMP has read the environment already
+])
+def test_openmp_wait_policy_is_set_before_torch_starts(env, first, want):
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = (f"import {first}, mixtral, os; print(os.environ.get('GOMP_SPINCOUNT'), "
+            "os.environ.get('OMP_WAIT_POLICY')); from mixtral import cpu; "
+            "print(cpu.describe()['openmp'])")
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    assert out[0] == want
+    assert ("mixtral's default" in out[1]) == (want == "10000 None")
