@@ -1,7 +1,6 @@
-"""Tensor- and expert-parallel inference over torch.distributed, as module swaps on a built
-model (model.py knows nothing of it). Every rank holds the whole residual stream; what is split
-is the weights, and each split layer ends in one all-reduce that sums the ranks' partial
-outputs:
+"""What each rank owns, and the module swaps that make a built model hold only that: the plan
+(tensor and expert parallel sizes, this rank), and the attention and MoE layers that run on a
+shard and end in one all-reduce summing the ranks' partial outputs.
 
   tensor parallel (tp)   attention: rank r owns query heads [r*H/tp, (r+1)*H/tp) and their
                          key/value heads (wq/wk/wv column-split, wo row-split); when there are
@@ -14,21 +13,12 @@ outputs:
                          to its experts, and the all-reduce adds them up. Tokens are replicated,
                          so no all-to-all is needed: the "gather" form, right for the small
                          batches of decoding.
-
-`--tp N` and `--ep N` may be combined over the same N ranks (attention split by heads, experts
-by owner). Sums happen in another order than in one process, so logits agree to fp32
-reduction-order error (tests/test_parallel.py states the bound), and greedy tokens agree.
-The KV cache is the caller's as always: `model.args` on a rank describes its local heads.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-import sys
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -202,152 +192,3 @@ def _assign(module: nn.Module, name: str, value: Tensor) -> None:
     for part in path:
         module = getattr(module, part)
     setattr(module, leaf, nn.Parameter(value, requires_grad=False))
-
-
-def read_shard(path: str | os.PathLike, plan: Plan, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> tuple[ModelArgs, dict[str, Tensor]]:
-    """This rank's tensors of a checkpoint, one file tensor in flight at a time. Expert banks
-    under expert parallelism read only this rank's experts where the layout keeps one tensor
-    per expert (HF, Mistral); other tensors are read whole and cut, so a rank holds its shard
-    plus at most one file tensor, never the whole model."""
-    from mixtral.checkpoint import CheckpointError, inspect, reader
-    from mixtral.formats import canonical_shapes, read_one
-
-    info = inspect(path)
-    if info.quantization:
-        raise CheckpointError(f"{info.path}: is quantized; --tp/--ep load float checkpoints")
-    args = info.args
-    plan.check(args)
-    target = dtype or info.dtype
-    read = reader(info)
-
-    def make(shape: tuple[int, ...]) -> Tensor:
-        return torch.empty(shape, dtype=target)
-
-    state = {}
-    for name, shape in canonical_shapes(args).items():
-        suffix = name.split(".", 2)[2] if name.startswith("layers.") else name
-        keep, dim, cut = plan.slices(args, suffix)
-        t = read_one(info.layout, args, read, make, name, shape, keep)
-        t = _cut(t, dim, cut)
-        state[name] = (t.clone() if cut is not None else t).to(device)
-    return args, state
-
-
-def load_sharded(path: str | os.PathLike, plan: Plan, dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu",
-                 group: dist.ProcessGroup | None = None) -> Transformer:
-    """Build this rank's part of the model from a checkpoint, reading only its shard."""
-    args, state = read_shard(path, plan, dtype, device)
-    with torch.device("meta"):
-        model = Transformer(args)
-    return shard_modules(model, plan, group, state).eval()
-
-
-# --- launch ------------------------------------------------------------------------------------
-
-def init(plan_tp: int, plan_ep: int, device: str = "cpu",
-         timeout_s: float | None = None) -> Plan:
-    """Join the torchrun launch (gloo on CPU, NCCL on CUDA) and return this rank's plan.
-    A peer that dies or never arrives ends every rank with an error after `timeout_s`
-    (MIXTRAL_DIST_TIMEOUT, default 120 s) instead of a hang."""
-    if "WORLD_SIZE" not in os.environ:
-        raise ParallelError(f"--tp {plan_tp} / --ep {plan_ep} need one process per rank: "
-                            f"launch with torchrun --nproc-per-node {max(plan_tp, plan_ep)} "
-                            "-m mixtral ...")
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    plan = Plan(plan_tp, plan_ep, rank)
-    if world != plan.world:
-        raise ParallelError(f"the launch has {world} processes but --tp {plan_tp} --ep {plan_ep} "
-                            f"needs {plan.world}: run torchrun --nproc-per-node {plan.world}")
-    seconds = timeout_s or float(os.environ.get("MIXTRAL_DIST_TIMEOUT", "120"))
-    if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
-    return plan
-
-
-def join(tp: int, ep: int, device: str) -> tuple[Plan, str]:
-    """Join the torchrun launch: this rank's plan and device (its GPU, LOCAL_RANK, under
-    CUDA). Only rank 0 writes to stdout; the others follow it silently."""
-    plan = init(tp, ep, device)
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        torch.cuda.set_device(device)
-    if plan.rank != 0:
-        sys.stdout = open(os.devnull, "w")
-    return plan, device
-
-
-def finish() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-# --- serving: rank 0 runs the engine, the other ranks repeat its model calls ---------------------
-
-_IDLE = datetime.timedelta(days=365)  # a server may wait for requests for as long as it likes
-
-
-class Leader(nn.Module):
-    """Rank 0's model under `mixtral serve`: every call is announced to the followers (rows of
-    the KV cache, tokens, positions) before it runs, so they make the same call on their own
-    shards and caches and the all-reduces inside meet. Announcements go over their own group,
-    with no timeout: an idle server is not an error. A rank that dies ends the launch through
-    torchrun; the collectives inside the model keep MIXTRAL_DIST_TIMEOUT."""
-
-    def __init__(self, model: Transformer, max_batch: int) -> None:
-        super().__init__()
-        self.model, self.max_batch, self.args = model, max_batch, model.args
-        self.control = dist.new_group(backend="gloo", timeout=_IDLE)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache,
-                last_only: bool = False) -> Tensor:
-        B, T = tokens.shape
-        slots = cache.slot_ids
-        _announce(self.control, [B, T, int(last_only), *slots], self.max_batch)
-        for t in (tokens, positions):
-            dist.broadcast(t.cpu(), 0, group=self.control)
-        return cast(Tensor, self.model(tokens, positions, cache, last_only=last_only))
-
-    def stop(self) -> None:
-        _announce(self.control, [0, 0, 0], self.max_batch)
-
-
-def _announce(group: dist.ProcessGroup, values: list[int], max_batch: int) -> None:
-    header = torch.full((3 + max_batch,), -1, dtype=torch.long)
-    header[:len(values)] = torch.tensor(values)
-    dist.broadcast(header, 0, group=group)
-
-
-@torch.inference_mode()
-def follow(model: Transformer, max_batch: int, context: int) -> None:
-    """A follower rank's serving loop: the same KV cache as the leader's engine, the same
-    calls, until the leader stops."""
-    control = dist.new_group(backend="gloo", timeout=_IDLE)
-    cache = KVCache(model.args, max_batch, min(context, model.args.max_seq_len), model.dtype,
-                    model.device)
-    header = torch.empty(3 + max_batch, dtype=torch.long)
-    while True:
-        dist.broadcast(header, 0, group=control)
-        B, T, last_only = header[:3].tolist()
-        if B == 0:
-            return
-        slots = header[3:3 + B].tolist()
-        tokens, positions = torch.empty(B, T, dtype=torch.long), torch.empty(B, T, dtype=torch.long)
-        for t in (tokens, positions):
-            dist.broadcast(t, 0, group=control)
-        try:
-            model(tokens.to(model.device), positions.to(model.device), cache.rows(slots),
-                  last_only=bool(last_only))
-        except ValueError:  # bad input (e.g. past the cache): the leader fails the same way
-            continue
