@@ -38,6 +38,7 @@ COMMANDS: dict[str, Arguments] = {"serve": arguments}
 
 def run(args: argparse.Namespace) -> int:
     from mixtral.config import ModelArgs
+    from mixtral.parallel import is_leader
     from mixtral.server.app import Settings, json_constraints, serve
 
     if args.model is None:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                         max_queue=args.max_queue, description=description,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192)
     url = f"http://{args.host}:{args.port}"
-    if os.environ.get("RANK", "0") == "0":
+    if is_leader():
         print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"
               + (" (bearer key required)" if settings.api_key else ""), file=sys.stderr)
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         from mixtral import parallel
 
         model = assemble.from_args(args, kv_positions)
-        if parallel.dist.get_rank() != 0:
+        if not is_leader():
             for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 drains, then releases us
                 signal.signal(sig, signal.SIG_IGN)
             parallel.follow(model, settings.max_batch, settings.max_seq_len or 8192)
