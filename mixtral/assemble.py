@@ -146,9 +146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def from_args(args: argparse.Namespace,
               kv_positions: Callable[[ModelArgs], int] | None = None) -> Transformer:
     """The model `add_arguments`' flags describe. Under --tp/--ep this joins the torchrun
-    launch first (only rank 0 then writes to stdout). kv_positions: the KV cache positions the
-    command will allocate for this model, which a --max-ram budget must leave room for
-    (default: one sequence of up to 4096 prompt tokens plus the answer)."""
+    launch first (then only rank 0 speaks: parallel.is_leader). kv_positions: the KV cache
+    positions the command will allocate for this model, which a --max-ram budget must leave
+    room for (default: one sequence of up to 4096 prompt tokens plus the answer)."""
     from mixtral import parallel
     from mixtral.formats import parse_dtype
 
@@ -169,7 +169,7 @@ def from_args(args: argparse.Namespace,
         positions = kv_positions or (lambda m: min(m.max_seq_len,
                                                    4096 + getattr(args, "max_tokens", 0)))
         kv_bytes = kv_cache_bytes_per_token(margs) * positions(margs)
-    quiet = plan is not None and plan.rank != 0
+    quiet = not parallel.is_leader()
     return assemble(args.model, dtype=dtype, device=device, max_ram=args.max_ram,
                     kv_cache_bytes=kv_bytes, lora=args.lora, plan=plan, fast=not args.reference,
                     announce=None if quiet else _announce)

@@ -180,6 +180,10 @@ def main(args: argparse.Namespace) -> int:
     result = run(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                  repeats=args.repeats, quant=args.quant, model_name=args.model)
     if plan is not None:
+        from mixtral.parallel import is_leader
+
+        if not is_leader():  # every rank measured its shard; rank 0 reports
+            return 0
         result["parallel"] = {"tp": plan.tp, "ep": plan.ep, "world": plan.world}
     if args.json:
         print(json.dumps(result))

@@ -64,6 +64,7 @@ def _system(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_generate(args: argparse.Namespace) -> int:
     from mixtral import chat
     from mixtral.completion import stream
+    from mixtral.parallel import is_leader
     from mixtral.tokenizer import default_tokenizer
 
     prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -74,12 +75,15 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         prompt = tokenizer.encode(prompt_text, bos=True)
     model = assemble.from_args(args)
+    speak = is_leader()  # under --tp/--ep every rank decodes the same tokens; rank 0 prints
     parts, last = [], None
     for last in stream(model, tokenizer, prompt, _params(args), tuple(args.stop)):
         parts.append(last.text)
-        if not args.json:
+        if speak and not args.json:
             print(last.text, end="", flush=True)
     assert last is not None
+    if not speak:
+        return 0
     if args.json:
         print(json.dumps({"text": "".join(parts), "finish_reason": last.finish_reason,
                           "usage": {"prompt_tokens": last.prompt_tokens,
@@ -93,24 +97,27 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from mixtral import chat
     from mixtral.completion import stream
+    from mixtral.parallel import is_leader
     from mixtral.tokenizer import default_tokenizer
 
     model = assemble.from_args(args)
+    speak = is_leader()  # under --tp/--ep rank 0 prints; a follower's errors still show
     tokenizer = default_tokenizer()
     messages = _system(args)
     interactive = sys.stdin.isatty()
-    if interactive:
+    if interactive and speak:
         print("Chat with Mixtral. /reset starts over, /exit quits.", file=sys.stderr)
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = input("> " if interactive and speak else "")
         except EOFError:
             break
         if line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
             messages = _system(args)
-            print("[conversation reset]", file=sys.stderr)
+            if speak:
+                print("[conversation reset]", file=sys.stderr)
             continue
         if not line.strip():
             continue
@@ -122,12 +129,15 @@ def run_chat(args: argparse.Namespace) -> int:
             reply = []
             for delta in stream(model, tokenizer, prompt, params):
                 reply.append(delta.text)
-                print(delta.text, end="", flush=True)
-            print()
+                if speak:
+                    print(delta.text, end="", flush=True)
+            if speak:
+                print()
             if reply_text := "".join(reply):  # an empty turn is invalid; the user turns merge
                 messages.append({"role": "assistant", "content": reply_text})
         except KeyboardInterrupt:  # stop this answer, keep the conversation
-            print("\n[interrupted]", file=sys.stderr)
+            if speak:
+                print("\n[interrupted]", file=sys.stderr)
             messages.pop()
         except ValueError as e:  # e.g. the conversation no longer fits the context
             print(f"[error: {e}; /reset to start over]", file=sys.stderr)

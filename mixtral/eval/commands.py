@@ -88,12 +88,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 # --- the bookkeeping every study shares ----------------------------------------------------------
 
 def _start(args: argparse.Namespace) -> tuple[Transformer, str, Path, float]:
-    import os
-
     from mixtral.default_model import NAME
 
     model = assemble.from_args(args)
-    if (args.tp > 1 or args.ep > 1) and os.environ.get("RANK", "0") != "0":
+    if not _leader():  # a follower under --tp/--ep runs the study on its shard, silently
         import atexit
         import shutil
         import tempfile
@@ -114,15 +112,24 @@ def _finish(args: argparse.Namespace, label: str, t0: float, result: dict[str, A
     result["seconds"] = round(seconds, 2)
     append_run(Path(args.out) / "runs.jsonl", f"eval {args.eval_command}", label, settings,
                summary, seconds, files)
-    print(json.dumps({"model": label, **summary, "seconds": round(seconds, 1),
-                      "outputs": [str(f) for f in files]}, ensure_ascii=False))
+    if _leader():
+        print(json.dumps({"model": label, **summary, "seconds": round(seconds, 1),
+                          "outputs": [str(f) for f in files]}, ensure_ascii=False))
     return 0
 
 
 def _progress(total: int, desc: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True,
+                disable=not _leader())
+
+
+def _leader() -> bool:
+    """Under --tp/--ep only rank 0 speaks; outside a launch, the one process does."""
+    from mixtral.parallel import is_leader
+
+    return is_leader()
 
 
 # --- the studies ---------------------------------------------------------------------------------
@@ -205,7 +212,8 @@ def routing(args: argparse.Namespace) -> int:
         write_text(files[-1], study.html_view(model, tokenizer,
                                               Path(args.html).read_text(encoding="utf-8"),
                                               args.chunk))
-    print(study.table(result), file=sys.stderr)
+    if _leader():
+        print(study.table(result), file=sys.stderr)
     layers = result["table_layers"]
     return _finish(args, label, t0, result, files, {
         "domains": list(result["domains"]), "table_layers": layers,
