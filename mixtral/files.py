@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mixtral.command import Arguments, standalone
+from mixtral.sizes import parse_size
 
 
 def info_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,7 +30,8 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", help="an empty or new folder")
     p.add_argument("--to", required=True, choices=["hf", "mistral"])
     p.add_argument("--dtype", help="cast to bf16, fp16 or fp32 (default: keep)")
-    p.add_argument("--shard-size", default="5GB", help="largest HF shard, e.g. 5GB, 500MB")
+    p.add_argument("--shard-size", default="5GB",
+                   help="largest HF shard, e.g. 5GB (5 x 10^9 bytes), 500MB, 2GiB (2 x 2^30)")
     p.set_defaults(run=run_convert)
 
 
@@ -127,7 +129,8 @@ def run_info(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from mixtral.checkpoint import convert
 
-    files = convert(args.src, args.dst, args.to, args.dtype, _parse_size(args.shard_size))
+    files = convert(args.src, args.dst, args.to, args.dtype,
+                    parse_size(args.shard_size, "--shard-size"))
     for f in files:
         print(f)
     return 0
@@ -141,7 +144,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                          "which other CPUs read as garbage; files now hold one layout on every "
                          "machine and each CPU packs it at load (old cpu64 files still load)")
     for f in quantize_checkpoint(args.src, args.dst, args.bits, args.group_size,
-                                 _parse_size(args.shard_size)):
+                                 parse_size(args.shard_size, "--shard-size")):
         print(f)
     return 0
 
@@ -165,18 +168,6 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n} B"
-
-
-def _parse_size(text: str) -> int:
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-             "B": 1}
-    t = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(unit)]) * units[unit])
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"--shard-size {text!r}: use a size like 5GB, 500MB or 2GiB")
 
 
 if __name__ == "__main__":

@@ -26,24 +26,9 @@ from mixtral.formats import is_quantized_weight, parse_dtype, portable_names
 from mixtral.memory import check_fits, load_bytes
 from mixtral.model import Transformer
 from mixtral.quant import Format, QuantExperts, apply, get
+from mixtral.sizes import parse_size
 
 RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short contexts
-
-
-def parse_size(text: str | int) -> int:
-    """'16GiB', '500MB', '2.5G' or a number of bytes."""
-    if isinstance(text, int):
-        return text
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6,
-             "GB": 10**9, "TB": 10**12, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "B": 1}
-    t = text.strip().upper().replace(" ", "")
-    for unit in sorted(units, key=len, reverse=True):
-        number = t[:-len(unit)]
-        if t.endswith(unit) and number.replace(".", "", 1).isdigit():
-            return int(float(number) * units[unit])
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"{text!r} is not a size; write e.g. 16GiB, 500MB or 2.5G")
 
 
 class ExpertStore:
@@ -165,7 +150,7 @@ def load_offloaded(path: str | os.PathLike, max_ram: int | str,
     if info.quantization is None:
         raise CheckpointError(f"{path}: offloading reads quantized experts; make such a copy "
                               "with `mixtral quantize SRC DST --bits 4`")
-    budget = parse_size(max_ram)
+    budget = parse_size(max_ram, "--max-ram")
     _, left = plan(info, budget, kv_cache_bytes)
     quant = info.quantization
     target = parse_dtype(dtype) or info.dtype
