@@ -3,14 +3,21 @@
 `TextStream` is the one place where generated ids become text. Its deltas are whole UTF-8
 characters that join to exactly the final text, and a stop string is matched on the decoded text
 and never appears in the output: text that might be the start of one is held back until it is
-known not to be. The CLI drives it from `generate`, the server from the engine's thread.
+known not to be.
+
+`TextJob` is the one place where a generation's ids become an answer: the stop id and stop
+strings end it ("stop"), running out of ids ends it ("length"), and it counts the usage. Two
+drivers feed it: `stream` pulls ids from `generate` (the CLI, scripts), and the engine's token
+callbacks push them (`TextJob.on_token`/`on_done`: the server, the lm-eval adapter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from mixtral.engine import Job
 from mixtral.generate import GenerationParams, TokenConstraint, generate
 from mixtral.model import Transformer
 from mixtral.tokenizer import StreamDecoder, Tokenizer
@@ -77,28 +84,90 @@ class Completion:
     completion_tokens: int
 
 
+class TextJob:
+    """One answer, from the ids of its generation to text deltas, finish reason and usage.
+
+    Every id counts as a completion token, the stop id included (it was generated). The last
+    delta has `finish_reason` set; after it the job takes no more ids. Driven by the engine,
+    set `job` before the job is queued: a stop string then cancels it, so that its slot is
+    free at once rather than after `max_tokens`."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: int, stop_ids: tuple[int, ...],
+                 stop: tuple[str, ...] = (), context: list[int] | None = None,
+                 emit: Callable[[Delta], object] | None = None,
+                 fail: Callable[[BaseException], object] | None = None) -> None:
+        self.text = TextStream(tokenizer, stop, context)
+        self.prompt_tokens, self.stop_ids = prompt_tokens, stop_ids
+        self.emit, self.fail = emit, fail  # the engine driver's sinks (its worker thread)
+        self.job: Job | None = None
+        self.tokens = 0
+        self.finish_reason: str | None = None  # set when the answer is complete
+        self.first_token_at: float | None = None  # time.monotonic(), for latency metrics
+        self.ended_at: float | None = None
+
+    def push(self, token: int) -> Delta | None:
+        """One more generated id: the delta it completes (the last one when it ends the
+        answer), or None while there is nothing new to show."""
+        if self.finish_reason is not None:
+            return None
+        self.tokens += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if token in self.stop_ids:
+            return self._end("stop")
+        text = self.text.push(token)
+        if self.text.stopped:
+            return self._end("stop", text)
+        return Delta(text) if text else None
+
+    def end(self) -> Delta | None:
+        """The ids ran out (max_tokens, the context, or a cancelled job): the last delta, with
+        whatever text was held back; None if the answer had already ended."""
+        if self.finish_reason is not None:
+            return None
+        return self._end("length")
+
+    def _end(self, reason: str, text: str = "") -> Delta:
+        self.finish_reason, self.ended_at = reason, time.monotonic()
+        return Delta(text + self.text.finish(), reason, self.prompt_tokens, self.tokens)
+
+    # --- the engine's callbacks (its worker thread) ----------------------------------------
+
+    def on_token(self, token: int) -> None:
+        delta = self.push(token)
+        if delta is not None and self.emit is not None:
+            self.emit(delta)
+        if self.finish_reason is not None and self.job is not None:
+            self.job.cancel()  # a no-op after the stop id; after a stop string frees the slot
+
+    def on_done(self, error: BaseException | None) -> None:
+        if error is not None:  # no answer: the driver reports the fault (no ids come after it)
+            if self.finish_reason is None and self.fail is not None:
+                self.fail(error)
+            return
+        delta = self.end()
+        if delta is not None and self.emit is not None:
+            self.emit(delta)
+
+
 def stream(model: Transformer, tokenizer: Tokenizer, prompt: list[int],
            params: GenerationParams, stop: tuple[str, ...] = (),
            constraint: TokenConstraint | None = None) -> Iterator[Delta]:
     """Yield text deltas; the last one carries finish_reason and the token counts."""
-    text = TextStream(tokenizer, stop)
-    n, finish = 0, "length"
+    answer = TextJob(tokenizer, len(prompt), params.stop_ids, stop)
     tokens = generate(model, prompt, params, constraint)
     try:
         for token in tokens:
-            n += 1
-            if token in params.stop_ids:
-                finish = "stop"
-                break
-            delta = text.push(token)
-            if text.stopped:
-                yield Delta(delta, "stop", len(prompt), n)
+            delta = answer.push(token)
+            if delta is not None:
+                yield delta
+            if answer.finish_reason is not None:
                 return
-            if delta:
-                yield Delta(delta)
     finally:
         tokens.close()  # frees the cache at once when we stop early
-    yield Delta(text.finish(), finish, len(prompt), n)
+    last = answer.end()
+    assert last is not None
+    yield last
 
 
 def complete(model: Transformer, tokenizer: Tokenizer, prompt: list[int],

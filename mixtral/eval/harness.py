@@ -42,8 +42,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from mixtral.completion import TextStream
-from mixtral.engine import Engine, Job
+from mixtral.completion import Delta, TextJob
+from mixtral.engine import Engine
 from mixtral.generate import GenerationParams
 from mixtral.model import Transformer
 from mixtral.tokenizer import Tokenizer, default_tokenizer
@@ -290,8 +290,7 @@ class MixtralLM(TemplateLM):
         # longest prompts first: they take longest, the short ones fill the freed slots
         for i in sorted(range(len(jobs)), key=lambda i: -len(jobs[i][0])):
             prompt, params, until = jobs[i]
-            self._submit(engine, i, prompt, params, TextStream(self.tokenizer, until), texts,
-                         errors)
+            self._submit(engine, i, prompt, params, until, texts, errors)
         engine.run(until_idle=True)
         if errors:
             raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
@@ -326,24 +325,14 @@ class MixtralLM(TemplateLM):
                                   stop_ids=(self.tokenizer.eos_id,))
         return prompt, params, tuple(until)
 
-    @staticmethod
-    def _submit(engine: Engine, i: int, prompt: list[int], params: GenerationParams,
-                stream: TextStream, texts: list[str], errors: list[BaseException]) -> None:
-        job: Job | None = None
+    def _submit(self, engine: Engine, i: int, prompt: list[int], params: GenerationParams,
+                until: tuple[str, ...], texts: list[str], errors: list[BaseException]) -> None:
+        def emit(delta: Delta) -> None:
+            texts[i] += delta.text
 
-        def on_token(token: int) -> None:
-            if token in params.stop_ids:
-                return
-            texts[i] += stream.push(token)
-            if stream.stopped and job is not None:
-                job.cancel()  # its text is complete: free the slot for the next request
-
-        def on_done(error: BaseException | None) -> None:
-            if error is not None:
-                errors.append(error)
-            texts[i] += stream.finish()
-
-        job = engine.submit(prompt, params, on_token, on_done)
+        answer = TextJob(self.tokenizer, len(prompt), params.stop_ids, until, emit=emit,
+                         fail=errors.append)
+        answer.job = engine.submit(prompt, params, answer.on_token, answer.on_done)
 
 
 # --- construction helpers ------------------------------------------------------------------------
