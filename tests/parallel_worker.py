@@ -5,11 +5,18 @@
 
 Loads this rank's shard, computes full-forward logits of a fixed batch and greedy tokens with
 the KV cache; rank 0 saves them (and each rank's tokens, to prove the ranks agree) to OUT.
+
+    torchrun --nproc-per-node 2 tests/parallel_worker.py follower-fails generate ... --tp 2
+
+runs `mixtral generate ...` as the CLI would, with logging configured at INFO (as a library
+may do) and every rank logging once at INFO and once at WARNING as generation starts; then
+rank 1 fails with a ValueError of its own, as a follower's real error would.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import sys
@@ -61,5 +68,26 @@ def main() -> None:
     os._exit(0)
 
 
+def follower_fails(argv: list[str]) -> int:
+    from mixtral import completion
+    from mixtral.cli import main as cli
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log, real = logging.getLogger("mixtral.test"), completion.stream
+
+    def stream(*args, **kwargs):  # runs after the launch is joined and the model is built
+        rank = dist.get_rank()
+        log.info("rank %d: an INFO record", rank)
+        log.warning("rank %d: a WARNING record", rank)
+        if rank == 1:
+            raise ValueError("rank 1 failed on its own")
+        return real(*args, **kwargs)
+
+    completion.stream = stream
+    return cli(argv)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["follower-fails"]:
+        sys.exit(follower_fails(sys.argv[2:]))
     main()

@@ -27,10 +27,19 @@ BOUND = 2e-5
 pytestmark = pytest.mark.slow  # most tests launch ranks under torchrun
 
 
-def torchrun(*argv: str, n: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+def torchrun(*argv: str, n: int = 2, timeout: float = 180,
+             logs: Path | None = None) -> subprocess.CompletedProcess:
+    """logs: each rank's stdout and stderr go to its own files there (see `rank_output`)."""
+    apart = ["--redirects", "3", "--log-dir", str(logs)] if logs else []
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                           str(n), *argv], capture_output=True, text=True, env=ENV,
+                           str(n), *apart, *argv], capture_output=True, text=True, env=ENV,
                           timeout=timeout)
+
+
+def rank_output(logs: Path, rank: int) -> tuple[str, str]:
+    """(stdout, stderr) of one rank of a `torchrun(..., logs=...)` launch."""
+    [folder] = logs.glob(f"*/attempt_0/{rank}")
+    return (folder / "stdout.log").read_text(), (folder / "stderr.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +217,69 @@ def test_eval_under_torchrun_matches_one_process(tmp_path, capsys):
     argv = ["eval", "perplexity", "--data", str(text), "--max-len", "128", "--dtype", "fp32"]
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     capsys.readouterr()
-    result = torchrun("-m", "mixtral", *argv, "--out", str(tmp_path / "two"), "--tp", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    logs = tmp_path / "logs"
+    result = torchrun("-m", "mixtral", *argv, "--out", str(tmp_path / "two"), "--tp", "2",
+                      logs=logs)
+    (out0, err0), (out1, err1) = rank_output(logs, 0), rank_output(logs, 1)
+    assert result.returncode == 0, err0[-3000:] + err1[-3000:]
+    assert json.loads(out0)["documents"] == 1 and out1 == ""  # the summary: rank 0's alone
+    for said in ("[mixtral] ", "perplexity: 100%"):  # the announcement, the progress bar
+        assert said in err0 and said not in err1
     one, two = (json.loads((tmp_path / d / "perplexity.json").read_text())["curve"]
                 for d in ("one", "two"))
     assert [r["length"] for r in one] == [r["length"] for r in two]
     for a, b in zip(one, two, strict=True):
         assert abs(a["perplexity"] - b["perplexity"]) <= 1e-4 * a["perplexity"]
     assert len((tmp_path / "two" / "runs.jsonl").read_text().splitlines()) == 1  # rank 0 only
+
+
+def test_a_follower_is_quiet_but_its_errors_reach_stderr(checkpoints, tmp_path):
+    logs = tmp_path / "logs"
+    result = torchrun(str(WORKER), "follower-fails", "generate", "--model",
+                      str(checkpoints["cli"]), "--prompt", "one two", "--temperature", "0",
+                      "--max-tokens", "4", "--json", "--tp", "2", logs=logs)
+    assert result.returncode != 0
+    (_, err0), (out1, err1) = rank_output(logs, 0), rank_output(logs, 1)
+    assert "mixtral generate: error: rank 1 failed on its own" in err1  # one line, no traceback
+    assert "Traceback" not in err1
+    assert "WARNING rank 1: a WARNING record" in err1
+    assert "INFO rank 0: an INFO record" in err0  # logging at INFO is on: the leader's shows,
+    assert "INFO rank 1" not in err1  # the follower's does not
+    assert out1 == ""
+
+
+def test_the_launch_is_read_in_one_place():
+    """RANK, WORLD_SIZE and LOCAL_RANK: parallel.launching reads them, everything else asks it.
+    (Training's data-parallel loop, train/run.py, still reads its own.)"""
+    package = Path(mixtral.__file__).parent
+    readers = sorted(str(f.relative_to(package)) for f in package.rglob("*.py")
+                     if any(f'"{name}"' in f.read_text() for name in
+                            ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
+    assert readers in (["parallel/launching.py"], ["parallel/launching.py", "train/run.py"])
+
+
+def test_a_malformed_launch_environment_is_a_clear_error(checkpoints, capsys, monkeypatch):
+    from mixtral.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "one")
+    assert main(["generate", "--model", str(checkpoints["hf"]), "--prompt", "x", "--tp",
+                 "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: RANK='one' is not a whole number" in err and "Traceback" not in err
+
+
+def test_quiet_drops_a_followers_info_and_keeps_its_warnings():
+    import logging
+
+    from mixtral.parallel import quiet
+
+    log = logging.getLogger("mixtral.engine")
+    log.setLevel(logging.DEBUG)  # a level set on the logger itself does not bring INFO back
+    try:
+        quiet()
+        assert not log.isEnabledFor(logging.INFO)
+        assert log.isEnabledFor(logging.WARNING) and log.isEnabledFor(logging.ERROR)
+    finally:
+        logging.disable(logging.NOTSET)
+        log.setLevel(logging.NOTSET)
