@@ -157,6 +157,9 @@ def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int,
 def load_torch_file(path: Path) -> dict[str, Tensor]:
     """A .pt/.pth state dict, memory-mapped. Its pickle is read with weights_only=True, so
     nothing in it but tensors and plain containers is ever built, let alone called."""
+    not_zip = _not_a_zip(path)
+    if not_zip:
+        raise CheckpointError(f"{path}: {not_zip}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad zip or pickle
@@ -166,6 +169,31 @@ def load_torch_file(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: expected a dict of tensors (a state dict), found "
                               f"{short(sd) if not isinstance(sd, dict) else 'other values'}")
     return sd
+
+
+# torch.save's format before PyTorch 1.6 opens with a pickled LONG1 of this magic number
+_LEGACY_MAGIC = b"\x8a\x0a" + 0x1950A86A20F9469CFC6C.to_bytes(10, "little")
+
+
+def _not_a_zip(path: Path) -> str | None:
+    """Why a .pt/.pth is not the zip archive torch.save writes (which alone can be
+    memory-mapped), from its first bytes, or None if it is one; nothing is unpickled."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(b"PK\x03\x04"):
+        return None
+    if head[:1] == b"\x80" and _LEGACY_MAGIC in head:  # 0x80: a pickle's protocol opcode
+        return ("a legacy PyTorch checkpoint (torch.save before PyTorch 1.6, or with "
+                "_use_new_zipfile_serialization=False: a raw pickle stream, not a zip archive), "
+                "which cannot be memory-mapped and is not read; re-save it with a current "
+                "PyTorch (torch.save(torch.load(f, weights_only=True), f)) or convert it to "
+                "safetensors")
+    if head[:1] == b"\x80":
+        return ("a bare pickle stream, not a PyTorch checkpoint (torch.save writes a zip "
+                "archive); refused without unpickling it")
+    return ("not a PyTorch checkpoint: " + ("the file is empty" if not head else
+            "torch.save writes a zip archive, and this file does not start as one") +
+            " (truncated, corrupt or another format?)")
 
 
 def _torch_load_reason(e: Exception) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -138,6 +140,49 @@ def test_corrupt_pth(hf_tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"consolidated.00.pth: cannot read this PyTorch "
                        r"checkpoint \(truncated or corrupt\?\)"):
         mixtral.load(d)
+
+
+class Payload:
+    """Unpickling this creates `marker`: if the file exists, a pickle ran."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _legacy(state: dict, path: Path) -> None:
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize("write, message", [
+    (_legacy, r"consolidated.00.pth: a legacy PyTorch checkpoint \(torch.save before PyTorch "
+     r"1.6, .* a raw pickle stream, not a zip archive\), .* re-save it with a current PyTorch "
+     r"\(torch.save\(torch.load\(f, weights_only=True\), f\)\) or convert it to safetensors"),
+    (lambda state, path: path.write_bytes(pickle.dumps(state)),
+     r"consolidated.00.pth: a bare pickle stream, not a PyTorch checkpoint"),
+    (lambda state, path: path.write_bytes(b"GGUF" + bytes(60)),
+     r"consolidated.00.pth: not a PyTorch checkpoint: torch.save writes a zip archive, and this "
+     r"file does not start as one"),
+    (lambda state, path: path.write_bytes(b""),
+     r"consolidated.00.pth: not a PyTorch checkpoint: the file is empty"),
+], ids=["legacy", "bare-pickle", "other-format", "empty"])
+def test_pth_that_is_not_a_zip_is_named(hf_tiny, tmp_path, capsys, write, message):
+    """Only a zip archive is unpickled (weights_only, memory-mapped); any other .pth is named
+    from its first bytes, and a payload in it never runs."""
+    from mixtral.cli import main
+
+    d = write_layout(hf_tiny, "mistral-pth", tmp_path / "p")
+    f = d / "consolidated.00.pth"
+    Payload.marker = tmp_path / "payload-ran"
+    write({**torch.load(f, weights_only=True), "payload": Payload()}, f)
+    with pytest.raises(CheckpointError, match=message):
+        mixtral.load(d)
+    capsys.readouterr()
+    assert main(["info", str(d)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not Payload.marker.exists()
 
 
 def test_config_contradicting_weights(hf_tiny_dir, tmp_path):
