@@ -80,12 +80,15 @@ NEVER: list[tuple[str, Callable[[str], bool], Callable[[str], bool]]] = [
      within("model", "config", "cache", "checkpoint", "formats", "quant", "fast", "lora",
             "offload", "parallel", "kernels", "cpu"),
      within("command", "server", "eval", "train", "bench", "assemble", "terminal", "files")),
+    ("the shared helpers (atomic writes, sizes) are leaves that any layer may use",
+     within("atomic", "sizes"), anything),
 ]
 # third-party imports that would break a layer's purity
 FORBIDDEN_EXTERNAL = {
     "model": {"os", "json", "pathlib", "safetensors", "mistral_common", "sentencepiece"},
     "config": {"torch"},
     "tokenizer": {"torch"},
+    "sizes": {"torch"},  # the command line parses sizes before it loads PyTorch
 }
 
 
