@@ -193,17 +193,17 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, corpus):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
-    import mixtral.train.run as run
+    import mixtral.train.tasks as tasks
 
     calls = {"n": 0}
-    real = run.cross_entropy
+    real = tasks.cross_entropy
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] > 6 else loss
 
-    monkeypatch.setattr(run, "cross_entropy", poisoned)
+    monkeypatch.setattr(tasks, "cross_entropy", poisoned)
     with pytest.raises(TrainingError, match=r"step 6: the loss is nan .* The last good "
                        r"checkpoint, .*step-000004, is intact"):
         train(config(tmp_path, corpus, eval_every=100))
