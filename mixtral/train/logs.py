@@ -4,10 +4,10 @@ at the end, and a progress bar on the terminal. Only rank 0 writes them."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from mixtral.atomic import atomic_write, atomic_write_text
 from mixtral.train.config import TrainConfig
 
 
@@ -17,7 +17,7 @@ class MetricsLog:
         if enabled and path.exists():  # a resumed run rewrites what came after its checkpoint
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start]
-            path.write_text("".join(line + "\n" for line in keep))
+            atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -42,10 +42,10 @@ class MetricsLog:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        tmp = png.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, png)
+        try:
+            atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110))
+        finally:
+            plt.close(fig)
 
 
 class Progress:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from mixtral.atomic import atomic_write_text, fsync
 from mixtral.checkpoint import load, save
 from mixtral.lora import save_adapter
 from mixtral.model import Transformer
@@ -85,27 +86,15 @@ def save_checkpoint(out: Path, step: int, model: Transformer, weights: dict[str,
     torch.save(state, tmp / "trainer_state.pt")
     for f in tmp.rglob("*"):
         if f.is_file():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync(f)
     final = out / name
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = out / ".latest.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, out / "latest")
-    _fsync_dir(out)
+    os.replace(tmp, final)  # a folder: renamed here; the pointer's write flushes `out` after it
+    atomic_write_text(out / "latest", name + "\n")
     steps = sorted(p for p in out.glob("step-*") if p.is_dir())
     for old in steps[:-(cfg.keep + 1)] if len(steps) > cfg.keep + 1 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def resume_weights(folder: Path, model: Transformer) -> None:
