@@ -8,7 +8,8 @@ the same text alone and in a busy batch).
                               [--seconds 30] [--stream-share 0.5] [--max-tokens 32]
                               [--neighbour N] [--neighbour-kind spin|matmul]
                               [--server-env KEY=VALUE ...] [--replays 4] [--rss-every 250]
-                              [--max-batch B] [--max-queue Q]
+                              [--max-batch B] [--max-queue Q] [--timeout 300]
+                              [--ready-timeout 1200] [--seed 0]
 
   server     `python -m mixtral serve` on a free loopback port, in its own session; its log
              goes to a temporary file (its last line is quoted if it fails to start).
@@ -26,11 +27,13 @@ the same text alone and in a busy batch).
 
 Output: one JSON object on stdout, a summary on stderr. Keys: status (requests by status code,
 "error: <name>" for a transport failure), latency_s and ttft_s (p50/p95 of the 200s; TTFT is
-the first chunk with content), completion_tokens and tok_s (from `usage`, over the load's wall
-time), broken_streams (a 200 stream that ends without `data: [DONE]`, carries malformed JSON or
-an error event, or content that is not valid UTF-8) and bad_responses (the same for a JSON
-body): both must be 0, rss_mib (the server's VmRSS at the start and after every --rss-every
-requests), replays and replays_identical (must be true), server_alive.
+the first chunk with content, which the server sends once the second token is known: the first
+waits to learn whether it is the last, which carries the usage), completion_tokens and tok_s
+(from `usage`, over the load's wall time), broken_streams (a 200 stream that ends without
+`data: [DONE]`, carries malformed JSON or an error event, or content that is not valid UTF-8)
+and bad_responses (the same for a JSON body): both must be 0, rss_mib (the server's VmRSS at
+the start and after every --rss-every requests), replays and replays_identical (must be true),
+server_alive. Exit status 0, or 1 when one of the musts failed, 2 on bad input.
 
 Every process it starts is ended on the way out: at the end, on an error, on Ctrl-C/SIGTERM,
 and (Linux) even if this script is killed outright.
@@ -90,8 +93,9 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, help="serve's --max-batch (default: serve's)")
     p.add_argument("--max-queue", type=int, help="serve's --max-queue (default: serve's)")
     p.add_argument("--seed", type=int, default=0, help="the clients' choices of prompt/stream")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, and "
-                   "for the server to become ready")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--ready-timeout", type=float, default=1200.0, help="seconds for the "
+                   "server to load its model (an 8x7B checkpoint takes minutes)")
     a = p.parse_args(argv)
     for flag, value, low in (("--clients", a.clients, 1), ("--max-tokens", a.max_tokens, 1),
                              ("--neighbour", a.neighbour, 0), ("--replays", a.replays, 0),
@@ -99,8 +103,10 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
                              ("--max-queue", a.max_queue, 1)):
         if value is not None and value < low:
             p.error(f"{flag} must be at least {low}, got {value}")
-    if not a.seconds > 0 or not a.timeout > 0:
-        p.error("--seconds and --timeout must be positive")
+    for flag, seconds in (("--seconds", a.seconds), ("--timeout", a.timeout),
+                          ("--ready-timeout", a.ready_timeout)):
+        if not 0 < seconds < float("inf"):
+            p.error(f"{flag} must be a positive number of seconds, got {seconds}")
     if not 0 <= a.stream_share <= 1:
         p.error(f"--stream-share must be between 0 and 1, got {a.stream_share}")
     if a.model is not None and not Path(a.model).exists():
@@ -219,7 +225,7 @@ def run(a: argparse.Namespace, kids: Children) -> dict[str, Any]:
     server = kids.start([sys.executable, "-m", "mixtral", "serve", "--port", str(port),
                          "--grace", "2", *flags],
                         env, log)
-    wait_ready(server, url, log, a.timeout)
+    wait_ready(server, url, log, a.ready_timeout)
     one_thread = {**os.environ, **{k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                      "MKL_NUM_THREADS")}}
     neighbours = [kids.start([sys.executable, "-c", NEIGHBOURS[a.neighbour_kind]], one_thread,
