@@ -1,1 +1,1 @@
-"""The HTTP server: the Mistral chat API (`protocol.py`, `app.py`) and its web chat page."""
+"""The HTTP server: the Mistral chat API and its web chat page (`app.py` lists the rooms)."""

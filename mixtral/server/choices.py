@@ -1,0 +1,205 @@
+"""A plan's n choices on the engine, and their answers as one JSON body or as an SSE stream.
+
+Each choice is an engine job whose `completion.TextJob` turns ids into text deltas on the
+engine's thread and hands them to the event loop. All n are queued at once, before the
+response starts (429 rather than a 200 that then says it was refused), and every way a
+response can end — done, an error, the client gone — cancels the jobs still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from mixtral.completion import Delta, TextJob
+from mixtral.engine import EngineDown, Job, QueueFull
+from mixtral.server import protocol
+from mixtral.server.planning import Plan
+from mixtral.server.state import APIError, Metrics, State
+
+log = logging.getLogger("mixtral.server")
+
+
+@dataclass
+class Failed:
+    """The engine's fault on one choice (its details stay in the server's log)."""
+    error: BaseException
+
+
+@dataclass
+class Choice:
+    """One answer being generated: its engine job and the deltas arriving from it."""
+    index: int
+    job: Job
+    answer: TextJob
+    events: asyncio.Queue[Delta | Failed]
+    queued_at: float
+
+
+def _choice(plan: Plan, st: State, index: int) -> Choice:
+    """One choice's engine job, not yet queued."""
+    engine = st.ready()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Delta | Failed] = asyncio.Queue()
+    params = plan.params
+    if plan.n > 1 and params.seed is not None:  # n different answers, still reproducible
+        params = replace(params, seed=params.seed + index)
+
+    def put(item: Delta | Failed) -> None:  # from the engine's thread
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
+    answer = TextJob(st.tokenizer, len(plan.prompt), params.stop_ids, plan.stop,
+                     plan.prefix_ids, emit=put, fail=lambda e: put(Failed(e)))
+    try:
+        job = engine.job(plan.prompt, params, answer.on_token, answer.on_done,
+                         plan.constraints[index] if plan.constraints else None)
+    except ValueError as e:
+        raise APIError(400, str(e), code="3210") from None
+    answer.job = job
+    return Choice(index, job, answer, events, time.monotonic())
+
+
+def reserve(plan: Plan, st: State) -> list[Choice]:
+    """Queue all n choices at once: 429 (with Retry-After) when the queue cannot take them
+    all."""
+    choices = [_choice(plan, st, i) for i in range(plan.n)]
+    try:
+        st.ready().enqueue([c.job for c in choices])
+    except QueueFull as e:
+        raise APIError(429, f"Rate limit exceeded: {e}", "rate_limited", "1300",
+                       headers={"Retry-After": "2"}) from None
+    except EngineDown as e:
+        raise APIError(503, f"the engine is not running: {e}", "service_unavailable") from None
+    return choices
+
+
+def cancel(choices: list[Choice]) -> None:
+    for choice in choices:
+        choice.job.cancel()  # a no-op for a job that ended; frees its slot at once otherwise
+
+
+class EventStream(StreamingResponse):
+    """The SSE response of reserved choices, cancelled however the response ends — even when
+    the client left before the first byte, and the body's generator never started."""
+
+    def __init__(self, events: AsyncIterator[bytes], choices: list[Choice]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.choices = choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            cancel(self.choices)
+
+
+async def _deltas(choice: Choice, metrics: Metrics,
+                  keepalive_s: float | None) -> AsyncIterator[Delta | None]:
+    """One choice's deltas as they come, None when none came for `keepalive_s`, ending with
+    the one that carries the finish reason. Closing the iterator cancels the job."""
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(choice.events.get(), keepalive_s)
+            except asyncio.TimeoutError:
+                yield None
+                continue
+            if isinstance(event, Failed):  # an engine fault: log it, tell the client less
+                log.error("generation failed", exc_info=event.error)
+                raise APIError(500, "internal error during generation", "internal_error", "500")
+            yield event
+            if event.finish_reason is not None:
+                metrics.answered(choice.answer, choice.queued_at)
+                return
+    finally:
+        choice.job.cancel()  # a no-op when it already ended; frees the slot at once otherwise
+
+
+async def collect(plan: Plan, metrics: Metrics, choices: list[Choice]) -> dict[str, Any]:
+    answers, total = [], 0
+    try:
+        for choice in choices:
+            parts, last = [plan.prefix], Delta("", "length")
+            async for delta in _deltas(choice, metrics, None):
+                if delta is not None:
+                    parts.append(delta.text)
+                    last = delta
+            answers.append(("".join(parts), last.finish_reason or "length"))
+            total += last.completion_tokens
+    finally:  # an error or a disconnect: the choices not yet read must not run on
+        cancel(choices)
+    return protocol.completion_response(plan.id, plan.created, plan.model, answers,
+                                        len(plan.prompt), total)
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def sse(plan: Plan, metrics: Metrics, choices: list[Choice],
+              keepalive_s: float) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], index: int, finish: str | None = None,
+              use: dict[str, int] | None = None) -> bytes:
+        return _event(protocol.chunk(plan.id, plan.created, plan.model, delta, index, finish, use))
+
+    total = 0
+    try:
+        for choice in choices:
+            i = choice.index
+            yield chunk({"role": "assistant", "content": ""}, i)
+            held = plan.prefix  # each content chunk is sent once the next is known, so the
+            # last one carries the usage
+            async for delta in _deltas(choice, metrics, keepalive_s):
+                if delta is None:
+                    yield b": ping\n\n"
+                elif delta.finish_reason is None:
+                    if held:
+                        yield chunk({"content": held}, i)
+                    held = delta.text
+                else:
+                    total += delta.completion_tokens
+                    last = i == plan.n - 1
+                    yield chunk({"content": held + delta.text}, i, delta.finish_reason,
+                                protocol.usage(len(plan.prompt), total) if last else None)
+        if plan.include_usage:
+            yield _event({"id": plan.id, "object": "chat.completion.chunk",
+                          "created": plan.created, "model": plan.model, "choices": [],
+                          "usage": protocol.usage(len(plan.prompt), total)})
+        yield b"data: [DONE]\n\n"
+    except APIError as e:  # after the 200 went out, errors travel in the stream
+        yield _event({"error": {"message": e.message, "type": e.type, "param": None,
+                                "code": e.code}})
+    except Exception as e:
+        log.error("stream failed", exc_info=e)
+        yield _event({"error": {"message": "internal error during generation",
+                                "type": "internal_error", "param": None, "code": "500"}})
+    finally:
+        cancel(choices)
+
+
+async def until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Run `work`, but cancel it (and with it the engine job) if the client goes away."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise APIError(499, "client disconnected", "client_closed_request")
+    return task.result()

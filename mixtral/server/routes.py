@@ -1,0 +1,162 @@
+"""`create_app`: the ASGI app — its routes, error handlers and middleware over one `State`.
+
+request JSON -> protocol.ChatCompletionRequest -> planning.plan (ids) -> choices.reserve
+(engine jobs) -> completion.TextJob (text) -> choices.collect (JSON) or choices.sse (SSE).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mixtral.engine import Engine
+from mixtral.model import Runner
+from mixtral.server import choices, protocol
+from mixtral.server.middleware import CountRequests, LimitBody, RequireKey
+from mixtral.server.planning import plan
+from mixtral.server.protocol import ChatCompletionRequest, error_body, lone_surrogate
+from mixtral.server.state import APIError, ConstraintFactory, ErrorJSON, Metrics, Settings, State
+
+log = logging.getLogger("mixtral.server")
+Handler = Callable[..., Awaitable[Any]]
+
+
+def create_app(load: Callable[[], Runner] | None, settings: Settings,
+               json_constraint: ConstraintFactory | None = None) -> FastAPI:
+    """The ASGI app. `load` runs in a thread at start-up (the engine gets its own thread);
+    until it returns, the API says 503. With load=None the caller loads the model and sets
+    `app.state.mixtral.engine` itself (see `host.serve`)."""
+    state = State(settings, json_constraint=json_constraint)
+    metrics = Metrics(state)
+
+    def start(load: Callable[[], Runner]) -> None:
+        try:
+            state.engine = Engine(load(), settings.max_queue, settings.max_batch,
+                                  settings.max_seq_len)
+        except Exception as e:  # reported by /health and every API call
+            state.load_error = f"{type(e).__name__}: {e}"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if load is not None:
+            threading.Thread(target=start, args=(load,), name="mixtral-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.stop(timeout=5)
+
+    app = FastAPI(title="mixtral", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
+    app.state.mixtral = state
+    app.state.metrics = metrics
+    _errors(app)
+
+    def names() -> list[str]:
+        return [settings.name, *[a for a in protocol.ALIASES if a != settings.name]]
+
+    def context() -> int:
+        return state.engine.context if state.engine else 32768
+
+    def get(path: str, **options: Any) -> Callable[[Handler], Handler]:
+        """A GET route that answers HEAD too (load balancers and uptime checks probe with it);
+        the HEAD twin stays out of the OpenAPI schema, where it would repeat the GET."""
+        def register(handler: Handler) -> Handler:
+            app.add_api_route(path, handler, methods=["HEAD"],
+                              **{**options, "include_in_schema": False})
+            return app.get(path, **options)(handler)
+
+        return register
+
+    @get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files("mixtral.server").joinpath("static/index.html").read_text()
+        return HTMLResponse(html)
+
+    @get("/health")
+    async def health() -> JSONResponse:
+        if state.load_error:
+            return JSONResponse({"status": "error", "error": state.load_error}, 503)
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, 503)
+        if why := state.engine.failure:  # a server that would hang every request is not ok
+            return JSONResponse({"status": "error", "error": why}, 503)
+        return JSONResponse({"status": "ok", "model": settings.name})
+
+    @get("/metrics", include_in_schema=False)
+    async def metrics_route() -> Response:
+        return Response(generate_latest(metrics.registry),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        all_names = names()
+        return {"object": "list",
+                "data": [protocol.model_card(n, [a for a in all_names if a != n], context(),
+                                             settings.description) for n in all_names]}
+
+    @get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        all_names = names()
+        if model_id not in all_names:
+            raise APIError(404, f"Invalid model: {model_id}", "invalid_model", "1500")
+        return protocol.model_card(model_id, [a for a in all_names if a != model_id], context(),
+                                   settings.description)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest,
+                               request: Request) -> JSONResponse | StreamingResponse:
+        if where := lone_surrogate(body.model_dump(by_alias=True)):
+            raise APIError(400, f"{where}: not valid Unicode text (it holds a lone surrogate "
+                           "escape such as \\ud800)")
+        state.ready()
+        if body.model not in names():
+            raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
+        planned = plan(body, state)
+        reserved = choices.reserve(planned, state)  # 429 now, before any byte of a 200
+        metrics.prompt_tokens.inc(len(planned.prompt))
+        if body.stream:
+            return choices.EventStream(choices.sse(planned, metrics, reserved,
+                                                   settings.keepalive_s), reserved)
+        result = await choices.until_disconnect(request,
+                                                choices.collect(planned, metrics, reserved))
+        return JSONResponse(result)
+
+    app.add_middleware(CountRequests, metrics=metrics)
+    app.add_middleware(LimitBody, limit=settings.max_body_bytes)
+    app.add_middleware(RequireKey, key=settings.api_key)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    """Every error as the API's error body; a bug's details stay in the server's log."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return ErrorJSON(error_body(exc.message, exc.type, exc.code), exc.status,
+                         headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
+                  for e in exc.errors()]
+        return ErrorJSON(error_body({"detail": detail}, "invalid_request_error",
+                                    detail=detail), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ErrorJSON(error_body(str(exc.detail), "invalid_request_error"),
+                         exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=exc)
+        return ErrorJSON(error_body("internal error", "internal_error"), 500)

@@ -1,0 +1,98 @@
+"""What the server knows and how it says no: its settings, its state (the engine once loaded),
+its Prometheus metrics, and `APIError`, the one way a route refuses a request."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mixtral.completion import TextJob
+from mixtral.engine import Engine
+from mixtral.generate import TokenConstraint
+from mixtral.server.protocol import clip
+from mixtral.tokenizer import Tokenizer, default_tokenizer
+
+ConstraintFactory = Callable[[dict[str, Any] | None], TokenConstraint]
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        message = clip(message)  # it may quote the request, which can be megabytes
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.headers = headers
+
+
+class ErrorJSON(JSONResponse):
+    """Error bodies as ASCII JSON: what they quote of a request (a name, a field's path) may
+    hold lone surrogates, which UTF-8 cannot encode but a \\u escape can."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+@dataclass
+class Settings:
+    name: str  # the loaded model's own id
+    api_key: str | None = None
+    max_queue: int = 16
+    max_batch: int = 8  # sequences decoded together
+    max_seq_len: int | None = None  # per sequence (KV cache slots); None: the model's context
+    keepalive_s: float = 10.0  # SSE comment when no token came for this long
+    max_body_bytes: int = 8 * 2**20
+    description: str = "Mixtral 8x7B"
+
+
+@dataclass
+class State:
+    settings: Settings
+    engine: Engine | None = None
+    tokenizer: Tokenizer = field(default_factory=default_tokenizer)
+    json_constraint: ConstraintFactory | None = None
+    load_error: str | None = None
+
+    def ready(self) -> Engine:
+        """The engine, or a 503 that says why there is none to use."""
+        if self.load_error:
+            raise APIError(503, f"the model failed to load: {self.load_error}",
+                           "service_unavailable")
+        if self.engine is None:
+            raise APIError(503, "the model is still loading; retry shortly",
+                           "service_unavailable", headers={"Retry-After": "5"})
+        if why := self.engine.failure:
+            raise APIError(503, f"the engine is not running: {why}", "service_unavailable")
+        return self.engine
+
+
+class Metrics:
+    def __init__(self, state: State) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mixtral_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("mixtral_prompt_tokens", "prompt tokens", registry=r)
+        self.completion_tokens = Counter("mixtral_completion_tokens", "generated tokens",
+                                         registry=r)
+        self.ttft = Histogram("mixtral_time_to_first_token_seconds", "request to first token",
+                              registry=r, buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.tps = Histogram("mixtral_decode_tokens_per_second", "decode speed per request",
+                             registry=r, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500))
+        queue = Gauge("mixtral_queue_depth", "requests waiting for the engine", registry=r)
+        queue.set_function(lambda: state.engine.queue_depth if state.engine else 0)
+        running = Gauge("mixtral_requests_running", "requests generating now", registry=r)
+        running.set_function(lambda: int(state.engine.busy) if state.engine else 0)
+
+    def answered(self, answer: TextJob, queued_at: float) -> None:
+        """One choice's latency, speed and tokens, once it has ended (times: monotonic)."""
+        first, end, n = answer.first_token_at, answer.ended_at, answer.tokens
+        if first is not None:
+            self.ttft.observe(first - queued_at)
+        if first is not None and end is not None and n > 1:
+            self.tps.observe((n - 1) / max(end - first, 1e-9))
+        self.completion_tokens.inc(n)
