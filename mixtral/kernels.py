@@ -25,12 +25,14 @@ q * scale + offset; bf16 rows [N, K] as nn.Linear holds them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl  # the kernels are x86 Linux builds; fcntl is there
 import functools
 import hashlib
 import os
 import threading
-import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +106,13 @@ def ops(tier: str) -> Any:
         raise ValueError(f"this CPU ({machine}) cannot run the {tier} kernels")
     from torch.utils import cpp_extension
 
-    clear_stale_lock(build_dir(tier))
     namespace = f"mixtral_{tier}"
-    cpp_extension.load(name=_name(tier), sources=[str(p) for p in SOURCES],
-                       extra_cflags=["-O3", *FLAGS[tier], f"-DMIXTRAL_NS={namespace}",
-                                     f"-DMIXTRAL_HEADERS={_headers_hash()}", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
-                       is_python_module=False)
+    with build_lock(build_dir(tier)):
+        cpp_extension.load(name=_name(tier), sources=[str(p) for p in SOURCES],
+                           extra_cflags=["-O3", *FLAGS[tier], f"-DMIXTRAL_NS={namespace}",
+                                         f"-DMIXTRAL_HEADERS={_headers_hash()}", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
+                           is_python_module=False)
     namespace_ops = getattr(torch.ops, namespace)
     if not hasattr(namespace_ops, "decode_attention"):
         raise RuntimeError(f"the {tier} build registered no ops in torch.ops.{namespace}")
@@ -123,20 +125,20 @@ def _headers_hash() -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in HEADERS)).hexdigest()[:16]
 
 
-STALE_LOCK_S = 600  # no build takes this long
-
-
-def clear_stale_lock(directory: str) -> bool:
-    """Remove a build lock older than any build (True if one was): a build killed midway leaves
-    PyTorch's lock file behind, and every later process would wait for it forever."""
-    lock = Path(directory) / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink()
-            return True
-    except OSError:  # no lock, or another process removed it first
-        pass
-    return False
+@contextlib.contextmanager
+def build_lock(directory: str) -> Iterator[None]:
+    """Only one process builds or loads a tier's kernels at a time, under an OS lock (flock)
+    that dies with its holder. PyTorch's own lock is a plain file: a build killed midway
+    (Ctrl-C, a test timeout) left it behind and every later process waited on it. A process
+    holding our lock knows any such file is a dead builder's, and removes it at once."""
+    os.makedirs(directory, exist_ok=True)
+    with open(Path(directory) / "build.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # waits only for a live builder
+        try:
+            (Path(directory) / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _here() -> Any:

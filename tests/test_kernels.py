@@ -440,18 +440,25 @@ def test_two_tiers_load_in_one_process_and_agree():
             # (the bf16 row: one bf16 rounding of nearly equal fp32 sums)
 
 
-def test_a_killed_builds_lock_is_cleared(tmp_path):
-    """A build killed midway leaves PyTorch's lock; the next process must not wait forever."""
-    import os
-    import time
+def test_a_killed_builds_lock_is_cleared_at_once(tmp_path):
+    """A build killed midway leaves PyTorch's lock file; the next process must neither wait on
+    it nor build beside a live builder (whose OS lock another process cannot take)."""
+    import subprocess
+    import sys
 
     lock = tmp_path / "lock"
-    lock.touch()
-    assert not kernels.clear_stale_lock(str(tmp_path)) and lock.exists()  # a build under way
-    old = time.time() - kernels.STALE_LOCK_S - 1
-    os.utime(lock, (old, old))
-    assert kernels.clear_stale_lock(str(tmp_path)) and not lock.exists()
-    assert not kernels.clear_stale_lock(str(tmp_path))  # nothing to clear
+    try_lock = ("import fcntl, sys\n"
+                f"f = open({str(tmp_path / 'build.flock')!r}, 'a')\n"
+                "try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                "except BlockingIOError: sys.exit(3)\n")
+    lock.touch()  # a dead builder's
+    with kernels.build_lock(str(tmp_path)):
+        assert not lock.exists()
+        assert subprocess.run([sys.executable, "-c", try_lock]).returncode == 3  # held
+        lock.touch()  # the file of the build under way
+    assert subprocess.run([sys.executable, "-c", try_lock]).returncode == 0  # released
+    with kernels.build_lock(str(tmp_path)):  # the next builder clears the dead one's file
+        assert not lock.exists()
 
 
 def test_a_failed_build_says_what_to_do(monkeypatch):
