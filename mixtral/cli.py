@@ -31,13 +31,22 @@ COMMANDS = {
 }
 
 
+DESCRIPTION = """\
+Mixtral 8x7B in PyTorch: chat and generate at the terminal, serve the Mistral chat API with a
+web chat page, train (pretrain, SFT, DPO, LoRA) and evaluate, measure speed, and inspect,
+convert and quantize checkpoints (Hugging Face or Mistral layout). Without --model, the
+commands that run a model use the built-in default: a small demo model, not an assistant.
+`mixtral COMMAND --help` shows a command's options."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="mixtral", description="Mixtral 8x7B: chat, generate, "
-                                     "inspect and convert checkpoints.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = command.Parser(prog="mixtral", description=DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_version()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help)
+        sp = sub.add_parser(name, help=help, description=help)
         if argv and argv[0] == name:  # only the command being run needs its flags
             importlib.import_module(module).COMMANDS[name](sp)
     return command.run(parser, argv)

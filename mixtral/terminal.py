@@ -1,5 +1,6 @@
-"""Text generation at the terminal: `mixtral chat` (an interactive conversation, streamed) and
-`mixtral generate` (one prompt, printed as it comes or as JSON). Both run the model through
+"""Text generation at the terminal: `mixtral chat` (an interactive conversation, streamed:
+terminal_chat.py holds the conversation, terminal_input.py what is typed) and `mixtral
+generate` (one prompt, printed as it comes or as JSON). Both run the model through
 mixtral.completion, the text layer over the token loop.
 
     python -m mixtral.terminal chat [--model PATH] ...
@@ -10,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mixtral import assemble
-from mixtral.command import Arguments, standalone
+from mixtral.command import Arguments, natural, nonnegative, positive, probability, standalone
 
 if TYPE_CHECKING:
     from mixtral.generate import GenerationParams
@@ -22,13 +23,16 @@ if TYPE_CHECKING:
 
 def chat_arguments(p: argparse.ArgumentParser) -> None:
     assemble.add_arguments(p)
-    _sampling_arguments(p, max_tokens=512)
+    _sampling_arguments(p, max_tokens=512, at_least=positive)
+    p.epilog = ('In the chat: a paste is one message; """ alone on a line starts and ends a '
+                "message of several lines; Ctrl-C stops an answer; /help lists the commands "
+                "(/save and /load a conversation, /reset, /exit).")
     p.set_defaults(run=run_chat)
 
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
     assemble.add_arguments(p)
-    _sampling_arguments(p, max_tokens=128)
+    _sampling_arguments(p, max_tokens=128, at_least=natural)
     p.add_argument("--prompt", required=True, help="the prompt text ('-' reads stdin)")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message in "
                    "the instruct format (default: raw text after BOS)")
@@ -40,11 +44,16 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Arguments] = {"chat": chat_arguments, "generate": generate_arguments}
 
 
-def _sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="same seed and prompt -> same output")
+def _sampling_arguments(p: argparse.ArgumentParser, max_tokens: int,
+                        at_least: Callable[[str], int]) -> None:
+    p.add_argument("--max-tokens", type=at_least, default=max_tokens,
+                   help="longest answer, in tokens (less where the context runs out)")
+    p.add_argument("--temperature", type=nonnegative, default=0.7,
+                   help="randomness of sampling; 0 = greedy")
+    p.add_argument("--top-p", type=probability, default=1.0,
+                   help="sample from the likeliest tokens that together have this probability")
+    p.add_argument("--seed", type=int, help="same seed and prompt -> same output "
+                   "(default: a new random answer each time)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--safe-prompt", action="store_true",
                    help="prepend Mistral's guardrail system prompt")
@@ -95,53 +104,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from mixtral import chat
-    from mixtral.completion import stream
-    from mixtral.parallel import is_leader
+    from mixtral.terminal_chat import Chat
+    from mixtral.terminal_input import MessageReader, history_path
     from mixtral.tokenizer import default_tokenizer
 
     model = assemble.from_args(args)
-    speak = is_leader()  # under --tp/--ep rank 0 prints; a follower's errors still show
-    tokenizer = default_tokenizer()
-    messages = _system(args)
-    interactive = sys.stdin.isatty()
-    if interactive and speak:
-        print("Chat with Mixtral. /reset starts over, /exit quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive and speak else "")
-        except EOFError:
-            break
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            messages = _system(args)
-            if speak:
-                print("[conversation reset]", file=sys.stderr)
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            prompt = chat.encode(messages, args.safe_prompt, tokenizer)
-            room = model.args.max_seq_len - len(prompt)  # answer within what is left
-            params = replace(_params(args), max_tokens=min(args.max_tokens, max(room, 1)))
-            reply = []
-            for delta in stream(model, tokenizer, prompt, params):
-                reply.append(delta.text)
-                if speak:
-                    print(delta.text, end="", flush=True)
-            if speak:
-                print()
-            if reply_text := "".join(reply):  # an empty turn is invalid; the user turns merge
-                messages.append({"role": "assistant", "content": reply_text})
-        except KeyboardInterrupt:  # stop this answer, keep the conversation
-            if speak:
-                print("\n[interrupted]", file=sys.stderr)
-            messages.pop()
-        except ValueError as e:  # e.g. the conversation no longer fits the context
-            print(f"[error: {e}; /reset to start over]", file=sys.stderr)
-            messages.pop()
+    Chat(model, default_tokenizer(), _params(args), _system(args),
+         args.safe_prompt).run(MessageReader(history_path()))
     return 0
 
 
