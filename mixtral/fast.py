@@ -21,7 +21,6 @@ keep PyTorch's kernels; FastMoe and FastAttention work with them too.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -30,7 +29,16 @@ from torch import Tensor, nn
 
 from mixtral import cpu, kernels
 from mixtral.cache import KVCache
-from mixtral.model import Attention, Experts, MoeLayer, RMSNorm, Transformer, dispatch, route
+from mixtral.model import (
+    Attention,
+    ExpertBank,
+    Experts,
+    MoeLayer,
+    RMSNorm,
+    Transformer,
+    dispatch,
+    route,
+)
 from mixtral.quant import Int4Linear, Int8Linear, QuantExperts
 
 SMALL_M = 16  # rows of x up to which the matrix-vector kernels beat dequantize + GEMM
@@ -270,7 +278,7 @@ def _rope(x: Tensor, rot: Tensor) -> Tensor:
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
-class FusedExperts(nn.Module):
+class FusedExperts(ExpertBank):
     """Each expert's w1 and w3 fused into one [2F, D] projection, w2 its fast twin. Experts on
     our kernels (int8, int4, and bf16 below AVX-512) are also stacked into banks [E, ...] (the
     modules hold views of them), so that a decoding step's MoE is one kernel call (`decode`)."""
@@ -290,9 +298,6 @@ class FusedExperts(nn.Module):
     def expert(self, e: int, x: Tensor) -> Tensor:
         gate, up = self.w13[e](x).split(self.hidden, dim=-1)
         return self.w2[e](F.silu(gate) * up)
-
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
     def decode(self, x: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
         """x [M, D] (a few rows), chosen/weights [M, k] -> the MoE output [M, D]."""
@@ -349,7 +354,7 @@ class FastMoe(nn.Module):
             return dispatch(self.experts, x, weights, chosen).view(shape), router_logits
         if isinstance(self.experts, FusedExperts) and self.experts.banks is not None:
             return self.experts.decode(x, chosen, weights).view(shape), router_logits
-        expert = cast(Callable[[int, Tensor], Tensor], self.experts.expert)
+        expert = self.experts.expert
         rows: list[Tensor] = []
         for n, (picks, w) in enumerate(zip(chosen.tolist(), weights.tolist(), strict=True)):
             # ascending expert order, as dispatch adds them
@@ -373,7 +378,7 @@ def optimize(model: Transformer) -> Transformer:
         if type(ff) is MoeLayer:
             layer.feed_forward = FastMoe(ff)
         elif isinstance(ff, MoeLayer):
-            ff.experts = fuse_experts(ff.experts) or ff.experts  # type: ignore[assignment]
+            ff.experts = fuse_experts(ff.experts) or ff.experts
     model.output = _swap(model.output)  # type: ignore[assignment]
     fp32 = _fp32_compute(model)
     cache = getattr(model, "expert_cache", None)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mixtral.model import Attention, Experts, Transformer
+from mixtral.model import Attention, ExpertBank, Experts, Transformer
 
 ATTENTION = ("wq", "wk", "wv", "wo")
 
@@ -54,7 +54,7 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(ExpertBank):
     """A rank-r adapter per expert and per matrix: A [E, r, in], B [E, out, r]; the base is
     model.Experts (weight banks) or an int8 quantize.QuantExperts (one Int8Linear each)."""
 
@@ -86,9 +86,6 @@ class LoRAExperts(nn.Module):
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         return self._mm("w2", e, F.silu(self._mm("w1", e, x)) * self._mm("w3", e, x))
-
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
     def merged(self) -> nn.Module:
         if self.quantized:

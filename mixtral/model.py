@@ -13,6 +13,7 @@ Hugging Face layout's rotate-half convention is undone when its checkpoints are 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 import torch
@@ -79,7 +80,22 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # [B, T, H*A] -> [B, T, D]
 
 
-class Experts(nn.Module):
+class ExpertBank(nn.Module, ABC):
+    """E experts run on rows grouped by expert: the call every expert bank shares (this float
+    one, and the quantized, LoRA, offloaded and fused ones of the swaps); a bank says only how
+    one expert computes and what it stores."""
+
+    @abstractmethod
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on rows x [M, D] -> [M, D]."""
+
+    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
+        """x [M, D] rows sorted by expert, counts[e] rows for expert e -> [M, D]."""
+        # an expert no token chose costs nothing
+        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
+
+
+class Experts(ExpertBank):
     """E SwiGLU experts stacked as banks; each computes w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int) -> None:
@@ -89,14 +105,8 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))  # [E, F, D] up
 
     def expert(self, e: int, x: Tensor) -> Tensor:
-        """Expert e on rows x [M, D] -> [M, D]."""
         h = F.silu(x @ self.w1[e].T) * (x @ self.w3[e].T)  # [M, F]
         return h @ self.w2[e].T
-
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        """x [M, D] rows sorted by expert, counts[e] rows for expert e -> [M, D]."""
-        # an expert no token chose costs nothing
-        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
 
 class MoeLayer(nn.Module):
@@ -107,7 +117,7 @@ class MoeLayer(nn.Module):
         super().__init__()
         self.top_k = args.num_experts_per_tok
         self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
-        self.experts = Experts(args.num_experts, args.dim, args.hidden_dim)
+        self.experts: ExpertBank = Experts(args.num_experts, args.dim, args.hidden_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         shape = x.shape
@@ -123,7 +133,7 @@ def route(router_logits: Tensor, top_k: int, dtype: torch.dtype) -> tuple[Tensor
     return F.softmax(top_logits, dim=-1).to(dtype), chosen
 
 
-def dispatch(experts: nn.Module, x: Tensor, weights: Tensor, chosen: Tensor) -> Tensor:
+def dispatch(experts: ExpertBank, x: Tensor, weights: Tensor, chosen: Tensor) -> Tensor:
     """Group the N*k (token, expert) pairs by expert, run each expert once on its rows, add the
     weighted outputs back onto their tokens. x [N, D] -> [N, D]."""
     flat = chosen.flatten()  # [N*k]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from mixtral.checkpoint import CheckpointError, CheckpointInfo, inspect, quantized_reader, reader
 from mixtral.formats import is_quantized_weight, parse_dtype, portable_names
 from mixtral.memory import check_fits, load_bytes
-from mixtral.model import Transformer
+from mixtral.model import ExpertBank, Transformer
 from mixtral.quant import Format, QuantExperts, apply, get
 from mixtral.sizes import parse_size
 
@@ -107,8 +107,8 @@ class ExpertCache:
         return module
 
 
-class OffloadedExperts(nn.Module):
-    """One layer's experts, fetched through the shared cache; same calls as model.Experts."""
+class OffloadedExperts(ExpertBank):
+    """One layer's experts, fetched through the shared cache (each a one-expert bank)."""
 
     def __init__(self, layer: int, cache: ExpertCache, num_experts: int) -> None:
         super().__init__()
@@ -116,9 +116,6 @@ class OffloadedExperts(nn.Module):
 
     def expert(self, e: int, x: Tensor) -> Tensor:
         return cast(Callable[[int, Tensor], Tensor], self.cache.get(self.layer, e).expert)(0, x)
-
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
 
 
 def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[int, int]:

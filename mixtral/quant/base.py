@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mixtral.model import ExpertBank
+
 Pair = tuple[Tensor, Tensor]  # (quantized weight, its scales) as the file stores them
 
 
@@ -33,8 +35,8 @@ class Format:
     layouts: dict[str, Callable[[Tensor], Tensor]]
 
 
-class QuantExperts(nn.Module):
-    """Experts with each bank quantized; same call as `model.Experts` (rows sorted by expert)."""
+class QuantExperts(ExpertBank):
+    """Experts with each bank quantized: one quantized module per expert and matrix."""
 
     def __init__(self, banks: dict[str, Pair], fmt: Format, group_size: int,
                  dtype: torch.dtype) -> None:
@@ -47,6 +49,3 @@ class QuantExperts(nn.Module):
     def expert(self, e: int, x: Tensor) -> Tensor:
         w1, w2, w3 = (getattr(self, w) for w in ("w1", "w2", "w3"))
         return w2[e](F.silu(w1[e](x)) * w3[e](x))
-
-    def forward(self, x: Tensor, counts: list[int]) -> Tensor:
-        return torch.cat([self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)])
