@@ -1,5 +1,6 @@
 """`mixtral train STAGE --config RECIPE [KEY=VALUE ...]`: a recipe (YAML) with the overrides
-given after it, turned into a TrainConfig and run (train/run.py).
+given after it, turned into a TrainConfig (train/config.py: each value brought to its
+setting's type, or refused in one line) and run (train/run.py).
 
     python -m mixtral.train.recipe sft --config recipes/default/sft.yaml steps=200
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mixtral.command import Arguments, standalone
+from mixtral.train.config import TrainConfig, setting
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +28,9 @@ COMMANDS: dict[str, Arguments] = {"train": arguments}
 
 
 def read_recipe(path: str, overrides: list[str]) -> dict[str, Any]:
-    """The recipe's settings, each override (KEY=VALUE, VALUE read as YAML) on top."""
+    """The recipe's settings, each override (KEY=VALUE, VALUE read as YAML) on top; an
+    override is checked against its setting's type at once, so its error names the command
+    line rather than the recipe."""
     import yaml
 
     try:
@@ -39,20 +43,23 @@ def read_recipe(path: str, overrides: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r}: write KEY=VALUE")
-        recipe[key] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(f"override {item[:200]!r}: not valid YAML ({first})") from None
+        recipe[key] = setting(key, parsed, "command line")
     return recipe
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixtral.train.run import TrainConfig, TrainingError, train
+    from mixtral.train.run import train
 
     recipe = read_recipe(args.config, args.overrides)
     recipe["stage"] = args.stage
-    try:
-        final = train(TrainConfig.from_dict(recipe, args.config))
-    except TrainingError as e:  # a diverged run, a refused checkpoint: one line, status 2
-        raise ValueError(str(e)) from None
-    print(final)
+    # TrainingError (a bad setting, a diverged run, a refused checkpoint) is a ValueError:
+    # the one handler in mixtral.command prints it in one line, exit status 2
+    print(train(TrainConfig.from_dict(recipe, args.config)))
     return 0
 
 
