@@ -18,10 +18,11 @@ from torch import Tensor
 
 from mixtral.chat import ChatError, encode, encode_for_training
 from mixtral.tokenizer import Tokenizer
+from mixtral.train.config import TrainingError
 
 
-class DataError(ValueError):
-    pass
+class DataError(TrainingError):
+    """A data file that cannot be trained on, named with its line."""
 
 
 def _files(paths: Sequence[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
@@ -39,17 +40,42 @@ def _files(paths: Sequence[str | Path], suffixes: tuple[str, ...]) -> list[Path]
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object")
+                yield n, obj
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Where `path` stops being UTF-8: its first bad line, the byte and its column (counted in
+    characters, as an editor shows it). The decoder's own error cannot say: it decodes the
+    file in chunks, and its position is within the chunk, not the file or a line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):  # a UTF-8 sequence never holds a newline byte
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            yield n, obj
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8")) + 1
+                return DataError(f"{path}:{n}: not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                 f"column {column})")
+    return DataError(f"{path}: not UTF-8")  # only if the file changed while being read
 
 
 # --- pretraining ---------------------------------------------------------------------------------
@@ -65,11 +91,7 @@ def pretrain_tokens(paths: Sequence[str | Path], tokenizer: Tokenizer) -> Tensor
                     raise DataError(f'{path}:{n}: expected {{"text": "..."}}')
                 stream += tokenizer.encode(obj["text"], bos=True, eos=True)
         else:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
-            stream += tokenizer.encode(text, bos=True, eos=True)
+            stream += tokenizer.encode(_read_text(path), bos=True, eos=True)
     return torch.tensor(stream, dtype=torch.int32)
 
 
