@@ -28,6 +28,7 @@ from mixtral.config import ModelArgs
 from mixtral.engine import Engine
 from mixtral.generate import GenerationParams
 from mixtral.model import Transformer
+from mixtral.prefill import prefill
 
 
 def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
@@ -40,11 +41,9 @@ def prefill_once(model: Transformer, prompt: list[int]) -> float:
     """Seconds for one forward over the prompt into a fresh cache."""
     device = model.device
     cache = KVCache(model.args, 1, len(prompt) + 1, model.dtype, device)
-    tokens = torch.tensor([prompt], device=device)
-    positions = torch.arange(len(prompt), device=device)[None]
     _sync(device)
     start = time.perf_counter()
-    model(tokens, positions, cache, last_only=True)
+    prefill(model, prompt, cache)  # in one chunk
     _sync(device)
     return time.perf_counter() - start
 

@@ -36,6 +36,7 @@ import torch
 from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
 from mixtral.model import Runner
+from mixtral.prefill import prefill
 from mixtral.sampling import check_seed
 
 log = logging.getLogger("mixtral.engine")
@@ -254,18 +255,18 @@ class Engine:
         if not todo:
             return
         r = min(todo, key=lambda x: x.job.id)
+        # one chunk per iteration, not the whole prompt: the decode step that follows keeps the
+        # other requests' tokens coming while a long prompt goes in
         start = r.prefilled
         chunk = r.job.prompt[start:start + self.prefill_chunk]
-        tokens = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
         try:
-            logits = self.model(tokens, positions, self.cache.rows([r.slot]), last_only=True)
+            logits = prefill(self.model, chunk, self.cache.rows([r.slot]), start=start)
         except Exception as e:  # only this request was in the forward pass
             self._finish(r, e)
             return
         r.prefilled += len(chunk)
         if r.prefilled == len(r.job.prompt):
-            self._choose(r, logits[:, -1])
+            self._choose(r, logits)
 
     @torch.inference_mode()
     def _decode(self) -> None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mixtral.cache import KVCache
 from mixtral.model import Runner, Transformer
+from mixtral.prefill import prefill
 from mixtral.sampling import make_generator, sample
 
 
@@ -128,8 +129,7 @@ def generate(model: Transformer, prompt: list[int], params: GenerationParams,
     device = model.device
     cache = KVCache(model.args, 1, len(prompt) + n, model.dtype, device)
     choose = Sampler(params, n, model.args.vocab_size, device, constraint)
-    logits = _forward(model, torch.tensor([prompt], device=device),
-                      torch.arange(len(prompt), device=device)[None], cache)
+    logits = prefill(model, prompt, cache)  # the whole prompt in one call
     while True:
         token = choose(logits)
         yield token

@@ -12,7 +12,8 @@ import mixtral
 from mixtral import formats
 from mixtral.cache import KVCache
 from mixtral.config import ModelArgs
-from mixtral.model import MoeLayer, Transformer
+from mixtral.model import ExpertBank, MoeLayer, Transformer
+from mixtral.prefill import chunks, prefill
 
 # GQA ratios 1/2/4, top-1/2/3 of 4 or 8 experts, rope_theta other than 1e6, head_dim != dim/heads,
 # and a sliding window.
@@ -134,6 +135,28 @@ def test_moe_skips_experts_no_token_chose():
     torch.testing.assert_close(out, expected)
 
 
+class _Scaled(ExpertBank):
+    """Expert e multiplies by e + 1 and records that it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def expert(self, e, x):
+        self.calls.append((e, len(x)))
+        return x * (e + 1)
+
+
+def test_expert_bank_runs_each_chosen_expert_once_on_its_rows():
+    bank = _Scaled()
+    x = torch.arange(1.0, 6.0)[:, None]  # rows sorted by expert: 2 for expert 1, 3 for expert 3
+    out = bank(x, [0, 2, 0, 3])
+    assert bank.calls == [(1, 2), (3, 3)]  # experts no row chose are never called
+    torch.testing.assert_close(out, torch.tensor([[2.0], [4.0], [12.0], [16.0], [20.0]]))
+    with pytest.raises(TypeError, match="abstract"):  # a bank must say how an expert computes
+        ExpertBank()  # type: ignore[abstract]
+
+
 # --- the KV cache --------------------------------------------------------------------------------
 
 def small_model(**changes) -> Transformer:
@@ -158,6 +181,24 @@ def test_incremental_decode_equals_full_forward(window, chunk):
             positions = torch.arange(start, min(start + chunk, 20))[None]
             steps.append(model(tokens[:, start:start + chunk], positions, cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_in_chunks_from_any_start_equals_one_forward():
+    model = small_model()
+    ids = torch.randint(0, 97, (20,), generator=torch.Generator().manual_seed(8)).tolist()
+    full = model(torch.tensor([ids]))
+    for chunk in (1, 6, 20, 64):
+        cache = KVCache(model.args, 1, 32)
+        got = torch.cat(list(chunks(model, ids, cache, chunk)), dim=1)
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    cache = KVCache(model.args, 1, 32)  # the engine's way: a prompt fed in two calls
+    prefill(model, ids[:13], cache)
+    torch.testing.assert_close(prefill(model, ids[13:], cache, 3, start=13), full[:, -1],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="nothing to prefill"):
+        prefill(model, [], cache)
+    with pytest.raises(ValueError, match="chunk must be at least 1 token, got 0"):
+        prefill(model, ids, cache, 0)
 
 
 def test_cache_rows_at_different_positions():

@@ -2,7 +2,8 @@
 
 A 32k-token prompt in one call would materialise a [32k, 32k] attention mask per layer and
 [32k, 32000] fp32 logits (4 GiB); prefilling a KV cache chunk by chunk bounds both by the chunk
-size, and gives exactly the same logits (causal attention over the cached keys)."""
+size, and gives exactly the same logits (causal attention over the cached keys). The loop itself
+is mixtral.prefill's, shared with the engine and the benchmark."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from mixtral.cache import KVCache
 from mixtral.model import Transformer
+from mixtral.prefill import chunks, prefill
 
 
 def check_length(model: Transformer, tokens: int, what: str) -> None:
@@ -30,12 +32,8 @@ def _cache(model: Transformer, positions: int) -> KVCache:
 def chunked_logits(model: Transformer, ids: list[int], chunk: int = 1024) -> Iterator[Tensor]:
     """Yield fp32 logits [t, V] for consecutive chunks of `ids` (t <= chunk), in order."""
     check_length(model, len(ids), f"a sequence of {len(ids)} tokens")
-    cache = _cache(model, len(ids))
-    device = model.device
-    for start in range(0, len(ids), chunk):
-        piece = torch.tensor([ids[start:start + chunk]], device=device)  # [1, t]
-        positions = torch.arange(start, start + piece.shape[1], device=device)[None]
-        yield model(piece, positions, cache)[0]
+    for logits in chunks(model, ids, _cache(model, len(ids)), chunk):
+        yield logits[0]
 
 
 @torch.inference_mode()
@@ -59,11 +57,7 @@ def greedy(model: Transformer, ids: list[int], max_new: int, stop_ids: tuple[int
                  f"a prompt of {len(ids)} tokens with {max_new} answer tokens")
     cache = _cache(model, len(ids) + max_new)
     device = model.device
-    logits = torch.empty(0)
-    for start in range(0, len(ids), chunk):
-        piece = torch.tensor([ids[start:start + chunk]], device=device)
-        positions = torch.arange(start, start + piece.shape[1], device=device)[None]
-        logits = model(piece, positions, cache, last_only=True)[0, -1]
+    logits = prefill(model, ids, cache, chunk)[0]
     out: list[int] = []
     while len(out) < max_new:
         token = int(logits.argmax())

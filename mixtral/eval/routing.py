@@ -23,6 +23,7 @@ from mixtral.cache import KVCache
 from mixtral.eval.forward import check_length
 from mixtral.eval.perplexity import read_documents
 from mixtral.model import Transformer
+from mixtral.prefill import chunks
 from mixtral.tokenizer import Tokenizer
 
 
@@ -43,11 +44,8 @@ def choices(model: Transformer, ids: list[int], chunk: int = 1024) -> Tensor:
     check_length(model, len(ids), f"a routing window of {len(ids)} tokens")
     cache = KVCache(model.args, 1, len(ids), model.dtype, model.device)
     parts = []
-    for start in range(0, len(ids), chunk):
-        piece = torch.tensor([ids[start:start + chunk]], device=model.device)
-        positions = torch.arange(start, start + piece.shape[1], device=model.device)[None]
-        _, router_logits = model(piece, positions, cache, last_only=True,
-                                 return_router_logits=True)
+    for _, router_logits in chunks(model, ids, cache, chunk, last_only=True,
+                                   return_router_logits=True):
         # topk sorts descending: column 0 is the first choice
         picks = [torch.topk(r.float(), model.args.num_experts_per_tok, dim=-1).indices
                  for r in router_logits]  # each [t, k]
