@@ -392,8 +392,7 @@ def _fp32_compute(model: Transformer) -> bool:
     weights staying bf16/int8/int4: PyTorch's bf16 operations there (its GEMM 0.7 GFLOP/s on
     the avx2 tier, attention, norms) are several times slower than fp32 ones. Only when every
     matmul weight is in a module that takes fp32 input (not under LoRA, say)."""
-    embed = model.tok_embeddings.weight
-    if embed.dtype != torch.bfloat16 or embed.device.type != "cpu" or cpu.probe().onednn_bf16 \
+    if model.dtype != torch.bfloat16 or model.device.type != "cpu" or cpu.probe().onednn_bf16 \
             or not cpu.probe().at_least("avx2"):
         return False
     small = (nn.Embedding, RMSNorm)

@@ -101,10 +101,10 @@ def main() -> None:
     with torch.inference_mode():
         if "prefill" in whats:
             ids = torch.from_numpy(common.prompt_ids(1, a.prefill_len, 1234))
-            cache = KVCache(args, 1, a.prefill_len, model.tok_embeddings.weight.dtype)
+            cache = KVCache(args, 1, a.prefill_len, model.dtype)
             model(ids[:, :64], torch.arange(64)[None], cache, last_only=True)  # warm-up
             for r in range(a.reps):
-                cache = KVCache(args, 1, a.prefill_len, model.tok_embeddings.weight.dtype)
+                cache = KVCache(args, 1, a.prefill_len, model.dtype)
                 with common.CpuMeter() as cm:
                     t = time.perf_counter()
                     model(ids, torch.arange(a.prefill_len)[None], cache, last_only=True)
