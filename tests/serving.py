@@ -7,11 +7,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import uvicorn
-
 from mixtral.default_model import random_tiny
 from mixtral.model import Transformer
 from mixtral.server.app import Settings, create_app
+from mixtral.server.connections import uvicorn_server
 
 
 def free_port() -> int:
@@ -22,14 +21,14 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, load: Callable[[], Transformer] = random_tiny,
-                 json_constraint=None, wait_ready: bool = True, app=None, **settings) -> None:
+                 json_constraint=None, wait_ready: bool = True, app=None, grace: float = 2.0,
+                 **settings) -> None:
         settings.setdefault("name", "mixtral-tiny-random")
         self.app = app or create_app(load, Settings(**settings), json_constraint)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        # the server as `mixtral serve` runs it: its connection limits, timeouts and drain
+        self.server = uvicorn_server(self.app, "127.0.0.1", self.port, grace, "warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

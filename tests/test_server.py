@@ -323,7 +323,7 @@ def test_non_streaming_disconnect_frees_the_slot(slow):
     wait_idle(slow.state)
     body = json.dumps({"model": "mistral-small", "messages": HELLO, "max_tokens": 1500}).encode()
     with socket.create_connection(("127.0.0.1", slow.port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                   b"application/json\r\nContent-Length: " + str(len(body)).encode() +
                   b"\r\n\r\n" + body)
         deadline = time.monotonic() + 5
@@ -342,9 +342,10 @@ def test_failure_after_streaming_began_is_an_error_event():
                 assert r.status_code == 200
                 events = sse(r)
             assert events[0]["choices"][0]["delta"]["role"] == "assistant"
-            assert events[-1] == {"error": {"message": "internal error during generation",
+            assert events[-2] == {"error": {"message": "internal error during generation",
                                             "type": "internal_error", "param": None,
                                             "code": "500"}}
+            assert events[-1] == "[DONE]"  # every stream ends so, an error event or not
             r = c.post("/v1/chat/completions", json={**body, "stream": False})
             assert r.status_code == 500 and r.json()["type"] == "internal_error"
             assert "simulated" not in r.text and "Traceback" not in r.text

@@ -3,7 +3,9 @@
 Each choice is an engine job whose `completion.TextJob` turns ids into text deltas on the
 engine's thread and hands them to the event loop. All n are queued at once, before the
 response starts (429 rather than a 200 that then says it was refused), and every way a
-response can end — done, an error, the client gone — cancels the jobs still running.
+response can end — done, an error, the client gone, the shutdown's grace deadline (503, or
+in a stream an error event) — cancels the jobs still running. Every stream ends with
+`data: [DONE]`, after an error event too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from mixtral.completion import Delta, TextJob
 from mixtral.engine import EngineDown, Job, QueueFull
 from mixtral.server import protocol
 from mixtral.server.planning import Plan
-from mixtral.server.state import APIError, Metrics, State
+from mixtral.server.state import APIError, Cut, Metrics, State
 
 log = logging.getLogger("mixtral.server")
 
@@ -41,15 +43,20 @@ class Choice:
     index: int
     job: Job
     answer: TextJob
-    events: asyncio.Queue[Delta | Failed]
+    events: asyncio.Queue[Delta | Failed | Cut]
     queued_at: float
+    live: set[asyncio.Queue[Any]]  # the state's answers being read, where `events` is listed
+
+    def end(self) -> None:
+        self.job.cancel()  # a no-op for a job that ended; frees its slot at once otherwise
+        self.live.discard(self.events)
 
 
 def _choice(plan: Plan, st: State, index: int) -> Choice:
     """One choice's engine job, not yet queued."""
     engine = st.ready()
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Delta | Failed] = asyncio.Queue()
+    events: asyncio.Queue[Delta | Failed | Cut] = asyncio.Queue()
     params = plan.params
     if plan.n > 1 and params.seed is not None:  # n different answers, still reproducible
         params = replace(params, seed=params.seed + index)
@@ -65,7 +72,7 @@ def _choice(plan: Plan, st: State, index: int) -> Choice:
     except ValueError as e:
         raise APIError(400, str(e), code="3210") from None
     answer.job = job
-    return Choice(index, job, answer, events, time.monotonic())
+    return Choice(index, job, answer, events, time.monotonic(), st.answers)
 
 
 def reserve(plan: Plan, st: State) -> list[Choice]:
@@ -79,12 +86,13 @@ def reserve(plan: Plan, st: State) -> list[Choice]:
                        headers={"Retry-After": "2"}) from None
     except EngineDown as e:
         raise APIError(503, f"the engine is not running: {e}", "service_unavailable") from None
+    st.answers.update(c.events for c in choices)  # cut at the shutdown's deadline (State.cut)
     return choices
 
 
 def cancel(choices: list[Choice]) -> None:
     for choice in choices:
-        choice.job.cancel()  # a no-op for a job that ended; frees its slot at once otherwise
+        choice.end()
 
 
 class EventStream(StreamingResponse):
@@ -117,12 +125,15 @@ async def _deltas(choice: Choice, metrics: Metrics,
             if isinstance(event, Failed):  # an engine fault: log it, tell the client less
                 log.error("generation failed", exc_info=event.error)
                 raise APIError(500, "internal error during generation", "internal_error", "500")
+            if isinstance(event, Cut):
+                raise APIError(503, "the server is shutting down: the answer was cut at the end "
+                               "of its grace period", "service_unavailable")
             yield event
             if event.finish_reason is not None:
                 metrics.answered(choice.answer, choice.queued_at)
                 return
     finally:
-        choice.job.cancel()  # a no-op when it already ended; frees the slot at once otherwise
+        choice.end()
 
 
 async def collect(plan: Plan, metrics: Metrics, choices: list[Choice]) -> dict[str, Any]:
@@ -175,7 +186,6 @@ async def sse(plan: Plan, metrics: Metrics, choices: list[Choice],
             yield _event({"id": plan.id, "object": "chat.completion.chunk",
                           "created": plan.created, "model": plan.model, "choices": [],
                           "usage": protocol.usage(len(plan.prompt), total)})
-        yield b"data: [DONE]\n\n"
     except APIError as e:  # after the 200 went out, errors travel in the stream
         yield _event({"error": {"message": e.message, "type": e.type, "param": None,
                                 "code": e.code}})
@@ -185,6 +195,7 @@ async def sse(plan: Plan, metrics: Metrics, choices: list[Choice],
                                 "type": "internal_error", "param": None, "code": "500"}})
     finally:
         cancel(choices)
+    yield b"data: [DONE]\n\n"  # every stream ends so, an error event or not
 
 
 async def until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:

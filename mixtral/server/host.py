@@ -3,13 +3,14 @@ the engine on the main thread — until a signal, then a graceful drain."""
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 from mixtral.engine import Engine
 from mixtral.model import Runner
+from mixtral.server.connections import uvicorn_server
 from mixtral.server.routes import create_app
 from mixtral.server.state import ConstraintFactory, Settings, State
 
@@ -19,15 +20,13 @@ def serve(load: Callable[[], Runner], settings: Settings, host: str, port: int,
     """Serve until SIGTERM/Ctrl-C: the web server on a thread (503 while the model loads), the
     model loaded and the engine run on this (the main) thread, where PyTorch's CPU kernels are
     fastest. On a signal the web server stops accepting, gives in-flight requests `grace`
-    seconds, cancels the rest and the engine stops; returns 0. A model that fails to load
-    stops the web server and re-raises."""
-    import uvicorn
-
+    seconds, cuts the rest (connections.py) and the engine stops; returns 0. A model that
+    fails to load stops the web server and re-raises."""
+    # the address it is bound to is a name its clients may use (exposure.py)
+    settings = replace(settings, allow_hosts=(*settings.allow_hosts, host))
     app = create_app(None, settings, json_constraint)
     state: State = app.state.mixtral
-    config = uvicorn.Config(app, host=host, port=port, log_level="info",
-                            timeout_graceful_shutdown=math.ceil(grace))
-    server = uvicorn.Server(config)  # off the main thread it installs no signal handlers
+    server = uvicorn_server(app, host, port, grace)  # off the main thread: no signal handlers
     web = threading.Thread(target=server.run, name="mixtral-http")
     web.start()
 

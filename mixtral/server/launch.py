@@ -20,8 +20,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
     assemble.add_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this bearer key on /v1/* (default: the "
-                   "MIXTRAL_API_KEY environment variable; none: open)")
+    p.add_argument("--api-key", help="require this bearer key on /v1/* and /openapi.json "
+                   "(printable ASCII; default: the MIXTRAL_API_KEY environment variable; "
+                   "neither: open)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host or Origin names NAME (repeatable; "
+                   "'*': any). Localhost names, loopback addresses and --host always pass")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for the engine before 429 (default 16)")
     p.add_argument("--max-batch", type=int, default=8,
@@ -29,7 +33,17 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="positions per sequence (default: the "
                    "model's context, at most 8192); the KV cache holds max-batch of them")
     p.add_argument("--grace", type=int, default=10, help="seconds in-flight requests get "
-                   "to finish on SIGTERM/Ctrl-C before they are cancelled (default 10)")
+                   "to finish on SIGTERM/Ctrl-C before they are cut (default 10)")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections; "
+                   "beyond, the longest idle is closed, or 503 while all are busy (default 256)")
+    p.add_argument("--keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="an idle connection is closed after this long (default 5)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time a connection has to send a whole request head (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time a request has to send its whole body: else 408 (default 30)")
+    p.add_argument("--max-header-bytes", type=int, default=16384,
+                   help="largest request head accepted (default 16384)")
     p.set_defaults(run=run)
 
 
@@ -48,9 +62,13 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.model)
         name = (path if path.is_dir() else path.parent).resolve().name
         description = "Mixtral 8x7B"
-    settings = Settings(name=name, api_key=args.api_key or os.environ.get("MIXTRAL_API_KEY"),
+    key = args.api_key if args.api_key is not None else os.environ.get("MIXTRAL_API_KEY")
+    settings = Settings(name=name, api_key=key,  # an empty key is refused, never "open"
                         max_queue=args.max_queue, description=description,
-                        max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192)
+                        max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192,
+                        allow_hosts=tuple(args.allow_host), max_connections=args.max_connections,
+                        keep_alive_s=args.keep_alive, header_timeout_s=args.header_timeout,
+                        body_timeout_s=args.body_timeout, max_header_bytes=args.max_header_bytes)
     url = f"http://{args.host}:{args.port}"
     if is_leader():
         print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"

@@ -1,18 +1,18 @@
-"""What every request passes before a route sees it: the bearer key, the body size, and the
-request counter. Pure ASGI (no BaseHTTPMiddleware), so that disconnects reach the handlers."""
+"""What every request passes before a route sees it (besides exposure.py's checks): one body
+framing, a body of bounded size that arrives in bounded time, and the request counter. Pure
+ASGI (no BaseHTTPMiddleware), so that disconnects reach the handlers."""
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
-import secrets
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mixtral.server import protocol
 from mixtral.server.protocol import error_body
-from mixtral.server.state import Metrics
+from mixtral.server.state import Metrics, State
 
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions"}
 
@@ -26,46 +26,54 @@ async def send_json(send: Send, status: int, body: dict[str, Any],
     await send({"type": "http.response.body", "body": data})
 
 
-class RequireKey:
-    """Bearer key on /v1/* (constant-time compare); the page, /health and /metrics stay open."""
+class OneFraming:
+    """400, and the connection closed, for a request with both Content-Length and
+    Transfer-Encoding (RFC 9112 section 6.1): two parties could read two different bodies
+    from it (request smuggling). h11 itself follows Transfer-Encoding alone."""
 
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.digest = hashlib.sha256(key.encode()).digest() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.digest and scope["type"] == "http" and scope["path"].startswith("/v1"):
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            given = hashlib.sha256(token.strip().encode()).digest()
-            if scheme.lower() != "bearer" or not secrets.compare_digest(given, self.digest):
-                await send_json(send, 401, protocol.unauthorized_body(),
-                                [(b"www-authenticate", b"Bearer")])
+        if scope["type"] == "http":
+            names = {k for k, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                await send_json(send, 400, error_body(
+                    "a request may have Content-Length or Transfer-Encoding, not both",
+                    "invalid_request_error"), [(b"connection", b"close")])
                 return
         await self.app(scope, receive, send)
 
 
 class LimitBody:
-    """Read request bodies up front (they are small JSON) and refuse oversized ones with 413."""
+    """Read request bodies up front (they are small JSON): 413 for one over `limit` bytes, 408
+    (and the connection closed) for one that takes longer than `timeout` seconds to arrive."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
         body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                await send_json(send, 413, error_body(
-                    f"request body larger than {self.limit} bytes", "invalid_request_error"))
-                return
+        with anyio.move_on_after(self.timeout) as reading:
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.limit:
+                    await send_json(send, 413, error_body(
+                        f"request body larger than {self.limit} bytes",
+                        "invalid_request_error"))
+                    return
+        if reading.cancelled_caught:
+            await send_json(send, 408, error_body(
+                f"the request body did not arrive within {self.timeout:g} s",
+                "invalid_request_error"), [(b"connection", b"close")])
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -99,3 +107,18 @@ class CountRequests:
         finally:
             route = scope["path"] if scope["path"] in ROUTES else "other"
             self.metrics.requests.labels(route, str(status)).inc()
+
+
+class QuietDrain:
+    """A request that uvicorn cancels at the end of a shutdown ends without a traceback in
+    the log: State.cut has told its client (uvicorn's own line says how many it cancelled)."""
+
+    def __init__(self, app: ASGIApp, state: State) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.state.draining:
+                raise

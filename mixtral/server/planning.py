@@ -1,17 +1,30 @@
 """From a validated request to a `Plan`: its prompt ids, sampling settings, stop strings and
-JSON constraint, or an `APIError` saying what in the request cannot be served."""
+JSON constraints, or an `APIError` saying what in the request cannot be served.
+
+Planning tokenizes the conversation and compiles JSON schemas: work that grows with the
+request (a megabyte prompt took seconds), so `plan_off_loop` runs it on a few worker threads,
+never on the event loop that answers every other connection. A prompt that cannot fit the
+context is refused from its length alone, before any tokenizing (see `at_least_tokens`).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
+
+import anyio
+import sentencepiece
 
 from mixtral import chat
 from mixtral.generate import GenerationParams, TokenConstraint
 from mixtral.server import protocol
-from mixtral.server.protocol import ChatCompletionRequest
+from mixtral.server.protocol import ChatCompletionRequest, lone_surrogate
 from mixtral.server.state import APIError, ConstraintFactory, State
-from mixtral.tokenizer import default_tokenizer
+from mixtral.tokenizer import Tokenizer, default_tokenizer
+
+PLANNERS = 4  # requests planned at once; more wait their turn (on the loop, without blocking it)
 
 
 @dataclass
@@ -32,7 +45,20 @@ class Plan:
     constraints: list[TokenConstraint | None] = field(default_factory=list)  # one per choice
 
 
-def plan(body: ChatCompletionRequest, st: State) -> Plan:
+async def plan_off_loop(body: ChatCompletionRequest, st: State, models: list[str]) -> Plan:
+    """`plan` on a worker thread, at most PLANNERS at a time."""
+    if st.planners is None:  # made here: anyio's limiter belongs to the running loop
+        st.planners = anyio.CapacityLimiter(PLANNERS)
+    return await anyio.to_thread.run_sync(plan, body, st, models, limiter=st.planners)
+
+
+def plan(body: ChatCompletionRequest, st: State, models: list[str]) -> Plan:
+    """The plan of a request for one of `models`; APIError if it cannot be served."""
+    if where := lone_surrogate(body.model_dump(by_alias=True)):
+        raise APIError(400, f"{where}: not valid Unicode text (it holds a lone surrogate "
+                       "escape such as \\ud800)")
+    if body.model not in models:
+        raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
     if body.tools:
         raise APIError(400, "tools are not supported: Mixtral-8x7B's v1 tokenizer has no "
                        "function-calling format", code="3051")
@@ -42,6 +68,8 @@ def plan(body: ChatCompletionRequest, st: State) -> Plan:
     if not messages:  # checked before the safe prompt could make the list non-empty
         raise APIError(400, "Conversation must have at least one message",
                        "invalid_request_message_order", "3230")
+    engine = st.ready()
+    _fits_by_length(body, st.tokenizer, engine.context)
     try:
         prompt = chat.encode(messages, body.safe_prompt or body.safe_mode, st.tokenizer)
     except chat.ChatError as e:
@@ -61,7 +89,7 @@ def plan(body: ChatCompletionRequest, st: State) -> Plan:
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         stop_ids=(st.tokenizer.eos_id,))
     try:
-        st.ready().check(prompt, params)
+        engine.check(prompt, params)
     except ValueError as e:
         raise APIError(400, str(e), code="3210") from None
     fmt = body.response_format
@@ -90,6 +118,59 @@ def constraint(plan: Plan, st: State) -> TokenConstraint | None:
         return st.json_constraint(plan.json_schema)
     except ValueError as e:
         raise APIError(400, f"response_format: {e}", code="3051") from None
+    except RecursionError:  # the schema checks walk it recursively
+        raise APIError(400, "response_format: the schema is nested too deeply",
+                       code="3051") from None
+
+
+def _fits_by_length(body: ChatCompletionRequest, tokenizer: Tokenizer, context: int) -> None:
+    """400 when the messages' length alone proves the prompt cannot fit the context."""
+    per_token = longest_piece(tokenizer)
+    if per_token is None:
+        return
+    texts = [text for m in body.messages if m.role in chat.ROLES for text in _texts(m.content)]
+    tokens = at_least_tokens(texts, per_token)
+    # prompt tokens that leave room for an answer; max_tokens beyond that room is left to the
+    # engine's exact check, whose message counts the real tokens (and tokenizing such a
+    # prompt costs at most `per_token` * context characters' worth)
+    most = context if body.max_new_tokens == 0 else context - 1
+    if tokens <= most:
+        return
+    chars = sum(len(t.strip()) for t in texts)  # what the bound counts
+    raise APIError(400, f"the messages hold {chars} characters: at least {tokens} tokens (a "
+                   f"token covers at most {per_token} characters), more than fit the model's "
+                   f"context of {context} tokens", code="3210")
+
+
+def _texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    return [c.text for c in content or []]
+
+
+def at_least_tokens(texts: list[str], per_token: int) -> int:
+    """A lower bound on the prompt tokens of messages holding `texts`.
+
+    Why it is sound: the tokenizer's normalizer is the identity (checked by `longest_piece`),
+    so the text its pieces cover is each message's own text — spaces as "▁", plus the one
+    "▁" it prefixes. mistral-common only strips whitespace at a message's ends before encoding
+    it (an assistant message's trailing spaces), hence the strip. A piece covers at most
+    `per_token` characters of that text; a byte-fallback piece covers part of one; control
+    pieces (BOS, [INST]) cover none and only add tokens. So each text needs at least
+    ceil(len / per_token) tokens. (Bytes bound nothing finer: a character is 1 to 4 bytes of
+    UTF-8 but one to four byte pieces or part of a longer piece.)"""
+    return sum(math.ceil(len(t.strip()) / per_token) for t in texts)
+
+
+@lru_cache(maxsize=4)
+def longest_piece(tokenizer: Tokenizer) -> int | None:
+    """The most characters one piece of the vocabulary covers; None when the tokenizer
+    normalizes text (NFKC can shorten it, collapsed spaces do), where no bound is sound."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer.model_file))
+    probe = "a  b\u00a0\ufb03 e\u0301 \uff21 \u1100\u1161 x\t\n "  # NFKC would change all
+    if sp.normalize(probe) != "\u2581" + probe.replace(" ", "\u2581"):
+        return None
+    return max(len(sp.id_to_piece(i)) for i in range(sp.get_piece_size()))
 
 
 def json_constraints() -> ConstraintFactory:

@@ -138,22 +138,37 @@ class ChatCompletionRequest(BaseModel):
 
 def lone_surrogate(value: Any, path: str = "") -> str | None:
     """The dotted path of the first string (or key) in `value` that holds a lone UTF-16
-    surrogate ("\\ud800" is valid JSON but no character), or None."""
-    if isinstance(value, str):
-        return path or "body" if any("\ud800" <= c <= "\udfff" for c in value) else None
-    items: list[tuple[Any, Any]] = []
-    if isinstance(value, dict):
-        items = list(value.items())
-    elif isinstance(value, (list, tuple)):
-        items = list(enumerate(value))
-    for key, item in items:
-        shown = str(key).encode("utf-8", "backslashreplace").decode()  # the path is echoed
-        where = f"{path}.{shown}" if path else shown
-        if isinstance(key, str) and lone_surrogate(key):
-            return where
-        if found := lone_surrogate(item, where):
-            return found
+    surrogate ("\\ud800" is valid JSON but no character), or None. Iterative, so that a
+    deeply nested value (a JSON schema) cannot exhaust the stack."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _has_surrogate(item):
+                return where or "body"
+            continue
+        children: list[tuple[Any, Any]] = []
+        if isinstance(item, dict):
+            children = list(item.items())
+        elif isinstance(item, (list, tuple)):
+            children = list(enumerate(item))
+        for key, child in reversed(children):  # popped in order: the first one is reported
+            shown = str(key).encode("utf-8", "backslashreplace").decode()  # the path is echoed
+            inner = f"{where}.{shown}" if where else shown
+            stack.append((child, inner))
+            if isinstance(key, str) and _has_surrogate(key):
+                stack.append((key, inner))
     return None
+
+
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:  # strict UTF-8 refuses exactly the surrogates, at C speed (a prompt can be megabytes)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def clip(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:

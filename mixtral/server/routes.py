@@ -22,9 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mixtral.engine import Engine
 from mixtral.model import Runner
 from mixtral.server import choices, protocol
-from mixtral.server.middleware import CountRequests, LimitBody, RequireKey
-from mixtral.server.planning import plan
-from mixtral.server.protocol import ChatCompletionRequest, error_body, lone_surrogate
+from mixtral.server.exposure import CheckHost, Hosts, RequireKey
+from mixtral.server.middleware import CountRequests, LimitBody, OneFraming, QuietDrain
+from mixtral.server.planning import plan_off_loop
+from mixtral.server.protocol import ChatCompletionRequest, error_body
 from mixtral.server.state import APIError, ConstraintFactory, ErrorJSON, Metrics, Settings, State
 
 log = logging.getLogger("mixtral.server")
@@ -114,13 +115,8 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest,
                                request: Request) -> JSONResponse | StreamingResponse:
-        if where := lone_surrogate(body.model_dump(by_alias=True)):
-            raise APIError(400, f"{where}: not valid Unicode text (it holds a lone surrogate "
-                           "escape such as \\ud800)")
         state.ready()
-        if body.model not in names():
-            raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
-        planned = plan(body, state)
+        planned = await plan_off_loop(body, state, names())
         reserved = choices.reserve(planned, state)  # 429 now, before any byte of a 200
         metrics.prompt_tokens.inc(len(planned.prompt))
         if body.stream:
@@ -130,9 +126,13 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
                                                 choices.collect(planned, metrics, reserved))
         return JSONResponse(result)
 
+    # the last added runs first: framing, then who may ask, then the body
     app.add_middleware(CountRequests, metrics=metrics)
-    app.add_middleware(LimitBody, limit=settings.max_body_bytes)
+    app.add_middleware(LimitBody, limit=settings.max_body_bytes, timeout=settings.body_timeout_s)
     app.add_middleware(RequireKey, key=settings.api_key)
+    app.add_middleware(CheckHost, hosts=Hosts(settings.allow_hosts))
+    app.add_middleware(OneFraming)
+    app.add_middleware(QuietDrain, state=state)
     return app
 
 

@@ -1,13 +1,16 @@
-"""What the server knows and how it says no: its settings, its state (the engine once loaded),
-its Prometheus metrics, and `APIError`, the one way a route refuses a request."""
+"""What the server knows and how it says no: its settings, its state (the engine once loaded,
+the answers being streamed), its Prometheus metrics, and `APIError`, the one way a route
+refuses a request."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -47,6 +50,40 @@ class Settings:
     keepalive_s: float = 10.0  # SSE comment when no token came for this long
     max_body_bytes: int = 8 * 2**20
     description: str = "Mixtral 8x7B"
+    # who may connect (exposure.py): Host/Origin names beyond localhost's; "*": any
+    allow_hosts: tuple[str, ...] = ()
+    # what connections may hold (connections.py): beyond max_connections the longest-idle
+    # is closed, or new requests get 503 while all are busy
+    max_connections: int = 256
+    keep_alive_s: float = 5.0  # an idle connection between requests
+    header_timeout_s: float = 10.0  # from connecting (or the last answer) to a whole head
+    body_timeout_s: float = 30.0  # for the whole body, once the head has arrived
+    max_header_bytes: int = 16 * 1024
+
+    def __post_init__(self) -> None:
+        check_key(self.api_key)
+        for name in ("max_connections", "keep_alive_s", "header_timeout_s", "body_timeout_s",
+                     "max_header_bytes"):
+            if not getattr(self, name) > 0:  # named as `mixtral serve` spells it
+                flag = "--" + name.removesuffix("_s").replace("_", "-")
+                raise ValueError(f"{flag} must be positive, got {getattr(self, name)}")
+
+
+def check_key(key: str | None) -> None:
+    """ValueError for a key that cannot work: empty (it would silently mean no key) or not
+    printable ASCII (HTTP headers carry nothing else reliably)."""
+    if key is None:
+        return
+    if not key:
+        raise ValueError("the API key is empty: give a key, or none at all for an open server "
+                         "(and unset MIXTRAL_API_KEY)")
+    if not all("!" <= c <= "~" for c in key):
+        raise ValueError("the API key must be printable ASCII without spaces (an HTTP header "
+                         "carries no other characters reliably)")
+
+
+class Cut:
+    """Put in an answer's event queue when the shutdown's grace period is over."""
 
 
 @dataclass
@@ -56,6 +93,14 @@ class State:
     tokenizer: Tokenizer = field(default_factory=default_tokenizer)
     json_constraint: ConstraintFactory | None = None
     load_error: str | None = None
+    planners: anyio.CapacityLimiter | None = None  # threads that plan requests (planning.py)
+    answers: set[asyncio.Queue[Any]] = field(default_factory=set)  # event queues being read
+    draining: bool = False  # shutting down: what still runs is cut at the grace deadline
+
+    def cut(self) -> None:
+        """The grace period is over: every answer still being read ends now (on the loop)."""
+        for events in self.answers:
+            events.put_nowait(Cut())
 
     def ready(self) -> Engine:
         """The engine, or a 503 that says why there is none to use."""
