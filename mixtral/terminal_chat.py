@@ -140,7 +140,7 @@ def read_messages(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
     except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
+        raise ValueError(f"{path}: {(e.strerror or str(e)).lower()}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
