@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mixtral.cache import KVCache
-from mixtral.command import Arguments, standalone
+from mixtral.command import Arguments, positive, standalone
 from mixtral.config import ModelArgs
 from mixtral.engine import Engine
 from mixtral.generate import GenerationParams
@@ -138,12 +138,13 @@ def _sync(device: torch.device) -> None:
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="bench", help="a preset (bench, tiny, mixtral-8x7b: "
                    "random weights) or a checkpoint path (default: bench)")
-    p.add_argument("--quant", default="bf16", choices=["fp32", "bf16", "int8", "int4"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="medians over this many runs")
+    p.add_argument("--quant", default="bf16", choices=["fp32", "bf16", "int8", "int4"],
+                   help="the weights' format (a quantized checkpoint keeps its own)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--prompt-len", type=positive, default=512, help="prompt tokens (prefill)")
+    p.add_argument("--gen-len", type=positive, default=128, help="tokens generated (decode)")
+    p.add_argument("--batch", type=positive, default=1, help="sequences decoded together")
+    p.add_argument("--repeats", type=positive, default=3, help="medians over this many runs")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel (under torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel (under torchrun)")
     p.add_argument("--json", action="store_true", help="one JSON line (stable keys)")
