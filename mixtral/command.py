@@ -87,8 +87,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides"):  # train: KEY=VALUE overrides may follow --config
         args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # named by the command they were given to, as argparse's own errors are
+        prog = args.parser_prog
+        parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} "
+                       f"(see {prog} --help)\n")
     try:
         check_device(getattr(args, "device", "cpu"))
         code: int = args.run(args)
