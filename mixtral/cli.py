@@ -16,7 +16,8 @@ from mixtral import command
 
 # name: (the module holding it, its one-line help), in the order `mixtral --help` lists them
 COMMANDS = {
-    "chat": ("mixtral.terminal", "interactive multi-turn chat, streamed"),
+    "chat": ("mixtral.terminal", "interactive multi-turn chat, streamed (line editing, "
+             "history, multi-line messages, /save and /load)"),
     "generate": ("mixtral.terminal", "complete one prompt"),
     "serve": ("mixtral.server.launch", "serve the Mistral chat API and a web chat page"),
     "train": ("mixtral.train.recipe", "pretrain, SFT or DPO from a recipe"),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtral import __version__
+from mixtral import __version__, command
 from mixtral.cli import COMMANDS, main
 from mixtral.command import Parser
 
@@ -192,3 +192,14 @@ def test_help_shows_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: 512)" in out and "(default: 0.7)" in out and "(default: 1)" in out
     assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_ctrl_c_ends_a_command_quietly(capsys):
+    """Ctrl-C while a command runs (loading a model, converting): status 130, no traceback."""
+    def interrupted(args: argparse.Namespace) -> int:
+        raise KeyboardInterrupt
+
+    parser = Parser(prog="mixtral")
+    parser.set_defaults(run=interrupted, command="convert")
+    assert command.run(parser, []) == 130
+    assert "Traceback" not in capsys.readouterr().err
