@@ -1,8 +1,9 @@
 """The conversation of `mixtral chat`: messages in, streamed answers out, and the slash
 commands (/help lists them) that reset, save and load it.
 
-The conversation is kept as the chat API's messages (`[{"role": ..., "content": ...}]`), so
-/save writes a file the API, the web page's export and /load all read. Ctrl-C while an answer
+The conversation is kept as the chat API's messages (`[{"role": ..., "content": ...}]`): /save
+writes what a request to the API takes as its `messages`, and /load reads it back (a request
+body too). Ctrl-C while an answer
 is being written stops it: what was written stays in the conversation as the assistant's turn
 (the user saw it, and the web page keeps a stopped answer too); an answer stopped before any
 text drops its question, since a turn without an answer would merge into the next question.
