@@ -3,10 +3,10 @@ commands (/help lists them) that reset, save and load it.
 
 The conversation is kept as the chat API's messages (`[{"role": ..., "content": ...}]`): /save
 writes what a request to the API takes as its `messages`, and /load reads it back (a request
-body too). Ctrl-C while an answer
-is being written stops it: what was written stays in the conversation as the assistant's turn
-(the user saw it, and the web page keeps a stopped answer too); an answer stopped before any
-text drops its question, since a turn without an answer would merge into the next question.
+body too). Ctrl-C while an answer is being written stops it: what was written stays in the
+conversation as the assistant's turn (the user saw it, and the web page keeps a stopped answer
+too); an answer stopped before any text drops its question, since a turn without an answer
+would merge into the next question.
 """
 
 from __future__ import annotations
