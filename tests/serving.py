@@ -1,7 +1,9 @@
-"""A live server on a free loopback port, in a thread of the test process, for the clients."""
+"""A live server on a free loopback port, in a thread of the test process, for the clients;
+and the helpers the server tests share."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -11,6 +13,25 @@ from mixtral.default_model import random_tiny
 from mixtral.model import Transformer
 from mixtral.server.app import Settings, create_app
 from mixtral.server.connections import uvicorn_server
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+def post(api, **body):
+    """POST a chat completion through the httpx client `api` (default model and messages)."""
+    body.setdefault("model", "mistral-small")
+    body.setdefault("messages", HELLO)
+    return api.post("/v1/chat/completions", json=body)
+
+
+def sse(response) -> list:
+    """The data events of a streamed response: parsed JSON, and the final "[DONE]"."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
 
 
 def free_port() -> int:
