@@ -18,8 +18,10 @@ from mixtral.command import Arguments, standalone
 
 def arguments(p: argparse.ArgumentParser) -> None:
     assemble.add_arguments(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                   "127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=port, default=8000,
+                   help="TCP port, 1-65535 (0: any free one; default 8000)")
     p.add_argument("--api-key", help="require this bearer key on /v1/* and /openapi.json "
                    "(printable ASCII; default: the MIXTRAL_API_KEY environment variable; "
                    "neither: open)")
@@ -48,6 +50,16 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, Arguments] = {"serve": arguments}
+
+
+def port(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 0 to 65535, got {text!r}")
+    return number
 
 
 def run(args: argparse.Namespace) -> int:
