@@ -21,14 +21,15 @@ def info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="a preset name (mixtral-8x7b, bench, tiny) or a path")
     p.add_argument("--system", action="store_true",
                    help="the CPU tier (MIXTRAL_ISA caps it) and the paths chosen for it")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(run=run_info)
 
 
 def convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src")
+    p.add_argument("src", help="a checkpoint folder or weights file, in any layout we read")
     p.add_argument("dst", help="an empty or new folder")
-    p.add_argument("--to", required=True, choices=["hf", "mistral"])
+    p.add_argument("--to", required=True, choices=["hf", "mistral"],
+                   help="the layout to write (README: Checkpoints)")
     p.add_argument("--dtype", help="cast to bf16, fp16 or fp32 (default: keep)")
     p.add_argument("--shard-size", default="5GB",
                    help="largest HF shard, e.g. 5GB (5 x 10^9 bytes), 500MB, 2GiB (2 x 2^30)")
@@ -36,12 +37,14 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quantize_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src")
+    p.add_argument("src", help="a float checkpoint folder or weights file")
     p.add_argument("dst", help="an empty or new folder")
-    p.add_argument("--bits", type=int, required=True, choices=[8, 4])
+    p.add_argument("--bits", type=int, required=True, choices=[8, 4],
+                   help="int8 (one scale per row) or int4 (a scale and zero per group)")
     p.add_argument("--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 "
                    "(default: the largest of 128/64/32 that divides every input size)")
-    p.add_argument("--shard-size", default="5GB")
+    p.add_argument("--shard-size", default="5GB",
+                   help="largest shard, e.g. 5GB (5 x 10^9 bytes), 500MB, 2GiB (2 x 2^30)")
     p.add_argument("--layout", default="portable", choices=["portable", "cpu64"],
                    help="portable (the only one written: the same bytes on every machine; "
                    "cpu64 files of mixtral 0.1 still load)")
@@ -49,7 +52,8 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def lora_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["merge"])
+    p.add_argument("action", choices=["merge"],
+                   help="merge: fold the adapter into the base's float weights")
     p.add_argument("base", help="the base checkpoint")
     p.add_argument("adapter", help="the adapter folder (adapter.safetensors + config)")
     p.add_argument("dst", help="where to write the merged checkpoint (HF layout)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral import assemble
-from mixtral.command import Arguments, standalone
+from mixtral.command import Arguments, natural, positive, standalone
 
 if TYPE_CHECKING:
     from mixtral.model import Transformer
@@ -28,8 +28,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
     _common(sp)
     sp.add_argument("--lengths", help="prompt lengths in tokens, e.g. 1k,2k,4k,8k,16k,32k "
                     "(default: doubling from 256 to the model's context)")
-    sp.add_argument("--depths", type=int, default=10, help="key depths from 0%% to 100%%")
-    sp.add_argument("--trials", type=int, default=5, help="prompts per cell")
+    sp.add_argument("--depths", type=positive, default=10, help="key depths from 0%% to 100%%")
+    sp.add_argument("--trials", type=positive, default=5, help="prompts per cell")
     sp.add_argument("--chat", action="store_true",
                     help="wrap each prompt as a user turn of the instruct format")
     sp.set_defaults(run=passkey)
@@ -38,7 +38,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     _common(sp)
     sp.add_argument("--data", required=True, help=".txt (one document each) or .jsonl "
                     "({\"text\": ...} per line) file, or a folder of them")
-    sp.add_argument("--max-len", type=int, help="longest context; documents shorter than "
+    sp.add_argument("--max-len", type=positive, help="longest context; documents shorter than "
                     "this are skipped (default: the model's context, at most 32768)")
     sp.add_argument("--lengths", help="the ladder, e.g. 512,1k,2k (default: doubling from "
                     "128 to --max-len)")
@@ -50,9 +50,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
     _common(sp)
     sp.add_argument("--data", required=True, help="a folder with one file or folder per "
                     "domain (.txt / .jsonl)")
-    sp.add_argument("--max-len", type=int, help="window length in tokens (default: the "
+    sp.add_argument("--max-len", type=positive, help="window length in tokens (default: the "
                     "model's context, at most 4096)")
-    sp.add_argument("--max-tokens", type=int, default=20000,
+    sp.add_argument("--max-tokens", type=positive, default=20000,
                     help="text tokens per domain (default 20000)")
     sp.add_argument("--html", metavar="TEXT_FILE", help="also write routing.html: this text "
                     "coloured by first-choice expert at the first, middle and last layer")
@@ -62,8 +62,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
     _common(sp)
     sp.add_argument("--tasks", required=True, help="comma-separated task names, e.g. "
                     "mixtral_mc_demo,mixtral_arith_demo or your own local tasks")
-    sp.add_argument("--num-fewshot", type=int)
-    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--num-fewshot", type=natural,
+                    help="examples before each question (default: each task's own)")
+    sp.add_argument("--batch-size", type=positive, default=8,
+                    help="requests the engine runs at once")
     sp.add_argument("--include-path", action="append", default=[],
                     help="a folder of your own task YAMLs (repeatable)")
     sp.add_argument("--chat", action="store_true", help="apply the instruct format to the "
@@ -78,10 +80,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     assemble.add_arguments(p)
     p.add_argument("--out", default="mixtral-eval", help="folder for the JSON, figures "
                    "and the run log runs.jsonl (default mixtral-eval)")
-    p.add_argument("--limit", type=int, help="a quick run: at most this many "
+    p.add_argument("--limit", type=positive, help="a quick run: at most this many "
                    "trials / documents / examples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk", type=int, default=1024,
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the generated prompts and of sampling")
+    p.add_argument("--chunk", type=positive, default=1024,
                    help="prefill chunk (tokens): bounds memory on long inputs")
 
 

@@ -17,7 +17,8 @@ from mixtral.train.config import TrainConfig, setting
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=["pretrain", "sft", "dpo"])
+    p.add_argument("stage", choices=["pretrain", "sft", "dpo"],
+                   help="pretrain (load balancing), sft (answers only) or dpo (preference pairs)")
     p.add_argument("--config", required=True, help="a recipe (YAML), e.g. recipes/*.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override recipe settings, e.g. steps=200 lr=1e-3")

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from mixtral.checkpoint import load
-from mixtral.config import preset
+from mixtral.config import PRESETS, preset
 from mixtral.lora import apply_lora
 from mixtral.model import Transformer
 from mixtral.quant import quantize_model
@@ -57,6 +57,9 @@ def build_model(cfg: TrainConfig) -> Transformer:
         model = load(cfg.init, dtype=torch.float32)
         model.train()
         return model
+    if cfg.init not in PRESETS:  # a checkpoint that is not there, not a preset misspelt
+        raise TrainingError(f"init={cfg.init}: no such file or directory (init takes a "
+                            f"checkpoint folder or a preset: {', '.join(PRESETS)})")
     model = Transformer(preset(cfg.init).with_(**cfg.model))
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
     return model
