@@ -104,13 +104,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from mixtral.parallel import is_leader
     from mixtral.terminal_chat import Chat
     from mixtral.terminal_input import MessageReader, history_path
     from mixtral.tokenizer import default_tokenizer
 
     model = assemble.from_args(args)
-    Chat(model, default_tokenizer(), _params(args), _system(args),
-         args.safe_prompt).run(MessageReader(history_path()))
+    Chat(model, default_tokenizer(), _params(args), _system(args), args.safe_prompt,
+         speak=is_leader()).run(MessageReader(history_path()))
     return 0
 
 

@@ -48,8 +48,10 @@ class Chat:
     """One conversation with `model`: `run()` until the input ends or /exit."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, params: GenerationParams,
-                 system: list[dict[str, Any]], safe_prompt: bool = False) -> None:
-        self.model, self.tokenizer, self.params = model, tokenizer, params
+                 system: list[dict[str, Any]], safe_prompt: bool = False,
+                 speak: bool = True) -> None:
+        # speak: under --tp/--ep every rank runs the same chat; only the leader (rank 0) prints
+        self.model, self.tokenizer, self.params, self.speak = model, tokenizer, params, speak
         self.system, self.safe_prompt = system, safe_prompt
         self.messages = list(system)
         self.commands: dict[str, Callable[[str], bool]] = {
@@ -57,7 +59,7 @@ class Chat:
             "exit": self.exit, "quit": self.exit}
 
     def run(self, reader: MessageReader) -> None:
-        if reader.interactive:
+        if reader.interactive and self.speak:
             note(BANNER)
         while (text := reader.read()) is not None:
             command = COMMAND.fullmatch(text.strip()) if "\n" not in text.strip() else None
@@ -80,11 +82,14 @@ class Chat:
             params = replace(self.params, max_tokens=min(wanted, max(room, 1)))
             for delta in stream(self.model, self.tokenizer, prompt, params):
                 reply.append(delta.text)
-                print(delta.text, end="", flush=True)
-            print()
+                if self.speak:
+                    print(delta.text, end="", flush=True)
+            if self.speak:
+                print()
         except KeyboardInterrupt:  # stop this answer, keep the conversation
-            print()
-            note("[stopped]")
+            if self.speak:
+                print()
+                note("[stopped]")
         except ValueError as e:  # e.g. the conversation no longer fits the context
             note(f"[error: {e}; /reset to start over]")
         if reply_text := "".join(reply):  # an empty turn is invalid; the user turns merge
