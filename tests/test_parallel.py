@@ -249,13 +249,13 @@ def test_a_follower_is_quiet_but_its_errors_reach_stderr(checkpoints, tmp_path):
 
 
 def test_the_launch_is_read_in_one_place():
-    """RANK, WORLD_SIZE and LOCAL_RANK: parallel.launching reads them, everything else asks it.
-    (Training's data-parallel loop, train/run.py, still reads its own.)"""
+    """RANK, WORLD_SIZE and LOCAL_RANK: parallel.launching reads them, everything else asks it
+    (training's data-parallel loop included)."""
     package = Path(mixtral.__file__).parent
     readers = sorted(str(f.relative_to(package)) for f in package.rglob("*.py")
                      if any(f'"{name}"' in f.read_text() for name in
                             ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
-    assert readers in (["parallel/launching.py"], ["parallel/launching.py", "train/run.py"])
+    assert readers == ["parallel/launching.py"]
 
 
 def test_a_malformed_launch_environment_is_a_clear_error(checkpoints, capsys, monkeypatch):

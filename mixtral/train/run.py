@@ -20,7 +20,6 @@ have always imported them from.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -34,6 +33,7 @@ from mixtral.checkpoint import load
 from mixtral.config import PRESETS, preset
 from mixtral.lora import apply_lora
 from mixtral.model import Transformer
+from mixtral.parallel import launching
 from mixtral.quant import quantize_model
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.config import TrainConfig, TrainingError
@@ -163,7 +163,7 @@ def _autocast(cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
 # --- data parallelism ----------------------------------------------------------------------------
 
 def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launching.world()  # the launch's variables are read in one place
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
