@@ -135,3 +135,15 @@ def test_a_training_error_is_one_line_with_status_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mixtral train: error: ") and err.count("\n") == 1
     assert "latest names '../elsewhere/step-000002', which is not a step-N folder" in err
+
+
+def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path):
+    """A run killed mid-write leaves a partial last line in metrics.jsonl; resuming drops it
+    (it is past the checkpoint) with the records after the checkpoint, and keeps the rest."""
+    from mixtral.train.logs import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+                    '{"step": 3, "loss": 1.4}\n{"step": 4, "lo')
+    MetricsLog(path, start=2, enabled=True)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'

@@ -11,12 +11,21 @@ from mixtral.atomic import atomic_write, atomic_write_text
 from mixtral.train.config import TrainConfig
 
 
+def _step(line: str) -> float:
+    """A record's step; a line a killed run left half written (always past the checkpoint it
+    resumes from, as records are written after their step) counts as past every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     def __init__(self, path: Path, start: int, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
         if enabled and path.exists():  # a resumed run rewrites what came after its checkpoint
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start]
+            keep = [line for line in path.read_text(errors="replace").splitlines()
+                    if _step(line) <= start]
             atomic_write_text(path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
