@@ -13,6 +13,8 @@ from serving import LiveServer
 
 from mixtral import chat
 
+pytestmark = pytest.mark.live  # a server on loopback
+
 KEY = "test-key"
 CONDIMENT = [  # the source document's two-turn chat
     {"role": "user", "content": "What is your favorite condiment?"},

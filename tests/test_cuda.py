@@ -10,7 +10,8 @@ from mixtral.cache import KVCache
 from mixtral.default_model import random_tiny
 from mixtral.generate import GenerationParams, generate
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_load_onto_gpu_matches_transformers(hf_tiny, hf_tiny_dir):

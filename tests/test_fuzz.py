@@ -24,6 +24,8 @@ from mixtral.config import preset
 from mixtral.model import Transformer
 from mixtral.server.app import Settings, create_app, json_constraints
 
+pytestmark = pytest.mark.live  # a server on loopback
+
 
 def small_context_model() -> Transformer:
     model = Transformer(preset("tiny").with_(max_seq_len=96))  # every generation stays short

@@ -96,6 +96,7 @@ def test_bad_flags_fail_in_one_line(flags, message):
 
 
 @pytest.mark.slow
+@pytest.mark.live
 def test_a_short_load_on_the_default_model():
     run = subprocess.run([sys.executable, str(BENCHMARKS / "load.py"), "--seconds", "5",
                           "--clients", "2", "--replays", "2", "--server-env",

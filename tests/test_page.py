@@ -15,7 +15,7 @@ from mixtral import chat
 from mixtral.server.app import json_constraints
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow,  # a browser against a live server
+pytestmark = [pytest.mark.slow, pytest.mark.live,  # a browser against a live server
               pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium "
                                  "(make test installs it)")]
 ARTIFACTS = Path(os.environ.get("MIXTRAL_TEST_ARTIFACTS",

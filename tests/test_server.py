@@ -19,6 +19,8 @@ from mixtral import chat
 from mixtral.chat import SAFE_PROMPT
 from mixtral.tokenizer import default_tokenizer
 
+pytestmark = pytest.mark.live  # a server on loopback
+
 
 @pytest.fixture(scope="module")
 def server():

@@ -13,6 +13,8 @@ from serving import HELLO, LiveServer, Slow, post, sse
 
 from mixtral.server.app import json_constraints
 
+pytestmark = pytest.mark.live  # a server on loopback
+
 
 @pytest.fixture(scope="module")
 def server():

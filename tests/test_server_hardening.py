@@ -23,6 +23,8 @@ from mixtral.server.planning import at_least_tokens, longest_piece
 from mixtral.server.state import Settings
 from mixtral.tokenizer import default_tokenizer
 
+pytestmark = pytest.mark.live  # a server on loopback
+
 HELLO = [{"role": "user", "content": "Hello"}]
 KEY = "k3y"
 
