@@ -11,9 +11,10 @@ from mixtral import cpu
 from mixtral.cache import KVCache
 from mixtral.config import ModelArgs
 from mixtral.engine import Engine
-from mixtral.fast import Bf16Rows, FastAttention, FastMoe, FusedExperts, PackedLinear, optimize
+from mixtral.fast import FastAttention, FastMoe, FusedExperts, optimize
 from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
+from mixtral.projections import Bf16Rows, PackedLinear
 from mixtral.quant import quantize_model
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=16, hidden_dim=96,

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from conftest import tiers_up_to_machine
 
 from mixtral import cpu, kernels
-from mixtral.fast import Int4Rows, Int8Rows, optimize
+from mixtral.fast import optimize
 from mixtral.model import Transformer
+from mixtral.projections import Int4Rows, Int8Rows
 from mixtral.quant import Int4Linear, Int8Linear
 from mixtral.quant.int4 import dequantize as int4_dequantize
 from mixtral.quant.int4 import quantize as int4_quantize
