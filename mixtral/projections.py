@@ -16,6 +16,7 @@ their outputs; `swap` is the fast twin of one.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import cast
 
 import torch
@@ -90,7 +91,7 @@ def linear(weight: Tensor) -> nn.Module:
     return layer
 
 
-class QuantRows(nn.Module):
+class QuantRows(nn.Module, ABC):
     """A quantized projection on mixtral.kernels: a matrix-vector kernel for a few rows of x,
     one dequantized copy and the float GEMM for a long prompt (on float activations; on int8
     ones the kernels take every length). y comes in the model dtype."""
@@ -110,11 +111,13 @@ class QuantRows(nn.Module):
         y = self.mv(x2) if small else F.linear(x2, self.dense(x2.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    @abstractmethod
     def mv(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """x [M, K] -> y [M, N] on the matrix-vector kernels."""
 
+    @abstractmethod
     def dense(self, dtype: torch.dtype) -> Tensor:
-        raise NotImplementedError
+        """The float weight [N, K] this stands for (in a reused buffer: use it at once)."""
 
 
 class Int8Rows(QuantRows):

@@ -173,3 +173,21 @@ def isa(request, monkeypatch):
     monkeypatch.undo()
     cpu.probe.cache_clear()
     kernels.available.cache_clear()
+
+
+# A live server on the default model for the HTTP API's tests (one per module), and a client.
+@pytest.fixture(scope="module")
+def server():
+    from serving import LiveServer
+
+    s = LiveServer()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def api(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client

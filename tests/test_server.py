@@ -22,18 +22,6 @@ from mixtral.tokenizer import default_tokenizer
 pytestmark = pytest.mark.live  # a server on loopback
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = LiveServer()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def api(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
 
 # --- shapes --------------------------------------------------------------------------------------
 

@@ -16,18 +16,6 @@ from mixtral.server.app import json_constraints
 pytestmark = pytest.mark.live  # a server on loopback
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = LiveServer()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def api(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
 
 def raw_post(api, **body):
     """json.dumps escapes lone surrogates as \\udXXX, which httpx's own encoder refuses."""
