@@ -37,7 +37,7 @@ from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
 from mixtral.model import Runner
 from mixtral.prefill import prefill
-from mixtral.sampling import check_seed
+from mixtral.sampling import TokenLogprob, check_seed
 
 log = logging.getLogger("mixtral.engine")
 
@@ -59,6 +59,8 @@ class Job:
     constraint: TokenConstraint | None = None
     id: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # with params.logprobs: each token's logprobs, just before its on_token (worker thread)
+    on_logprob: Callable[[TokenLogprob], object] | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -222,7 +224,7 @@ class Engine:
         try:
             n = self.check(job.prompt, job.params)
             sampler = Sampler(job.params, n, self.model.args.vocab_size, self.device,
-                              job.constraint)
+                              job.constraint, job.prompt)
         except Exception as e:
             _done(job, e)
             return False
@@ -239,6 +241,8 @@ class Engine:
 
     def _emit(self, r: _Running, token: int) -> None:
         try:
+            if r.job.on_logprob is not None and r.sample.logprob is not None:
+                r.job.on_logprob(r.sample.logprob)
             r.job.on_token(token)
         except Exception as e:  # the consumer is gone or broken: end this job only
             self._finish(r, e)

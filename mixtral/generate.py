@@ -6,7 +6,7 @@ a grammar (JSON mode) reaches this loop only as a `TokenConstraint` that masks t
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,7 +16,14 @@ from torch import Tensor
 from mixtral.cache import KVCache
 from mixtral.model import Runner, Transformer
 from mixtral.prefill import prefill
-from mixtral.sampling import make_generator, sample
+from mixtral.sampling import (
+    TokenLogprob,
+    check,
+    log_probabilities,
+    make_generator,
+    sample,
+    token_logprob,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,12 @@ class GenerationParams:
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # ... times how often it was generated
     stop_ids: tuple[int, ...] = (2,)
+    # vLLM's extensions: see sampling.py for the order they apply in
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # > 1 discourages every token of the prompt and the answer
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, added to its logit) pairs
+    logprobs: int | None = None  # report each token's logprob and this many alternatives
 
 
 class TokenConstraint(Protocol):
@@ -69,23 +82,44 @@ def max_new_tokens(model: Runner, prompt: list[int], params: GenerationParams,
 
 
 class Sampler:
-    """How one sequence picks its next tokens: penalties, min_tokens, the constraint and the
-    seeded sampling of `params`. The decode loop and the batching engine both use it, one
-    instance per sequence, so a request samples the same tokens alone or in a batch."""
+    """How one sequence picks its next tokens: logit bias, penalties, min_tokens, the
+    constraint, the seeded sampling of `params` and its logprobs. The decode loop and the
+    batching engine both use it, one instance per sequence, so a request samples the same
+    tokens alone or in a batch."""
 
     def __init__(self, params: GenerationParams, max_new: int, vocab_size: int,
                  device: torch.device | str = "cpu",
-                 constraint: TokenConstraint | None = None) -> None:
+                 constraint: TokenConstraint | None = None, prompt: Sequence[int] = ()) -> None:
+        """`prompt`: the ids before the answer, which a repetition penalty also discourages."""
+        check(params.temperature, params.top_p, params.top_k, params.min_p)
+        if not params.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {params.repetition_penalty}")
         self.params, self.max_new, self.constraint = params, max_new, constraint
         self.generator = make_generator(params.seed, device)
         self.stop_ids = torch.tensor(params.stop_ids, device=device, dtype=torch.long)
         self.penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
         self.counts = torch.zeros(vocab_size, device=device) if self.penalised else None
+        self.seen = None  # tokens of the prompt and the answer, for the repetition penalty
+        if params.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab_size, device=device, dtype=torch.bool)
+            self.seen[torch.tensor(list(prompt), device=device, dtype=torch.long)] = True
+        self.bias = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias, strict=True)
+            self.bias = torch.zeros(vocab_size, device=device).index_put_(
+                (torch.tensor(ids, device=device),), torch.tensor(values, device=device))
         self.generated = 0
+        self.logprob: TokenLogprob | None = None  # the last token's, with params.logprobs
 
     def __call__(self, logits: Tensor) -> int:
         """logits [1, V] for the next position -> the chosen token id."""
         p, i = self.params, self.generated
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.seen is not None:  # vLLM's (and CTRL's): shrink a seen token's logit
+            penalty = p.repetition_penalty
+            shrunk = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(self.seen, shrunk, logits)
         if self.counts is not None:
             logits = logits - p.presence_penalty * (self.counts > 0) \
                 - p.frequency_penalty * self.counts
@@ -101,11 +135,17 @@ class Sampler:
             if not allowed.any():
                 raise RuntimeError("the output constraint allows no token at all")
             logits = logits.masked_fill(~allowed, float("-inf"))
-        token = int(sample(logits, p.temperature, p.top_p, self.generator))
+        token = int(sample(logits, p.temperature, p.top_p, self.generator, p.top_k, p.min_p))
+        if p.logprobs is not None:
+            self.logprob = token_logprob(
+                log_probabilities(logits, p.temperature, p.top_p, p.top_k, p.min_p)[0], token,
+                p.logprobs)
         if self.constraint is not None:
             self.constraint.advance(token)
         if self.counts is not None:
             self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
         self.generated += 1
         return token
 
@@ -128,7 +168,7 @@ def generate(model: Transformer, prompt: list[int], params: GenerationParams,
         return
     device = model.device
     cache = KVCache(model.args, 1, len(prompt) + n, model.dtype, device)
-    choose = Sampler(params, n, model.args.vocab_size, device, constraint)
+    choose = Sampler(params, n, model.args.vocab_size, device, constraint, prompt)
     logits = prefill(model, prompt, cache)  # the whole prompt in one call
     while True:
         token = choose(logits)
