@@ -179,6 +179,26 @@ def test_model_args_are_checked(tmp_path):
         MixtralLM(model=random_tiny(), batch_size="auto")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["adapter", "prompts", "running", "__main__"])
+def test_the_package_registers_its_model_once_from_any_entry(first):
+    """Whichever module is imported first, no import cycle and one registration (lm-eval
+    refuses a second class under a name); `python -m` re-runs __main__ in that process."""
+    code = (f"import runpy, sys, mixtral.eval.harness.{first}\n"
+            "from lm_eval.api.registry import get_model\n"
+            "from mixtral.eval.harness import MixtralLM, adapter\n"
+            "assert get_model('mixtral') is MixtralLM is adapter.MixtralLM\n"
+            "sys.argv = ['lm-eval', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('mixtral.eval.harness', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "assert get_model('mixtral') is MixtralLM\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--model_args" in out.stdout  # lm-eval's own help
+
+
 def test_lm_eval_stays_optional():
     code = ("import sys, mixtral, mixtral.eval, mixtral.eval.tasks; "
             "print('lm_eval' in sys.modules, 'datasets' in sys.modules)")

@@ -1,5 +1,5 @@
 """`mixtral eval passkey | perplexity | routing | lm`: each loads the model, runs its study
-(passkey.py, perplexity.py, routing.py, harness.py), writes JSON and figures under --out,
+(passkey.py, perplexity.py, routing.py, harness/), writes JSON and figures under --out,
 appends the run to runs.jsonl and prints a one-line JSON summary.
 
     python -m mixtral.eval.commands passkey --lengths 1k,2k --out mixtral-eval

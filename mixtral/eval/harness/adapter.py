@@ -1,36 +1,21 @@
-"""Our model inside EleutherAI's lm-evaluation-harness (PyPI `lm-eval`, an optional extra).
+"""`MixtralLM`: our model behind lm-eval's LM interface, registered as lm-eval model `mixtral`.
 
-Importing this module registers `MixtralLM` as lm-eval model `mixtral`; `evaluate` runs tasks
-offline and returns the scores. lm-eval 0.4.x has no plugin discovery (no entry-point group), so
-its own CLI knows `mixtral` only in a process that imported this module, which
-`python -m mixtral.eval.harness <lm-eval CLI arguments>` does before handing over to lm-eval:
-
-    python -m mixtral.eval.harness --model mixtral --model_args path=CKPT,dtype=bf16 \\
-        --device cpu --tasks mixtral_demo --limit 5
+This module is the one place the registration runs (lm-eval refuses a second class under the
+same name), so everything reaches the class through here: `mixtral.eval.harness` re-exports it.
 
 Tokenization follows lm-eval's HFLM on Mistral's HF tokenizer (which adds BOS): a context is
 BOS + its text; `context + continuation` is encoded whole and split at the context's token
 count, with trailing spaces of the context moved to the continuation (`TemplateLM._encode_pair`);
 an empty context is BOS alone. Rolling perplexity scores the text's own tokens (no BOS in
-them) in disjoint windows after a BOS prefix, so every token is predicted exactly once.
-
-Chat (`apply_chat_template=True`): lm-eval wants the prompt as a string, our prompts are the ids
-of `mixtral.chat.encode` (mistral-common's Instruct v1 encoding). The string is the readable
-rendering `<s>[INST] ... [/INST]` (BOS and EOS shown as `<s>`/`</s>`, like the HF chat template)
-and the adapter remembers the exact ids of each string it rendered, so the model sees exactly
-Mistral's tokens; a continuation after a chat context is encoded on its own, as the Instruct
-format encodes an assistant message. A string that starts with `<s>` but was not rendered here
-(lm-eval's request cache replays contexts) is split at its `</s>` markers instead, the way HFLM
-lets its tokenizer parse the special tokens in such a string.
+them) in disjoint windows after a BOS prefix, so every token is predicted exactly once. Chat
+prompts (`apply_chat_template=True`) are strings over Mistral's exact ids (`prompts.py`); a
+continuation after a chat context is encoded on its own, as the Instruct format encodes an
+assistant message.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,16 +29,15 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from mixtral.completion import Delta, TextJob
 from mixtral.engine import Engine
+from mixtral.eval.harness.prompts import EOS_TEXT, ChatPrompts
 from mixtral.generate import GenerationParams
 from mixtral.model import Transformer
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).parent / "tasks"
 MODEL_ARGS = ("path", "dtype", "device", "batch_size", "max_length", "max_gen_toks", "reference",
               "max_ram")
-BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # how the chat rendering shows BOS/EOS (HF's spelling)
 # generation kwargs we honour (lm-eval normalises the max_* aliases); others (top_k,
 # repetition_penalty...) are HF-specific and ignored with a warning
 GEN_KWARGS = {"until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens",
@@ -98,7 +82,7 @@ class MixtralLM(TemplateLM):
         if self._max_length > model.args.max_seq_len:
             raise ValueError(f"max_length={max_length} exceeds the model's context of "
                              f"{model.args.max_seq_len}")
-        self._chat_ids: dict[str, list[int]] = {}  # rendered chat prompt -> its exact ids
+        self._chat = ChatPrompts(self.tokenizer)
         self._ignored: set[str] = set()  # generation kwargs already warned about
 
     @classmethod
@@ -154,57 +138,20 @@ class MixtralLM(TemplateLM):
                    **kwargs: Any) -> list[int]:
         """BOS + the text's ids (no BOS with add_special_tokens=False); a chat rendering is
         returned as its exact ids."""
-        chat = self._chat_tokens(string)
+        chat = self._chat.ids(string)
         if chat is not None:
             return chat
         return self.tokenizer.encode(string, bos=add_special_tokens is not False)
 
     def _encode_pair(self, context: str, continuation: str) -> Pair:
-        chat = self._chat_tokens(context)
+        chat = self._chat.ids(context)
         if chat is not None:  # the answer is encoded alone, as an assistant message is
             return chat, self.tokenizer.encode(continuation, bos=False)
         return super()._encode_pair(context, continuation)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
                             add_generation_prompt: bool = True) -> str:
-        from mixtral.chat import encode
-
-        messages: list[dict[str, Any]] = [dict(m) for m in chat_history]
-        if not add_generation_prompt and messages and messages[-1]["role"] == "assistant":
-            messages[-1]["prefix"] = True  # lm-eval's gen_prefix: continue this answer
-        ids = encode(messages, tokenizer=self.tokenizer)
-        text = self._render(ids)
-        self._chat_ids[text] = ids
-        return text
-
-    def _render(self, ids: list[int]) -> str:
-        """Readable text of chat ids: the text between special tokens, which show as <s>, </s>."""
-        marks = {self.tokenizer.bos_id: BOS_TEXT, self.tokenizer.eos_id: EOS_TEXT}
-        parts: list[str] = []
-        run: list[int] = []
-        for i in [*ids, None]:
-            if i is None or i in marks:
-                parts.append(self.tokenizer.decode(run))
-                run = []
-                if i is not None:
-                    parts.append(marks[i])
-            else:
-                run.append(i)
-        return "".join(parts)
-
-    def _chat_tokens(self, text: str) -> list[int] | None:
-        """The ids of a chat rendering: remembered exactly, or parsed at its markers."""
-        if text in self._chat_ids:
-            return list(self._chat_ids[text])
-        if not text.startswith(BOS_TEXT):
-            return None
-        ids = [self.tokenizer.bos_id]
-        for i, segment in enumerate(text[len(BOS_TEXT):].split(EOS_TEXT)):
-            if i:
-                ids.append(self.tokenizer.eos_id)
-            if segment:
-                ids += self.tokenizer.encode(segment, bos=False)
-        return ids
+        return self._chat.render(chat_history, add_generation_prompt)
 
     # --- scoring ---------------------------------------------------------------------------
 
@@ -371,102 +318,3 @@ def _load(path: str | None, dtype: str | None, device: str, reference: bool,
     return assemble(None if default else str(path), dtype=dtype, device=device,
                     max_ram=max_ram, fast=not reference,
                     announce=lambda label: log.warning("mixtral: %s", label))
-
-
-# --- running tasks -------------------------------------------------------------------------------
-
-def go_offline(force: bool = True) -> None:
-    """No hub access for datasets, metrics or tokenizers (these machines have none). With
-    force=False an explicit setting in the environment is kept."""
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        if force:
-            os.environ[var] = "1"
-        else:
-            os.environ.setdefault(var, "1")
-    # the libraries read these once, at import: update copies already made
-    if "huggingface_hub" in sys.modules:
-        import huggingface_hub.constants
-
-        huggingface_hub.constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"] == "1"
-    if "datasets" in sys.modules:
-        import datasets.config
-
-        offline = os.environ["HF_DATASETS_OFFLINE"] == "1"
-        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = offline
-
-
-def evaluate(model_path: str | None, tasks: Sequence[str], *, limit: int | None = None,
-             num_fewshot: int | None = None, batch_size: int = 1, seed: int = 1234,
-             device: str = "cpu", dtype: str | None = None,
-             include_path: Sequence[str] | None = None, max_length: int | None = None,
-             apply_chat_template: bool = False) -> dict[str, Any]:
-    """Run lm-eval `tasks` on our model (a checkpoint, or the default model when model_path is
-    None), fully offline, and return the JSON-serialisable part of lm-eval's results:
-    `results` ({task: {"<metric>,<filter>": value, ...}}), `groups`, `versions`, `n-shot`,
-    `higher_is_better`, `n-samples` and a `config` summary.
-
-    Tasks are looked up in the shipped offline tasks (`mixtral/eval/tasks`), then in
-    `include_path` folders, then among lm-eval's bundled tasks (whose data must be local).
-    `seed` seeds Python, NumPy, torch and the few-shot sampler."""
-    go_offline()
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    tasks = list(tasks)
-    if not tasks:
-        raise ValueError("no tasks given")
-    paths = [str(TASKS_DIR), *(str(p) for p in include_path or ())]
-    for p in paths:
-        if not Path(p).is_dir():
-            raise FileNotFoundError(f"include_path {p!r}: no such folder")
-    manager = TaskManager(include_path=paths, include_defaults=False)
-    if not set(tasks) <= set(manager.all_tasks):  # index lm-eval's ~200 folders only if needed
-        manager = TaskManager(include_path=paths)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"unknown task(s): {', '.join(unknown)} (not in {', '.join(paths)} nor "
-                         "among lm-eval's bundled tasks)")
-    model_args: dict[str, Any] = {"path": model_path, "device": device, "batch_size": batch_size}
-    if dtype is not None:
-        model_args["dtype"] = dtype
-    if max_length is not None:
-        model_args["max_length"] = max_length
-    out = simple_evaluate(model="mixtral", model_args=model_args, tasks=tasks,
-                          num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                          log_samples=False, apply_chat_template=apply_chat_template,
-                          random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed)
-    assert out is not None  # None only on non-zero ranks of a distributed run
-    keep = ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples")
-    summary = {k: out[k] for k in keep if k in out}
-    summary["config"] = {"model": "mixtral", "model_path": model_path, "dtype": dtype,
-                         "device": device, "batch_size": batch_size, "max_length": max_length,
-                         "limit": limit, "num_fewshot": num_fewshot, "seed": seed,
-                         "apply_chat_template": apply_chat_template, "tasks": tasks,
-                         "lm_eval_version": lm_eval.__version__}
-    # numpy scalars and the like -> plain JSON values
-    return json.loads(json.dumps(summary, default=_jsonable))
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    return str(value)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's own CLI, in a process where model `mixtral` is registered and, unless the
-    arguments name one, our offline tasks folder is the include path."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    subcommands = {"run", "ls", "validate"}
-    if "--include_path" not in args and len(args) >= 2 and (
-            args[0] in subcommands or args[0].startswith("-")):
-        args += ["--include_path", str(TASKS_DIR)]
-    go_offline(force=False)
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = ["lm-eval", *args]  # lm-eval's parser reads sys.argv itself
-    cli_evaluate()
-
-if __name__ == "__main__":
-    main()
