@@ -10,6 +10,15 @@ cancelled at any time — waiting or running — and its slot is free before the
 Each sequence samples with its own `Sampler` (settings and seed), so batching changes no
 request's tokens.
 
+A prompt's prefill starts at its first token whose KV is not to be had already (prompt
+caching): when its turn comes (every older prompt is in the cache by then), it copies the
+longest prefix it shares with a running sequence's cache row or with the `PrefixCache` of
+finished ones (prefix_cache.py; `prefix_cache` bytes, 0: none), and a prompt identical to a
+running one's takes that one's last logits too, so the n choices of a request (queued
+together, consecutive ids) run one prefill between them and decode as rows of one batch. KV of
+a position depends only on the tokens up to it, so a copy is what the prefill would write —
+the same tokens, greedy or seeded. `Job.cached_tokens` says how many prompt tokens were reused.
+
 A fault belongs to the request that caused it: a job that cannot be admitted, a prefill that
 raises, a row whose decode raises when run alone (a failed batch is retried row by row) — each
 fails only its own job, with the error delivered to `on_done`, and the loop goes on. Should the
@@ -37,6 +46,7 @@ from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
 from mixtral.model import Runner
 from mixtral.prefill import prefill
+from mixtral.prefix_cache import PrefixCache, common_prefix
 from mixtral.sampling import TokenLogprob, check_seed
 
 log = logging.getLogger("mixtral.engine")
@@ -59,6 +69,7 @@ class Job:
     constraint: TokenConstraint | None = None
     id: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cached_tokens: int = 0  # prompt tokens whose KV was copied, not computed (set at its start)
     # with params.logprobs: each token's logprobs, just before its on_token (worker thread)
     on_logprob: Callable[[TokenLogprob], object] | None = None
 
@@ -73,17 +84,30 @@ class _Running:
     sample: Sampler
     prefilled: int = 0  # prompt tokens already in the cache
     pending: int | None = None  # the last sampled token, not yet fed to the model
+    started: bool = False  # its prefill has begun (and looked for KV to reuse)
+    logits: torch.Tensor | None = None  # after the whole prompt, for a twin prompt to sample
+    out: list[int] = field(default_factory=list)  # the generated ids
+    fed: int = 0  # of which are in the cache
+
+    def cached(self) -> list[int]:
+        """The ids whose KV this sequence's cache row holds, at positions 0, 1, ..."""
+        return self.job.prompt[:self.prefilled] + self.out[:self.fed]
 
 
 class Engine:
     def __init__(self, model: Runner, max_queue: int = 16, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 thread: bool = True) -> None:
+                 thread: bool = True, prefix_cache: int = 0, kv_copies: bool = True) -> None:
+        """`prefix_cache`: bytes of finished sequences' KV kept for reuse (0: none).
+        `kv_copies=False`: the cache has twins this process cannot copy into (parallel.Leader's
+        followers see only model calls), so no KV is ever reused."""
         self.model = model
         self.max_queue, self.max_batch, self.prefill_chunk = max_queue, max_batch, prefill_chunk
         self.context = min(max_seq_len or model.args.max_seq_len, model.args.max_seq_len)
         self.device = model.device
         self.cache = KVCache(model.args, max_batch, self.context, model.dtype, model.device)
+        self.kv_copies = kv_copies
+        self.prefixes = PrefixCache(prefix_cache if kv_copies else 0)
         self._slots: list[_Running | None] = [None] * max_batch
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
@@ -235,11 +259,14 @@ class Engine:
         return True
 
     def _finish(self, r: _Running, error: BaseException | None = None) -> None:
+        if error is None and self.prefixes.budget:  # a cancelled job's prefix is as good
+            self.prefixes.store(r.cached(), self.cache.k[:, r.slot], self.cache.v[:, r.slot])
         with self._lock:
             self._slots[r.slot] = None
         _done(r.job, error)
 
     def _emit(self, r: _Running, token: int) -> None:
+        r.out.append(token)
         try:
             if r.job.on_logprob is not None and r.sample.logprob is not None:
                 r.job.on_logprob(r.sample.logprob)
@@ -254,13 +281,56 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self) -> None:
-        """One chunk of the oldest unfinished prompt."""
-        todo = [r for r in self._active() if r.prefilled < len(r.job.prompt)]
-        if not todo:
+        """One chunk of the oldest unfinished prompt. Prompts start in order, each once every
+        older one is in the cache (so it finds all there is to reuse); one that then needs no
+        forward pass at all (a twin's) is done at once."""
+        todo = sorted((r for r in self._active() if r.prefilled < len(r.job.prompt)),
+                      key=lambda x: x.job.id)
+        ran = False
+        for r in todo:
+            if not r.started:
+                self._start(r)
+            if self._slots[r.slot] is not r or r.prefilled == len(r.job.prompt):
+                continue
+            # one chunk per iteration, not the whole prompt: the decode step that follows keeps
+            # the other requests' tokens coming while a long prompt goes in
+            if ran:
+                return
+            ran = True
+            self._chunk(r)
+            if self._slots[r.slot] is not r or r.prefilled < len(r.job.prompt):
+                return
+
+    def _start(self, r: _Running) -> None:
+        """Copy into r's row the longest prefix of its prompt with KV at hand: in a running
+        sequence's row or in the prefix cache. The last prompt token still runs (its logits
+        pick the first token), unless a running twin has the very same prompt in."""
+        r.started = True
+        if not self.kv_copies:
             return
-        r = min(todo, key=lambda x: x.job.id)
-        # one chunk per iteration, not the whole prompt: the decode step that follows keeps the
-        # other requests' tokens coming while a long prompt goes in
+        prompt, k, v = r.job.prompt, self.cache.k, self.cache.v
+        reuse, donor = 0, None
+        for d in self._active():
+            if d is r or not d.prefilled:
+                continue
+            if d.logits is not None and d.job.prompt == prompt:
+                reuse, donor = len(prompt), d
+                break
+            if (n := common_prefix(prompt, d.cached(), len(prompt) - 1)) > reuse:
+                reuse, donor = n, d
+        hit = self.prefixes.lookup(prompt, len(prompt) - 1)
+        if hit.tokens > reuse:
+            self.prefixes.copy(hit, k[:, r.slot], v[:, r.slot])
+            reuse = hit.tokens
+        elif donor is not None:
+            k[:, r.slot, :, :reuse].copy_(k[:, donor.slot, :, :reuse])
+            v[:, r.slot, :, :reuse].copy_(v[:, donor.slot, :, :reuse])
+        r.prefilled = r.job.cached_tokens = reuse
+        if donor is not None and reuse == len(prompt):
+            assert donor.logits is not None
+            self._choose(r, donor.logits.clone())
+
+    def _chunk(self, r: _Running) -> None:
         start = r.prefilled
         chunk = r.job.prompt[start:start + self.prefill_chunk]
         try:
@@ -270,6 +340,8 @@ class Engine:
             return
         r.prefilled += len(chunk)
         if r.prefilled == len(r.job.prompt):
+            if self.kv_copies:  # for a twin prompt, should one come while this one runs
+                r.logits = logits.clone()
             self._choose(r, logits)
 
     @torch.inference_mode()
@@ -287,6 +359,7 @@ class Engine:
             self._decode_alone(rows)  # find the row to blame; the others go on
             return
         for i, r in enumerate(rows):
+            r.fed += 1
             self._next(r, logits[i:i + 1, -1])
 
     def _decode_alone(self, rows: list[_Running]) -> None:
@@ -298,6 +371,7 @@ class Engine:
             except Exception as e:
                 self._finish(r, e)
                 continue
+            r.fed += 1
             self._next(r, logits[:, -1])
 
     def _decode_forward(self, rows: list[_Running]) -> torch.Tensor:
