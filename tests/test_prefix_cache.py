@@ -4,6 +4,8 @@ seeded, while the engine computes only what no earlier or running sequence had c
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -255,3 +257,46 @@ def test_no_reuse_when_the_cache_cannot_be_copied(model):
     assert [j.cached_tokens for j in [*jobs, job]] == [0, 0, 0]
     assert counting.prompt_tokens() == 3 * len(prompt) and len(engine.prefixes) == 0
     engine.stop()
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+def test_serve_takes_a_size_for_the_prefix_cache():
+    from mixtral.server import launch
+
+    parser = argparse.ArgumentParser()
+    launch.arguments(parser)
+    assert parser.parse_args(["--prefix-cache", "1.5GiB"]).prefix_cache == 3 * 2**29
+    assert parser.parse_args(["--prefix-cache", "0"]).prefix_cache == 0
+    assert parser.parse_args([]).prefix_cache is None  # the default: sized at start
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefix-cache", "lots"])
+
+
+def test_the_server_reuses_earlier_requests_and_answers_as_without():
+    import httpx
+    from serving import LiveServer, post
+
+    from mixtral.server.state import DEFAULT_PREFIX_CACHE
+
+    servers = [LiveServer(prefix_cache=10**7), LiveServer(prefix_cache=0), LiveServer()]
+    try:
+        answers = []
+        for s in servers:
+            with httpx.Client(base_url=s.url, timeout=60) as api:
+                messages = [{"role": "system", "content": "Answer in French."},
+                            {"role": "user", "content": "Hello there"}]
+                first = post(api, messages=messages, max_tokens=6, temperature=0.8, seed=3).json()
+                messages += [first["choices"][0]["message"],
+                             {"role": "user", "content": "And again?"}]
+                second = post(api, messages=messages, max_tokens=6, n=2, seed=4).json()
+                metrics = api.get("/metrics").text
+            answers.append([c["message"]["content"] for c in first["choices"] + second["choices"]])
+            kept = s.state.engine.prefixes.used
+            assert f"mixtral_prefix_cache_bytes {float(kept)}" in metrics
+        assert answers[0] == answers[1] == answers[2]
+        assert [s.state.engine.prefixes.used > 0 for s in servers] == [True, False, True]
+        assert 0 < servers[2].state.engine.prefixes.budget <= DEFAULT_PREFIX_CACHE
+    finally:
+        for s in servers:
+            s.stop()

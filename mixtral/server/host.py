@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import replace
 
-from mixtral.engine import Engine
 from mixtral.model import Runner
 from mixtral.server.connections import uvicorn_server
 from mixtral.server.routes import create_app
@@ -44,8 +43,7 @@ def serve(load: Callable[[], Runner], settings: Settings, host: str, port: int,
         server.should_exit = True
         web.join()
         raise
-    engine = Engine(model, settings.max_queue, settings.max_batch, settings.max_seq_len,
-                    thread=False)
+    engine = settings.engine(model, thread=False)
     state.engine = engine
     try:
         if web.is_alive() and not server.should_exit:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mixtral import assemble
 from mixtral.command import Arguments, standalone
+from mixtral.sizes import parse_size
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences generated together (KV cache slots; default 8)")
     p.add_argument("--max-seq-len", type=int, help="positions per sequence (default: the "
                    "model's context, at most 8192); the KV cache holds max-batch of them")
+    p.add_argument("--prefix-cache", type=size, metavar="SIZE", help="memory for the KV of "
+                   "earlier requests, so a prompt that begins as one did (a chat's earlier "
+                   "turns, a system prompt, a retry) prefills only what is new, e.g. 4GiB; 0: "
+                   "off (default: a quarter of the memory left after loading, at most 2GiB)")
     p.add_argument("--grace", type=int, default=10, help="seconds in-flight requests get "
                    "to finish on SIGTERM/Ctrl-C before they are cut (default 10)")
     p.add_argument("--max-connections", type=int, default=256, help="open connections; "
@@ -62,6 +67,13 @@ def port(text: str) -> int:
     return number
 
 
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from mixtral.config import ModelArgs
     from mixtral.parallel import is_leader
@@ -80,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192,
                         allow_hosts=tuple(args.allow_host), max_connections=args.max_connections,
                         keep_alive_s=args.keep_alive, header_timeout_s=args.header_timeout,
-                        body_timeout_s=args.body_timeout, max_header_bytes=args.max_header_bytes)
+                        body_timeout_s=args.body_timeout, max_header_bytes=args.max_header_bytes,
+                        prefix_cache=args.prefix_cache,  # under --tp/--ep: none (their caches
+                        kv_copies=args.tp == 1 and args.ep == 1)  # are on the other ranks too)
     url = f"http://{args.host}:{args.port}"
     if is_leader():
         print(f"[mixtral] serving {name}: web chat at {url}/ , API at {url}/v1"

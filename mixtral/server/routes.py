@@ -19,7 +19,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mixtral.engine import Engine
 from mixtral.model import Runner
 from mixtral.server import choices, protocol
 from mixtral.server.exposure import CheckHost, Hosts, RequireKey
@@ -42,8 +41,7 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
 
     def start(load: Callable[[], Runner]) -> None:
         try:
-            state.engine = Engine(load(), settings.max_queue, settings.max_batch,
-                                  settings.max_seq_len)
+            state.engine = settings.engine(load())
         except Exception as e:  # reported by /health and every API call
             state.load_error = f"{type(e).__name__}: {e}"
 

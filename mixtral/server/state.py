@@ -14,9 +14,11 @@ import anyio
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mixtral import memory
 from mixtral.completion import TextJob
 from mixtral.engine import Engine
 from mixtral.generate import TokenConstraint
+from mixtral.model import Runner
 from mixtral.server.protocol import clip
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 
@@ -59,6 +61,9 @@ class Settings:
     header_timeout_s: float = 10.0  # from connecting (or the last answer) to a whole head
     body_timeout_s: float = 30.0  # for the whole body, once the head has arrived
     max_header_bytes: int = 16 * 1024
+    # bytes of finished requests' KV kept for prompt reuse (0: none; None: `prefix_budget`)
+    prefix_cache: int | None = None
+    kv_copies: bool = True  # False under --tp/--ep: the other ranks' caches are out of reach
 
     def __post_init__(self) -> None:
         check_key(self.api_key)
@@ -67,6 +72,24 @@ class Settings:
             if not getattr(self, name) > 0:  # named as `mixtral serve` spells it
                 flag = "--" + name.removesuffix("_s").replace("_", "-")
                 raise ValueError(f"{flag} must be positive, got {getattr(self, name)}")
+
+    def engine(self, model: Runner, thread: bool = True) -> Engine:
+        """The engine these settings describe, over a loaded model."""
+        engine = Engine(model, self.max_queue, self.max_batch, self.max_seq_len, thread=thread,
+                        prefix_cache=self.prefix_cache or 0, kv_copies=self.kv_copies)
+        if self.prefix_cache is None and self.kv_copies:  # sized with the KV cache allocated
+            engine.prefixes.budget = prefix_budget()
+        return engine
+
+
+DEFAULT_PREFIX_CACHE = 2 * 2**30
+
+
+def prefix_budget() -> int:
+    """The prefix cache's default size: a quarter of the memory still available once the
+    model and the engine's KV cache are in, at most 2 GiB (2 GiB where no limit is known)."""
+    free = memory.available()
+    return DEFAULT_PREFIX_CACHE if free is None else min(DEFAULT_PREFIX_CACHE, free[0] // 4)
 
 
 def check_key(key: str | None) -> None:
@@ -132,6 +155,8 @@ class Metrics:
         queue.set_function(lambda: state.engine.queue_depth if state.engine else 0)
         running = Gauge("mixtral_requests_running", "requests generating now", registry=r)
         running.set_function(lambda: int(state.engine.busy) if state.engine else 0)
+        kept = Gauge("mixtral_prefix_cache_bytes", "KV kept for prompt reuse", registry=r)
+        kept.set_function(lambda: state.engine.prefixes.used if state.engine else 0)
 
     def answered(self, answer: TextJob, queued_at: float) -> None:
         """One choice's latency, speed and tokens, once it has ended (times: monotonic)."""
