@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mixtral.engine import Job
 from mixtral.generate import GenerationParams, TokenConstraint, generate
 from mixtral.model import Transformer
+from mixtral.sampling import TokenLogprob
 from mixtral.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -74,6 +75,8 @@ class Delta:
     finish_reason: str | None = None  # "stop" or "length" on the last delta
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # with logprobs: those of the ids since the last delta (the stop id's left out)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -104,6 +107,7 @@ class TextJob:
         self.finish_reason: str | None = None  # set when the answer is complete
         self.first_token_at: float | None = None  # time.monotonic(), for latency metrics
         self.ended_at: float | None = None
+        self.logprobs: list[TokenLogprob] = []  # not yet handed out with a delta
 
     def push(self, token: int) -> Delta | None:
         """One more generated id: the delta it completes (the last one when it ends the
@@ -118,7 +122,7 @@ class TextJob:
         text = self.text.push(token)
         if self.text.stopped:
             return self._end("stop", text)
-        return Delta(text) if text else None
+        return self._with_logprobs(Delta(text)) if text else None
 
     def end(self) -> Delta | None:
         """The ids ran out (max_tokens, the context, or a cancelled job): the last delta, with
@@ -129,9 +133,19 @@ class TextJob:
 
     def _end(self, reason: str, text: str = "") -> Delta:
         self.finish_reason, self.ended_at = reason, time.monotonic()
-        return Delta(text + self.text.finish(), reason, self.prompt_tokens, self.tokens)
+        return self._with_logprobs(Delta(text + self.text.finish(), reason, self.prompt_tokens,
+                                         self.tokens))
+
+    def _with_logprobs(self, delta: Delta) -> Delta:
+        delta.logprobs, self.logprobs = self.logprobs, []
+        return delta
 
     # --- the engine's callbacks (its worker thread) ----------------------------------------
+
+    def on_logprob(self, entry: TokenLogprob) -> None:
+        """The logprobs of the id that `on_token` gets next: kept for the delta it shows in."""
+        if self.finish_reason is None and entry.token not in self.stop_ids:
+            self.logprobs.append(entry)
 
     def on_token(self, token: int) -> None:
         delta = self.push(token)

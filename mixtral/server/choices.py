@@ -11,10 +11,11 @@ in a stream an error event) — cancels the jobs still running. Every stream end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,8 @@ from starlette.types import Receive, Scope, Send
 
 from mixtral.completion import Delta, TextJob
 from mixtral.engine import EngineDown, Job, QueueFull
-from mixtral.server import protocol
+from mixtral.sampling import TokenLogprob
+from mixtral.server import logprobs, protocol
 from mixtral.server.planning import Plan
 from mixtral.server.state import APIError, Cut, Metrics, State
 
@@ -41,6 +43,7 @@ class Failed:
 class Choice:
     """One answer being generated: its engine job and the deltas arriving from it."""
     index: int
+    plan: Plan
     job: Job
     answer: TextJob
     events: asyncio.Queue[Delta | Failed | Cut]
@@ -52,8 +55,9 @@ class Choice:
         self.live.discard(self.events)
 
 
-def _choice(plan: Plan, st: State, index: int) -> Choice:
-    """One choice's engine job, not yet queued."""
+def _choice(plan: Plan, st: State, index: int, number: int) -> Choice:
+    """One choice's engine job, not yet queued: choice `index` of `plan`, `number` of the
+    response (the plans of a request's prompts number their choices one after another)."""
     engine = st.ready()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Delta | Failed | Cut] = asyncio.Queue()
@@ -72,13 +76,16 @@ def _choice(plan: Plan, st: State, index: int) -> Choice:
     except ValueError as e:
         raise APIError(400, str(e), code="3210") from None
     answer.job = job
-    return Choice(index, job, answer, events, time.monotonic(), st.answers)
+    if params.logprobs is not None:
+        job.on_logprob = answer.on_logprob
+    return Choice(number, plan, job, answer, events, time.monotonic(), st.answers)
 
 
-def reserve(plan: Plan, st: State) -> list[Choice]:
-    """Queue all n choices at once: 429 (with Retry-After) when the queue cannot take them
-    all."""
-    choices = [_choice(plan, st, i) for i in range(plan.n)]
+def reserve(plans: list[Plan], st: State) -> list[Choice]:
+    """Queue the n choices of every plan at once: 429 (with Retry-After) when the queue cannot
+    take them all."""
+    pairs = [(plan, i) for plan in plans for i in range(plan.n)]
+    choices = [_choice(plan, st, i, number) for number, (plan, i) in enumerate(pairs)]
     try:
         st.ready().enqueue([c.job for c in choices])
     except QueueFull as e:
@@ -111,7 +118,7 @@ class EventStream(StreamingResponse):
             cancel(self.choices)
 
 
-async def _deltas(choice: Choice, metrics: Metrics,
+async def deltas(choice: Choice, metrics: Metrics,
                   keepalive_s: float | None) -> AsyncIterator[Delta | None]:
     """One choice's deltas as they come, None when none came for `keepalive_s`, ending with
     the one that carries the finish reason. Closing the iterator cancels the job."""
@@ -136,66 +143,101 @@ async def _deltas(choice: Choice, metrics: Metrics,
         choice.end()
 
 
-async def collect(plan: Plan, metrics: Metrics, choices: list[Choice]) -> dict[str, Any]:
-    answers, total = [], 0
+@dataclass
+class Answer:
+    """One choice's whole answer, as `collect_one` gathers it."""
+    text: str
+    finish_reason: str
+    completion_tokens: int
+    logprobs: list[TokenLogprob]
+
+
+async def collect_one(choice: Choice, metrics: Metrics) -> Answer:
+    parts, last, entries = [choice.plan.prefix], Delta("", "length"), []
+    async for delta in deltas(choice, metrics, None):
+        if delta is not None:
+            parts.append(delta.text)
+            entries += delta.logprobs
+            last = delta
+    return Answer("".join(parts), last.finish_reason or "length", last.completion_tokens,
+                  entries)
+
+
+async def collect(plan: Plan, metrics: Metrics, choices: list[Choice],
+                  st: State) -> dict[str, Any]:
     try:
-        for choice in choices:
-            parts, last = [plan.prefix], Delta("", "length")
-            async for delta in _deltas(choice, metrics, None):
-                if delta is not None:
-                    parts.append(delta.text)
-                    last = delta
-            answers.append(("".join(parts), last.finish_reason or "length"))
-            total += last.completion_tokens
+        answers = [await collect_one(choice, metrics) for choice in choices]
     finally:  # an error or a disconnect: the choices not yet read must not run on
         cancel(choices)
-    return protocol.completion_response(plan.id, plan.created, plan.model, answers,
-                                        len(plan.prompt), total)
+    wanted = plan.params.logprobs is not None
+    return protocol.completion_response(
+        plan.id, plan.created, plan.model,
+        [(a.text, a.finish_reason, logprobs.chat(st.tokenizer, a.logprobs) if wanted else None)
+         for a in answers],
+        len(plan.prompt), sum(a.completion_tokens for a in answers))
 
 
-def _event(obj: dict[str, Any]) -> bytes:
+def event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def sse(plan: Plan, metrics: Metrics, choices: list[Choice],
-              keepalive_s: float) -> AsyncIterator[bytes]:
+async def sse(plan: Plan, metrics: Metrics, choices: list[Choice], keepalive_s: float,
+              st: State) -> AsyncIterator[bytes]:
+    wanted = plan.params.logprobs is not None
+
     def chunk(delta: dict[str, Any], index: int, finish: str | None = None,
-              use: dict[str, int] | None = None) -> bytes:
-        return _event(protocol.chunk(plan.id, plan.created, plan.model, delta, index, finish, use))
+              use: dict[str, int] | None = None, entries: Sequence[TokenLogprob] = ()) -> bytes:
+        lp = logprobs.chat(st.tokenizer, list(entries)) if wanted else None
+        return event(protocol.chunk(plan.id, plan.created, plan.model, delta, index, finish, use,
+                                     lp))
 
     total = 0
-    try:
+    with stream_errors(choices) as tail:
         for choice in choices:
             i = choice.index
             yield chunk({"role": "assistant", "content": ""}, i)
-            held = plan.prefix  # each content chunk is sent once the next is known, so the
-            # last one carries the usage
-            async for delta in _deltas(choice, metrics, keepalive_s):
+            # each content chunk is sent once the next is known, so the last carries the usage
+            held, held_lp = plan.prefix, list[TokenLogprob]()
+            async for delta in deltas(choice, metrics, keepalive_s):
                 if delta is None:
                     yield b": ping\n\n"
                 elif delta.finish_reason is None:
                     if held:
-                        yield chunk({"content": held}, i)
-                    held = delta.text
+                        yield chunk({"content": held}, i, entries=held_lp)
+                    held, held_lp = delta.text, delta.logprobs
                 else:
                     total += delta.completion_tokens
                     last = i == plan.n - 1
                     yield chunk({"content": held + delta.text}, i, delta.finish_reason,
-                                protocol.usage(len(plan.prompt), total) if last else None)
+                                protocol.usage(len(plan.prompt), total) if last else None,
+                                held_lp + delta.logprobs)
         if plan.include_usage:
-            yield _event({"id": plan.id, "object": "chat.completion.chunk",
+            yield event({"id": plan.id, "object": "chat.completion.chunk",
                           "created": plan.created, "model": plan.model, "choices": [],
                           "usage": protocol.usage(len(plan.prompt), total)})
-    except APIError as e:  # after the 200 went out, errors travel in the stream
-        yield _event({"error": {"message": e.message, "type": e.type, "param": None,
-                                "code": e.code}})
+    for end in tail:
+        yield end
+
+
+@contextlib.contextmanager
+def stream_errors(choices: list[Choice]) -> Iterator[list[bytes]]:
+    """Around a stream's body: an error raised in it becomes an error event (after the 200 went
+    out, errors travel in the stream), the choices are cancelled however it ends, and the
+    events to send last — the error's, then `data: [DONE]`, which ends every stream — are left
+    in the list it gives (not when the client left: nothing is sent then)."""
+    tail: list[bytes] = []
+    try:
+        yield tail
+    except APIError as e:
+        tail.append(event({"error": {"message": e.message, "type": e.type, "param": None,
+                                     "code": e.code}}))
     except Exception as e:
         log.error("stream failed", exc_info=e)
-        yield _event({"error": {"message": "internal error during generation",
-                                "type": "internal_error", "param": None, "code": "500"}})
+        tail.append(event({"error": {"message": "internal error during generation",
+                                     "type": "internal_error", "param": None, "code": "500"}}))
     finally:
         cancel(choices)
-    yield b"data: [DONE]\n\n"  # every stream ends so, an error event or not
+    tail.append(b"data: [DONE]\n\n")
 
 
 async def until_disconnect(request: Request, work: Awaitable[dict[str, Any]]) -> dict[str, Any]:

@@ -16,11 +16,12 @@ from typing import Any
 
 import anyio
 import sentencepiece
+from fastapi.exceptions import RequestValidationError
 
 from mixtral import chat
 from mixtral.generate import GenerationParams, TokenConstraint
 from mixtral.server import protocol
-from mixtral.server.protocol import ChatCompletionRequest, lone_surrogate
+from mixtral.server.protocol import ChatCompletionRequest, Sampling, lone_surrogate
 from mixtral.server.state import APIError, ConstraintFactory, State
 from mixtral.tokenizer import Tokenizer, default_tokenizer
 
@@ -62,8 +63,6 @@ def plan(body: ChatCompletionRequest, st: State, models: list[str]) -> Plan:
     if body.tools:
         raise APIError(400, "tools are not supported: Mixtral-8x7B's v1 tokenizer has no "
                        "function-calling format", code="3051")
-    if body.logprobs:
-        raise APIError(400, "logprobs are not supported by this server", code="3051")
     messages = [m.as_chat() for m in body.messages]
     if not messages:  # checked before the safe prompt could make the list non-empty
         raise APIError(400, "Conversation must have at least one message",
@@ -80,18 +79,8 @@ def plan(body: ChatCompletionRequest, st: State, models: list[str]) -> Plan:
     if last.role == "assistant" and last.prefix:
         prefix = messages[-1]["content"] if isinstance(messages[-1]["content"], str) else \
             "\n\n".join(c["text"] for c in messages[-1]["content"] if c["text"])
-    temperature = 0.7 if body.temperature is None else body.temperature
-    if body.top_p == 0:
-        temperature = 0.0  # nothing but the most likely token
-    params = GenerationParams(
-        max_tokens=body.max_new_tokens, temperature=temperature, top_p=body.top_p or 1.0,
-        seed=body.sampling_seed, min_tokens=body.min_tokens or 0,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        stop_ids=(st.tokenizer.eos_id,))
-    try:
-        engine.check(prompt, params)
-    except ValueError as e:
-        raise APIError(400, str(e), code="3210") from None
+    params = sampling(body, body.max_new_tokens, 0.7, body.top_logprobs_count, st)
+    check(prompt, params, st)
     fmt = body.response_format
     json_mode = fmt is not None and fmt.type != "text"
     if json_mode and st.json_constraint is None:
@@ -106,6 +95,47 @@ def plan(body: ChatCompletionRequest, st: State, models: list[str]) -> Plan:
     # each choice follows the grammar on its own; choice 0's is built first, to check it
     result.constraints = [constraint(result, st) for _ in range(result.n)]
     return result
+
+
+def sampling(body: Sampling, max_tokens: int | None, temperature: float,
+             logprobs: int | None, st: State) -> GenerationParams:
+    """The generation settings of a request; `temperature`: the route's default."""
+    if body.temperature is not None:
+        temperature = body.temperature
+    if body.top_p == 0:
+        temperature = 0.0  # nothing but the most likely token
+    vocab = st.ready().model.args.vocab_size
+    bias = tuple((int(k), v) for k, v in (body.logit_bias or {}).items())
+    if wrong := [k for k, _ in bias if k >= vocab]:
+        raise APIError(400, f"logit_bias: token id {wrong[0]} is outside the vocabulary "
+                       f"[0, {vocab})", code="3051")
+    return GenerationParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=body.top_p or 1.0,
+        seed=body.sampling_seed, min_tokens=body.min_tokens or 0,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        stop_ids=(st.tokenizer.eos_id,), top_k=body.top_k, min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty, logit_bias=bias, logprobs=logprobs)
+
+
+def check(prompt: list[int], params: GenerationParams, st: State) -> None:
+    """400 when the engine cannot run `prompt` with `params` (the context, a bad id)."""
+    try:
+        st.ready().check(prompt, params)
+    except ValueError as e:
+        raise APIError(400, str(e), code="3210") from None
+
+
+def mistral_limits(body: ChatCompletionRequest, user_agent: str) -> None:
+    """A request in Mistral's own shape (its client, or its own fields) gets Mistral's bound on
+    temperature, as a 422 like its API's: code written against this server then runs there."""
+    limit = protocol.MISTRAL_TEMPERATURE_MAX
+    if body.temperature is not None and body.temperature > limit and \
+            body.mistral_shaped(user_agent):
+        raise RequestValidationError([{
+            "type": "less_than_equal", "loc": ("body", "temperature"),
+            "msg": f"Input should be less than or equal to {limit} (Mistral's API; OpenAI's "
+                   f"range, to {protocol.TEMPERATURE_MAX}, is for requests in OpenAI's shape)",
+            "input": body.temperature, "ctx": {"le": limit}}])
 
 
 def constraint(plan: Plan, st: State) -> TokenConstraint | None:

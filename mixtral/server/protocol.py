@@ -5,7 +5,9 @@ see shared/reference/mistral-api-contract.md): `content` is always a string, `fi
 "stop" or "length", usage has all three counts, model cards carry `capabilities` and `type`.
 Unknown request fields are refused (422) as the real API does, but the OpenAI fields that
 clients send are accepted and mapped: `seed` -> `random_seed`, `max_completion_tokens` ->
-`max_tokens`, `stream_options.include_usage`; `user`, `store`, `metadata` are ignored.
+`max_tokens`, `stream_options.include_usage`, the `developer` role -> `system`; `user`, `store`,
+`metadata` are ignored. vLLM's sampling extensions (`top_k`, `min_p`, `repetition_penalty`)
+and OpenAI's `logit_bias` and `logprobs` are served (see `Sampling`).
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ class TextChunk(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # per-message extras of newer clients are harmless
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextChunk] | None = None
     prefix: bool = False
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     name: str | None = None  # OpenAI clients may name a participant; ignored
+
+    @field_validator("role")
+    @classmethod
+    def _developer(cls, v: str) -> str:
+        return "system" if v == "developer" else v  # newer OpenAI SDKs' name for it
 
     def as_chat(self) -> dict[str, Any]:
         content: Any = self.content
@@ -74,36 +81,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+TEMPERATURE_MAX = 2.0  # OpenAI's range; Mistral's own API stops at MISTRAL_TEMPERATURE_MAX
+MISTRAL_TEMPERATURE_MAX = 1.5
+MISTRAL_ONLY = ("random_seed", "safe_prompt", "safe_mode")  # fields only Mistral's shape has
+
+
+class Sampling(BaseModel):
+    """The fields both generation routes share: OpenAI's, and vLLM's extensions with vLLM's
+    meaning (top_k -1 or 0: off; repetition_penalty 1: off, applied to the prompt's tokens and
+    the answer's; logit_bias: token id -> -100..100 added to its logit)."""
     model_config = ConfigDict(extra="forbid")
     model: str
-    messages: list[Message]
-    temperature: float | None = Field(None, ge=0.0, le=1.5)
+    temperature: float | None = Field(None, ge=0.0, le=TEMPERATURE_MAX)
     top_p: float = Field(1.0, ge=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's name
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)  # bounds keep logits finite
+    logit_bias: dict[str, float] | None = None
     min_tokens: int | None = Field(None, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    random_seed: int | None = Field(None, ge=0, le=SEED_MAX)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX)  # OpenAI's name
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     n: int | None = Field(None, ge=1, le=8)
-    safe_prompt: bool = False
-    safe_mode: bool = False  # the Dec-2023 name of safe_prompt
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     user: str | None = None
-    store: bool | None = None
-    metadata: dict[str, Any] | None = None
-    prompt_cache_key: str | None = None
-    service_tier: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -111,6 +114,51 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(v, list) and len(v) > 16:
             raise ValueError("at most 16 stop strings")
         return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys are token ids (digits), got {clip(key, 40)!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {bias} for {key}")
+        return v
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def sampling_seed(self) -> int | None:
+        return self.seed
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message]
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's name
+    random_seed: int | None = Field(None, ge=0, le=SEED_MAX)  # `seed` is OpenAI's name
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    safe_prompt: bool = False
+    safe_mode: bool = False  # the Dec-2023 name of safe_prompt
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+
+    @model_validator(mode="after")
+    def _logprobs_asked(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @model_validator(mode="after")
     def _seeds_fit(self) -> ChatCompletionRequest:
@@ -122,18 +170,22 @@ class ChatCompletionRequest(BaseModel):
         return self
 
     @property
-    def stop_strings(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    @property
     def max_new_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
     @property
     def sampling_seed(self) -> int | None:
         return self.random_seed if self.random_seed is not None else self.seed
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """How many alternatives each token's logprobs list; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def mistral_shaped(self, user_agent: str) -> bool:
+        """Sent in Mistral's own shape: by its client, or with a field only Mistral's API has."""
+        return user_agent.startswith("mistral-client") or \
+            any(f in self.model_fields_set for f in MISTRAL_ONLY)
 
 
 def lone_surrogate(value: Any, path: str = "") -> str | None:
@@ -187,24 +239,32 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
-def completion_response(id_: str, created: int, model: str, choices: list[tuple[str, str]],
+def completion_response(id_: str, created: int, model: str,
+                        choices: list[tuple[str, str, dict[str, Any] | None]],
                         prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """choices: (content, finish_reason) per choice."""
+    """choices: (content, finish_reason, logprobs or None) per choice. `logprobs` is there
+    when asked for: without it the shape is Mistral's, key for key."""
     return {
         "id": id_, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": content,
                                              "tool_calls": None, "prefix": False},
-                     "finish_reason": finish} for i, (content, finish) in enumerate(choices)],
+                     "finish_reason": finish, **_logprobs(logprobs)}
+                    for i, (content, finish, logprobs) in enumerate(choices)],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chunk(id_: str, created: int, model: str, delta: dict[str, Any], index: int = 0,
-          finish_reason: str | None = None,
-          usage_: dict[str, int] | None = None) -> dict[str, Any]:
+          finish_reason: str | None = None, usage_: dict[str, int] | None = None,
+          logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                         **_logprobs(logprobs)}],
             "usage": usage_}
+
+
+def _logprobs(logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {} if logprobs is None else {"logprobs": logprobs}
 
 
 def model_card(id_: str, aliases: list[str], context: int, description: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 request JSON -> protocol.ChatCompletionRequest -> planning.plan (ids) -> choices.reserve
 (engine jobs) -> completion.TextJob (text) -> choices.collect (JSON) or choices.sse (SSE).
+The other routes' own modules register them: completions.py, tokens.py; docs.py is /docs.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mixtral.model import Runner
-from mixtral.server import choices, protocol
+from mixtral.server import choices, completions, docs, protocol, tokens
 from mixtral.server.exposure import CheckHost, Hosts, RequireKey
 from mixtral.server.middleware import CountRequests, LimitBody, OneFraming, QuietDrain
-from mixtral.server.planning import plan_off_loop
+from mixtral.server.planning import mistral_limits, plan_off_loop
 from mixtral.server.protocol import ChatCompletionRequest, error_body
 from mixtral.server.state import APIError, ConstraintFactory, ErrorJSON, Metrics, Settings, State
 
@@ -114,15 +115,23 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
     async def chat_completions(body: ChatCompletionRequest,
                                request: Request) -> JSONResponse | StreamingResponse:
         state.ready()
+        mistral_limits(body, request.headers.get("user-agent", ""))
         planned = await plan_off_loop(body, state, names())
-        reserved = choices.reserve(planned, state)  # 429 now, before any byte of a 200
+        reserved = choices.reserve([planned], state)  # 429 now, before any byte of a 200
         metrics.prompt_tokens.inc(len(planned.prompt))
         if body.stream:
             return choices.EventStream(choices.sse(planned, metrics, reserved,
-                                                   settings.keepalive_s), reserved)
-        result = await choices.until_disconnect(request,
-                                                choices.collect(planned, metrics, reserved))
+                                                   settings.keepalive_s, state), reserved)
+        result = await choices.until_disconnect(
+            request, choices.collect(planned, metrics, reserved, state))
         return JSONResponse(result)
+
+    completions.add_route(app, state, metrics, names, settings.keepalive_s)
+    tokens.add_routes(app, state, names)
+
+    @get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def reference() -> HTMLResponse:
+        return HTMLResponse(docs.page(app.openapi()))
 
     # the last added runs first: framing, then who may ask, then the body
     app.add_middleware(CountRequests, metrics=metrics)

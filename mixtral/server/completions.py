@@ -1,0 +1,181 @@
+"""`POST /v1/completions`: OpenAI's legacy text completion, a raw prompt with no chat template.
+
+`prompt` is a string, a list of strings, a list of token ids or a list of such lists; each
+prompt gets `n` choices, numbered prompt by prompt (choice i*n + j is prompt i's j-th), all
+queued at once. A string is encoded with BOS, as vLLM and llama.cpp do; token ids are taken as
+they are. OpenAI's defaults apply on this route (`max_tokens` 16, `temperature` 1). Mixtral has
+no fill-in-the-middle, so a non-empty `suffix` is a 400. `echo` starts each choice's text with
+its prompt; `logprobs` (0-20) gives the legacy shape (logprobs.py). Prompt logprobs are not
+computed, so `echo` with `logprobs` is a 400 rather than a shape with holes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import Field, model_validator
+
+from mixtral.server import choices, logprobs, planning, protocol
+from mixtral.server.choices import Choice, EventStream
+from mixtral.server.planning import Plan
+from mixtral.server.protocol import SEED_MAX, Sampling, lone_surrogate
+from mixtral.server.state import APIError, Metrics, State
+
+MAX_PROMPTS = 32
+MAX_CHOICES = 64  # prompts x n: queued as one group, all or none
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default; null: to the context's end
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = Field(None, ge=1, le=8)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CompletionRequest:
+        if not self.prompt:
+            raise ValueError("prompt is empty: give a string, a list of strings or token ids")
+        if len(self.prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+        if len(self.prompts) * (self.n or 1) > MAX_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}")
+        if self.seed is not None and self.seed + (self.n or 1) - 1 > SEED_MAX:
+            raise ValueError("seed + n - 1 must be at most 2**64 - 1 (choice i samples with "
+                             "seed + i)")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: its text, or its token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]  # one prompt of ids
+        return list(p)  # type: ignore[arg-type]
+
+
+async def plan_off_loop(body: CompletionRequest, st: State, models: list[str]) -> list[Plan]:
+    if st.planners is None:
+        st.planners = anyio.CapacityLimiter(planning.PLANNERS)
+    return await anyio.to_thread.run_sync(plan, body, st, models, limiter=st.planners)
+
+
+def plan(body: CompletionRequest, st: State, models: list[str]) -> list[Plan]:
+    """One plan per prompt, sharing the response's id; APIError if it cannot be served."""
+    if where := lone_surrogate(body.model_dump()):
+        raise APIError(400, f"{where}: not valid Unicode text (it holds a lone surrogate "
+                       "escape such as \\ud800)")
+    if body.model not in models:
+        raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported: Mixtral 8x7B has no fill-in-the-middle "
+                       "format (its v1 tokenizer has no [SUFFIX] or [PREFIX] token)",
+                       code="3051")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise APIError(400, "best_of other than n is not supported: the server does not rank "
+                       "candidates; ask for n choices instead", code="3051")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs is not supported: the prompt's own logprobs "
+                       "are not computed", code="3051")
+    engine = st.ready()
+    id_, created = "cmpl-" + protocol.new_id(), protocol.now()
+    params = planning.sampling(body, body.max_tokens, 1.0, body.logprobs, st)
+    plans = []
+    for prompt in body.prompts:
+        if isinstance(prompt, str):
+            per_token = planning.longest_piece(st.tokenizer)
+            if per_token and planning.at_least_tokens([prompt], per_token) > engine.context:
+                raise APIError(400, f"a prompt of {len(prompt)} characters cannot fit the "
+                               f"model's context of {engine.context} tokens", code="3210")
+        ids = st.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else prompt
+        planning.check(ids, params, st)  # the context; ids outside the vocabulary
+        text = prompt if isinstance(prompt, str) else st.tokenizer.decode(ids)
+        plans.append(Plan(
+            id=id_, created=created, model=body.model, prompt=ids, params=params,
+            stop=body.stop_strings, n=body.n or 1, prefix=text if body.echo else "",
+            prefix_ids=ids[-8:],  # what the first piece follows: it keeps its leading space
+            json_schema=None, json_mode=False,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            constraints=[None] * (body.n or 1)))
+    return plans
+
+
+def add_route(app: FastAPI, state: State, metrics: Metrics, names: Any,
+              keepalive_s: float) -> None:
+    """Register `POST /v1/completions` on `app`; `names()`: the model names served."""
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest,
+                          request: Request) -> JSONResponse | StreamingResponse:
+        state.ready()
+        plans = await plan_off_loop(body, state, names())
+        reserved = choices.reserve(plans, state)  # 429 now, before any byte of a 200
+        metrics.prompt_tokens.inc(sum(len(p.prompt) for p in plans))
+        if body.stream:
+            return EventStream(_sse(plans, metrics, reserved, keepalive_s, state), reserved)
+        return JSONResponse(await choices.until_disconnect(
+            request, _collect(plans, metrics, reserved, state)))
+
+
+def _prompt_tokens(plans: list[Plan]) -> int:
+    return sum(len(p.prompt) for p in plans)
+
+
+def _legacy(plan: Plan, st: State, entries: list[Any], offset: int) -> dict[str, Any] | None:
+    if plan.params.logprobs is None:
+        return None
+    return logprobs.legacy(st.tokenizer, entries, offset)
+
+
+async def _collect(plans: list[Plan], metrics: Metrics, reserved: list[Choice],
+                   st: State) -> dict[str, Any]:
+    try:
+        answers = [await choices.collect_one(c, metrics) for c in reserved]
+    finally:
+        choices.cancel(reserved)
+    first = plans[0]
+    return {"id": first.id, "object": "text_completion", "created": first.created,
+            "model": first.model,
+            "choices": [{"index": c.index, "text": a.text, "finish_reason": a.finish_reason,
+                         "logprobs": _legacy(c.plan, st, a.logprobs, len(c.plan.prefix))}
+                        for c, a in zip(reserved, answers, strict=True)],
+            "usage": protocol.usage(_prompt_tokens(plans),
+                                    sum(a.completion_tokens for a in answers))}
+
+
+async def _sse(plans: list[Plan], metrics: Metrics, reserved: list[Choice], keepalive_s: float,
+               st: State) -> Any:
+    first = plans[0]
+
+    def event(choice_list: list[dict[str, Any]], use: dict[str, int] | None = None) -> bytes:
+        return choices.event({"id": first.id, "object": "text_completion",
+                              "created": first.created, "model": first.model,
+                              "choices": choice_list, "usage": use})
+
+    total = 0
+    with choices.stream_errors(reserved) as errors:
+        for c in reserved:
+            offset = 0
+            if c.plan.prefix:  # the echoed prompt
+                yield event([{"index": c.index, "text": c.plan.prefix, "logprobs": None,
+                              "finish_reason": None}])
+                offset = len(c.plan.prefix)
+            async for delta in choices.deltas(c, metrics, keepalive_s):
+                if delta is None:
+                    yield b": ping\n\n"
+                    continue
+                yield event([{"index": c.index, "text": delta.text,
+                              "logprobs": _legacy(c.plan, st, delta.logprobs, offset),
+                              "finish_reason": delta.finish_reason}])
+                offset += len(delta.text)
+                total += delta.completion_tokens
+        if first.include_usage:
+            yield event([], protocol.usage(_prompt_tokens(plans), total))
+    for tail in errors:
+        yield tail
