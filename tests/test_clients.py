@@ -102,6 +102,33 @@ def test_mistralai_models_and_errors(server):
     assert v.value.data.detail[0].loc[-1] == "temperature"
 
 
+def test_mistralai_new_fields(mistral, server):
+    # mistralai 3.x sends vLLM's sampling fields and logprobs; its temperature stays Mistral's
+    from mistralai.client.errors import HTTPValidationError
+
+    r = mistral.chat.complete(model="mistral-small", messages=CONDIMENT, max_tokens=4,
+                              temperature=0, top_k=5, repetition_penalty=1.1, logprobs=True,
+                              top_logprobs=3)
+    assert r.usage.completion_tokens == 4
+    greedy = mistral.chat.complete(model="mistral-small", messages=CONDIMENT, max_tokens=4,
+                                   temperature=0)
+    assert r.choices[0].message.content != "" and greedy.choices[0].message.content != ""
+    with pytest.raises(HTTPValidationError) as v:  # Mistral's own bound, for its own client
+        mistral.chat.complete(model="mistral-small", messages=CONDIMENT, temperature=1.8)
+    assert v.value.data.detail[0].loc[-1] == "temperature"
+
+
+def test_openai_completions_and_logprobs(openai_client):
+    r = openai_client.completions.create(model="mistral-small", prompt="Hello", max_tokens=4,
+                                         temperature=0, logprobs=2, echo=False)
+    assert r.choices[0].logprobs.tokens and r.usage.completion_tokens == 4
+    c = openai_client.chat.completions.create(
+        model="mistral-small", messages=[{"role": "developer", "content": "Be brief."},
+                                         *CONDIMENT], max_tokens=4, temperature=2.0, seed=1,
+        logprobs=True, top_logprobs=2)
+    assert len(c.choices[0].logprobs.content) <= 4
+
+
 # --- openai --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
