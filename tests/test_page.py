@@ -1,25 +1,20 @@
-"""The web chat page in real headless Chromium (Debian's, driven by Playwright; no download)."""
+"""The web chat page in real headless Chromium against the real server (the tiny random model):
+streaming and stop, multi-turn with safe prompt and JSON mode, errors, the model card, and a
+page that asks nothing of any other origin."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 
 import pytest
+from browsing import MARKS, MODEL, browser, open_page, shot  # noqa: F401 (a fixture)
 from serving import LiveServer, Slow
 
 from mixtral import chat
 from mixtral.server.app import json_constraints
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow, pytest.mark.live,  # a browser against a live server
-              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium "
-                                 "(make test installs it)")]
-ARTIFACTS = Path(os.environ.get("MIXTRAL_TEST_ARTIFACTS",
-                                Path(__file__).parent.parent / "test-artifacts"))
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -33,31 +28,22 @@ def server():
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
 @pytest.fixture
-def page(browser, server):
-    context = browser.new_context(viewport={"width": 1200, "height": 800})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
-    page = context.new_page()
-    page.goto(server.url + "/")
-    page.get_by_test_id("model").filter(has_text="mixtral-tiny-random").wait_for()
+def page(browser, server):  # noqa: F811 (the fixture imported above)
+    page = open_page(browser, server.url)
     yield page
-    context.close()
+    assert page.errors == []
+    page.context.close()
 
 
 def last_answer(page):
     return page.get_by_test_id("assistant-message").last
+
+
+def stored(page) -> list[dict]:
+    """The current conversation's messages as the page keeps them in localStorage."""
+    data = json.loads(page.evaluate("localStorage.getItem('mixtral-chats')"))
+    return next(c for c in data["chats"] if c["id"] == data["current"])["messages"]
 
 
 def test_chat_streams_and_stops(page, server):
@@ -70,8 +56,7 @@ def test_chat_streams_and_stops(page, server):
     first = len(answer.text_content())
     page.wait_for_timeout(400)
     assert len(answer.text_content()) > first  # text arrives while generating: streamed
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "chat-streaming.png"))
+    shot(page, "real-streaming")
     page.get_by_test_id("stop").click()
     page.wait_for_selector("[data-testid=assistant-message][data-finished=stopped]")
     deadline = time.monotonic() + 3
@@ -81,7 +66,8 @@ def test_chat_streams_and_stops(page, server):
     assert page.get_by_test_id("send").is_enabled()
     assert server.prompts[-1] == chat.encode([{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "Hello there"}])
-    page.screenshot(path=str(ARTIFACTS / "chat-stopped.png"))
+    assert stored(page)[-1]["finish"] == "stopped"  # a stopped answer is kept, marked so
+    shot(page, "real-stopped")
 
 
 def test_multi_turn_safe_prompt_json_and_copy(page, server):
@@ -89,21 +75,43 @@ def test_multi_turn_safe_prompt_json_and_copy(page, server):
     page.get_by_test_id("input").fill("First question")
     page.get_by_test_id("send").click()
     page.wait_for_selector("[data-testid=assistant-message][data-finished=true]")
-    first_answer = last_answer(page).locator(".text").text_content()
+    first_answer = stored(page)[-1]["content"]
     page.get_by_test_id("safe-prompt").check()
     page.get_by_test_id("json-mode").check()
     page.get_by_test_id("max-tokens").fill("60")
     page.get_by_test_id("input").fill("Answer in JSON")
     page.get_by_test_id("send").click()
     page.wait_for_selector("[data-testid=assistant-message]:nth-child(4)[data-finished=true]")
-    answer = last_answer(page).locator(".text").text_content()
+    answer = stored(page)[-1]["content"]
     assert isinstance(json.loads(answer), dict)  # JSON mode: always parses
+    assert last_answer(page).locator("pre code").text_content() == answer  # shown as code
     history = [{"role": "user", "content": "First question"},
                {"role": "assistant", "content": first_answer},
                {"role": "user", "content": "Answer in JSON"}]
     assert server.prompts[-1] == chat.encode(history, safe_prompt=True)  # both turns went in
     last_answer(page).get_by_test_id("copy").click()
     assert page.evaluate("navigator.clipboard.readText()") == answer
+    stats = last_answer(page).locator(".info").text_content()
+    assert "s to first token" in stats and "tokens/s" in stats and "completion tokens" in stats
+
+
+def test_top_p_seed_and_stop_reach_the_server(page, server):
+    sent = []
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and
+            sent.append(r.post_data_json))
+    page.get_by_test_id("top-p").fill("0.5")
+    page.get_by_test_id("seed").fill("42")
+    page.get_by_test_id("stop-sequences").fill("END\n\\n\\n")
+    page.get_by_test_id("max-tokens").fill("5")
+    page.get_by_test_id("input").fill("Hi")
+    page.get_by_test_id("send").click()
+    page.wait_for_selector("[data-testid=assistant-message][data-finished=true]")
+    assert (sent[0]["top_p"], sent[0]["random_seed"], sent[0]["stop"]) == (0.5, 42,
+                                                                          ["END", "\n\n"])
+    page.reload()  # the settings are kept across reloads
+    page.get_by_test_id("model").filter(has_text=MODEL).wait_for()
+    assert page.get_by_test_id("seed").input_value() == "42"
+    assert page.get_by_test_id("top-p").input_value() == "0.5"
 
 
 def test_server_errors_are_shown(page):
@@ -114,4 +122,24 @@ def test_server_errors_are_shown(page):
     error.wait_for(state="visible")
     assert "Server error 400" in error.text_content()
     assert "exceeds the model's context of 2048 tokens" in error.text_content()
-    page.screenshot(path=str(ARTIFACTS / "chat-error.png"))
+    shot(page, "real-error")
+
+
+def test_model_card_facts(page, server):
+    card = page.get_by_test_id("model").inner_text()
+    for fact in (MODEL, "4.5M (4.2M per token)", "float32, not quantized", "2,048 tokens"):
+        assert fact in card
+
+
+def test_the_page_reaches_no_other_origin(browser, server):  # noqa: F811
+    requests = []
+    context = browser.new_context()
+    context.on("request", lambda r: requests.append(r.url))
+    page = context.new_page()
+    response = page.goto(server.url + "/")
+    page.get_by_test_id("model").filter(has_text=MODEL).wait_for()
+    assert all(url.startswith(server.url) for url in requests), requests
+    assert sorted({url.removeprefix(server.url) for url in requests}) == ["/", "/v1/models"]
+    policy = response.headers["content-security-policy"]
+    assert "connect-src 'self'" in policy and "script-src 'sha256-" in policy
+    context.close()

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,9 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import nn
 
+from mixtral.config import param_counts
 from mixtral.model import Runner
-from mixtral.server import choices, completions, docs, protocol, tokens
+from mixtral.projections import Int4Rows, Int8Rows
+from mixtral.quant import Int4Linear, Int8Linear
+from mixtral.server import choices, completions, docs, page, protocol, tokens
 from mixtral.server.exposure import CheckHost, Hosts, RequireKey
 from mixtral.server.middleware import CountRequests, LimitBody, OneFraming, QuietDrain
 from mixtral.server.planning import mistral_limits, plan_off_loop
@@ -76,10 +79,15 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
 
         return register
 
+    def card(name: str, all_names: list[str]) -> dict[str, Any]:
+        facts = weights(state.engine.model) if state.engine else {}
+        return {**protocol.model_card(name, [a for a in all_names if a != name], context(),
+                                      settings.description), **facts}
+
     @get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        html = resources.files("mixtral.server").joinpath("static/index.html").read_text()
-        return HTMLResponse(html)
+    async def chat_page() -> HTMLResponse:
+        html, headers = page.page()
+        return HTMLResponse(html, headers=headers)
 
     @get("/health")
     async def health() -> JSONResponse:
@@ -99,17 +107,14 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
     @get("/v1/models")
     async def list_models() -> dict[str, Any]:
         all_names = names()
-        return {"object": "list",
-                "data": [protocol.model_card(n, [a for a in all_names if a != n], context(),
-                                             settings.description) for n in all_names]}
+        return {"object": "list", "data": [card(n, all_names) for n in all_names]}
 
     @get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         all_names = names()
         if model_id not in all_names:
             raise APIError(404, f"Invalid model: {model_id}", "invalid_model", "1500")
-        return protocol.model_card(model_id, [a for a in all_names if a != model_id], context(),
-                                   settings.description)
+        return card(model_id, all_names)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest,
@@ -141,6 +146,19 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
     app.add_middleware(OneFraming)
     app.add_middleware(QuietDrain, state=state)
     return app
+
+
+def weights(model: Runner) -> dict[str, Any]:
+    """What the model card adds for the page: the parameters (all, and those one token
+    uses), the compute dtype and the weight-only quantization the loaded modules carry."""
+    counts = param_counts(model.args)
+    modules = model.modules() if isinstance(model, nn.Module) else iter(())
+    q = next((m for m in modules if isinstance(m, (Int8Linear, Int8Rows, Int4Linear, Int4Rows))),
+             None)
+    quantization = None if q is None else "int8" if isinstance(q, (Int8Linear, Int8Rows)) \
+        else f"int4, groups of {q.group_size}"
+    return {"parameters": counts["total"], "active_parameters": counts["active"],
+            "dtype": str(model.dtype).removeprefix("torch."), "quantization": quantization}
 
 
 def _errors(app: FastAPI) -> None:
