@@ -9,6 +9,7 @@ and training's files all go through here.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +24,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     # created here (O_EXCL: never someone else's file) with the usual permissions, 0666 less
     # the umask, which the finished file keeps
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaces the file (safetensors does) leaves 0600
         fsync(tmp)
         os.replace(tmp, path)
     except BaseException:

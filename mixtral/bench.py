@@ -18,6 +18,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,9 +49,10 @@ def prefill_once(model: Transformer, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def decode_once(model: Transformer, batch: int, prompt_len: int, gen_len: int,
-                seed: int) -> tuple[float, float]:
-    """-> (decode tokens/s over all rows once all are decoding, seconds to the first token)."""
+def decode_once(model: Transformer, batch: int, prompt_len: int, gen_len: int, seed: int,
+                progress: Callable[[int], object] | None = None) -> tuple[float, float]:
+    """-> (decode tokens/s over all rows once all are decoding, seconds to the first token);
+    `progress(1)` after each token produced."""
     engine = Engine(model, max_queue=batch, max_batch=batch, thread=False,
                     max_seq_len=prompt_len + gen_len + 1, prefill_chunk=prompt_len)
     stamps: list[list[float]] = [[] for _ in range(batch)]
@@ -60,7 +62,8 @@ def decode_once(model: Transformer, batch: int, prompt_len: int, gen_len: int,
         start = time.perf_counter()
         for i in range(batch):
             engine.submit(prompt_ids(prompt_len, seed + i, model.args.vocab_size), params,
-                          functools.partial(_stamp, stamps[i]), functools.partial(_set, done[i]))
+                          functools.partial(_stamp, stamps[i], progress),
+                          functools.partial(_set, done[i]))
         engine.run(until_idle=True)  # on this thread, as `mixtral serve` runs it
         assert all(d.is_set() for d in done)
     finally:
@@ -72,7 +75,10 @@ def decode_once(model: Transformer, batch: int, prompt_len: int, gen_len: int,
 
 
 def run(model: Transformer, *, prompt_len: int = 512, gen_len: int = 128, batch: int = 1,
-        repeats: int = 3, quant: str = "", model_name: str = "") -> dict[str, Any]:
+        repeats: int = 3, quant: str = "", model_name: str = "",
+        progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+    """The figures of the module docstring; `progress(n)` as the measured runs prefill and
+    decode tokens (repeats * (prompt_len + batch * gen_len) in all; the warm-up not counted)."""
     device = model.device
     prompt = prompt_ids(prompt_len, 1234, model.args.vocab_size)
     prefill_once(model, prompt[:16])  # warm-up
@@ -82,7 +88,9 @@ def run(model: Transformer, *, prompt_len: int = 512, gen_len: int = 128, batch:
     read_before = cache.store.bytes_read if cache else 0
     for r in range(repeats):
         prefill.append(prompt_len / prefill_once(model, prompt))
-        rate, first = decode_once(model, batch, prompt_len, gen_len, 4321 + 100 * r)
+        if progress:
+            progress(prompt_len)
+        rate, first = decode_once(model, batch, prompt_len, gen_len, 4321 + 100 * r, progress)
         decode.append(rate)
         ttft.append(first)
     extra = {}
@@ -115,8 +123,10 @@ def weight_bytes_per_token(args: ModelArgs, quant: str) -> int:
     return int(matmul * per_weight + rest * (4 if quant == "fp32" else 2))
 
 
-def _stamp(times: list[float], _token: int) -> None:
+def _stamp(times: list[float], progress: Callable[[int], object] | None, _token: int) -> None:
     times.append(time.perf_counter())
+    if progress:
+        progress(1)
 
 
 def _set(event: threading.Event, _error: BaseException | None) -> None:
@@ -177,11 +187,16 @@ def main(args: argparse.Namespace) -> int:
     model = assemble(args.model, dtype=None if offloaded else float_dtype,
                      device=args.device, max_ram=args.max_ram, quantize=bits, plan=plan,
                      fast=not args.reference, presets=True)
-    result = run(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
-                 repeats=args.repeats, quant=args.quant, model_name=args.model)
-    if plan is not None:
-        from mixtral.parallel import is_leader
+    from mixtral.parallel import is_leader
+    from mixtral.progress import bar
 
+    # on a terminal's stderr, never beside --json (whose line a script reads), rank 0 alone
+    with bar(args.repeats * (args.prompt_len + args.batch * args.gen_len), "bench", "tok",
+             shown=False if args.json or not is_leader() else None) as shown:
+        result = run(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
+                     repeats=args.repeats, quant=args.quant, model_name=args.model,
+                     progress=shown.update)
+    if plan is not None:
         if not is_leader():  # every rank measured its shard; rank 0 reports
             return 0
         result["parallel"] = {"tp": plan.tp, "ep": plan.ep, "world": plan.world}

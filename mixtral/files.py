@@ -132,9 +132,11 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from mixtral.checkpoint import convert
+    from mixtral.progress import Stages
 
-    files = convert(args.src, args.dst, args.to, args.dtype,
-                    parse_size(args.shard_size, "--shard-size"))
+    with Stages("convert") as progress:  # on stderr, when it is a terminal
+        files = convert(args.src, args.dst, args.to, args.dtype,
+                        parse_size(args.shard_size, "--shard-size"), progress)
     for f in files:
         print(f)
     return 0
@@ -142,13 +144,16 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_quantize(args: argparse.Namespace) -> int:
     from mixtral.checkpoint import quantize_checkpoint
+    from mixtral.progress import Stages
 
     if args.layout != "portable":
         raise ValueError("--layout cpu64 is no longer written: it was PyTorch's AVX-512 packing, "
                          "which other CPUs read as garbage; files now hold one layout on every "
                          "machine and each CPU packs it at load (old cpu64 files still load)")
-    for f in quantize_checkpoint(args.src, args.dst, args.bits, args.group_size,
-                                 parse_size(args.shard_size, "--shard-size")):
+    with Stages("quantize") as progress:  # on stderr, when it is a terminal
+        files = quantize_checkpoint(args.src, args.dst, args.bits, args.group_size,
+                                    parse_size(args.shard_size, "--shard-size"), progress)
+    for f in files:
         print(f)
     return 0
 

@@ -40,3 +40,14 @@ def test_the_writer_sees_the_suffix_and_the_file_gets_the_usual_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "loss.png").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_writer_that_replaces_the_file_does_not_change_its_mode(tmp_path):
+    """safetensors writes its own temporary file (mode 0600) and renames it over ours."""
+    import torch
+    from safetensors.torch import save_file
+
+    atomic_write(tmp_path / "model.safetensors", lambda tmp: save_file({"x": torch.ones(2)}, tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o666 & ~umask

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -99,3 +102,47 @@ def test_python_dash_m_and_console_script():
                  "tiny"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert "tiny (preset)" in out
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal: where progress bars are drawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_convert_and_quantize_show_progress_on_a_terminal_only(capsys, monkeypatch, tiny_dir,
+                                                                tmp_path):
+    jobs = [["convert", str(tiny_dir), str(tmp_path / "c"), "--to", "hf", "--shard-size", "1MB"],
+            ["quantize", str(tiny_dir), str(tmp_path / "q"), "--bits", "8"]]
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    for argv in jobs:
+        assert main(argv) == 0
+    bars = terminal.getvalue()
+    for label in ("convert: reading: 100%", "convert: writing: 100%", "quantize: writing: 100%"):
+        assert label in bars, bars
+    monkeypatch.undo()
+    for argv in jobs:  # stderr a pipe or a file: no bar
+        argv[2] += "-again"
+        assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "model.safetensors" in out  # stdout: the files written, as before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_take_the_usual_mode(tiny_dir, tmp_path, umask):
+    """0666 less the umask (0644 under the usual 022): a shared model folder stays readable."""
+    (tiny_dir / "tokenizer.model").write_bytes(b"not a real tokenizer")  # convert copies it
+    (tiny_dir / "tokenizer.model").chmod(0o600)
+    old = os.umask(umask)
+    try:
+        assert main(["convert", str(tiny_dir), str(tmp_path / "c"), "--to", "mistral"]) == 0
+        assert main(["quantize", str(tiny_dir), str(tmp_path / "q"), "--bits", "4"]) == 0
+    finally:
+        os.umask(old)
+    files = [f for f in (tmp_path / "c").iterdir()] + [f for f in (tmp_path / "q").iterdir()]
+    assert {f.name for f in files} >= {"params.json", "consolidated.safetensors",
+                                       "tokenizer.model", "config.json", "model.safetensors"}
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == \
+        {f.name: 0o666 & ~umask for f in files}

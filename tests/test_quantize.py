@@ -187,3 +187,40 @@ def test_legacy_cpu64_checkpoints_load_to_the_same_model(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "new"), "--bits", "4",
                  "--layout", "cpu64"]) == 2
     assert "no longer written" in capsys.readouterr().err
+
+
+def test_quantize_and_convert_report_their_bytes(tmp_path):
+    """progress(stage, done, total) in bytes: done rises to total, which is what is read (the
+    canonical tensors, in the asked dtype) or written (the shards' tensors)."""
+    from mixtral.checkpoint import convert
+
+    model = random_tiny()
+    save(model.state_dict(), model.args, tmp_path / "float")
+
+    def written(files: list) -> int:
+        return sum(t.numel() * t.element_size() for f in files if f.suffix == ".safetensors"
+                   for t in load_file(f).values())
+
+    def stages(calls: list) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for stage, done, total in calls:
+            out.setdefault(stage, []).append((done, total))
+        for steps in out.values():
+            dones = [d for d, _ in steps]
+            assert dones == sorted(dones) and len({t for _, t in steps}) == 1
+        return out
+
+    calls: list = []
+    files = quantize_checkpoint(tmp_path / "float", tmp_path / "q8", 8, max_shard_bytes=2**18,
+                                progress=lambda *a: calls.append(a))
+    assert len([f for f in files if f.suffix == ".safetensors"]) > 1  # several shards
+    got = stages(calls)
+    assert list(got) == ["writing"] and got["writing"][-1] == (written(files),) * 2
+
+    calls = []
+    files = convert(tmp_path / "float", tmp_path / "bf16", "hf", "bf16", 2**18,
+                    progress=lambda *a: calls.append(a))
+    got = stages(calls)
+    read = sum(t.numel() * 2 for t in model.state_dict().values())  # bf16: 2 bytes each
+    assert list(got) == ["reading", "writing"]
+    assert got["reading"][-1] == (read, read) and got["writing"][-1] == (written(files),) * 2

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ from mixtral.config import ModelArgs
 from mixtral.formats import (
     LAYOUTS,
     QUANTIZATION_KEY,
+    canonical_shapes,
     hf_config,
     is_quantized_weight,
     params_json,
@@ -42,10 +43,12 @@ from mixtral.quant import GROUP_SIZES, default_group_size, get, quantize_weight
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json")
+# progress(stage, bytes done, bytes in all), after each tensor: "reading", then "writing"
+Progress = Callable[[str, int, int], object]
 
 
 def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, layout: str = "hf",
-         max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+         max_shard_bytes: int = 5 * 2**30, progress: Progress | None = None) -> list[Path]:
     """Write canonical tensors as an `hf` (config.json + model*.safetensors) or `mistral`
     (params.json + consolidated.safetensors) checkpoint. Every file is written atomically."""
     if layout not in ("hf", "mistral"):
@@ -60,12 +63,14 @@ def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, lay
         return [out / "params.json", out / "consolidated.safetensors"]
     _write_json(out / "config.json", hf_config(args, dtype))
     sizes = [(k, t.numel() * t.element_size()) for k, t in tensors]
-    return [out / "config.json", *_write_shards(out, sizes, iter(tensors), max_shard_bytes)]
+    return [out / "config.json", *_write_shards(out, sizes, iter(tensors), max_shard_bytes,
+                                                progress)]
 
 
 def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: int,
                         group_size: int | None = None,
-                        max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+                        max_shard_bytes: int = 5 * 2**30,
+                        progress: Progress | None = None) -> list[Path]:
     """Read a float checkpoint tensor by tensor and write its int8/int4 form (the portable
     layout of mixtral.quant, the same bytes on every machine), which `load` reads directly.
     Memory: one float tensor and one shard at a time."""
@@ -90,25 +95,35 @@ def quantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, bits: in
 
     sizes = [(k, dtype.itemsize * math.prod(shape)) for k, (shape, dtype) in expected.items()]
     config = {**hf_config(info.args, info.dtype), QUANTIZATION_KEY: quant}
-    return write_checkpoint(Path(dst), config, sizes, tensors(), max_shard_bytes)
+    return write_checkpoint(Path(dst), config, sizes, tensors(), max_shard_bytes, progress)
 
 
 def write_checkpoint(dst: str | os.PathLike, config: dict, sizes: list[tuple[str, int]],
                      tensors: Iterator[tuple[str, Tensor]],
-                     max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+                     max_shard_bytes: int = 5 * 2**30,
+                     progress: Progress | None = None) -> list[Path]:
     """config.json + safetensors shards from tensors arriving one by one, in the order (and
     with the byte sizes) of `sizes`; one shard in memory at a time, every file atomic."""
     out = _empty_dir(dst)
     _write_json(out / "config.json", config)
-    return [out / "config.json", *_write_shards(out, sizes, tensors, max_shard_bytes)]
+    return [out / "config.json", *_write_shards(out, sizes, tensors, max_shard_bytes, progress)]
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str,
-            dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[Path]:
+            dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30,
+            progress: Progress | None = None) -> list[Path]:
     """Read any supported layout and write `to` ('hf' or 'mistral'); tokenizer files come along."""
     info = inspect(src)
-    state = dict(read_state_dict(info, parse_dtype(dtype)))
-    files = save(state, info.args, dst, to, max_shard_bytes)
+    itemsize = (parse_dtype(dtype) or info.dtype).itemsize
+    total = sum(math.prod(shape) * itemsize for shape in canonical_shapes(info.args).values())
+    state: dict[str, Tensor] = {}
+    done = 0
+    for name, t in read_state_dict(info, parse_dtype(dtype)):
+        state[name] = t
+        done += t.numel() * t.element_size()
+        if progress is not None:
+            progress("reading", done, total)
+    files = save(state, info.args, dst, to, max_shard_bytes, progress)
     folder = info.path if info.path.is_dir() else info.path.parent
     for name in _TOKENIZER_FILES:
         if (folder / name).exists():
@@ -129,7 +144,8 @@ def _empty_dir(path: str | os.PathLike) -> Path:
 
 
 def _write_shards(out: Path, sizes: list[tuple[str, int]],
-                  tensors: Iterator[tuple[str, Tensor]], max_shard_bytes: int) -> list[Path]:
+                  tensors: Iterator[tuple[str, Tensor]], max_shard_bytes: int,
+                  progress: Progress | None = None) -> list[Path]:
     """Write tensors (arriving in the order of `sizes`) as model.safetensors, or as shards plus
     an index, holding one shard in memory at a time."""
     plan: list[list[str]] = [[]]
@@ -143,8 +159,14 @@ def _write_shards(out: Path, sizes: list[tuple[str, int]],
     names = ["model.safetensors"] if len(plan) == 1 else \
         [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
     files, weight_map = [], {}
+    done, total, size_of = 0, sum(n for _, n in sizes), dict(sizes)
     for name, keys in zip(names, plan, strict=True):
-        shard = dict(itertools.islice(tensors, len(keys)))
+        shard: dict[str, Tensor] = {}
+        for key, t in itertools.islice(tensors, len(keys)):
+            shard[key] = t
+            done += size_of.get(key, 0)
+            if progress is not None:
+                progress("writing", done, total)
         if list(shard) != keys:
             raise RuntimeError(f"tensors arrived out of the planned order in {name}")
         atomic_write(out / name, functools.partial(_save_safetensors, shard))
