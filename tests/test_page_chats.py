@@ -112,6 +112,10 @@ def test_reload_restores_and_the_list_switches_renames_and_deletes(page):
     chats.nth(1).locator(".open").click()  # switch
     assert answers(page).last.locator(".text").inner_text() == "First answer."
     chats.nth(1).get_by_role("button", name="Rename").click()
+    page.get_by_label("New name").fill("Not kept")
+    page.get_by_label("New name").press("Escape")  # cancels
+    assert page.get_by_test_id("chat-title").text_content() == "First chat"
+    chats.nth(1).get_by_role("button", name="Rename").click()
     page.get_by_label("New name").fill("Renamed")
     page.get_by_label("New name").press("Enter")
     assert page.get_by_test_id("chat-title").text_content() == "Renamed"

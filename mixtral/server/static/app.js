@@ -140,7 +140,13 @@ function listChats() {
 function renameChat(li, chat) {
   const input = document.createElement("input");
   input.type = "text"; input.value = chat.title; input.setAttribute("aria-label", "New name");
-  const done = (keep) => { if (keep) note(store.rename(chat.id, input.value)); showChat(); };
+  let ended = false;  // Enter or Escape, then the blur of the removed field: act once
+  const done = (keep) => {
+    if (ended) return;
+    ended = true;
+    if (keep) note(store.rename(chat.id, input.value));
+    showChat();
+  };
   input.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.isComposing) done(true);
     if (e.key === "Escape") { e.stopPropagation(); done(false); }

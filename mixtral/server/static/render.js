@@ -6,7 +6,6 @@
 
 const render = (() => {
   marked.setOptions({ gfm: true, breaks: true });  // models end lines with single newlines
-  hljs.configure({ ignoreUnescapedHTML: true });
   DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     if (node.tagName === "A") {  // a link from the model opens apart from the chat
       node.setAttribute("target", "_blank");
