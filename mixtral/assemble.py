@@ -46,7 +46,8 @@ def assemble(source: str | os.PathLike | None = None, *,
     dtype: the weights' (default: the checkpoint's). max_ram: see mixtral.load; the budget must
     hold the caller's KV cache too (`kv_cache_bytes`). quantize: 8 or 4 bits (int4 groups of
     `group_size`). plan: this rank's share under --tp/--ep (a launch joined with
-    parallel.join). announce: told the default model's label when the default is used."""
+    parallel.join). announce: told the default model's label when the default is used, and
+    how a GGUF file's tensor types were mapped."""
     from mixtral.formats import parse_dtype
 
     dtype = parse_dtype(dtype)
@@ -93,12 +94,32 @@ def _source(source: str | os.PathLike | None, dtype: torch.dtype | None,
     else:
         from mixtral.checkpoint import load
 
-        return load(source, dtype, device)
+        return load(source, dtype, device, announce)
     if plan is None:
         return model
     from mixtral.parallel import shard_modules
 
     return shard_modules(model, plan)  # built whole (the default, a preset), then cut
+
+
+def preflight(source: str | os.PathLike) -> str:
+    """The model's name, once its source is known to be readable (headers, config and
+    vocabulary checked; no weights read): `serve` calls it before it opens its port, so a bad
+    --model is one line, not a server that answers 503 until it dies."""
+    from mixtral.checkpoint import inspect
+    from mixtral.checkpoint.files import is_gguf
+    from mixtral.hub import is_repo_id, resolve
+
+    path = resolve(source)
+    if is_gguf(path):
+        from mixtral.checkpoint.gguf import open_gguf
+
+        open_gguf(path)
+        return path.stem
+    inspect(path)
+    if not Path(source).exists() and is_repo_id(str(source)):
+        return str(source).split("/")[1]  # the repo's name, not its snapshot's commit
+    return (path if path.is_dir() else path.parent).resolve().name
 
 
 def is_preset(source: str | os.PathLike) -> bool:
@@ -128,7 +149,8 @@ def random_preset(name: str, dtype: torch.dtype | None = None,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of every command that runs a model (chat, generate, serve, eval)."""
     p.add_argument("--model", metavar="PATH", help="checkpoint folder or file (HF or "
-                   "Mistral layout); default: the built-in default model")
+                   "Mistral layout, or GGUF), or a Hugging Face repo id ORG/NAME (from its "
+                   "cache, else downloaded); default: the built-in default model")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--reference", action="store_true", help="run the reference modules of "

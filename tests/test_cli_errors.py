@@ -31,7 +31,8 @@ def paths(tmp_path_factory, hf_tiny_dir) -> dict[str, str]:
     root = tmp_path_factory.mktemp("cli_errors")
     (root / "notes").mkdir()
     (root / "notes" / "readme.txt").write_text("not a checkpoint\n")
-    return {"missing": str(root / "missing"), "notckpt": str(root / "notes"),
+    (root / "fake.gguf").write_text("not a GGUF file\n")
+    return {"gguf": str(root / "fake.gguf"), "missing": str(root / "missing"), "notckpt": str(root / "notes"),
             "text": str(root / "notes" / "readme.txt"), "ckpt": str(hf_tiny_dir),
             "out": str(root / "out"), "recipe": str(RECIPE)}
 
@@ -46,7 +47,10 @@ CASES = [
     (["nosuch"], "invalid choice: 'nosuch'"),
     (["info", "{missing}"], "{missing}: no such file or directory"),
     (["info", "{notckpt}"], "{notckpt}: no weights found"),
-    (["info", "{text}"], "no config.json beside the weights"),
+    (["info", "{text}"], "not a weights file we read (.safetensors, .pth, .pt, or a GGUF file)"),
+    (["info", "{gguf}"], "not a GGUF file: it does not start with GGUF's magic bytes"),
+    (["chat", "--model", "nobody/no-such-model"], "nobody/no-such-model: no such file or "
+     "directory, and not in the Hugging Face cache"),
     (["info", "--bogus"], "mixtral info: error: unrecognized arguments: --bogus"),
     (["generate"], "the following arguments are required: --prompt"),
     (["generate", "--prompt", "x", "--model", "{missing}"], "no such file or directory"),
@@ -142,6 +146,7 @@ def test_serve_a_missing_model(port, paths):
     errors = [line for line in done.stderr.splitlines() if ": error: " in line]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert len(errors) == 1 and "no such file or directory" in errors[0]
+    assert "serving" not in done.stderr and "INFO" not in done.stderr  # before the port opens
 
 
 def test_help_lists_every_command(capsys):

@@ -1,9 +1,11 @@
-"""Which files make a checkpoint, and one tensor's bytes read out of them.
+"""Which files make a checkpoint, and one tensor's bytes read out of them (with a progress
+bar for a big load).
 
 A checkpoint is found by the files present, never by folder names: an index and the shards it
 lists, or the safetensors / consolidated .pth / .pt weights in a folder, with the config beside
-them. A tensor is read straight into a fresh buffer (safetensors) or copied out of a
-memory-mapped .pt/.pth whose pages are then given back, so no file is held beside the model.
+them; a GGUF file by its first bytes (checkpoint/gguf.py reads it). A tensor is read
+straight into a fresh buffer (safetensors) or copied out of a memory-mapped .pt/.pth whose
+pages are then given back, so no file is held beside the model.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import ctypes
 import functools
 import mmap
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,11 +24,39 @@ from torch import Tensor
 from mixtral.checkfile import CheckpointError, TensorEntry, read_json, short
 
 INDEX = "model.safetensors.index.json"
+MAGIC = b"GGUF"  # the first bytes of a GGUF file
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+PROGRESS_BYTES = 300_000_000  # a load shorter than this takes a second or two: no bar
+
+
+def is_gguf(path: Path) -> bool:
+    """A file that opens with GGUF's magic, whatever its name."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == MAGIC
+
+
+def progress(total: int, what: str) -> Any:
+    """A tqdm bar of `total` bytes on stderr for a load worth watching: over ~300 MB, and
+    only on a terminal (a log or a test's captured output gets no bar)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"loading {what}", unit="B", unit_scale=True,
+                file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=total < PROGRESS_BYTES or not sys.stderr.isatty())
 
 
 def find_files(path: Path) -> tuple[Path, list[Path]]:
     """-> (config file, weight files). Decided by the files present, never by folder names."""
     if path.is_file():
+        if path.suffix == ".gguf":  # not is_gguf: checkpoint/gguf.py reads the real ones
+            raise CheckpointError(f"{path}: not a GGUF file: it does not start with GGUF's magic "
+                                  "bytes (truncated, or another format?)")
+        if path.suffix not in WEIGHT_SUFFIXES:
+            known = ", ".join(WEIGHT_SUFFIXES)
+            raise CheckpointError(f"{path}: not a weights file we read ({known}, or a GGUF "
+                                  "file) nor a checkpoint folder")
         folder, weights = path.parent, [path]
     elif path.is_dir():
         folder = path

@@ -20,7 +20,7 @@ from mixtral.checkfile import (
     read_safetensors_header,
     short,
 )
-from mixtral.checkpoint.files import check_index, find_files
+from mixtral.checkpoint.files import check_index, find_files, is_gguf
 from mixtral.config import ModelArgs
 from mixtral.crosscheck import check_config
 from mixtral.formats import (
@@ -37,6 +37,7 @@ from mixtral.formats import (
     parse_dtype,
     quantized_tensors,
 )
+from mixtral.hub import resolve
 
 
 @dataclass
@@ -58,7 +59,11 @@ class CheckpointInfo:
 def inspect(path: str | os.PathLike) -> CheckpointInfo:
     """Find a checkpoint's files and check every tensor's name, shape and dtype against its
     config, reading only headers (and, for .pt/.pth, the pickled tensor metadata)."""
-    path = Path(path)
+    path = resolve(path)
+    if is_gguf(path):
+        raise CheckpointError(f"{path}: a GGUF file, which mixtral runs (--model of chat, "
+                              "generate, serve, eval, bench) but does not inspect, convert, "
+                              "quantize, offload (--max-ram) or shard (--tp/--ep)")
     config_file, weight_files = find_files(path)
     args, quant = _read_config(config_file)
     entries = _entries(weight_files)

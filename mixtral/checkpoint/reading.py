@@ -1,22 +1,24 @@
 """Tensors into models: a checkpoint's tensors read one by one in the canonical layout, and
 `load`, which builds the model on the meta device and reads every weight straight into its
 final buffer (float, or the int8/int4 pairs of a quantized checkpoint into the quantized
-modules they feed), after checking that the weights fit in the free memory.
+modules they feed), after checking that the weights fit in the free memory. `load` takes what
+a user names (a folder, a weights file, a GGUF file, a Hugging Face repo id: mixtral.hub).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from mixtral.checkfile import CheckpointError, load_torch_file
-from mixtral.checkpoint.files import read_safetensor, release_pages
+from mixtral.checkpoint.files import is_gguf, progress, read_safetensor, release_pages
 from mixtral.checkpoint.info import CheckpointInfo, inspect
 from mixtral.formats import is_quantized_weight, parse_dtype, portable_names, read_canonical
+from mixtral.hub import resolve
 from mixtral.memory import check_fits, load_bytes
 from mixtral.model import Transformer
 from mixtral.quant import apply, get
@@ -69,9 +71,16 @@ def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-         device: torch.device | str = "cpu") -> Transformer:
-    """Load a checkpoint (HF or Mistral layout) into a model; weights keep their dtype unless
-    one is asked for."""
+         device: torch.device | str = "cpu",
+         announce: Callable[[str], None] | None = None) -> Transformer:
+    """Load a checkpoint (HF or Mistral layout, ours quantized, or GGUF) into a model; weights
+    keep their dtype unless one is asked for. `announce` is told how a GGUF's types were
+    mapped (what was exact, what lost how much)."""
+    path = resolve(path)
+    if is_gguf(path):
+        from mixtral.checkpoint.gguf import load_gguf
+
+        return load_gguf(path, parse_dtype(dtype), device, announce)
     info = inspect(path)
     if torch.device(device).type == "cpu":
         check_fits(load_bytes(info.entries.values(), parse_dtype(dtype)), f"loading {path}",
@@ -80,9 +89,17 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
         model = Transformer(info.args)
     if info.quantization:
         return _load_quantized(info, model, parse_dtype(dtype), device)
-    state = dict(read_state_dict(info, parse_dtype(dtype), device))
+    with progress(info.nbytes, path.name) as bar:
+        state = dict(_counted(read_state_dict(info, parse_dtype(dtype), device), bar.update))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def _counted(tensors: Iterable[tuple[str, Tensor]],
+             count: Callable[[int], object]) -> Iterator[tuple[str, Tensor]]:
+    for name, t in tensors:
+        count(t.numel() * t.element_size())
+        yield name, t
 
 
 def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype | None,
@@ -96,5 +113,11 @@ def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype
               for name in model.state_dict() if not is_quantized_weight(name)}
     missing, _ = model.load_state_dict(floats, strict=False, assign=True)
     assert all(is_quantized_weight(m) for m in missing), missing
+    pairs = quantized_reader(info)
+    with progress(info.nbytes, info.path.name) as bar:
+        def weight(name: str) -> tuple[Tensor, Tensor]:
+            q, s = pairs(name)
+            bar.update(q.nbytes + s.nbytes)
+            return q, s
 
-    return apply(model, quantized_reader(info), bits, group, target, device).eval()
+        return apply(model, weight, bits, group, target, device).eval()

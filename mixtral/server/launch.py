@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from mixtral import assemble
 from mixtral.command import Arguments, standalone
@@ -83,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
         from mixtral.default_model import DESCRIPTION as description
         from mixtral.default_model import NAME as name
     else:
-        path = Path(args.model)
-        name = (path if path.is_dir() else path.parent).resolve().name
+        name = assemble.preflight(args.model)  # a bad --model: one line, before the port opens
         description = "Mixtral 8x7B"
     key = args.api_key if args.api_key is not None else os.environ.get("MIXTRAL_API_KEY")
     settings = Settings(name=name, api_key=key,  # an empty key is refused, never "open"
