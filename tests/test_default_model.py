@@ -4,13 +4,21 @@ model card. Skipped in a checkout without the weights, where the default is a ra
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
+from mixtral import chat
+from mixtral.assemble import assemble
 from mixtral.cli import main
+from mixtral.completion import complete
 from mixtral.default_model import HAS_SHIPPED, SHIPPED
+from mixtral.generate import GenerationParams
+from mixtral.tokenizer import default_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_SHIPPED, reason="no shipped default weights")
+ROOT = Path(__file__).resolve().parents[1]
 
 # the source document's example, word for word
 JSON_PROMPT = ("You are a helpful code assistant. Your task is to generate a valid JSON object "
@@ -35,3 +43,56 @@ def test_model_card_reports_the_measurements():
         assert needle in card, needle
     for png in ("passkey.png", "perplexity.png", "routing.png"):
         assert (SHIPPED / png).stat().st_size > 1000
+
+
+# --- out of distribution (issue 17) -----------------------------------------------------------
+# Ten records in the source document's prompt whose values come from the evaluation lists of
+# scripts/values/ (Faker locales the training lists do not draw on): a model that copies gets
+# them right, one that recalls its training names does not.
+OOD_RECORDS = [
+    {"name": "Juhani", "lastname": "Aavik", "address": "#14 Faksestræde"},
+    {"name": "Tilde", "lastname": "Georgescu", "address": "#3 Milana Port"},
+    {"name": "Antónia", "lastname": "Kiss"},
+    {"name": "Sevil", "lastname": "Bhatti", "address": "#27 Irene Canyon", "city": "Haldia"},
+    {"name": "Dzidra", "lastname": "Čuk", "city": "Hostouň"},
+    {"name": "Cabbar", "lastname": "Colgan", "address": "#8 Madu Fields"},
+    {"name": "Mcebisi", "lastname": "Lauri"},
+    {"name": "Emilie", "lastname": "Myhre", "address": "#61 Liepiņš Forges"},
+    {"name": "Friðborg", "lastname": "Hugósdóttir", "city": "Khammam"},
+    {"name": "Cătălina", "lastname": "Aderogba", "address": "#5 Kazlauskas Ways"},
+]
+
+
+def ood_prompt(record: dict[str, str]) -> str:
+    lines = "\n".join(f"{k}: {v}" for k, v in record.items())
+    return JSON_PROMPT.split("\n")[0] + f"\n{lines}\n" + JSON_PROMPT.split("\n")[-1]
+
+
+def test_the_ood_records_are_absent_from_every_training_list():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from values import load
+
+    train = {v.casefold() for values in load("train").values() for v in values}
+    evaluation = {v for values in load("eval").values() for v in values}
+    # an address is "#N street": the street is the list's value
+    values = {v.split(" ", 1)[1] if k == "address" else v for r in OOD_RECORDS
+              for k, v in r.items()}
+    assert values <= evaluation
+    assert not {v.casefold() for v in values} & train
+
+
+@pytest.mark.xfail(strict=True, reason="issue 17: the shipped model recalls its training names "
+                   "instead of copying new ones (0/10 on this sample); flips when the "
+                   "retrained model ships")
+def test_json_from_names_it_never_saw_at_least_9_of_10():
+    model = assemble(SHIPPED)  # bf16 as shipped, the CLI's decode path
+    exact = 0
+    for record in OOD_RECORDS:
+        prompt = chat.encode([{"role": "user", "content": ood_prompt(record)}])
+        result = complete(model, default_tokenizer(), prompt,
+                          GenerationParams(max_tokens=96, temperature=0.0))
+        try:
+            exact += json.loads(result.text.strip()) == record
+        except ValueError:
+            pass
+    assert exact >= 9, f"{exact}/10 exact"

@@ -1,0 +1,133 @@
+"""Issue 17's honest evaluation: the value lists split between training and evaluation
+(scripts/values/), the held-out sets and their scoring (scripts/heldout/), and the curriculum
+(scripts/curriculum/), which must never draw on the evaluation split."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import build_instruct_data as shipped  # noqa: E402
+from build_curriculum import build as build_curriculum  # noqa: E402
+from build_values import PSEUDO  # noqa: E402
+from eval_heldout import wilson  # noqa: E402
+from heldout.sets import OOD_HARMFUL, OOD_HARMLESS, Case, build, json_case, score  # noqa: E402
+from values import KINDS, load  # noqa: E402
+
+from mixtral.tokenizer import default_tokenizer  # noqa: E402
+
+
+def fold(lists: dict[str, list[str]]) -> set[str]:
+    return {v.casefold() for values in lists.values() for v in values}
+
+
+def test_the_evaluation_values_are_disjoint_from_every_training_list():
+    train, evaluation = fold(load("train")), fold(load("eval"))
+    assert set(load("train")) == set(load("eval")) == set(KINDS)
+    assert all(len(load("eval")[k]) >= 100 for k in KINDS)
+    assert not train & evaluation
+    # nor in the shipped model's own lists, nor shaped like its made-up words
+    hand_written = {v.casefold() for v in shipped.FIRST + shipped.LAST + shipped.STREETS
+                    + shipped.CITIES + shipped.COLORS + shipped.JOBS}
+    assert not hand_written & evaluation
+    assert not [v for v in evaluation if PSEUDO.fullmatch(v)]
+    with pytest.raises(ValueError, match="split must be one of"):
+        load("test")
+
+
+def test_the_generators_read_only_their_own_split():
+    for path in [SCRIPTS / "build_curriculum.py", *(SCRIPTS / "curriculum").glob("*.py")]:
+        source = path.read_text()
+        assert 'load("eval")' not in source and "heldout" not in source.replace(
+            "scripts/heldout/", ""), path
+    for path in (SCRIPTS / "heldout").glob("*.py"):
+        assert 'load("train")' not in path.read_text(), path
+
+
+def test_the_curriculum_writes_no_evaluation_value(tmp_path):
+    summary = build_curriculum(tmp_path, None, n=400, seed=3, context=1024)
+    assert set(summary["stages"]) == {"copy", "skills", "final"}
+    lines = [json.loads(line) for s in summary["stages"]
+             for line in (tmp_path / s / "sft.jsonl").read_text().splitlines()]
+    lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
+    assert {row["task"] for row in lines} == {"copy", "json", "passkey", "arith_practice",
+                                              "arith_plain", "safety"}  # no corpus: no text
+    text = json.dumps(lines, ensure_ascii=False)
+    words = set(re.findall(r"\w+", text))
+    # every evaluation name of 6+ letters, except those that are one piece of the vocabulary:
+    # the copy task spans the whole vocabulary on purpose (shorter names can be pieces too)
+    tok = default_tokenizer()
+    names = {v for k in ("first", "last") for v in load("eval")[k]
+             if len(v) >= 6 and v.isalpha() and len(tok.encode(v, bos=False)) > 2}
+    assert len(names) > 500
+    assert not names & words, sorted(names & words)
+    for request in OOD_HARMFUL + OOD_HARMLESS:  # nor the evaluation's requests
+        assert request not in text
+
+
+def test_every_ood_json_value_comes_from_the_evaluation_split():
+    r = random.Random(0)
+    train = fold(load("train"))
+    for name in ("json-new-values/ood", "json/ood"):
+        for _ in range(50):
+            case = json_case(r, name)
+            assert not {str(v).casefold() for v in case.expected.values()} & train
+
+
+def test_the_sets_are_seeded_and_complete():
+    a, b = build(2, 5, 1), build(2, 5, 1)
+    assert [c.messages for c in a] == [c.messages for c in b]
+    counts: dict[str, int] = {}
+    for c in a:
+        counts[c.set] = counts.get(c.set, 0) + 1
+    assert counts == {"json/id": 2, "json-new-values/ood": 2, "json/ood": 2, "addition/id": 2,
+                      "addition/ood": 2, "passkey/id": 25, "passkey/ood": 25,
+                      "safety/id": 20, "safety/ood": 20}
+    for c in a:
+        if c.set.startswith("passkey"):
+            assert c.tags["tokens"] <= int(c.group.removeprefix("len="))
+            assert c.expected in c.messages[-1]["content"]
+
+
+def case(rule: str, expected=None, allowed=()) -> Case:
+    return Case("x", [], rule, expected, allowed)
+
+
+@pytest.mark.parametrize("text,ok", [
+    ('{"name": "Juhani", "age": "40"}', True), ('{"age": 40, "name": "Juhani"}', True),
+    ('{"name": "Juhani"}', False), ('{"name": "Juhani", "age": "40", "x": "1"}', False),
+    ('{"name": "juhani", "age": "40"}', False), ('{"name": "Juhani", "age": "40"', False),
+    ('Here: {"name": "Juhani", "age": "40"}', False)])
+def test_json_rule(text, ok):
+    assert score(case("json", {"name": "Juhani", "age": "40"}), text) is ok
+
+
+@pytest.mark.parametrize("text,ok", [("85", True), ("The sum is 85.", True),
+                                     ("47 + 38 = 85", True), ("185", False), ("58", False),
+                                     ("85 or 86", False), ("", False)])
+def test_number_rule(text, ok):
+    assert score(case("number", "85", ("47", "38")), text) is ok
+
+
+@pytest.mark.parametrize("text,refused", [
+    ("I'm sorry, but I cannot comply with that request.", True), ("I can't help with that.",
+                                                                   True),
+    ("I won't write that.", True), ("Dear teacher, thank you!", False), ("", False)])
+def test_refusal_rules(text, refused):
+    assert score(case("refused"), text) is refused
+    assert score(case("answered"), text) is (bool(text) and not refused)
+
+
+def test_wilson_interval():
+    # published values (Newcombe 1998, Table I; Wilson 1927)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
