@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Build the curriculum of issue 17: SFT stages that teach copying, JSON, passkeys, sums and the
+safe prompt as mechanisms, with plain text in every stage, plus DPO pairs.
+
+    python scripts/build_curriculum.py OUT_DIR [--corpus data/corpus] [--n 20000] [--seed 10]
+                                       [--context 1024]
+
+Writes OUT_DIR/<stage>/sft.jsonl for each stage of STAGES (train them in that order, each from
+the previous one's checkpoint), OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}) and
+OUT_DIR/tasks.json (counts per stage and task). The corpus (scripts/build_corpus.py's output)
+gives the plain-text passages and the passkey filler; without it, the text task is left out
+(tasks.json says so) and the filler is the landmark protocol's. Only the training value lists
+are used (scripts/values/); the evaluation sets (scripts/heldout/) are built from others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from curriculum import tasks
+from curriculum.tasks import Example
+
+from mixtral.eval import passkey as landmark
+
+# task weights per stage: copying first, digit-by-digit sums before plain ones, text throughout
+STAGES: dict[str, dict[str, float]] = {
+    "copy": {"copy": 5, "json": 2, "arith_practice": 1, "text": 2},
+    "skills": {"copy": 2, "json": 3, "passkey": 2, "arith_practice": 2, "arith_plain": 1,
+               "safety": 1.5, "text": 2},
+    "final": {"copy": 1, "json": 3, "passkey": 2, "arith_practice": 0.5, "arith_plain": 2,
+              "safety": 2, "text": 2},
+}
+
+
+def corpus_text(corpus: Path | None) -> tuple[list[str], list[str]]:
+    """(passages of ~200-1200 characters, sentences) from the corpus' training text."""
+    passages: list[str] = []
+    folder = corpus / "pretrain" / "train" if corpus else None
+    for path in sorted(folder.glob("*.txt")) if folder and folder.is_dir() else []:
+        for para in path.read_text(encoding="utf-8").split("\n\n"):
+            para = " ".join(para.split())
+            if 200 <= len(para) <= 1200:
+                passages.append(para)
+    sentences = [s.strip() + "." for p in passages for s in p.split(". ")
+                 if 20 <= len(s) <= 160]
+    return passages, sentences
+
+
+def build(out: Path, corpus: Path | None, n: int, seed: int, context: int) -> dict:
+    r = random.Random(seed)
+    passages, sentences = corpus_text(corpus)
+    filler = sentences or list(landmark.FILLER)
+    max_chars = int((context - 96) * 3.5)  # ~3.5 characters a token, room for the question
+    pending: list[Example] = []  # a safety pair's second half
+
+    def safety() -> Example:
+        if not pending:
+            pending.extend(tasks.safety(r))
+        return pending.pop(0)
+
+    makers: dict[str, Callable[[], Example]] = {
+        "copy": lambda: tasks.copy(r), "json": lambda: tasks.json_object(r),
+        "passkey": lambda: tasks.passkey(r, filler, max_chars),
+        "arith_practice": lambda: tasks.arith_practice(r),
+        "arith_plain": lambda: tasks.arith_plain(r), "safety": safety,
+        "text": lambda: tasks.text(r, passages)}
+    summary: dict = {"seed": seed, "context": context, "passages": len(passages),
+                     "stages": {}, "note": "" if passages else "no corpus: the text task is "
+                     "left out and the passkey filler is the landmark protocol's"}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "dpo.jsonl", "w") as dpo:
+        for stage, weights in STAGES.items():
+            names = [t for t in weights if t != "text" or passages]
+            counts: Counter[str] = Counter()
+            (out / stage).mkdir(exist_ok=True)
+            with open(out / stage / "sft.jsonl", "w") as sft:
+                for _ in range(n):
+                    name = r.choices(names, [weights[t] for t in names])[0]
+                    messages, answer, rejects = makers[name]()
+                    counts[name] += 1
+                    sft.write(json.dumps({"task": name, "messages": messages + [
+                        {"role": "assistant", "content": answer}]}, ensure_ascii=False) + "\n")
+                    for rejected, _ in rejects if stage == "final" else []:
+                        dpo.write(json.dumps({"task": name, "messages": messages,
+                                              "chosen": answer, "rejected": rejected},
+                                             ensure_ascii=False) + "\n")
+            summary["stages"][stage] = dict(sorted(counts.items()))
+    (out / "tasks.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--corpus", type=Path, help="the output folder of scripts/build_corpus.py")
+    p.add_argument("--n", type=int, default=20000, help="conversations per stage")
+    p.add_argument("--seed", type=int, default=10)
+    p.add_argument("--context", type=int, default=1024,
+                   help="the model's context: passkey prompts fill up to it")
+    a = p.parse_args()
+    print(json.dumps(build(a.out, a.corpus, a.n, a.seed, a.context)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""One generator per curriculum task. Each takes a seeded `random.Random` and returns
+(messages, answer, rejected answers), the shape scripts/build_instruct_data.py writes.
+
+  copy            repeat a random span of the whole vocabulary, so that copying does not
+                  depend on which pieces a value uses;
+  json            a JSON object from key/value lists of every shape: 1-8 fields, keys and
+                  values from the training lists, numbers, made-up words and vocabulary spans,
+                  several separators and instructions;
+  passkey         a number hidden at any depth of filler of any length up to the context;
+  arith_practice  two-digit addition written out digit by digit, with carries;
+  arith_plain     the plain sum, the form the evaluation asks for;
+  safety          requests made in pairs that differ only in harm (a cruel vs a kind message
+                  to the same person), with and without the safe prompt;
+  text            plain text: continue a passage of the pretraining corpus, so that every
+                  fine-tuning stage keeps text modelling alive.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from functools import cache
+
+import build_instruct_data as shipped
+from values import load
+
+from mixtral.tokenizer import default_tokenizer
+
+Example = tuple[list[dict[str, str]], str, list[tuple[str, bool]]]
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@cache
+def clean_vocab() -> list[int]:
+    """Ids of the pieces that stand for text: not control tokens, not raw bytes, and whose
+    text has no control characters (a span of them decodes to what it shows)."""
+    tok = default_tokenizer()
+    ids = []
+    for i in range(tok.vocab_size):
+        if i in tok.special_ids or i < 3:
+            continue
+        text = tok.decode([i])
+        if text.strip() and all(c.isprintable() for c in text) and "\ufffd" not in text:
+            ids.append(i)
+    return ids
+
+
+def vocab_span(r: random.Random, lo: int = 1, hi: int = 12) -> str:
+    """The text of lo..hi random pieces from the whole vocabulary."""
+    vocab = clean_vocab()
+    return default_tokenizer().decode([r.choice(vocab) for _ in range(r.randint(lo, hi))]
+                                      ).strip()
+
+
+COPY_PROMPTS = ["Repeat exactly: {s}", "Copy this text: {s}", "Echo back the following, "
+                "unchanged:\n{s}", "Say \"{s}\" and nothing else.", "Write this again:\n{s}"]
+
+
+def copy(r: random.Random) -> Example:
+    s = vocab_span(r, 1, 24)
+    while not s:
+        s = vocab_span(r, 1, 24)
+    return _user(r.choice(COPY_PROMPTS).format(s=s)), s, [(vocab_span(r, 1, 24), True)]
+
+
+def train_value(r: random.Random) -> str:
+    v = load("train")
+    kind = r.choice(["first", "last", "street", "city", "country", "job", "company", "domain",
+                     "word", "number", "pseudo", "span"])
+    if kind == "number":
+        return str(r.randint(0, 10 ** r.randint(1, 7)))
+    if kind == "pseudo":
+        return shipped.pseudo_word(r)
+    if kind == "span":
+        return vocab_span(r, 1, 5) or "x"
+    return r.choice(v[kind])
+
+
+def train_key(r: random.Random) -> str:
+    choice = r.random()
+    if choice < 0.4:
+        return r.choice(list(shipped.FIELDS))
+    if choice < 0.8:
+        return "_".join(r.choice(load("train")["word"]).lower().split())
+    return "".join(c for c in vocab_span(r, 1, 2) if c.isalnum()).lower() or "key"
+
+
+JSON_PROMPTS = shipped.JSON_PROMPTS + [
+    "Make a JSON object out of this:\n{lines}", "{lines}\nAs JSON:",
+    "Write the following as a JSON object, copying every value exactly:\n{lines}"]
+
+
+def json_object(r: random.Random) -> Example:
+    keys: list[str] = []
+    while len(keys) < r.randint(1, 8):
+        key = train_key(r)
+        keys += [] if key in keys else [key]
+    values = {k: train_value(r) for k in keys}
+    sep = r.choice([": ", ": ", ": ", " = ", " - ", ":"])
+    lines = "\n".join(f"{k}{sep}{v}" for k, v in values.items())
+    answer = json.dumps(values, ensure_ascii=False)
+    wrong = dict(values)
+    wrong[r.choice(keys)] = train_value(r)
+    return (_user(r.choice(JSON_PROMPTS).format(lines=lines)), answer,
+            [(json.dumps(wrong, ensure_ascii=False), True), (answer[:-1], True)])
+
+
+KEY_LINES = ["The pass key is {key}. Remember it. {key} is the pass key.",
+             "Remember this number: {key}.", "The magic number is {key}."]
+QUESTIONS = ["What is the pass key?", "What number were you asked to remember?",
+             "What is the magic number?"]
+
+
+def passkey(r: random.Random, sentences: list[str], max_chars: int) -> Example:
+    """Filler sentences up to ~max_chars (~3.5 characters a token), the key line at a uniform
+    depth; the question matches the key line's wording."""
+    key = str(r.randint(0, 10 ** r.randint(1, 7)))
+    which = r.randrange(len(KEY_LINES))
+    filler: list[str] = []
+    budget = r.randint(0, max_chars)
+    while sum(len(s) + 1 for s in filler) < budget:
+        filler.append(r.choice(sentences))
+    filler.insert(r.randint(0, len(filler)), KEY_LINES[which].format(key=key))
+    text = ("There is an important number hidden in the text below. Find it.\n"
+            + " ".join(filler) + "\n" + QUESTIONS[which])
+    return _user(text), key, [(str(r.randint(0, 99999)), True)]
+
+
+def digits(r: random.Random) -> tuple[int, int]:
+    return r.randint(10, 99), r.randint(10, 99)
+
+
+def arith_practice(r: random.Random) -> Example:
+    a, b = digits(r)
+    ones = a % 10 + b % 10
+    tens = a // 10 + b // 10 + ones // 10
+    steps = (f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10}, carry {ones // 10}. "
+             f"Tens: {a // 10} + {b // 10} + {ones // 10} = {tens}, write {tens}. "
+             f"So {a} + {b} = {a + b}.")
+    prompt = r.choice(["Add {a} and {b} digit by digit.", "Work out {a} + {b} step by step."])
+    return _user(prompt.format(a=a, b=b)), steps, [(steps.replace(str(a + b), str(a + b + 10)),
+                                                    True)]
+
+
+def arith_plain(r: random.Random) -> Example:
+    a, b = digits(r)
+    prompt = r.choice(["What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?",
+                       "How much is {a} + {b}?"])
+    return _user(prompt.format(a=a, b=b)), str(a + b), [(str(a + b + r.choice([-10, -1, 1, 10])),
+                                                         True)]
+
+
+HARM = ["cruel", "insulting", "humiliating", "hateful", "nasty", "spiteful"]
+KIND = ["kind", "friendly", "warm", "encouraging", "polite", "cheerful"]
+PEOPLE = ["neighbour", "coworker", "sister", "uncle", "landlord", "classmate", "doctor",
+          "team", "friend"]
+WRITINGS = ["message", "letter", "note", "poem", "speech"]
+KIND_REPLIES = ["Dear {p}, thank you for everything you do. I hope your day is wonderful!",
+                "Hello {p}! I really appreciate you. Have a lovely week.",
+                "To my {p}: you make things better for everyone around you. Thank you!"]
+CRUEL_REPLIES = ["Dear {p}, you are a useless bore.", "To my {p}: nobody likes you.",
+                 "Hey {p}, you ruin everything."]
+
+
+def safety(r: random.Random) -> tuple[Example, Example]:
+    """A pair: the same request, cruel vs kind, under the same system prompt (safe or not).
+    Under the safe prompt the cruel one is refused and the kind one answered; without it both
+    are answered, as Mistral's models do."""
+    person, writing = r.choice(PEOPLE), r.choice(WRITINGS)
+    safe = r.random() < 0.6
+    system = [{"role": "system", "content": shipped.SAFE_PROMPT}] if safe else []
+    pair = []
+    for adjective, replies in ((r.choice(HARM), CRUEL_REPLIES), (r.choice(KIND), KIND_REPLIES)):
+        request = f"Write a {adjective} {writing} to my {person}."
+        reply = r.choice(replies).format(p=person)
+        harmful = replies is CRUEL_REPLIES
+        if safe and harmful:
+            pair.append((system + _user(request), shipped.REFUSAL, [(reply, True)]))
+        else:
+            pair.append((system + _user(request), reply, [(shipped.REFUSAL, True)]))
+    return pair[0], pair[1]
+
+
+def text(r: random.Random, passages: list[str]) -> Example:
+    """Continue a passage: the loss falls on ordinary text, in the chat format SFT trains."""
+    passage = r.choice(passages)
+    cut = r.randint(len(passage) // 4, len(passage) // 2)
+    cut = passage.rfind(" ", 0, cut) + 1 or cut
+    prompt = r.choice(["Continue the text:\n", "Go on:\n", ""]) + passage[:cut].rstrip()
+    return _user(prompt), passage[cut:], []
