@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from eval_heldout import card_section
 
 import mixtral
 from mixtral.checkpoint import save
@@ -76,8 +77,12 @@ def main() -> None:
             tasks[f"part_{part}"] = json.loads(extra.read_text())
     counts = param_counts(model.args)
     paper = paper_evals(runs / "eval", dst)
-    (dst / "MODEL_CARD.md").write_text(card(model.args, counts, size, stages, evals, manifest,
-                                           tasks) + paper)
+    text = card(model.args, counts, size, stages, evals, manifest, tasks)
+    heldout = runs / "eval" / "heldout.json"  # scripts/eval_heldout.py on the shipped folder
+    if heldout.exists():
+        text = text.replace("## What it cannot do", card_section(json.loads(
+            heldout.read_text())) + "## What it cannot do", 1)
+    (dst / "MODEL_CARD.md").write_text(text + paper)
     print(f"{dst}: {size / 1e6:.1f} MB of weights, model card written")
 
 

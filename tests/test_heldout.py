@@ -18,7 +18,7 @@ sys.path.insert(0, str(SCRIPTS))
 import build_instruct_data as shipped  # noqa: E402
 from build_curriculum import build as build_curriculum  # noqa: E402
 from build_values import PSEUDO  # noqa: E402
-from eval_heldout import wilson  # noqa: E402
+from eval_heldout import card_section, summarize, table, wilson  # noqa: E402
 from heldout.sets import OOD_HARMFUL, OOD_HARMLESS, Case, build, json_case, score  # noqa: E402
 from values import KINDS, load  # noqa: E402
 
@@ -131,3 +131,21 @@ def test_wilson_interval():
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+
+
+def test_the_summary_and_the_cards_table():
+    rows = [{"set": "json/id", "group": "", "ok": True, "finish": "stop"},
+            {"set": "json/id", "group": "", "ok": False, "finish": "stop"},
+            {"set": "json/ood", "group": "", "ok": False, "finish": "length"},
+            {"set": "passkey/ood", "group": "len=128", "ok": True, "finish": "stop"}]
+    summary = summarize(rows)
+    assert summary["json/id"] == {"k": 1, "n": 2, "share": 0.5,
+                                  "ci95": [round(x, 4) for x in wilson(1, 2)]}
+    assert summary["eos/ood"]["k"] == 1 and summary["eos/ood"]["n"] == 2
+    assert summary["passkey/ood len=128"]["n"] == 1
+    lines = table(summary).splitlines()
+    assert "| json | 50 % (1/2; 9–91) | 0 % (0/1; 0–79) | ≥ 95 % |" in lines
+    assert "| passkey len=128 | — | 100 % (1/1; 21–100) | ≥ 90 % |" in lines
+    section = card_section({"model": "m", "minutes": 1.0, "command": "python x", "summary":
+                            summary})
+    assert section.startswith("## Held-out skills") and lines[2] in section
