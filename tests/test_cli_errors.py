@@ -32,9 +32,11 @@ def paths(tmp_path_factory, hf_tiny_dir) -> dict[str, str]:
     (root / "notes").mkdir()
     (root / "notes" / "readme.txt").write_text("not a checkpoint\n")
     (root / "fake.gguf").write_text("not a GGUF file\n")
+    (root / "pictures").mkdir()
+    (root / "pictures" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     return {"gguf": str(root / "fake.gguf"), "missing": str(root / "missing"), "notckpt": str(root / "notes"),
             "text": str(root / "notes" / "readme.txt"), "ckpt": str(hf_tiny_dir),
-            "out": str(root / "out"), "recipe": str(RECIPE)}
+            "out": str(root / "out"), "recipe": str(RECIPE), "binary": str(root / "pictures")}
 
 
 def defect(reason: str) -> pytest.MarkDecorator:
@@ -103,6 +105,11 @@ CASES = [
     (["eval", "passkey", "--trials", "-3", "--out", "{out}"], "--trials"),
     (["eval", "perplexity", "--data", "{missing}", "--out", "{out}"], "no such file or folder"),
     (["eval", "routing", "--data", "{missing}", "--out", "{out}"], "no such file or folder"),
+    (["eval", "passkey", "--chat", "--plain"], "--plain: not allowed with argument --chat"),
+    (["eval", "routing", "--data", "{binary}", "--out", "{out}"], "logo.png: not UTF-8 text"),
+    (["eval", "perplexity", "--data", "{binary}", "--out", "{out}"], "logo.png: not UTF-8 text"),
+    (["eval", "routing", "--data", "{notckpt}", "--html", "{missing}", "--out", "{out}"],
+     "{missing}: no such file or directory"),  # before the model loads and the study runs
     (["eval", "lm", "--tasks", "x", "--batch-size", "abc"],
      "--batch-size: expected a whole number above 0"),
 ]

@@ -62,6 +62,8 @@ def test_passkey_scoring():
     assert passkey.score(TOK, TOK.encode("it is 12345", bos=False), 12345) == (True, False)
     assert passkey.score(TOK, TOK.encode("1234 or 12345", bos=False), 12345) == (False, False)
     assert passkey.score(TOK, TOK.encode("no idea", bos=False), 12345) == (False, False)
+    # ... and is not a subset of the first: a longer number starts with the key's tokens
+    assert passkey.score(TOK, TOK.encode("123456", bos=False), 12345) == (False, True)
 
 
 class _Parrot(nn.Module):
@@ -70,15 +72,16 @@ class _Parrot(nn.Module):
 
     dtype, device = torch.float32, torch.device("cpu")  # a runner (mixtral.model.Runner)
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "") -> None:  # then: digits said after the key
         super().__init__()
+        self.then = then
         self.args = ModelArgs(dim=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8,
                               hidden_dim=8, max_seq_len=4096)
 
     def forward(self, tokens, positions, cache, last_only=False):
         if tokens.shape[1] > 1:  # the prompt, in one chunk
             key = re.search(r"The pass key is (\d+)\.", TOK.decode(tokens[0].tolist()))[1]
-            self.answer, self.step = TOK.encode(key, bos=False) + [TOK.eos_id], 0
+            self.answer, self.step = TOK.encode(key + self.then, bos=False) + [TOK.eos_id], 0
         logits = torch.zeros(1, 1, self.args.vocab_size)
         logits[0, 0, self.answer[min(self.step, len(self.answer) - 1)]] = 1
         self.step += 1
@@ -93,6 +96,20 @@ def test_passkey_run_bookkeeping():
     assert all(190 <= c["mean_prompt_tokens"] <= 200 for c in result["cells"][:3])
     with pytest.raises(ValueError, match="passkey length 8000 .* context is 4096"):
         passkey.run(_Parrot(), TOK, [200, 8000], 3, 2)
+
+
+def test_passkey_metrics_are_named_and_explained():
+    """Each score has a grid, an overall and a sentence in the result; a model that says the
+    key and one digit more fails the first and passes the second, so their overalls cross."""
+    for then, first, second in (("", 1.0, 1.0), ("7", 0.0, 1.0)):
+        result = passkey.run(_Parrot(then), TOK, [200, 300], 2, 2, seed=1)
+        assert set(result["metrics"]) == {"accuracy", "starts_with_key_tokens"}
+        assert (result["overall"], result["overall_starts_with_key_tokens"]) == (first, second)
+        assert result["accuracy"] == [[first] * 2] * 2
+        assert result["starts_with_key_tokens"] == [[second] * 2] * 2
+        assert [(c["accuracy"], c["starts_with_key_tokens"]) for c in result["cells"]] == \
+            [(first, second)] * 4
+        assert "overall_exact" not in result and "exact" not in result["cells"][0]
 
 
 # --- perplexity ------------------------------------------------------------------------------
@@ -210,8 +227,10 @@ def test_eval_commands_on_an_hf_checkpoint(capsys, hf_dir, tmp_path):
     assert code == 0 and summary["trials"] == 2 and 0 <= summary["overall"] <= 1
     result = json.loads((out / "passkey.json").read_text())
     assert len(result["accuracy"]) == 2 and all(len(r) == 3 for r in result["accuracy"])
-    assert {"length", "depth", "trials", "accuracy", "exact", "mean_prompt_tokens",
-            "mean_key_depth"} <= set(result["cells"][0])
+    assert {"length", "depth", "trials", "accuracy", "starts_with_key_tokens",
+            "mean_prompt_tokens", "mean_key_depth"} <= set(result["cells"][0])
+    assert summary["chat"] is False and "no sign of an instruct model" in summary["chat_reason"]
+    assert result["chat"] is False and result["chat_reason"] == summary["chat_reason"]
 
     data = tmp_path / "docs"
     data.mkdir()
@@ -225,13 +244,13 @@ def test_eval_commands_on_an_hf_checkpoint(capsys, hf_dir, tmp_path):
     assert result["documents"] == ["doc0.txt", "doc1.txt", "doc2.txt"]
     assert isinstance(result["monotone_decreasing"], bool)
 
-    domains = tmp_path / "domains"
-    (domains / "code").mkdir(parents=True)
-    (domains / "code" / "a.txt").write_text("def f(x):\n    return x + 1\n" * 20)
+    domains = tmp_path / "domains"  # as the README's example: domains/code.py is a domain
+    domains.mkdir()
+    (domains / "code.py").write_text("def f(x):\n    return x + 1\n" * 20)
     (domains / "prose.jsonl").write_text(json.dumps({"text": prose(5, 300)}) + "\n")
     code, summary, err = cli(capsys, "eval", "routing", "--model", str(hf_dir), "--data",
                              str(domains), "--max-len", "128", "--html",
-                             str(domains / "code" / "a.txt"), "--out", str(out))
+                             str(domains / "code.py"), "--out", str(out))
     assert code == 0 and summary["domains"] == ["code", "prose"]
     assert "| chance | 12.5 % | 12.5 % | 46.4 % | 46.4 % |" in err
     result = json.loads((out / "routing.json").read_text())
@@ -247,14 +266,74 @@ def test_eval_commands_on_an_hf_checkpoint(capsys, hf_dir, tmp_path):
 
 
 def test_eval_default_model_and_clear_errors(capsys, tmp_path):
-    code, summary, err = cli(capsys, "eval", "passkey", "--lengths", "200", "--depths", "2",
-                             "--trials", "1", "--chat", "--out", str(tmp_path))
+    from mixtral.default_model import HAS_SHIPPED
+
+    argv = ("eval", "passkey", "--lengths", "200", "--depths", "2", "--trials", "1", "--out",
+            str(tmp_path))
+    code, summary, err = cli(capsys, *argv, "--chat")
     assert code == 0 and summary["model"].startswith("default")
+    assert summary["chat"] is True and summary["chat_reason"] == "--chat"
+    code, summary, err = cli(capsys, *argv)  # the shipped default is tuned for chat: chat
+    assert code == 0 and summary["chat"] is HAS_SHIPPED
+    assert f"[mixtral] passkey: {'the instruct format' if HAS_SHIPPED else 'plain'}" in err
+    code, summary, err = cli(capsys, *argv, "--plain")
+    assert code == 0 and summary["chat"] is False and summary["chat_reason"] == "--plain"
     code, _, err = cli(capsys, "eval", "passkey", "--lengths", "64k", "--out", str(tmp_path))
     assert code == 2 and "passkey length 65536" in err and "context is" in err
     code, _, err = cli(capsys, "eval", "perplexity", "--data", str(tmp_path / "nope"),
                        "--out", str(tmp_path))
     assert code == 2 and "nope: no such file or folder" in err
+
+
+def test_routing_domains_are_any_text_files(tmp_path):
+    code = "def f(x):\n    return x + 1\n"
+    (tmp_path / "code.py").write_text(code)
+    (tmp_path / "prose.txt").write_text("Once upon a time.")
+    (tmp_path / "data.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("# notes")
+    (tmp_path / "notes" / "__pycache__").mkdir()  # bytecode and dot files are never documents
+    (tmp_path / "notes" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\x00")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1\xff")
+    got = routing.domains(tmp_path)
+    assert got == {"code": [("code.py", code)], "data": [("data.jsonl:1", "one"),
+                                                          ("data.jsonl:2", "two")],
+                   "notes": [("a.md", "# notes")], "prose": [("prose.txt", "Once upon a time.")]}
+    (tmp_path / "code.txt").write_text("more")  # two share a stem: each keeps its whole name
+    assert {"code.py", "code.txt"} <= set(routing.domains(tmp_path))
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ValueError, match=r"logo.png: not UTF-8 text"):
+        routing.domains(tmp_path)
+    (tmp_path / "logo.png").unlink()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: no domains"):
+        routing.domains(tmp_path / "empty")
+    with pytest.raises(ValueError, match="empty: no files"):  # an empty domain is named
+        routing.domains(tmp_path)
+
+
+def test_the_prompt_format_follows_the_evidence(tmp_path):
+    from mixtral.default_model import HAS_SHIPPED
+    from mixtral.eval.instruct import prompt_format
+
+    base, tuned, broken = (tmp_path / n for n in ("base", "tuned", "broken"))
+    for folder, config in ((base, '{"bos_token": "<s>"}'), (broken, "{not json"),
+                           (tuned, json.dumps({"chat_template": "{{ messages }}"}))):
+        folder.mkdir()
+        (folder / "tokenizer_config.json").write_text(config)
+    (tuned / "model.safetensors").write_bytes(b"")
+    assert prompt_format(str(base))[0] is False and prompt_format(str(broken))[0] is False
+    assert prompt_format(str(tuned)) == (True, f"{tuned / 'tokenizer_config.json'} has a chat "
+                                               "template")
+    assert prompt_format(str(tuned / "model.safetensors"))[0]  # a weights file: its folder
+    named = tmp_path / "Mixtral-8x7B-Instruct-v0.1"
+    snapshot = tmp_path / "models--mistralai--Mixtral-8x7B-Instruct-v0.1" / "snapshots" / "ab12"
+    for folder in (named, snapshot):
+        folder.mkdir(parents=True)
+        assert prompt_format(str(folder))[0], folder
+    assert prompt_format("mistralai/Mixtral-8x7B-Instruct-v0.1")[0]  # a hub id
+    assert not prompt_format("mistralai/Mixtral-8x7B-v0.1")[0]
+    assert prompt_format(None)[0] is HAS_SHIPPED
 
 
 def test_eval_chunking_does_not_change_routing():

@@ -30,14 +30,18 @@ def arguments(p: argparse.ArgumentParser) -> None:
                     "(default: doubling from 256 to the model's context)")
     sp.add_argument("--depths", type=positive, default=10, help="key depths from 0%% to 100%%")
     sp.add_argument("--trials", type=positive, default=5, help="prompts per cell")
-    sp.add_argument("--chat", action="store_true",
-                    help="wrap each prompt as a user turn of the instruct format")
+    form = sp.add_mutually_exclusive_group()
+    form.add_argument("--chat", action="store_const", const=True, dest="chat",
+                      help="wrap each prompt as a user turn of the instruct format (default: "
+                      "when the model is an instruct model, see mixtral/eval/instruct.py)")
+    form.add_argument("--plain", action="store_const", const=False, dest="chat",
+                      help="raw prompts after BOS, even for an instruct model")
     sp.set_defaults(run=passkey)
 
     sp = sub.add_parser("perplexity", help="perplexity of the first L tokens, for a ladder of L")
     _common(sp)
-    sp.add_argument("--data", required=True, help=".txt (one document each) or .jsonl "
-                    "({\"text\": ...} per line) file, or a folder of them")
+    sp.add_argument("--data", required=True, help="a text file (one document: .txt, .md, "
+                    ".py, ...), a .jsonl file ({\"text\": ...} per line), or a folder of them")
     sp.add_argument("--max-len", type=positive, help="longest context; documents shorter than "
                     "this are skipped (default: the model's context, at most 32768)")
     sp.add_argument("--lengths", help="the ladder, e.g. 512,1k,2k (default: doubling from "
@@ -48,8 +52,9 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
     sp = sub.add_parser("routing", help="expert shares and repetition per layer and domain")
     _common(sp)
-    sp.add_argument("--data", required=True, help="a folder with one file or folder per "
-                    "domain (.txt / .jsonl)")
+    sp.add_argument("--data", required=True, help="a folder with one file (any text, or "
+                    ".jsonl) or folder of them per domain, named by its stem: domains/code.py "
+                    "is domain 'code'")
     sp.add_argument("--max-len", type=positive, help="window length in tokens (default: the "
                     "model's context, at most 4096)")
     sp.add_argument("--max-tokens", type=positive, default=20000,
@@ -122,10 +127,10 @@ def _finish(args: argparse.Namespace, label: str, t0: float, result: dict[str, A
 
 
 def _progress(total: int, desc: str) -> Any:
-    from tqdm import tqdm
+    from mixtral.progress import bar
 
-    return tqdm(total=total, desc=desc, unit="item", file=sys.stderr, dynamic_ncols=True,
-                disable=not _leader())
+    # drawn on rank 0 even into a log file: a study's log shows how far it got
+    return bar(total, desc, "item", shown=_leader())
 
 
 def _leader() -> bool:
@@ -140,9 +145,19 @@ def _leader() -> bool:
 def passkey(args: argparse.Namespace) -> int:
     from mixtral.eval import figures
     from mixtral.eval import passkey as study
+    from mixtral.eval.instruct import prompt_format
     from mixtral.eval.report import write_json
     from mixtral.tokenizer import default_tokenizer
 
+    if args.chat is None:
+        args.chat, reason = prompt_format(args.model)
+        flag = "--plain for raw prompts" if args.chat else "--chat for the instruct format"
+    else:
+        reason, flag = ("--chat" if args.chat else "--plain"), ""
+    if _leader():
+        form = "the instruct format" if args.chat else "plain prompts"
+        print(f"[mixtral] passkey: {form}: {reason}" + (f" ({flag})" if flag else ""),
+              file=sys.stderr)
     model, label, out, t0 = _start(args)
     context = model.args.max_seq_len - study.ANSWER_TOKENS
     if args.lengths:
@@ -153,13 +168,14 @@ def passkey(args: argparse.Namespace) -> int:
     with _progress(len(lengths) * args.depths * trials, "passkey") as bar:
         result = study.run(model, default_tokenizer(), lengths, args.depths, trials,
                            args.seed, args.chat, args.chunk, bar.update)
-    result["model"] = label
+    result["model"], result["chat_reason"] = label, reason
     files = [out / "passkey.json", out / "passkey.png"]
     figures.passkey_heatmap(result, files[1], f"passkey retrieval: {label}")
     write_json(files[0], result)
-    return _finish(args, label, t0, result, files,
-                   {"overall": result["overall"], "overall_exact": result["overall_exact"],
-                    "lengths": lengths, "trials": trials})
+    return _finish(args, label, t0, result, files, {
+        "overall": result["overall"],
+        "overall_starts_with_key_tokens": result["overall_starts_with_key_tokens"],
+        "chat": args.chat, "chat_reason": reason, "lengths": lengths, "trials": trials})
 
 
 def perplexity(args: argparse.Namespace) -> int:
@@ -191,12 +207,14 @@ def perplexity(args: argparse.Namespace) -> int:
 def routing(args: argparse.Namespace) -> int:
     from mixtral.eval import figures
     from mixtral.eval import routing as study
+    from mixtral.eval.perplexity import read_text
     from mixtral.eval.report import write_json, write_text
     from mixtral.tokenizer import default_tokenizer
 
-    data = study.domains(args.data)
+    data = study.domains(args.data)  # bad data fails before the model loads
     if args.limit:
         data = {name: docs[:args.limit] for name, docs in data.items()}
+    shown = read_text(args.html) if args.html else None
     model, label, out, t0 = _start(args)
     tokenizer = default_tokenizer()
     max_len = args.max_len or min(model.args.max_seq_len, 4096)
@@ -210,11 +228,9 @@ def routing(args: argparse.Namespace) -> int:
     write_text(files[1], study.table(result))
     figures.routing_bars(result, files[2], f"expert shares: {label}")
     figures.repetition(result, files[3], f"consecutive-token repetition: {label}")
-    if args.html:
+    if shown is not None:
         files.append(out / "routing.html")
-        write_text(files[-1], study.html_view(model, tokenizer,
-                                              Path(args.html).read_text(encoding="utf-8"),
-                                              args.chunk))
+        write_text(files[-1], study.html_view(model, tokenizer, shown, args.chunk))
     if _leader():
         print(study.table(result), file=sys.stderr)
     layers = result["table_layers"]

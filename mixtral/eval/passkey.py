@@ -5,11 +5,19 @@ depth of a prompt of a chosen length, measured in tokens of the model's own toke
 model must say it. As in Mohtashami & Jaggi's `run_test.py`: the task line, the filler before
 the key, the key line, the filler after it (both slices from the start of the same repeated
 text) and the question are joined with newlines; keys are randint(1, 50000); greedy decoding of
-at most 10 tokens; a trial passes when the first integer of the answer is the key. We build the
-filler from whole sentences (no words cut in half), which sets the length to within one
-sentence (~6 tokens), and also report LongLoRA's stricter score (the answer's first tokens are
-exactly the key's tokens). Trial t uses the same key at every cell, so models see identical
-prompts. `chat=True` wraps the prompt as one user turn of the instruct format.
+at most 10 tokens. We build the filler from whole sentences (no words cut in half), which sets
+the length to within one sentence (~6 tokens). Trial t uses the same key at every cell, so
+models see identical prompts. `chat=True` wraps the prompt as one user turn of the instruct
+format.
+
+Two scores, each the share of trials that pass, per cell and overall:
+
+- `accuracy` (overall: `overall`): the first integer in the answer is the key; the landmark
+  protocol's score, the one the paper plots and our heatmap shows.
+- `starts_with_key_tokens` (overall: `overall_starts_with_key_tokens`): the answer's first
+  tokens are exactly the key's tokens; LongLoRA's score. It is not a stricter `accuracy`: an
+  answer "12345" for the key 1234 passes it and fails `accuracy`, and "it is 1234" passes
+  `accuracy` and fails it, so either overall may be the higher.
 """
 
 from __future__ import annotations
@@ -32,6 +40,12 @@ FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here
 INFO = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER_TOKENS = 10
+METRICS = {  # written into every result, so that a reader of the JSON knows what each means
+    "accuracy": "share of trials whose answer's first integer is the key (landmark protocol; "
+                "'overall' over all cells)",
+    "starts_with_key_tokens": "share of trials whose answer's first tokens are exactly the "
+                              "key's tokens (LongLoRA); not a subset of 'accuracy': either "
+                              "may be higher"}
 
 
 @dataclass
@@ -116,7 +130,8 @@ def depths(n: int) -> list[float]:
 
 
 def score(tokenizer: Tokenizer, answer: list[int], key: int) -> tuple[bool, bool]:
-    """(first integer of the answer == key, answer's first tokens == the key's tokens)."""
+    """(first integer of the answer == key, answer's first tokens == the key's tokens): the
+    `accuracy` and `starts_with_key_tokens` of one trial."""
     m = re.search(r"\d+", tokenizer.decode(answer))
     key_ids = tokenizer.encode(str(key), bos=False)
     return (m is not None and int(m[0]) == key), answer[:len(key_ids)] == key_ids
@@ -134,25 +149,31 @@ def run(model: Transformer, tokenizer: Tokenizer, lengths: list[int], depth_coun
     cells = []
     for length in lengths:
         for depth in grid:
-            hits = exact = 0
+            hits = starts = 0
             prompt_tokens = key_depth = 0.0
             for key in keys:
                 p = build_prompt(tokenizer, length, depth, key, chat)
                 answer = greedy(model, p.ids, ANSWER_TOKENS, (tokenizer.eos_id,), chunk)
-                hit, strict = score(tokenizer, answer, key)
-                hits, exact = hits + hit, exact + strict
+                hit, start = score(tokenizer, answer, key)
+                hits, starts = hits + hit, starts + start
                 prompt_tokens += len(p.ids) / trials
                 key_depth += (p.key_position - p.filler_start) / max(p.filler_tokens, 1) / trials
                 if progress:
                     progress(1)
             cells.append({"length": length, "depth": round(depth, 4), "trials": trials,
-                          "accuracy": hits / trials, "exact": exact / trials,
+                          "accuracy": hits / trials, "starts_with_key_tokens": starts / trials,
                           "mean_prompt_tokens": round(prompt_tokens, 1),
                           "mean_key_depth": round(key_depth, 4)})
-    accuracy = [[c["accuracy"] for c in cells if c["length"] == n] for n in lengths]
+    def grid_of(metric: str) -> list[list[float]]:  # [length][depth]
+        return [[c[metric] for c in cells if c["length"] == n] for n in lengths]
+
+    def overall(metric: str) -> float:
+        return sum(c[metric] for c in cells) / len(cells)
+
     return {"protocol": "landmark-attention passkey (Mohtashami & Jaggi 2023), whole-sentence "
-                        "filler, greedy, first integer == key",
-            "chat": chat, "lengths": lengths, "depths": [round(d, 4) for d in grid],
-            "trials": trials, "seed": seed, "accuracy": accuracy,
-            "overall": sum(c["accuracy"] for c in cells) / len(cells),
-            "overall_exact": sum(c["exact"] for c in cells) / len(cells), "cells": cells}
+                        "filler, greedy",
+            "metrics": METRICS, "chat": chat, "lengths": lengths,
+            "depths": [round(d, 4) for d in grid], "trials": trials, "seed": seed,
+            "accuracy": grid_of("accuracy"), "overall": overall("accuracy"),
+            "starts_with_key_tokens": grid_of("starts_with_key_tokens"),
+            "overall_starts_with_key_tokens": overall("starts_with_key_tokens"), "cells": cells}

@@ -26,32 +26,50 @@ from mixtral.tokenizer import Tokenizer
 
 
 def read_documents(path: str | Path) -> list[tuple[str, str]]:
-    """(name, text) pairs: a .txt file is one document, each line of a .jsonl file one document
-    (its "text" field); a folder contributes its .txt and .jsonl files, sorted by name."""
+    """(name, text) pairs: each line of a .jsonl file is one document (its "text" field), any
+    other file is one document of UTF-8 text (.txt, .md, .py, ...); a folder contributes its
+    files, sorted by path, leaving out hidden ones and __pycache__. A file that is not UTF-8
+    text (an image, compiled code) is refused by name rather than skipped."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) \
-        if path.is_dir() else [path]
+    files = [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not is_hidden(p.relative_to(path)))
     if not files:
-        raise ValueError(f"{path}: no .txt or .jsonl files")
+        raise ValueError(f"{path}: no files (text files or .jsonl)")
     out = []
     for f in files:
-        if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise ValueError(
-                        f'{f}:{n}: expected a JSON object with a "text" string') from None
-                if not isinstance(text, str):
-                    raise ValueError(f'{f}:{n}: "text" must be a string')
-                out.append((f"{f.name}:{n}", text))
-        else:
-            out.append((f.name, f.read_text(encoding="utf-8")))
+        text = read_text(f)
+        if f.suffix != ".jsonl":
+            out.append((f.name, text))
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f'{f}:{n}: expected a JSON object with a "text" string') from None
+            if not isinstance(doc, str):
+                raise ValueError(f'{f}:{n}: "text" must be a string')
+            out.append((f"{f.name}:{n}", doc))
     return out
+
+
+def read_text(path: str | Path) -> str:
+    """A file's UTF-8 text; a file that is not text is a ValueError that names it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; give text files (one document each) or "
+                         ".jsonl ({\"text\": ...} per line)") from None
+
+
+def is_hidden(relative: Path) -> bool:
+    """Dot files and folders, and Python's bytecode caches: never documents."""
+    return any(part.startswith(".") or part == "__pycache__" for part in relative.parts)
 
 
 def ladder(max_len: int, start: int = 128) -> list[int]:

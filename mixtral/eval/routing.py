@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from mixtral.cache import KVCache
 from mixtral.eval.forward import check_length
-from mixtral.eval.perplexity import read_documents
+from mixtral.eval.perplexity import is_hidden, read_documents
 from mixtral.model import Transformer
 from mixtral.prefill import chunks
 from mixtral.tokenizer import Tokenizer
@@ -86,18 +87,19 @@ def statistics(docs: Sequence[Tensor], num_experts: int) -> dict[str, Any]:
 
 
 def domains(path: str | Path) -> dict[str, list[tuple[str, str]]]:
-    """One domain per file or folder inside `path` (named by its stem), or `path` itself if it
-    is a file or a folder of text files only."""
+    """One domain per file or folder inside `path`, named by its stem (by its whole name where
+    two share a stem: code.py and code.txt), or `path` itself if it is a file. Documents are
+    read as `read_documents` reads them: any text file, .jsonl line by line."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
         return {path.stem: read_documents(path)}
-    entries = sorted(p for p in path.iterdir()
-                     if p.is_dir() or p.suffix in (".txt", ".jsonl"))
+    entries = sorted(p for p in path.iterdir() if not is_hidden(Path(p.name)))
     if not entries:
-        raise ValueError(f"{path}: no domains (files .txt/.jsonl or folders of them)")
-    return {p.stem: read_documents(p) for p in entries}
+        raise ValueError(f"{path}: no domains (text or .jsonl files, or folders of them)")
+    stems = Counter(p.stem for p in entries)
+    return {p.stem if stems[p.stem] == 1 else p.name: read_documents(p) for p in entries}
 
 
 def windows(tokenizer: Tokenizer, documents: Sequence[tuple[str, str]], max_len: int,
