@@ -96,12 +96,25 @@ def ask(client: Mistral, case: Case) -> dict[str, Any]:
             "finish": str(choice.finish_reason), "ok": score(case, text), **case.tags}
 
 
+def fields_copied(answer: str, expected: dict[str, str]) -> list[bool]:
+    """Per expected field: does the answer's JSON object hold exactly that value?"""
+    try:
+        got = json.loads(answer.strip())
+    except ValueError:
+        got = None
+    got = got if isinstance(got, dict) else {}
+    return [k in got and str(got[k]) == v for k, v in expected.items()]
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     buckets: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for row in rows:
         buckets[(row["set"], "")].append(row["ok"])
         if row["group"]:
             buckets[(row["set"], row["group"])].append(row["ok"])
+        if isinstance(row["expected"], dict):  # which fields were copied, one by one
+            buckets[(row["set"], "fields copied")] += fields_copied(row["answer"],
+                                                                   row["expected"])
     for dist in ("id", "ood"):
         buckets[(f"eos/{dist}", "")] = [row["finish"] == "stop" for row in rows
                                         if row["set"].endswith(f"/{dist}")]
@@ -140,15 +153,22 @@ def card_section(report: dict[str, Any]) -> str:
     """The model card's held-out section, from a report this script wrote."""
     return f"""## Held-out skills, in and out of distribution (`scripts/eval_heldout.py`)
 
-Measured on {report['model']} through `mixtral serve` and the official `mistralai` client,
-greedy, in the checkpoint's dtype ({report['minutes']} min on a shared 2-core machine):
-`{report['command']}`. In-distribution: inputs made by the generator the model was trained on
+Model: {report['model']}.
+Through `mixtral serve` and the official `mistralai` client, greedy, in the served checkpoint's
+dtype; {report['minutes']} min on a shared 2-core machine:
+
+```sh
+{report['command']}
+```
+
+In-distribution: inputs made by the generator the model was trained on
 (`scripts/build_instruct_data.py`, another seed). Out-of-distribution: inputs made by
 `scripts/heldout/` from value lists drawn from Faker locales that the training lists never use
 (`scripts/values/`), with instructions, keys, field orders, separators, passkey filler and
 wording, sum phrasings and requests that the training data never has; "json-new-values" keeps
-the training instructions and keys and changes only the values (issue 17's probe). Each cell:
-share (k/n; Wilson 95 % interval, in %); scoring rules in `scripts/heldout/sets.py`.
+the training instructions and keys and changes only the values (issue 17's probe); "fields
+copied" counts the fields whose value the answer's JSON holds exactly. Each cell: share (k/n;
+Wilson 95 % interval, in %); scoring rules in `scripts/heldout/sets.py`.
 
 {table(report['summary'])}
 

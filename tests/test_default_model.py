@@ -39,7 +39,8 @@ def test_model_card_reports_the_measurements():
     card = (SHIPPED / "MODEL_CARD.md").read_text()
     for needle in ("total", "active", "JSON from", "passkey", "2-digit addition",
                    "safe prompt", "</s>", "preference accuracy", "Perplexity vs context",
-                   "Routing", "What it cannot do", "scripts/train_default.sh"):
+                   "Routing", "What it cannot do", "scripts/train_default.sh",
+                   "out-of-distribution", "scripts/eval_heldout.py"):
         assert needle in card, needle
     for png in ("passkey.png", "perplexity.png", "routing.png"):
         assert (SHIPPED / png).stat().st_size > 1000

@@ -134,15 +134,21 @@ def test_wilson_interval():
 
 
 def test_the_summary_and_the_cards_table():
-    rows = [{"set": "json/id", "group": "", "ok": True, "finish": "stop"},
-            {"set": "json/id", "group": "", "ok": False, "finish": "stop"},
-            {"set": "json/ood", "group": "", "ok": False, "finish": "length"},
-            {"set": "passkey/ood", "group": "len=128", "ok": True, "finish": "stop"}]
+    rows = [{"set": "json/id", "group": "", "ok": True, "finish": "stop", "answer": '{"a": "1"}',
+             "expected": {"a": "1"}},
+            {"set": "json/id", "group": "", "ok": False, "finish": "stop",
+             "answer": '{"a": "1", "b": "3"}', "expected": {"a": "1", "b": "2"}},
+            {"set": "json/ood", "group": "", "ok": False, "finish": "length", "answer": '{"a',
+             "expected": {"a": "1"}},
+            {"set": "passkey/ood", "group": "len=128", "ok": True, "finish": "stop",
+             "answer": "7", "expected": "7"}]
     summary = summarize(rows)
     assert summary["json/id"] == {"k": 1, "n": 2, "share": 0.5,
                                   "ci95": [round(x, 4) for x in wilson(1, 2)]}
     assert summary["eos/ood"]["k"] == 1 and summary["eos/ood"]["n"] == 2
     assert summary["passkey/ood len=128"]["n"] == 1
+    assert (summary["json/id fields copied"]["k"], summary["json/id fields copied"]["n"]) == (2, 3)
+    assert summary["json/ood fields copied"]["k"] == 0
     lines = table(summary).splitlines()
     assert "| json | 50 % (1/2; 9–91) | 0 % (0/1; 0–79) | ≥ 95 % |" in lines
     assert "| passkey len=128 | — | 100 % (1/1; 21–100) | ≥ 90 % |" in lines
