@@ -1,5 +1,8 @@
 """Measure the default model's skills on held-out inputs (another seed than training), greedy.
 
+These inputs come from the training generator itself, so the figures are in distribution; the
+out-of-distribution sets of issue 17 are scripts/eval_heldout.py's.
+
     python scripts/eval_default.py MODEL [--compare SFT_MODEL] [--n 100] [--seed 1] [--json OUT]
 
 Reports: the JSON task (share that parses and has exactly the given fields and values), passkey
