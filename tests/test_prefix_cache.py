@@ -300,3 +300,37 @@ def test_the_server_reuses_earlier_requests_and_answers_as_without():
     finally:
         for s in servers:
             s.stop()
+
+
+def test_usage_says_how_many_prompt_tokens_were_cached():
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, through the openai client, in a
+    JSON body, a stream's last chunk and its include_usage chunk."""
+    from openai import OpenAI
+    from serving import LiveServer
+
+    server = LiveServer(prefix_cache=10**7)
+    client = OpenAI(api_key="unused", base_url=server.url + "/v1", max_retries=0)
+    messages = [{"role": "system", "content": "You answer briefly."},
+                {"role": "user", "content": "Name a colour."}]
+    try:
+        first = client.chat.completions.create(model="mistral-small", messages=messages,
+                                               max_tokens=5)
+        prompt = first.usage.prompt_tokens
+        assert first.usage.prompt_tokens_details.cached_tokens == 0  # nothing before it
+        retry = client.chat.completions.create(model="mistral-small", messages=messages,
+                                               max_tokens=5, n=2)
+        assert retry.usage.prompt_tokens_details.cached_tokens == prompt - 1  # all but the last
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "Another?"}]
+        chunks = list(client.chat.completions.create(
+            model="mistral-small", messages=messages, max_tokens=5, stream=True,
+            stream_options={"include_usage": True}))
+        last, totals = chunks[-2], chunks[-1]
+        assert last.choices[0].finish_reason is not None and totals.choices == []
+        # the second turn: the first turn's prompt came back, and of its answer what the text
+        # re-encodes to the same ids (a random model's answer, often little)
+        reused = last.usage.prompt_tokens_details.cached_tokens
+        assert prompt <= reused < totals.usage.prompt_tokens
+        assert totals.usage.prompt_tokens_details.cached_tokens == reused
+    finally:
+        server.stop()

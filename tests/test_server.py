@@ -37,8 +37,10 @@ def test_completion_shape_and_usage(api):
     assert choice["message"] == {"role": "assistant", "content": choice["message"]["content"],
                                  "tool_calls": None, "prefix": False}
     assert isinstance(choice["message"]["content"], str)
+    cached = body["usage"].pop("prompt_tokens_details")["cached_tokens"]  # test_prefix_cache.py
     assert body["usage"] == {"prompt_tokens": len(chat.encode(HELLO)), "completion_tokens": 6,
                              "total_tokens": len(chat.encode(HELLO)) + 6}
+    assert 0 <= cached < len(chat.encode(HELLO))
 
 
 def test_stream_shape(api):
@@ -58,8 +60,9 @@ def test_stream_shape(api):
                for c in chunks[:-1])
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     prompt = len(chat.encode(HELLO))
+    cached = chunks[-1]["usage"].pop("prompt_tokens_details")["cached_tokens"]
     assert chunks[-1]["usage"] == {"prompt_tokens": prompt, "completion_tokens": 5,
-                                   "total_tokens": prompt + 5}
+                                   "total_tokens": prompt + 5} and 0 <= cached < prompt
     streamed = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
     whole = post(api, max_tokens=5, random_seed=3).json()["choices"][0]["message"]["content"]
     assert streamed == whole  # same seed, same answer, streamed or not

@@ -170,11 +170,20 @@ async def collect(plan: Plan, metrics: Metrics, choices: list[Choice],
     finally:  # an error or a disconnect: the choices not yet read must not run on
         cancel(choices)
     wanted = plan.params.logprobs is not None
-    return protocol.completion_response(
+    body = protocol.completion_response(
         plan.id, plan.created, plan.model,
         [(a.text, a.finish_reason, logprobs.chat(st.tokenizer, a.logprobs) if wanted else None)
          for a in answers],
         len(plan.prompt), sum(a.completion_tokens for a in answers))
+    body["usage"] = usage(plan, choices, body["usage"]["completion_tokens"])
+    return body
+
+
+def usage(plan: Plan, choices: list[Choice], completion: int) -> dict[str, Any]:
+    """The counts, and as OpenAI reports them the prompt tokens reused from earlier requests
+    (the prefix cache; the first choice's: the others share its prefill)."""
+    return {**protocol.usage(len(plan.prompt), completion),
+            "prompt_tokens_details": {"cached_tokens": choices[0].job.cached_tokens}}
 
 
 def event(obj: dict[str, Any]) -> bytes:
@@ -209,12 +218,12 @@ async def sse(plan: Plan, metrics: Metrics, choices: list[Choice], keepalive_s: 
                     total += delta.completion_tokens
                     last = i == plan.n - 1
                     yield chunk({"content": held + delta.text}, i, delta.finish_reason,
-                                protocol.usage(len(plan.prompt), total) if last else None,
+                                usage(plan, choices, total) if last else None,
                                 held_lp + delta.logprobs)
         if plan.include_usage:
             yield event({"id": plan.id, "object": "chat.completion.chunk",
                           "created": plan.created, "model": plan.model, "choices": [],
-                          "usage": protocol.usage(len(plan.prompt), total)})
+                          "usage": usage(plan, choices, total)})
     for end in tail:
         yield end
 
