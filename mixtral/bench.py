@@ -172,6 +172,8 @@ def main(args: argparse.Namespace) -> int:
     """One benchmark, printed as a table or (--json) one line; under --tp/--ep every rank runs
     it on its shard and rank 0 prints."""
     from mixtral.assemble import assemble, is_preset
+    from mixtral.parallel import is_leader
+    from mixtral.progress import bar
 
     float_dtype = torch.float32 if args.quant == "fp32" else torch.bfloat16
     plan = None
@@ -187,15 +189,12 @@ def main(args: argparse.Namespace) -> int:
     model = assemble(args.model, dtype=None if offloaded else float_dtype,
                      device=args.device, max_ram=args.max_ram, quantize=bits, plan=plan,
                      fast=not args.reference, presets=True)
-    from mixtral.parallel import is_leader
-    from mixtral.progress import bar
-
     # on a terminal's stderr, never beside --json (whose line a script reads), rank 0 alone
     with bar(args.repeats * (args.prompt_len + args.batch * args.gen_len), "bench", "tok",
-             shown=False if args.json or not is_leader() else None) as shown:
+             shown=False if args.json or not is_leader() else None) as tokens:
         result = run(model, prompt_len=args.prompt_len, gen_len=args.gen_len, batch=args.batch,
                      repeats=args.repeats, quant=args.quant, model_name=args.model,
-                     progress=shown.update)
+                     progress=tokens.update)
     if plan is not None:
         if not is_leader():  # every rank measured its shard; rank 0 reports
             return 0
