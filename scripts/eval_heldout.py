@@ -83,8 +83,8 @@ def serve(model: str | None, dtype: str | None, port: int, batch: int) -> subpro
     raise SystemExit("mixtral serve did not become ready in 300 s")
 
 
-def ask(client: Mistral, case: Case) -> dict[str, Any]:
-    r = client.chat.complete(model="mixtral-default", messages=case.messages,  # type: ignore[arg-type]
+def ask(client: Mistral, model: str, case: Case) -> dict[str, Any]:
+    r = client.chat.complete(model=model, messages=case.messages,  # type: ignore[arg-type]
                              temperature=0.0, max_tokens=case.max_tokens, safe_prompt=case.safe)
     choice = r.choices[0]
     content = choice.message.content if choice.message else None
@@ -200,8 +200,10 @@ def main() -> None:
     try:
         client = Mistral(api_key=os.environ.get("MIXTRAL_API_KEY", "none"),
                          server_url=f"http://127.0.0.1:{port}", timeout_ms=600_000)
+        served = client.models.list().data or []  # the name the server answers to
+        model = str(getattr(served[0], "id", "")) if served else "mixtral-default"
         with ThreadPoolExecutor(a.concurrency) as pool:
-            rows = list(pool.map(lambda c: ask(client, c), cases))
+            rows = list(pool.map(lambda c: ask(client, model, c), cases))
     finally:
         proc.terminate()
         proc.wait(30)
