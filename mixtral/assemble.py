@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch and the model load lazily: `mixtral info` starts without them
     import torch
 
+    from mixtral.checkpoint.files import Progress
     from mixtral.config import ModelArgs
     from mixtral.model import Transformer
     from mixtral.parallel import Plan
@@ -40,18 +41,21 @@ def assemble(source: str | os.PathLike | None = None, *,
              quantize: int | None = None, group_size: int | None = None,
              lora: str | os.PathLike | None = None, plan: Plan | None = None,
              fast: bool = True, presets: bool = False,
-             announce: Callable[[str], None] | None = None) -> Transformer:
+             announce: Callable[[str], None] | None = None,
+             progress: Progress | None = None) -> Transformer:
     """The model `source` names, loaded, transformed and ready to run, in eval mode.
 
     dtype: the weights' (default: the checkpoint's). max_ram: see mixtral.load; the budget must
     hold the caller's KV cache too (`kv_cache_bytes`). quantize: 8 or 4 bits (int4 groups of
     `group_size`). plan: this rank's share under --tp/--ep (a launch joined with
     parallel.join). announce: told the default model's label when the default is used, and
-    how a GGUF file's tensor types were mapped."""
+    how a GGUF file's tensor types were mapped. progress: told the bytes read as a checkpoint
+    loads whole (checkpoint.load)."""
     from mixtral.formats import parse_dtype
 
     dtype = parse_dtype(dtype)
-    model = _source(source, dtype, device, max_ram, kv_cache_bytes, plan, presets, announce)
+    model = _source(source, dtype, device, max_ram, kv_cache_bytes, plan, presets, announce,
+                    progress)
     if quantize is not None:
         import torch
 
@@ -72,8 +76,8 @@ def assemble(source: str | os.PathLike | None = None, *,
 
 def _source(source: str | os.PathLike | None, dtype: torch.dtype | None,
             device: torch.device | str, max_ram: str | int | None, kv_cache_bytes: int,
-            plan: Plan | None, presets: bool,
-            announce: Callable[[str], None] | None) -> Transformer:
+            plan: Plan | None, presets: bool, announce: Callable[[str], None] | None,
+            progress: Progress | None = None) -> Transformer:
     """The model as read or built, whole or (under a plan) this rank's part of it."""
     if source is None:  # max_ram does not apply: the default is small and in memory
         from mixtral.default_model import LABEL, load_default
@@ -94,7 +98,7 @@ def _source(source: str | os.PathLike | None, dtype: torch.dtype | None,
     else:
         from mixtral.checkpoint import load
 
-        return load(source, dtype, device, announce)
+        return load(source, dtype, device, announce, progress)
     if plan is None:
         return model
     from mixtral.parallel import shard_modules
@@ -192,9 +196,20 @@ def from_args(args: argparse.Namespace,
                                                    4096 + getattr(args, "max_tokens", 0)))
         kv_bytes = kv_cache_bytes_per_token(margs) * positions(margs)
     quiet = not parallel.is_leader()
-    return assemble(args.model, dtype=dtype, device=device, max_ram=args.max_ram,
-                    kv_cache_bytes=kv_bytes, lora=args.lora, plan=plan, fast=not args.reference,
-                    announce=None if quiet else _announce)
+    from mixtral.progress import Stages
+
+    with Stages(Path(args.model or "default").name, shown=False if quiet else None) as bar:
+        def loading(stage: str, done: int, total: int) -> None:
+            if total >= LOAD_BAR_BYTES:
+                bar(stage, done, total)
+
+        return assemble(args.model, dtype=dtype, device=device, max_ram=args.max_ram,
+                        kv_cache_bytes=kv_bytes, lora=args.lora, plan=plan,
+                        fast=not args.reference, announce=None if quiet else _announce,
+                        progress=loading)
+
+
+LOAD_BAR_BYTES = 300_000_000  # a smaller load takes a second or two: no bar
 
 
 def _announce(label: str) -> None:

@@ -324,3 +324,38 @@ def test_loading_does_not_hold_two_copies(tmp_path):
     peak_growth = int(out.stdout.strip().splitlines()[-1])
     print(f"weights {weight_bytes / 2**20:.1f} MiB, peak RSS growth {peak_growth / 2**20:.1f} MiB")
     assert peak_growth < 1.25 * weight_bytes
+
+
+
+def test_a_load_reports_its_bytes_and_a_big_one_shows_a_bar_on_a_terminal(monkeypatch,
+                                                                          hf_tiny_dir, tmp_path):
+    """load reports ("loading", bytes read, bytes in all) after each tensor, up to the total
+    (float and quantized checkpoints); the commands draw it as a bar on stderr only for a load
+    over LOAD_BAR_BYTES and only on a terminal."""
+    import argparse
+    import io
+
+    from mixtral import assemble
+    from mixtral.checkpoint import quantize_checkpoint
+
+    quantize_checkpoint(hf_tiny_dir, tmp_path / "q8", 8)
+    for path in (hf_tiny_dir, tmp_path / "q8"):
+        calls: list[tuple[str, int, int]] = []
+        mixtral.checkpoint.load(path, progress=lambda *c, calls=calls: calls.append(c))
+        total = inspect(path).nbytes
+        assert calls[-1] == ("loading", total, total) and len(calls) > 10
+        assert [c[1] for c in calls] == sorted(c[1] for c in calls)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    parser = argparse.ArgumentParser()
+    assemble.add_arguments(parser)
+    args = parser.parse_args(["--model", str(hf_tiny_dir)])
+    for tty, limit, shown in ((True, 1, True), (True, 10**9, False), (False, 1, False)):
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        monkeypatch.setattr(assemble, "LOAD_BAR_BYTES", limit)
+        assemble.from_args(args)
+        assert (f"{hf_tiny_dir.name}: loading" in err.getvalue()) == shown, (tty, limit)

@@ -129,8 +129,11 @@ def logits(model: Transformer) -> torch.Tensor:
 def test_float_file_is_the_model_it_holds(tmp_path, per_expert):
     state = random_state()
     meant = write_gguf(tmp_path / "m.gguf", state, per_expert=per_expert)
-    model = load(tmp_path / "m.gguf")
+    calls: list[tuple[str, int, int]] = []
+    model = load(tmp_path / "m.gguf", progress=lambda *c: calls.append(c))
     assert model.tok_embeddings.weight.dtype == torch.float32  # as stored
+    tensor_bytes = sum(t.numel() * 4 for t in state.values())
+    assert calls[-1] == ("loading", tensor_bytes, tensor_bytes)
     for k, v in model.state_dict().items():
         assert torch.equal(v, meant[k]), k
     torch.testing.assert_close(logits(model), logits(reference(meant)), atol=0, rtol=0)

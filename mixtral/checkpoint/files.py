@@ -1,5 +1,4 @@
-"""Which files make a checkpoint, and one tensor's bytes read out of them (with a progress
-bar for a big load).
+"""Which files make a checkpoint, and one tensor's bytes read out of them.
 
 A checkpoint is found by the files present, never by folder names: an index and the shards it
 lists, or the safetensors / consolidated .pth / .pt weights in a folder, with the config beside
@@ -14,9 +13,8 @@ import ctypes
 import functools
 import mmap
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,7 +24,8 @@ from mixtral.checkfile import CheckpointError, TensorEntry, read_json, short
 INDEX = "model.safetensors.index.json"
 MAGIC = b"GGUF"  # the first bytes of a GGUF file
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
-PROGRESS_BYTES = 300_000_000  # a load shorter than this takes a second or two: no bar
+# progress(stage, bytes done, bytes in all), after each tensor: "reading", "writing", "loading"
+Progress = Callable[[str, int, int], object]
 
 
 def is_gguf(path: Path) -> bool:
@@ -35,16 +34,6 @@ def is_gguf(path: Path) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(4) == MAGIC
-
-
-def progress(total: int, what: str) -> Any:
-    """A tqdm bar of `total` bytes on stderr for a load worth watching: over ~300 MB, and
-    only on a terminal (a log or a test's captured output gets no bar)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"loading {what}", unit="B", unit_scale=True,
-                file=sys.stderr, dynamic_ncols=True, leave=False,
-                disable=total < PROGRESS_BYTES or not sys.stderr.isatty())
 
 
 def find_files(path: Path) -> tuple[Path, list[Path]]:

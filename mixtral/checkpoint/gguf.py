@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from mixtral import quant
 from mixtral.checkfile import CheckpointError, short
-from mixtral.checkpoint.files import MAGIC, progress
+from mixtral.checkpoint.files import MAGIC, Progress
 from mixtral.checkpoint.ggml import FLOATS, Loss, Stored, as_float, convert, target_bits
 from mixtral.config import ModelArgs
 from mixtral.formats import ConfigError, args_from_hf_config, canonical_shapes, is_quantized_weight
@@ -114,12 +114,14 @@ def open_gguf(path: Path) -> GgufInfo:
 
 
 def load_gguf(path: Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-              announce: Callable[[str], None] | None = None) -> Transformer:
+              announce: Callable[[str], None] | None = None,
+              progress: Progress | None = None) -> Transformer:
     """The model a GGUF file holds: floats as stored (or in `dtype`), quantized types in the
-    nearest of our formats (ggml.py); `announce` is told what became of each type."""
+    nearest of our formats (ggml.py); `announce` is told what became of each type, and
+    `progress("loading", bytes read, the file's tensor bytes)` after each tensor."""
     info = open_gguf(path)
     target = dtype or info.dtype
-    size = path.stat().st_size
+    size, done = sum(int(t.n_bytes) for t in info.tensors.values()), 0
     check_fits(_load_bytes(info, target), f"loading {path}",
                "pick a smaller quantization of this model")
     with torch.device("meta"):
@@ -127,14 +129,15 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: torch.device
     floats: dict[str, Tensor] = {}
     quantized: dict[str, Stored] = {}
     loss = Loss()
-    with progress(size, path.name) as bar:
-        for name, shape in canonical_shapes(info.args).items():
-            stored = _read(info, name, shape, loss)
-            bar.update(sum(int(t.n_bytes) for t in info.sources(name)))
-            if stored.bits:
-                quantized[name] = stored
-            else:
-                floats[name] = stored.tensors[0].to(device=device, dtype=target)
+    for name, shape in canonical_shapes(info.args).items():
+        stored = _read(info, name, shape, loss)
+        done += sum(int(t.n_bytes) for t in info.sources(name))
+        if progress is not None:
+            progress("loading", done, size)
+        if stored.bits:
+            quantized[name] = stored
+        else:
+            floats[name] = stored.tensors[0].to(device=device, dtype=target)
     for layer in range(info.args.n_layers):  # a bank half float, half quantized: all float
         banks = [f"layers.{layer}.feed_forward.experts.{w}" for w in _EXPERTS]
         if any(b in floats for b in banks):

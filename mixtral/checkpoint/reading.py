@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mixtral.checkfile import CheckpointError, load_torch_file
-from mixtral.checkpoint.files import is_gguf, progress, read_safetensor, release_pages
+from mixtral.checkpoint.files import Progress, is_gguf, read_safetensor, release_pages
 from mixtral.checkpoint.info import CheckpointInfo, inspect
 from mixtral.formats import is_quantized_weight, parse_dtype, portable_names, read_canonical
 from mixtral.hub import resolve
@@ -71,16 +71,18 @@ def read_state_dict(info: CheckpointInfo, dtype: torch.dtype | None = None,
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-         device: torch.device | str = "cpu",
-         announce: Callable[[str], None] | None = None) -> Transformer:
+         device: torch.device | str = "cpu", announce: Callable[[str], None] | None = None,
+         progress: Progress | None = None) -> Transformer:
     """Load a checkpoint (HF or Mistral layout, ours quantized, or GGUF) into a model; weights
     keep their dtype unless one is asked for. `announce` is told how a GGUF's types were
-    mapped (what was exact, what lost how much)."""
+    mapped (what was exact, what lost how much); `progress("loading", bytes read, bytes in
+    all)` after each tensor."""
     path = resolve(path)
+    count = progress or (lambda stage, done, total: None)
     if is_gguf(path):
         from mixtral.checkpoint.gguf import load_gguf
 
-        return load_gguf(path, parse_dtype(dtype), device, announce)
+        return load_gguf(path, parse_dtype(dtype), device, announce, count)
     info = inspect(path)
     if torch.device(device).type == "cpu":
         check_fits(load_bytes(info.entries.values(), parse_dtype(dtype)), f"loading {path}",
@@ -88,22 +90,25 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
     with torch.device("meta"):
         model = Transformer(info.args)
     if info.quantization:
-        return _load_quantized(info, model, parse_dtype(dtype), device)
-    with progress(info.nbytes, path.name) as bar:
-        state = dict(_counted(read_state_dict(info, parse_dtype(dtype), device), bar.update))
+        return _load_quantized(info, model, parse_dtype(dtype), device, count)
+    state = dict(_counted(read_state_dict(info, parse_dtype(dtype), device), info.nbytes, count))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def _counted(tensors: Iterable[tuple[str, Tensor]],
-             count: Callable[[int], object]) -> Iterator[tuple[str, Tensor]]:
+def _counted(tensors: Iterable[tuple[str, Tensor]], total: int,
+             progress: Progress) -> Iterator[tuple[str, Tensor]]:
+    """The tensors, each reported read (in the file's bytes: a cast does not change them)."""
+    done = 0
     for name, t in tensors:
-        count(t.numel() * t.element_size())
+        done = min(total, done + t.numel() * t.element_size())
+        progress("loading", done, total)
         yield name, t
+    progress("loading", total, total)
 
 
 def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype | None,
-                    device: torch.device | str) -> Transformer:
+                    device: torch.device | str, progress: Progress) -> Transformer:
     """Float tensors into the model, quantized ones into the quantized modules they feed."""
     assert info.quantization is not None
     bits, group = info.quantization["bits"], info.quantization["group_size"]
@@ -113,11 +118,15 @@ def _load_quantized(info: CheckpointInfo, model: Transformer, dtype: torch.dtype
               for name in model.state_dict() if not is_quantized_weight(name)}
     missing, _ = model.load_state_dict(floats, strict=False, assign=True)
     assert all(is_quantized_weight(m) for m in missing), missing
-    pairs = quantized_reader(info)
-    with progress(info.nbytes, info.path.name) as bar:
-        def weight(name: str) -> tuple[Tensor, Tensor]:
-            q, s = pairs(name)
-            bar.update(q.nbytes + s.nbytes)
-            return q, s
+    pairs, done = quantized_reader(info), sum(f.nbytes for f in floats.values())
 
-        return apply(model, weight, bits, group, target, device).eval()
+    def weight(name: str) -> tuple[Tensor, Tensor]:
+        nonlocal done
+        q, s = pairs(name)
+        done = min(info.nbytes, done + q.nbytes + s.nbytes)
+        progress("loading", done, info.nbytes)
+        return q, s
+
+    model = apply(model, weight, bits, group, target, device)
+    progress("loading", info.nbytes, info.nbytes)
+    return model.eval()

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mixtral.atomic import atomic_write, atomic_write_text
 from mixtral.checkfile import CheckpointError
-from mixtral.checkpoint.files import INDEX
+from mixtral.checkpoint.files import INDEX, Progress
 from mixtral.checkpoint.info import inspect
 from mixtral.checkpoint.reading import read_state_dict
 from mixtral.config import ModelArgs
@@ -43,8 +43,6 @@ from mixtral.quant import GROUP_SIZES, default_group_size, get, quantize_weight
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.model.v1", "tokenizer.json",
                     "tokenizer_config.json", "special_tokens_map.json")
-# progress(stage, bytes done, bytes in all), after each tensor: "reading", then "writing"
-Progress = Callable[[str, int, int], object]
 
 
 def save(state: dict[str, Tensor], args: ModelArgs, path: str | os.PathLike, layout: str = "hf",
