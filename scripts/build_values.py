@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the training and evaluation value lists (scripts/values/{train,eval}.json) from Faker.
 
-    python scripts/build_values.py [--per-locale 120]
+    python scripts/build_values.py [--per-locale 120] [--out scripts/values]
 
 Needs the `scripts` extra (`pip install -e .[scripts]`: Faker, MIT). Training draws on the
 TRAIN locales, evaluation on the disjoint EVAL locales; an evaluation value is dropped when it
@@ -100,6 +100,7 @@ def sort(lists: dict[str, set[str]]) -> dict[str, list[str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=HERE, help="folder for train.json and eval.json")
     p.add_argument("--per-locale", type=int, default=120,
                    help="draws of each kind per locale (distinct values are kept)")
     a = p.parse_args()
@@ -108,7 +109,7 @@ def main() -> None:
                   {**os.environ, "PYTHONHASHSEED": "0"})
     random.seed(0)  # Faker's module-level generator, for any provider that uses it
     for split, data in build(a.per_locale).items():
-        path = Path(HERE) / f"{split}.json"
+        path = a.out / f"{split}.json"
         path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         print(split, {k: len(v) for k, v in data["values"].items()})
 

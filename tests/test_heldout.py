@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,6 +44,18 @@ def test_the_evaluation_values_are_disjoint_from_every_training_list():
         load("test")
 
 
+def test_the_committed_lists_are_what_build_values_writes(tmp_path):
+    pytest.importorskip("faker")  # the `scripts` extra
+    faker = __import__("faker")
+    if json.loads((SCRIPTS / "values" / "eval.json").read_text())["faker"] != faker.VERSION:
+        pytest.skip("the lists were built with another Faker version")
+    subprocess.run([sys.executable, str(SCRIPTS / "build_values.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    for split in ("train", "eval"):
+        assert (tmp_path / f"{split}.json").read_bytes() == \
+            (SCRIPTS / "values" / f"{split}.json").read_bytes()
+
+
 def test_the_generators_read_only_their_own_split():
     for path in [SCRIPTS / "build_curriculum.py", *(SCRIPTS / "curriculum").glob("*.py")]:
         source = path.read_text()
@@ -71,6 +84,26 @@ def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     assert not names & words, sorted(names & words)
     for request in OOD_HARMFUL + OOD_HARMLESS:  # nor the evaluation's requests
         assert request not in text
+
+
+def test_plain_text_is_in_every_stage(tmp_path):
+    corpus = tmp_path / "corpus" / "pretrain" / "train"
+    corpus.mkdir(parents=True)
+    paragraph = "It was a bright cold day in April, and the clocks were striking. " * 5
+    (corpus / "prose.txt").write_text(f"{paragraph}\n\n{paragraph.upper()}\n")
+    summary = build_curriculum(tmp_path / "out", tmp_path / "corpus", n=200, seed=1,
+                               context=1024)
+    assert summary["passages"] == 2 and not summary["note"]
+    for stage in summary["stages"]:
+        rows = [json.loads(line) for line in
+                (tmp_path / "out" / stage / "sft.jsonl").read_text().splitlines()]
+        texts = [row["messages"] for row in rows if row["task"] == "text"]
+        assert len(texts) >= 10, stage
+        passages = [paragraph.strip(), paragraph.upper().strip()]
+        for user, answer in texts:  # a passage cut in two: the answer continues the prompt
+            rest = answer["content"]
+            assert rest and any(p.endswith(rest) and user["content"].endswith(
+                p[:len(p) - len(rest)].rstrip()) for p in passages)
 
 
 def test_every_ood_json_value_comes_from_the_evaluation_split():
