@@ -243,7 +243,10 @@ def test_bad_files_are_clear_errors(tmp_path):
 
 
 def test_info_says_what_it_does_not_do_with_a_gguf(tmp_path, capsys):
+    from mixtral.assemble import preflight
+
     write_gguf(tmp_path / "m.gguf", random_state())
+    assert preflight(tmp_path / "m.gguf") == "m"  # serve's model name: the file's stem
     assert main(["info", str(tmp_path / "m.gguf")]) == 2
     assert "a GGUF file, which mixtral runs" in capsys.readouterr().err
 

@@ -84,6 +84,16 @@ def test_every_command_reads_a_cached_repo(cache, capsys):
                  "--temperature", "0"]) == 0
 
 
+def test_serve_names_a_repo_by_its_name_and_checks_it_before_serving(cache):
+    from mixtral.assemble import preflight
+
+    cache_tree(cache, REPO, ["f" * 40], main="f" * 40)
+    assert preflight(REPO) == "Mixtral-8x7B-Instruct-v0.1"  # not the snapshot's commit
+    assert preflight(DEFAULT) == "default"
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set"):
+        preflight("mistralai/not-cached")
+
+
 def test_a_local_folder_wins_over_a_repo_id(cache, tmp_path, monkeypatch):
     cache_tree(cache, REPO, ["d" * 40], main="d" * 40)
     local = tmp_path / "mistralai" / "Mixtral-8x7B-Instruct-v0.1"

@@ -69,10 +69,6 @@ class GgufInfo:
         return [self.tensors[_NAMES[suffix].replace("{l}", layer)]]
 
     @property
-    def quantized(self) -> bool:
-        return any(t.tensor_type not in FLOATS for t in self.tensors.values())
-
-    @property
     def dtype(self) -> torch.dtype:
         """The model's dtype unless one is asked for: the float type of a float file (as
         stored), bf16 for a quantized one (as our own int8/int4 checkpoints)."""
@@ -153,6 +149,17 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: torch.device
 
 
 def _read(info: GgufInfo, name: str, shape: tuple[int, ...], loss: Loss) -> Stored:
+    """Canonical tensor `name` in our terms (ggml.py), from its file tensor(s)."""
+    try:
+        return _stored(info, name, shape, loss)
+    except NotImplementedError:  # a type newer than this gguf package, or none it decodes
+        kinds = sorted({t.tensor_type.name for t in info.sources(name)})
+        raise CheckpointError(f"{info.path}: {name} is stored as {', '.join(kinds)}, which the "
+                              "installed gguf package cannot decode (pip install -U gguf)"
+                              ) from None
+
+
+def _stored(info: GgufInfo, name: str, shape: tuple[int, ...], loss: Loss) -> Stored:
     found = info.sources(name)
     if not is_quantized_weight(name):  # embeddings, norms and the router stay float
         t = found[0]
