@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from mixtral.engine import Job
 from mixtral.generate import GenerationParams, TokenConstraint, generate
+from mixtral.jobs import Job
 from mixtral.model import Transformer
 from mixtral.sampling import TokenLogprob
 from mixtral.tokenizer import StreamDecoder, Tokenizer

@@ -38,60 +38,18 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
 from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
+from mixtral.jobs import EngineDown, Job, QueueFull, Running, done
 from mixtral.model import Runner
 from mixtral.prefill import prefill
 from mixtral.prefix_cache import PrefixCache, common_prefix
-from mixtral.sampling import TokenLogprob, check_seed
+from mixtral.sampling import check_seed
 
 log = logging.getLogger("mixtral.engine")
-
-
-class QueueFull(RuntimeError):
-    pass
-
-
-class EngineDown(RuntimeError):
-    """The engine's loop has ended (stopped, or crashed): nothing submitted would ever run."""
-
-
-@dataclass(eq=False)
-class Job:
-    prompt: list[int]
-    params: GenerationParams
-    on_token: Callable[[int], object]  # called from the worker thread, once per generated id
-    on_done: Callable[[BaseException | None], object]  # exactly once: None, or the error
-    constraint: TokenConstraint | None = None
-    id: int = 0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    cached_tokens: int = 0  # prompt tokens whose KV was copied, not computed (set at its start)
-    # with params.logprobs: each token's logprobs, just before its on_token (worker thread)
-    on_logprob: Callable[[TokenLogprob], object] | None = None
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-@dataclass(eq=False)
-class _Running:
-    job: Job
-    slot: int
-    sample: Sampler
-    prefilled: int = 0  # prompt tokens already in the cache
-    pending: int | None = None  # the last sampled token, not yet fed to the model
-    started: bool = False  # its prefill has begun (and looked for KV to reuse)
-    logits: torch.Tensor | None = None  # after the whole prompt, for a twin prompt to sample
-    out: list[int] = field(default_factory=list)  # the generated ids
-    fed: int = 0  # of which are in the cache
-
-    def cached(self) -> list[int]:
-        """The ids whose KV this sequence's cache row holds, at positions 0, 1, ..."""
-        return self.job.prompt[:self.prefilled] + self.out[:self.fed]
 
 
 class Engine:
@@ -108,7 +66,7 @@ class Engine:
         self.cache = KVCache(model.args, max_batch, self.context, model.dtype, model.device)
         self.kv_copies = kv_copies
         self.prefixes = PrefixCache(prefix_cache if kv_copies else 0)
-        self._slots: list[_Running | None] = [None] * max_batch
+        self._slots: list[Running | None] = [None] * max_batch
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
         self._ids = itertools.count(1)
@@ -208,7 +166,7 @@ class Engine:
             waiting = list(self._waiting)
             self._waiting.clear()
         for job in waiting:
-            _done(job, error)
+            done(job, error)
         for r in self._active():
             self._finish(r, error)
 
@@ -216,7 +174,7 @@ class Engine:
         self._prefill()
         self._decode()
 
-    def _active(self) -> list[_Running]:
+    def _active(self) -> list[Running]:
         return [r for r in self._slots if r is not None]
 
     def _admit(self, block: bool = True) -> bool:
@@ -228,7 +186,7 @@ class Engine:
         with self._lock:
             while True:
                 while self._waiting and self._waiting[0].cancelled.is_set():
-                    _done(self._waiting.popleft(), None)
+                    done(self._waiting.popleft(), None)
                 free = [i for i, r in enumerate(self._slots) if r is None]
                 while self._waiting and free:
                     job = self._waiting.popleft()
@@ -250,22 +208,22 @@ class Engine:
             sampler = Sampler(job.params, n, self.model.args.vocab_size, self.device,
                               job.constraint, job.prompt)
         except Exception as e:
-            _done(job, e)
+            done(job, e)
             return False
         if n == 0:  # max_tokens 0: done before any forward pass
-            _done(job, None)
+            done(job, None)
             return False
-        self._slots[slot] = _Running(job, slot, sampler)
+        self._slots[slot] = Running(job, slot, sampler)
         return True
 
-    def _finish(self, r: _Running, error: BaseException | None = None) -> None:
+    def _finish(self, r: Running, error: BaseException | None = None) -> None:
         if error is None and self.prefixes.budget:  # a cancelled job's prefix is as good
             self.prefixes.store(r.cached(), self.cache.k[:, r.slot], self.cache.v[:, r.slot])
         with self._lock:
             self._slots[r.slot] = None
-        _done(r.job, error)
+        done(r.job, error)
 
-    def _emit(self, r: _Running, token: int) -> None:
+    def _emit(self, r: Running, token: int) -> None:
         r.out.append(token)
         try:
             if r.job.on_logprob is not None and r.sample.logprob is not None:
@@ -301,7 +259,7 @@ class Engine:
             if self._slots[r.slot] is not r or r.prefilled < len(r.job.prompt):
                 return
 
-    def _start(self, r: _Running) -> None:
+    def _start(self, r: Running) -> None:
         """Copy into r's row the longest prefix of its prompt with KV at hand: in a running
         sequence's row or in the prefix cache. The last prompt token still runs (its logits
         pick the first token), unless a running twin has the very same prompt in."""
@@ -330,7 +288,7 @@ class Engine:
             assert donor.logits is not None
             self._choose(r, donor.logits.clone())
 
-    def _chunk(self, r: _Running) -> None:
+    def _chunk(self, r: Running) -> None:
         start = r.prefilled
         chunk = r.job.prompt[start:start + self.prefill_chunk]
         try:
@@ -362,7 +320,7 @@ class Engine:
             r.fed += 1
             self._next(r, logits[i:i + 1, -1])
 
-    def _decode_alone(self, rows: list[_Running]) -> None:
+    def _decode_alone(self, rows: list[Running]) -> None:
         """After a failed batch: each row on its own, failing only those that fail alone.
         Rewriting a row's cache entries for the same position is harmless."""
         for r in rows:
@@ -374,20 +332,20 @@ class Engine:
             r.fed += 1
             self._next(r, logits[:, -1])
 
-    def _decode_forward(self, rows: list[_Running]) -> torch.Tensor:
+    def _decode_forward(self, rows: list[Running]) -> torch.Tensor:
         tokens = torch.tensor([[r.pending] for r in rows], device=self.device)
         positions = torch.tensor([[len(r.job.prompt) + r.sample.generated - 1] for r in rows],
                                  device=self.device)
         return self.model(tokens, positions, self.cache.rows([r.slot for r in rows]))
 
-    def _next(self, r: _Running, logits: torch.Tensor) -> None:
+    def _next(self, r: Running, logits: torch.Tensor) -> None:
         r.pending = None
         if r.job.cancelled.is_set():
             self._finish(r)
             return
         self._choose(r, logits)
 
-    def _choose(self, r: _Running, logits: torch.Tensor) -> None:
+    def _choose(self, r: Running, logits: torch.Tensor) -> None:
         try:
             token = r.sample(logits)
         except Exception as e:  # e.g. a constraint failing: only this request fails
@@ -395,9 +353,3 @@ class Engine:
             return
         self._emit(r, token)
 
-
-def _done(job: Job, error: BaseException | None) -> None:
-    try:
-        job.on_done(error)
-    except Exception:  # a broken callback must not take the engine down
-        pass

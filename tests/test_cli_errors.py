@@ -34,7 +34,8 @@ def paths(tmp_path_factory, hf_tiny_dir) -> dict[str, str]:
     (root / "fake.gguf").write_text("not a GGUF file\n")
     (root / "pictures").mkdir()
     (root / "pictures" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
-    return {"gguf": str(root / "fake.gguf"), "missing": str(root / "missing"), "notckpt": str(root / "notes"),
+    return {"gguf": str(root / "fake.gguf"), "missing": str(root / "missing"),
+            "notckpt": str(root / "notes"),
             "text": str(root / "notes" / "readme.txt"), "ckpt": str(hf_tiny_dir),
             "out": str(root / "out"), "recipe": str(RECIPE), "binary": str(root / "pictures")}
 

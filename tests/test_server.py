@@ -274,8 +274,9 @@ def test_queue_full_is_429(slow):
 def test_keepalive_during_prefill(slow):
     with httpx.Client(base_url=slow.url, timeout=30) as c, c.stream(
             "POST", "/v1/chat/completions",
-            json={"model": "mistral-small", "messages": HELLO, "max_tokens": 2,
-                  "stream": True}) as r:
+            json={"model": "mistral-small", "max_tokens": 2, "stream": True,
+                  # a prompt no earlier test sent: the prefix cache holds none of it
+                  "messages": [{"role": "user", "content": "Keep me alive, please."}]}) as r:
         lines = list(r.iter_lines())
     assert ": ping" in lines  # sent while the 0.6 s prefill ran
     assert [x for x in lines if x][-1] == "data: [DONE]"

@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from mixtral.completion import Delta, TextJob
-from mixtral.engine import EngineDown, Job, QueueFull
+from mixtral.jobs import EngineDown, Job, QueueFull
 from mixtral.sampling import TokenLogprob
 from mixtral.server import logprobs, protocol
 from mixtral.server.planning import Plan
