@@ -45,6 +45,25 @@ def test_openai_completions_create_and_stream(openai_client, server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(openai_client, server):
+    prompt = "A prompt sent twice to the completions route, and only by this test."
+    n = len(TOK.encode(prompt))
+    first = openai_client.completions.create(model="mistral-small", prompt=prompt,
+                                             max_tokens=2, seed=1)
+    assert first.usage.prompt_tokens_details.cached_tokens <= 1  # BOS, as every prompt has
+    again = openai_client.completions.create(model="mistral-small", prompt=prompt,
+                                             max_tokens=2, seed=1)
+    # all but the last prompt token (its logits pick the first token) came from the cache
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1
+    assert again.choices[0].text == first.choices[0].text
+    chunks = list(openai_client.completions.create(
+        model="mistral-small", prompt=[prompt, prompt], max_tokens=2, seed=1, stream=True,
+        stream_options={"include_usage": True}))
+    # the first as before; the second, the same prompt running beside it, takes all n (and the
+    # first's last logits: one prefill for both)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) + n
+
+
 def test_the_prompt_is_raw_text_with_bos(api, server):
     # the same ids through /v1/completions and through generation from token ids
     text = "Hi"  # no template around it

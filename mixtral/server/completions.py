@@ -127,6 +127,15 @@ def _prompt_tokens(plans: list[Plan]) -> int:
     return sum(len(p.prompt) for p in plans)
 
 
+def _usage(plans: list[Plan], reserved: list[Choice], completion: int) -> dict[str, Any]:
+    """The counts, with the prompt tokens reused from earlier requests (the prefix cache) as
+    OpenAI reports them: each prompt's first choice's (its other choices share that prefill)."""
+    firsts = {id(c.plan): c for c in reversed(reserved)}
+    return {**protocol.usage(_prompt_tokens(plans), completion),
+            "prompt_tokens_details": {"cached_tokens": sum(c.job.cached_tokens
+                                                           for c in firsts.values())}}
+
+
 def _legacy(plan: Plan, st: State, entries: list[Any], offset: int) -> dict[str, Any] | None:
     if plan.params.logprobs is None:
         return None
@@ -145,15 +154,14 @@ async def _collect(plans: list[Plan], metrics: Metrics, reserved: list[Choice],
             "choices": [{"index": c.index, "text": a.text, "finish_reason": a.finish_reason,
                          "logprobs": _legacy(c.plan, st, a.logprobs, len(c.plan.prefix))}
                         for c, a in zip(reserved, answers, strict=True)],
-            "usage": protocol.usage(_prompt_tokens(plans),
-                                    sum(a.completion_tokens for a in answers))}
+            "usage": _usage(plans, reserved, sum(a.completion_tokens for a in answers))}
 
 
 async def _sse(plans: list[Plan], metrics: Metrics, reserved: list[Choice], keepalive_s: float,
                st: State) -> Any:
     first = plans[0]
 
-    def event(choice_list: list[dict[str, Any]], use: dict[str, int] | None = None) -> bytes:
+    def event(choice_list: list[dict[str, Any]], use: dict[str, Any] | None = None) -> bytes:
         return choices.event({"id": first.id, "object": "text_completion",
                               "created": first.created, "model": first.model,
                               "choices": choice_list, "usage": use})
@@ -176,6 +184,6 @@ async def _sse(plans: list[Plan], metrics: Metrics, reserved: list[Choice], keep
                 offset += len(delta.text)
                 total += delta.completion_tokens
         if first.include_usage:
-            yield event([], protocol.usage(_prompt_tokens(plans), total))
+            yield event([], _usage(plans, reserved, total))
     for tail in errors:
         yield tail
