@@ -154,7 +154,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of every command that runs a model (chat, generate, serve, eval)."""
     p.add_argument("--model", metavar="PATH", help="checkpoint folder or file (HF or "
                    "Mistral layout, or GGUF), or a Hugging Face repo id ORG/NAME (from its "
-                   "cache, else downloaded); default: the built-in default model")
+                   "cache, else downloaded; ORG/NAME:Q4_K_M: one GGUF file of it); default: "
+                   "the built-in default model")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--reference", action="store_true", help="run the reference modules of "

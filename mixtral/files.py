@@ -79,9 +79,18 @@ def run_info(args: argparse.Namespace) -> int:
         raise ValueError("name a preset (mixtral-8x7b, bench, tiny) or a checkpoint path, or "
                          "pass --system")
     report: dict[str, Any] = {"target": args.target}
-    if args.target in PRESETS and not Path(args.target).exists():
+    preset = args.target in PRESETS and not Path(args.target).exists()
+    gguf_file = None if preset else _gguf(args.target)
+    if preset:
         margs = PRESETS[args.target]
         report["source"] = "preset"
+    elif gguf_file is not None:
+        from mixtral.checkpoint.gguf import describe, open_gguf
+
+        gguf = open_gguf(gguf_file)
+        margs = gguf.args
+        report["source"] = "gguf"
+        report["gguf"] = describe(gguf)
     else:
         from mixtral.checkpoint import inspect
         from mixtral.formats import dtype_name
@@ -127,7 +136,31 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  checkpoint    layout {c['layout']} ({c['layout_description']}){quant}")
         print(f"                dtype {c['dtype']}, {c['tensors']} tensors, {_bytes(c['bytes'])} "
               f"in {len(c['files'])} file(s); config {Path(c['config']).name}")
+    if "gguf" in report:
+        _print_gguf(report["gguf"])
     return 0
+
+
+def _gguf(target: str) -> Path | None:
+    """The GGUF file `target` names (a path, or a hub id resolved to one), else None."""
+    from mixtral.checkpoint.files import is_gguf
+    from mixtral.hub import resolve
+
+    path = resolve(target)
+    return path if is_gguf(path) else None
+
+
+def _print_gguf(g: dict[str, Any]) -> None:
+    """The file, then per stored type what loading makes of it (checkpoint/ggml.py)."""
+    name = f" \"{g['name']}\"" if g["name"] else ""
+    kind = f", file type {g['file_type']}" if g["file_type"] else ""
+    print(f"  gguf          {g['architecture']} architecture{name}{kind}: {g['tensors']} "
+          f"tensors, {_bytes(g['bytes'])}")
+    for row in g["tensor_types"]:
+        how = "exact" if row["exact"] else "re-quantized"
+        print(f"                {row['type']:<6} x{row['tensors']:<4} {_bytes(row['bytes']):>10}"
+              f"  -> {row['loads_as']} ({how})")
+    print(f"                computes in {g['dtype']} (--dtype to change)")
 
 
 def run_convert(args: argparse.Namespace) -> int:

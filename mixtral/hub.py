@@ -13,6 +13,11 @@ Offline, an id resolves to the snapshot refs/main names (or the newest one prese
 cache has none, huggingface_hub (the `hub` extra) downloads the checkpoint's files, with its
 progress bars, unless HF_HUB_OFFLINE is set; a download's failure is one line that says what
 was tried and what to do.
+
+A repo of GGUF files (one per quantization) is named as llama.cpp's `-hf` names it:
+`ORG/NAME:Q4_K_M` picks the file whose name ends in that quantization (or `ORG/NAME:FILE.gguf`
+the file of that name); a bare `ORG/NAME` picks Q4_K_M, llama.cpp's default, or the only GGUF
+file there is. Only the chosen file is downloaded.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from mixtral.checkfile import CheckpointError
 
 # huggingface_hub's rule for a repo id: two names of letters, digits, '-', '_', '.'
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 _WEIGHTS = "checkpoint folder or weights file (.safetensors, .pth, .pt, .gguf)"
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")  # llama.cpp's gguf-split parts: x-00001-of-00003
+DEFAULT_QUANT = "Q4_K_M"  # what llama.cpp's -hf and the hub's GGUF manifests pick untold
 
 
 def resolve(source: str | os.PathLike) -> Path:
@@ -35,11 +43,23 @@ def resolve(source: str | os.PathLike) -> Path:
     if path.exists():
         return path
     text = os.fspath(source)
-    if not is_repo_id(text):
+    repo_id, _, quant = text.partition(":")
+    if not is_repo_id(repo_id) or (":" in text and not quant):
         raise CheckpointError(f"{text}: no such file or directory (tried it as a {_WEIGHTS}; "
-                              "it is not a Hugging Face repo id, ORG/NAME)")
-    cached = cached_snapshot(text)
-    return cached if cached is not None else download(text)
+                              "it is not a Hugging Face repo id, ORG/NAME or ORG/NAME:QUANT)")
+    cached = cached_snapshot(repo_id)
+    if cached is not None:
+        names = [p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()]
+        if not quant and any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+            return cached  # a checkpoint's files (HF or Mistral's): find_files picks a set
+        ggufs = [n for n in names if n.endswith(".gguf")]
+        if ggufs or quant:
+            chosen = choose_gguf(repo_id, ggufs, quant, strict=False)
+            if chosen is not None:
+                return cached / chosen
+            return download(repo_id, quant, cached=ggufs)
+        return cached
+    return download(repo_id, quant)
 
 
 def is_repo_id(text: str) -> bool:
@@ -76,11 +96,17 @@ def cached_snapshot(repo_id: str) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def download(repo_id: str) -> Path:
-    """The checkpoint's files of `repo_id` fetched into the cache (huggingface_hub's progress
-    bars on stderr); a CheckpointError naming what was tried when that cannot be done."""
-    where = f"{repo_id}: no such file or directory, and not in the Hugging Face cache " \
-            f"({repo_folder(repo_id)})"
+def download(repo_id: str, quant: str = "", cached: list[str] | None = None) -> Path:
+    """The checkpoint's files of `repo_id` (with `quant`: that GGUF file) fetched into the
+    cache (huggingface_hub's progress bars on stderr); a CheckpointError naming what was tried
+    when that cannot be done. `cached`: the GGUF files the cache has, none the one asked for."""
+    if cached is None:
+        where = f"{repo_id}: no such file or directory, and not in the Hugging Face cache " \
+                f"({repo_folder(repo_id)})"
+    else:
+        held = ", ".join(cached[:4]) + (", ..." if len(cached) > 4 else "") or "no GGUF file"
+        where = f"{repo_id}:{quant or DEFAULT_QUANT}: the Hugging Face cache holds no such " \
+                f"GGUF file of the repo (it has {held})"
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise CheckpointError(f"{where}; HF_HUB_OFFLINE is set, so it is not downloaded")
     try:
@@ -91,14 +117,15 @@ def download(repo_id: str) -> Path:
     try:
         info = huggingface_hub.HfApi().model_info(repo_id)
         names = [s.rfilename for s in info.siblings or []]
-        files = choose_files(repo_id, names)
+        gguf = choose_gguf(repo_id, names, quant) if quant else None
+        files = [gguf] if gguf else choose_files(repo_id, names)
         folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=files,
                                                    cache_dir=cache_dir())
     except CheckpointError:
         raise
     except Exception as e:  # network, authentication, a missing repo: one line, with advice
         raise CheckpointError(f"{where}, and downloading it failed: {_reason(e)}") from None
-    return Path(folder)
+    return Path(folder) / files[0] if files[0].endswith(".gguf") else Path(folder)
 
 
 def choose_files(repo_id: str, names: list[str]) -> list[str]:
@@ -115,13 +142,54 @@ def choose_files(repo_id: str, names: list[str]) -> list[str]:
     for weights in sets:
         if weights:
             return small + weights
-    ggufs = [n for n in names if n.endswith(".gguf")]
-    if ggufs:
-        raise CheckpointError(f"{repo_id} holds GGUF files ({', '.join(ggufs[:3])}"
-                              f"{', ...' if len(ggufs) > 3 else ''}): download the one you want "
-                              f"(hf download {repo_id} FILE) and pass its path to --model")
+    gguf = choose_gguf(repo_id, names, "")
+    if gguf is not None:
+        return [gguf]
     raise CheckpointError(f"{repo_id}: the repo holds no checkpoint we read (safetensors, "
                           "consolidated .pth/.pt or GGUF files)")
+
+
+def choose_gguf(repo_id: str, names: list[str], quant: str,
+                strict: bool = True) -> str | None:
+    """The one GGUF file among `names` that `quant` names: a file whose name (less .gguf)
+    ends in it after a '.', '-' or '_' (any case; Q4_K does not pick Q4_K_M), or the file of
+    that name; no `quant`: Q4_K_M, else the only GGUF file. None where there is none: an
+    error when `strict` (the repo's whole list), else a cue to download (the cache's part)."""
+    ggufs = [n for n in names if n.endswith(".gguf") and not n.rsplit("/", 1)[-1].startswith(
+        "mmproj")]  # a vision projector, not a model
+    if not ggufs:
+        return None
+    if not quant and len(ggufs) == 1:
+        return ggufs[0]
+    want = (quant or DEFAULT_QUANT).lower()
+    tail = re.compile(rf"(^|[._-]){re.escape(want)}$")
+    found = [n for n in ggufs if n.rsplit("/", 1)[-1].lower() == want] or \
+        [n for n in ggufs if tail.search(_SPLIT.sub("", _stem(n)).lower())]
+    parts = sorted(found)
+    if parts and all(_SPLIT.search(_stem(n)) for n in parts):  # one model in parts
+        first = _SPLIT.sub("", _stem(parts[0]))
+        if all(_SPLIT.sub("", _stem(n)) == first for n in parts):
+            raise CheckpointError(f"{repo_id}:{quant or DEFAULT_QUANT} is split in {len(parts)} "
+                                  f"files ({parts[0]}, ...), which mixtral does not read as one: "
+                                  "merge them with llama.cpp's llama-gguf-split --merge and "
+                                  "pass the merged file's path to --model")
+    if len(found) == 1:
+        return found[0]
+    if not strict and not found:
+        return None
+    listed = ", ".join(found or ggufs) if len(found or ggufs) <= 8 else \
+        ", ".join((found or ggufs)[:8]) + ", ..."
+    if found:
+        raise CheckpointError(f"{repo_id}:{quant or DEFAULT_QUANT} names several GGUF files "
+                              f"({listed}): name one, {repo_id}:FILE.gguf")
+    asked = f"no GGUF file of quantization {quant}" if quant else \
+        f"several GGUF files and none is {DEFAULT_QUANT}"
+    raise CheckpointError(f"{repo_id} holds {asked} (it has {listed}): pick one with "
+                          f"{repo_id}:QUANT, e.g. {repo_id}:Q8_0, or {repo_id}:FILE.gguf")
+
+
+def _stem(name: str) -> str:
+    return name.rsplit("/", 1)[-1].removesuffix(".gguf")
 
 
 def _reason(e: Exception) -> str:

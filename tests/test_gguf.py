@@ -12,11 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
+from gguf_files import ARGS, random_state, write_gguf
 
 from mixtral import quant
 from mixtral.checkfile import CheckpointError
@@ -28,92 +27,6 @@ from mixtral.model import Transformer
 
 DEFAULT = Path(__file__).parent.parent / "mixtral" / "data" / "default"
 TOKENS = torch.tensor([[1, 415, 2936, 9060, 285, 1142, 28705, 28770]])
-ARGS = ModelArgs(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=256,
-                 num_experts=4, num_experts_per_tok=2, vocab_size=320, max_seq_len=256)
-NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
-         "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
-         "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
-         "feed_forward.gate": "ffn_gate_inp", "feed_forward.experts.w1": "ffn_gate_exps",
-         "feed_forward.experts.w2": "ffn_down_exps", "feed_forward.experts.w3": "ffn_up_exps"}
-
-
-def gguf_name(canonical: str) -> str:
-    base = canonical.removesuffix(".weight")
-    if base.startswith("layers."):
-        _, layer, rest = base.split(".", 2)
-        return f"blk.{layer}.{NAMES[rest]}.weight"
-    return f"{NAMES[base]}.weight"
-
-
-def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(ARGS).state_dict().items()}
-    return {k: (torch.rand(s, generator=g) + 0.5 if "norm" in k else
-                torch.randn(s, generator=g) * 0.05) for k, s in shapes.items()}
-
-
-def random_blocks(kind: T, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Valid K-quant bytes (gguf has no K-quant quantizer): random, with sane fp16 scales."""
-    block, size = gguf.GGML_QUANT_SIZES[kind]
-    rng = np.random.default_rng(seed)
-    n = int(np.prod(shape)) // block
-    blocks = rng.integers(0, 256, (n, size), dtype=np.uint8)
-    d = (rng.uniform(0.5, 1.5, (n, 1)) * 1e-3).astype(np.float16).view(np.uint8)
-    if kind == T.Q6_K:  # ql, qh, 16 int8 scales, then d; scales of one sign and size, as
-        blocks[:, 192:208] = rng.integers(16, 48, (n, 16), dtype=np.uint8)  # fitted ones are
-        blocks[:, -2:] = d
-    else:
-        blocks[:, 0:2], blocks[:, 2:4] = d, d[::-1]  # d, dmin first
-    return blocks.reshape(*shape[:-1], shape[-1] // block * size)
-
-
-def write_gguf(path: Path, state: dict[str, torch.Tensor], kinds: dict[str, T] | None = None,
-               per_expert: bool = False, tokens: list[str] | None = None,
-               arch: str = "llama", args: ModelArgs = ARGS) -> dict[str, torch.Tensor]:
-    """A GGUF file as llama.cpp lays it out; returns the canonical state the file stands for
-    (each tensor as the gguf package dequantizes it)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(args.n_layers)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_key_length(args.head_dim)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_expert_count(args.num_experts)
-    w.add_expert_used_count(args.num_experts_per_tok)
-    if tokens is not None:
-        w.add_tokenizer_model("llama")
-        w.add_token_list(tokens)
-    meant = {}
-    for i, (name, t) in enumerate(state.items()):
-        kind = (kinds or {}).get(name.split(".")[-1] if "experts" in name else
-                                 name.removesuffix(".weight").split(".")[-1], T.F32)
-        if "norm" in name or "gate.weight" in name or "tok_embeddings" in name:
-            kind = T.F32  # llama.cpp keeps norms and the router float
-        if kind in (T.Q4_K, T.Q5_K, T.Q6_K):
-            data = random_blocks(kind, tuple(t.shape), i)
-        elif kind == T.F32:
-            data = t.float().numpy()
-        else:
-            data = gguf.quants.quantize(t.float().numpy(), kind)
-        meant[name] = torch.from_numpy(gguf.quants.dequantize(data, kind).copy()).reshape(t.shape)
-        parts = [(gguf_name(name), data)]
-        if per_expert and "experts" in name:
-            g = gguf_name(name).replace("_exps.weight", "")
-            parts = [(f"{g}.{e}.weight", data[e]) for e in range(data.shape[0])]
-        for key, part in parts:
-            w.add_tensor(key, part, raw_dtype=None if kind == T.F32 else kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return meant
-
-
 def reference(state: dict[str, torch.Tensor], args: ModelArgs = ARGS) -> Transformer:
     model = Transformer(args)
     model.load_state_dict(state)
@@ -242,13 +155,64 @@ def test_bad_files_are_clear_errors(tmp_path):
         load(tmp_path / "shape.gguf")
 
 
-def test_info_says_what_it_does_not_do_with_a_gguf(tmp_path, capsys):
+def test_a_layer_with_float_and_quantized_banks_loads_them_all_float(tmp_path):
+    """An expert bank is one kind (float, or QuantExperts): where a file keeps one bank float
+    and others quantized, every bank of the layer is dequantized straight from the file into
+    float, exactly (not through our int8 first), and the load says so."""
+    state = random_state(4)
+    kinds = {"w1": T.F32, "w2": T.Q6_K, "w3": T.Q4_0, "wq": T.Q6_K}
+    for per_expert in (False, True):
+        path = tmp_path / f"mixed-{per_expert}.gguf"
+        meant = write_gguf(path, state, kinds, per_expert=per_expert)
+        notes: list[str] = []
+        model = load(path, dtype="fp32", announce=notes.append)
+        n = ARGS.num_experts if per_expert else 1
+        assert f"Q6_K x{2 * n} -> float, dequantized (exact)" in notes[0]
+        assert f"Q4_0 x{2 * n} -> float, dequantized (exact)" in notes[0]
+        assert "Q6_K x2 -> int8, a scale per row (re-quantized" in notes[0]  # wq, 2 layers
+        experts = model.layers[1].feed_forward.experts
+        assert not isinstance(experts, quant.QuantExperts)
+        for w in ("w1", "w2", "w3"):
+            name = f"layers.1.feed_forward.experts.{w}"
+            assert torch.equal(model.state_dict()[name], meant[name]), (per_expert, w)
+        assert isinstance(model.layers[0].attention.wq, quant.Int8Linear)
+        want = logits(quant.quantize_model(reference(meant), 8))  # wq as our int8 of it
+        ours = reference(meant)
+        for i in range(ARGS.n_layers):
+            ours.layers[i].attention.wq = model.layers[i].attention.wq
+        torch.testing.assert_close(logits(model), logits(ours), atol=1e-5, rtol=1e-5)
+        assert not torch.equal(logits(model), want)  # the experts are not re-quantized
+
+
+def test_info_describes_a_gguf(tmp_path, capsys):
+    import json
+
     from mixtral.assemble import preflight
 
-    write_gguf(tmp_path / "m.gguf", random_state())
+    kinds = {"wq": T.Q4_K, "wk": T.Q4_K, "wv": T.Q6_K, "wo": T.Q4_K, "w1": T.Q4_K,
+             "w2": T.Q6_K, "w3": T.Q4_K, "output": T.Q6_K}
+    write_gguf(tmp_path / "m.gguf", random_state(), kinds)
     assert preflight(tmp_path / "m.gguf") == "m"  # serve's model name: the file's stem
-    assert main(["info", str(tmp_path / "m.gguf")]) == 2
-    assert "a GGUF file, which mixtral runs" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "m.gguf"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"] == "gguf"
+    assert report["args"] == {**ARGS.to_dict(), "norm_eps": pytest.approx(1e-5)}  # as fp32
+    g = report["gguf"]
+    assert (g["architecture"], g["tensors"], g["dtype"]) == ("llama", 23, "bfloat16")
+    rows = {(r["type"], r["loads_as"]): (r["tensors"], r["exact"]) for r in g["tensor_types"]}
+    assert rows == {("Q4_K", "int4, groups of 32"): (10, True),  # wq wk wo w1 w3, 2 layers
+                    ("Q6_K", "int8, a scale per row"): (5, False),  # wv w2 x2, output
+                    ("F32", "float"): (8, True)}  # embeddings, 3 norms, 2 routers
+    assert sum(r["bytes"] for r in g["tensor_types"]) < g["bytes"]
+    notes: list[str] = []  # what info says is what loading does
+    load(tmp_path / "m.gguf", announce=notes.append)
+    assert "Q4_K x10 -> int4, groups of 32 (exact)" in notes[0]
+    assert "Q6_K x5 -> int8, a scale per row (re-quantized" in notes[0]
+    assert main(["info", str(tmp_path / "m.gguf")]) == 0
+    text = capsys.readouterr().out
+    assert "gguf          llama architecture: 23 tensors" in text
+    assert "Q4_K   x10" in text and "-> int4, groups of 32 (exact)" in text
+    assert "-> int8, a scale per row (re-quantized)" in text
 
 
 # --- llama.cpp's own converter, when its source is on this machine --------------------------------

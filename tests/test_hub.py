@@ -115,8 +115,8 @@ def test_choose_files_takes_one_set_of_weights():
     assert hub.choose_files(REPO, ["params.json", "consolidated.safetensors",
                                    "consolidated.00.pt"]) == ["params.json",
                                                               "consolidated.safetensors"]
-    with pytest.raises(CheckpointError, match="holds GGUF files .*hf download"):
-        hub.choose_files(REPO, ["README.md", "mixtral.Q4_K_M.gguf"])
+    assert hub.choose_files(REPO, ["README.md", "mixtral.Q4_K_M.gguf"]) == \
+        ["mixtral.Q4_K_M.gguf"]  # a repo of GGUF files: one (test_gguf_sources)
 
 
 def test_download_when_not_cached(cache, monkeypatch):
@@ -168,7 +168,7 @@ def test_offline_and_bad_sources_say_what_was_tried(cache, tmp_path):
     missing = tmp_path / "nowhere" / "model"
     with pytest.raises(CheckpointError, match=r"no such file or directory \(tried it as a "
                        r"checkpoint folder or weights file \(.safetensors, .pth, .pt, .gguf\); "
-                       r"it is not a Hugging Face repo id, ORG/NAME\)"):
+                       r"it is not a Hugging Face repo id, ORG/NAME or ORG/NAME:QUANT\)"):
         load(missing)
     text = tmp_path / "notes.txt"
     text.write_text("hello")

@@ -80,6 +80,20 @@ def target_bits(kind: T) -> int:
     return 4 if kind in EXACT_INT4 or bits_per_weight(kind) <= 4.5 else 8
 
 
+def form(kind: T, matmul: bool) -> tuple[str, bool]:
+    """-> (what a tensor of this type becomes, whether exactly): `matmul` weights go to our
+    nearest format; embeddings, norms and the router (and the banks of a layer whose other
+    banks are float) are dequantized into float, which holds every ggml value exactly."""
+    if kind in FLOATS:
+        return "float", True
+    if not matmul:
+        return "float, dequantized", True
+    if kind in EXACT_INT4:
+        return f"int4, groups of {GROUP}", True
+    return ("int8, a scale per row" if target_bits(kind) == 8 else f"int4, groups of {GROUP}"), \
+        False
+
+
 def as_float(data: np.ndarray, kind: T, shape: tuple[int, ...]) -> Tensor:
     """Any stored tensor as a float tensor of `shape` (float types keep their dtype)."""
     if kind in FLOATS:  # copied out of the file's memory map, bytes as they are
@@ -90,18 +104,18 @@ def as_float(data: np.ndarray, kind: T, shape: tuple[int, ...]) -> Tensor:
 
 def convert(data: np.ndarray, kind: T, shape: tuple[int, ...], loss: Loss) -> Stored:
     """A matmul weight [..., N, K] as stored in the file, in the nearest of our forms."""
+    target, exact = form(kind, matmul=True)
     if kind in FLOATS:
-        loss.add(kind, "float")
+        loss.add(kind, target)
         return Stored(0, (as_float(data, kind, shape),))
-    if kind in EXACT_INT4:
+    if exact:
         q, scale, zero = _int4_grid(np.asarray(data), kind, shape)
-        loss.add(kind, f"int4, groups of {GROUP}")
+        loss.add(kind, target)
         return Stored(4, pack_int4(q, scale, zero), GROUP)
     w = as_float(data, kind, shape)
     bits = target_bits(kind)
     q2, s2 = quant.quantize_weight(w, bits, GROUP)
-    back = quant.get(bits).dequantize(q2, s2, GROUP)
-    loss.add(kind, "int8, a scale per row" if bits == 8 else f"int4, groups of {GROUP}", w, back)
+    loss.add(kind, target, w, quant.get(bits).dequantize(q2, s2, GROUP))
     return Stored(bits, (q2, s2), GROUP if bits == 4 else 0)
 
 

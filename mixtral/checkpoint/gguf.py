@@ -27,15 +27,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, ReaderTensor
 from torch import Tensor, nn
 
 from mixtral import quant
 from mixtral.checkfile import CheckpointError, short
 from mixtral.checkpoint.files import MAGIC, Progress
-from mixtral.checkpoint.ggml import FLOATS, Loss, Stored, as_float, convert, target_bits
+from mixtral.checkpoint.ggml import FLOATS, Loss, Stored, as_float, convert, form, target_bits
 from mixtral.config import ModelArgs
-from mixtral.formats import ConfigError, args_from_hf_config, canonical_shapes, is_quantized_weight
+from mixtral.formats import (
+    ConfigError,
+    args_from_hf_config,
+    canonical_shapes,
+    dtype_name,
+    is_quantized_weight,
+)
 from mixtral.memory import check_fits
 from mixtral.model import Transformer
 
@@ -58,6 +64,20 @@ class GgufInfo:
     args: ModelArgs
     tensors: dict[str, ReaderTensor]  # by GGUF name
     per_expert: bool  # one tensor per expert (files before April 2024)
+    meta: dict[str, Any]  # the metadata, less tokenizer.*
+
+    def kind(self, name: str) -> GGMLQuantizationType:
+        return self.sources(name)[0].tensor_type
+
+    def quantized(self, name: str) -> bool:
+        """Whether canonical weight `name` loads into one of our quantized formats: a matmul
+        weight stored quantized, unless it is an expert bank of a layer that stores another
+        bank as float (then the layer's banks all load as float: an expert bank is one kind)."""
+        if not is_quantized_weight(name) or self.kind(name) in FLOATS:
+            return False
+        layer = name.rsplit(".", 1)[0]
+        return ".experts." not in name or all(self.kind(f"{layer}.{w}") not in FLOATS
+                                              for w in _EXPERTS)
 
     def sources(self, name: str) -> list[ReaderTensor]:
         """The file tensors holding canonical tensor `name` (one per expert in old files)."""
@@ -88,7 +108,7 @@ def open_gguf(path: Path) -> GgufInfo:
     args = _args(path, meta, _check_vocabulary(path, reader) or _embedding_rows(reader))
     tensors = {t.name: t for t in reader.tensors}
     per_expert = "blk.0.ffn_gate.0.weight" in tensors
-    info = GgufInfo(path, args, tensors, per_expert)
+    info = GgufInfo(path, args, tensors, per_expert, meta)
     expected: dict[str, tuple[int, ...]] = {}
     for name, shape in canonical_shapes(args).items():
         try:
@@ -134,13 +154,6 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: torch.device
             quantized[name] = stored
         else:
             floats[name] = stored.tensors[0].to(device=device, dtype=target)
-    for layer in range(info.args.n_layers):  # a bank half float, half quantized: all float
-        banks = [f"layers.{layer}.feed_forward.experts.{w}" for w in _EXPERTS]
-        if any(b in floats for b in banks):
-            for b in (b for b in banks if b in quantized):
-                st = quantized.pop(b)
-                q, s = st.tensors
-                floats[b] = quant.get(st.bits).dequantize(q, s, st.group).to(device, target)
     model.load_state_dict(floats, strict=False, assign=True)
     _swap(model, quantized, target, device)
     if announce is not None:
@@ -161,17 +174,19 @@ def _read(info: GgufInfo, name: str, shape: tuple[int, ...], loss: Loss) -> Stor
 
 def _stored(info: GgufInfo, name: str, shape: tuple[int, ...], loss: Loss) -> Stored:
     found = info.sources(name)
-    if not is_quantized_weight(name):  # embeddings, norms and the router stay float
-        t = found[0]
-        loss.add(t.tensor_type, "float" if t.tensor_type in FLOATS else "float, dequantized")
-        return Stored(0, (as_float(t.data, t.tensor_type, shape),))
-    if len(found) == 1:
-        return convert(found[0].data, found[0].tensor_type, shape, loss)
     kinds = {t.tensor_type for t in found}
     if len(kinds) > 1:
         raise CheckpointError(f"{info.path}: the experts of {name} are stored in different "
                               f"types ({', '.join(sorted(k.name for k in kinds))})")
-    parts = [convert(t.data, t.tensor_type, shape[1:], loss) for t in found]
+    each = shape if len(found) == 1 else shape[1:]  # one tensor, or one per expert
+    if not info.quantized(name):  # embeddings, norms, the router, floats: float
+        for t in found:
+            loss.add(t.tensor_type, form(t.tensor_type, matmul=False)[0])
+        floats = [as_float(t.data, t.tensor_type, each) for t in found]
+        return Stored(0, (floats[0] if len(found) == 1 else torch.stack(floats),))
+    if len(found) == 1:
+        return convert(found[0].data, found[0].tensor_type, shape, loss)
+    parts = [convert(t.data, t.tensor_type, each, loss) for t in found]
     stacked = tuple(torch.stack([p.tensors[i] for p in parts])
                     for i in range(len(parts[0].tensors)))
     return Stored(parts[0].bits, stacked, parts[0].group)
@@ -191,7 +206,7 @@ def _swap(model: Transformer, quantized: dict[str, Stored], dtype: torch.dtype,
     for i in range(len(model.layers)):
         banks = {w: quantized.get(f"layers.{i}.feed_forward.experts.{w}") for w in _EXPERTS}
         first = banks["w1"]
-        if first is None:
+        if first is None:  # the layer's banks are float (GgufInfo.quantized)
             continue
         # QuantExperts takes one format for its three banks; a GGUF often stores them in two
         # (Q4_K gate and up, Q6_K down), so it is built on w1's and each bank set after.
@@ -210,12 +225,39 @@ def _load_bytes(info: GgufInfo, dtype: torch.dtype) -> int:
     total = 0
     for name, shape in canonical_shapes(info.args).items():
         numel = int(np.prod(shape))
-        kind = info.sources(name)[0].tensor_type
-        if not is_quantized_weight(name) or kind in FLOATS:
+        if not info.quantized(name):
             total += numel * dtype.itemsize
         else:
-            total += numel if target_bits(kind) == 8 else numel // 2 + numel // 8
+            total += numel if target_bits(info.kind(name)) == 8 else numel // 2 + numel // 8
     return total
+
+
+def describe(info: GgufInfo) -> dict[str, Any]:
+    """What `mixtral info` says of a GGUF file: its name and file type as llama.cpp recorded
+    them, and per stored type (and what it becomes) the tensors and bytes, as loading would
+    map them, with no weights read."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in canonical_shapes(info.args):
+        matmul = info.quantized(name) or (is_quantized_weight(name) and info.kind(name) in FLOATS)
+        for t in info.sources(name):
+            target, exact = form(t.tensor_type, matmul)
+            row = rows.setdefault((t.tensor_type.name, target), {
+                "type": t.tensor_type.name, "tensors": 0, "bytes": 0, "loads_as": target,
+                "exact": exact})
+            row["tensors"] += 1
+            row["bytes"] += int(t.n_bytes)
+    file_type = info.meta.get("general.file_type")
+    try:
+        kind = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None \
+            else None
+    except ValueError:
+        kind = f"unknown ({file_type})"
+    return {"file": str(info.path), "bytes": info.path.stat().st_size,
+            "architecture": info.meta.get("general.architecture"),
+            "name": info.meta.get("general.name"), "file_type": kind,
+            "per_expert_tensors": info.per_expert, "tensors": len(info.tensors),
+            "dtype": dtype_name(info.dtype),
+            "tensor_types": sorted(rows.values(), key=lambda r: -r["bytes"])}
 
 
 def _check_header(path: Path) -> None:

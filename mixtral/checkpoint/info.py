@@ -62,8 +62,8 @@ def inspect(path: str | os.PathLike) -> CheckpointInfo:
     path = resolve(path)
     if is_gguf(path):
         raise CheckpointError(f"{path}: a GGUF file, which mixtral runs (--model of chat, "
-                              "generate, serve, eval, bench) but does not inspect, convert, "
-                              "quantize, offload (--max-ram) or shard (--tp/--ep)")
+                              "generate, serve, eval, bench) and describes (info) but does not "
+                              "convert, quantize, offload (--max-ram) or shard (--tp/--ep)")
     config_file, weight_files = find_files(path)
     args, quant = _read_config(config_file)
     entries = _entries(weight_files)
