@@ -195,8 +195,8 @@ def _stored(info: GgufInfo, name: str, shape: tuple[int, ...], loss: Loss) -> St
 def _swap(model: Transformer, quantized: dict[str, Stored], dtype: torch.dtype,
           device: torch.device | str) -> None:
     """Each quantized weight's module into the model, each in its own format."""
-    def linear(st: Stored, e: int | None = None) -> nn.Module:
-        q, s = (t.to(device) if e is None else t[e].to(device) for t in st.tensors)
+    def linear(st: Stored) -> nn.Module:
+        q, s = (t.to(device) for t in st.tensors)
         return quant.get(st.bits).linear(q, s, st.group, dtype)
 
     for name, st in quantized.items():
@@ -205,19 +205,14 @@ def _swap(model: Transformer, quantized: dict[str, Stored], dtype: torch.dtype,
             setattr(model.get_submodule(parent), attr, linear(st))
     for i in range(len(model.layers)):
         banks = {w: quantized.get(f"layers.{i}.feed_forward.experts.{w}") for w in _EXPERTS}
-        first = banks["w1"]
-        if first is None:  # the layer's banks are float (GgufInfo.quantized)
+        stored = {w: b for w, b in banks.items() if b is not None}
+        if not stored:  # the layer's banks are float (GgufInfo.quantized)
             continue
-        # QuantExperts takes one format for its three banks; a GGUF often stores them in two
-        # (Q4_K gate and up, Q6_K down), so it is built on w1's and each bank set after.
-        pair = (first.tensors[0], first.tensors[1])
-        experts = quant.QuantExperts({w: pair for w in _EXPERTS}, quant.get(first.bits),
-                                     first.group, dtype)
-        for w, bank in banks.items():
-            assert bank is not None  # quantized with w1 (else made float above)
-            setattr(experts, w, nn.ModuleList(linear(bank, e)
-                                              for e in range(bank.tensors[0].shape[0])))
-        model.get_submodule(f"layers.{i}.feed_forward").experts = experts
+        # each bank in its own format: Q4_K_M keeps gate/up in Q4_K (int4), down in Q6_K (int8)
+        pairs = {w: (b.tensors[0].to(device), b.tensors[1].to(device)) for w, b in stored.items()}
+        model.get_submodule(f"layers.{i}.feed_forward").experts = quant.QuantExperts(
+            pairs, {w: quant.get(b.bits) for w, b in stored.items()},
+            {w: b.group for w, b in stored.items()}, dtype)
 
 
 def _load_bytes(info: GgufInfo, dtype: torch.dtype) -> int:

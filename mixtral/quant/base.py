@@ -36,14 +36,18 @@ class Format:
 
 
 class QuantExperts(ExpertBank):
-    """Experts with each bank quantized: one quantized module per expert and matrix."""
+    """Experts with each bank quantized: one quantized module per expert and matrix. The banks
+    share one format and group size, or each has its own (`fmt` and `group_size` by bank name:
+    a GGUF file often keeps gate/up in one type and down in another)."""
 
-    def __init__(self, banks: dict[str, Pair], fmt: Format, group_size: int,
-                 dtype: torch.dtype) -> None:
+    def __init__(self, banks: dict[str, Pair], fmt: Format | dict[str, Format],
+                 group_size: int | dict[str, int], dtype: torch.dtype) -> None:
         super().__init__()
         for name in ("w1", "w2", "w3"):
             q, s = banks[name]
-            setattr(self, name, nn.ModuleList(fmt.linear(q[e], s[e], group_size, dtype)
+            f = fmt[name] if isinstance(fmt, dict) else fmt
+            g = group_size[name] if isinstance(group_size, dict) else group_size
+            setattr(self, name, nn.ModuleList(f.linear(q[e], s[e], g, dtype)
                                               for e in range(q.shape[0])))
 
     def expert(self, e: int, x: Tensor) -> Tensor:
