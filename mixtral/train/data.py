@@ -1,4 +1,5 @@
-"""Training data: packed pretraining text, chat-formatted SFT conversations, preference pairs.
+"""Training data: packed pretraining text, SFT rows (conversations and plain text),
+preference pairs.
 
 Batches are a pure function of (seed, step, micro-batch index): a resumed run, or a run split
 over several processes, draws exactly the batches an uninterrupted single-process run draws.
@@ -123,20 +124,37 @@ def pretrain_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, ste
 
 def sft_examples(paths: Sequence[str | Path], tokenizer: Tokenizer,
                  max_len: int) -> list[tuple[list[int], list[int]]]:
-    """JSONL lines {"messages": [...]} ending with an assistant message -> (ids, loss mask),
-    truncated to max_len + 1 tokens."""
+    """JSONL lines -> (ids, loss mask) rows of at most max_len + 1 tokens. A line is either a
+    conversation, {"messages": [...]} ending with an assistant message (loss on the answers,
+    the rest cut off), or plain text, {"text": "..."} (loss on every token, as in pretraining,
+    so that fine-tuning keeps text modelling alive; a long text becomes several rows, so none
+    of it is lost)."""
     out = []
     for path in _files(paths, (".jsonl",)):
         for n, obj in _jsonl(path):
-            messages = obj.get("messages")
-            if not isinstance(messages, list):
-                raise DataError(f'{path}:{n}: expected {{"messages": [...]}}')
+            messages, text = obj.get("messages"), obj.get("text")
+            if isinstance(messages, list) == isinstance(text, str):
+                raise DataError(f'{path}:{n}: expected {{"messages": [...]}} or '
+                                f'{{"text": "..."}}' + (", not both" if text is not None
+                                                        and messages is not None else ""))
+            if isinstance(text, str):
+                if not text.strip():
+                    raise DataError(f"{path}:{n}: the text is empty")
+                out += text_rows(tokenizer.encode(text, bos=True, eos=True), max_len)
+                continue
             try:
-                ids, mask = encode_for_training(messages, tokenizer)
+                ids, mask = encode_for_training(obj["messages"], tokenizer)
             except ChatError as e:
                 raise DataError(f"{path}:{n}: {e}") from None
             out.append((ids[:max_len + 1], mask[:max_len + 1]))
     return out
+
+
+def text_rows(ids: list[int], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """A document's ids as rows of at most max_len + 1 tokens, each row starting where the
+    last one's final target was, so every token after <s> is a target exactly once."""
+    return [(ids[s:s + max_len + 1], [0] + [1] * (len(ids[s:s + max_len + 1]) - 1))
+            for s in range(0, max(len(ids) - 1, 1), max_len)]
 
 
 def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int = 0) -> Batch:

@@ -1,8 +1,9 @@
 """What each stage trains on: a Task draws a step's batches and computes their loss.
 
-Pretraining and SFT minimise next-token cross-entropy (SFT only on the assistant's tokens),
-plus the router's load-balancing and z-losses; DPO compares the policy with a frozen
-reference on preference pairs. The loop (train/run.py) is the same for all three.
+Pretraining and SFT minimise next-token cross-entropy (SFT on the assistant's tokens, and on
+every token of a plain-text row), plus the router's load-balancing and z-losses; DPO compares
+the policy with a frozen reference on preference pairs. The loop (train/run.py) is the same
+for all three.
 """
 
 from __future__ import annotations
