@@ -101,8 +101,8 @@ def download(repo_id: str, quant: str = "", cached: list[str] | None = None) -> 
     cache (huggingface_hub's progress bars on stderr); a CheckpointError naming what was tried
     when that cannot be done. `cached`: the GGUF files the cache has, none the one asked for."""
     if cached is None:
-        where = f"{repo_id}: no such file or directory, and not in the Hugging Face cache " \
-                f"({repo_folder(repo_id)})"
+        where = f"{repo_id}{':' if quant else ''}{quant}: no such file or directory, and " \
+                f"not in the Hugging Face cache ({repo_folder(repo_id)})"
     else:
         held = ", ".join(cached[:4]) + (", ..." if len(cached) > 4 else "") or "no GGUF file"
         where = f"{repo_id}:{quant or DEFAULT_QUANT}: the Hugging Face cache holds no such " \

@@ -57,10 +57,14 @@ def random_blocks(kind: T, shape: tuple[int, ...], seed: int) -> np.ndarray:
 
 def write_gguf(path: Path, state: dict[str, torch.Tensor], kinds: dict[str, T] | None = None,
                per_expert: bool = False, tokens: list[str] | None = None,
-               arch: str = "llama", args: ModelArgs = ARGS) -> dict[str, torch.Tensor]:
-    """A GGUF file as llama.cpp lays it out; returns the canonical state the file stands for
-    (each tensor as the gguf package dequantizes it)."""
+               arch: str = "llama", args: ModelArgs = ARGS,
+               named: tuple[str, gguf.LlamaFileType] | None = None) -> dict[str, torch.Tensor]:
+    """A GGUF file as llama.cpp lays it out (`named`: its general.name and file type); returns
+    the canonical state the file stands for (each tensor as the gguf package dequantizes it)."""
     w = gguf.GGUFWriter(str(path), arch)
+    if named is not None:
+        w.add_name(named[0])
+        w.add_file_type(named[1])
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)

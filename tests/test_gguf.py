@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -191,14 +192,16 @@ def test_info_describes_a_gguf(tmp_path, capsys):
 
     kinds = {"wq": T.Q4_K, "wk": T.Q4_K, "wv": T.Q6_K, "wo": T.Q4_K, "w1": T.Q4_K,
              "w2": T.Q6_K, "w3": T.Q4_K, "output": T.Q6_K}
-    write_gguf(tmp_path / "m.gguf", random_state(), kinds)
+    write_gguf(tmp_path / "m.gguf", random_state(), kinds,
+               named=("Mixtral Small Test", gguf.LlamaFileType.MOSTLY_Q4_K_M))
     assert preflight(tmp_path / "m.gguf") == "m"  # serve's model name: the file's stem
     assert main(["info", str(tmp_path / "m.gguf"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["source"] == "gguf"
     assert report["args"] == {**ARGS.to_dict(), "norm_eps": pytest.approx(1e-5)}  # as fp32
     g = report["gguf"]
-    assert (g["architecture"], g["tensors"], g["dtype"]) == ("llama", 23, "bfloat16")
+    assert (g["architecture"], g["name"], g["file_type"], g["tensors"], g["dtype"]) == \
+        ("llama", "Mixtral Small Test", "Q4_K_M", 23, "bfloat16")
     rows = {(r["type"], r["loads_as"]): (r["tensors"], r["exact"]) for r in g["tensor_types"]}
     assert rows == {("Q4_K", "int4, groups of 32"): (10, True),  # wq wk wo w1 w3, 2 layers
                     ("Q6_K", "int8, a scale per row"): (5, False),  # wv w2 x2, output
@@ -210,7 +213,8 @@ def test_info_describes_a_gguf(tmp_path, capsys):
     assert "Q6_K x5 -> int8, a scale per row (re-quantized" in notes[0]
     assert main(["info", str(tmp_path / "m.gguf")]) == 0
     text = capsys.readouterr().out
-    assert "gguf          llama architecture: 23 tensors" in text
+    assert 'gguf          llama architecture "Mixtral Small Test", file type Q4_K_M: 23 ' \
+        'tensors' in text
     assert "Q4_K   x10" in text and "-> int4, groups of 32 (exact)" in text
     assert "-> int8, a scale per row (re-quantized)" in text
 

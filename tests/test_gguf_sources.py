@@ -86,6 +86,9 @@ def test_a_quant_tag_picks_one_gguf_file_of_a_cached_repo(cache, small_gguf, cap
                        r"such GGUF file of the repo \(it has .*Q4_K_M.gguf.*\); HF_HUB_OFFLINE "
                        "is set"):
         hub.resolve(f"{REPO}:Q4_K")
+    with pytest.raises(CheckpointError, match=r"TheBloke/other-GGUF:Q8_0: no such file or "
+                       r"directory, and not in the Hugging Face cache \(.*\); HF_HUB_OFFLINE"):
+        hub.resolve("TheBloke/other-GGUF:Q8_0")
     with pytest.raises(CheckpointError, match="it is not a Hugging Face repo id, ORG/NAME or "
                        "ORG/NAME:QUANT"):
         hub.resolve(f"{REPO}:")
