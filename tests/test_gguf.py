@@ -21,7 +21,7 @@ from gguf_files import ARGS, random_state, write_gguf
 from mixtral import quant
 from mixtral.checkfile import CheckpointError
 from mixtral.checkpoint import load
-from mixtral.checkpoint.gguf import _mixtral_pieces
+from mixtral.checkpoint.gguf import _mixtral_pieces, describe, open_gguf
 from mixtral.cli import main
 from mixtral.config import ModelArgs
 from mixtral.model import Transformer
@@ -171,6 +171,10 @@ def test_a_layer_with_float_and_quantized_banks_loads_them_all_float(tmp_path):
         assert f"Q6_K x{2 * n} -> float, dequantized (exact)" in notes[0]
         assert f"Q4_0 x{2 * n} -> float, dequantized (exact)" in notes[0]
         assert "Q6_K x2 -> int8, a scale per row (re-quantized" in notes[0]  # wq, 2 layers
+        rows = {(r["type"], r["loads_as"]): r["tensors"]  # info says what the load did
+                for r in describe(open_gguf(path))["tensor_types"]}
+        assert rows[("Q6_K", "float, dequantized")] == rows[("Q4_0", "float, dequantized")] \
+            == 2 * n and rows[("Q6_K", "int8, a scale per row")] == 2
         experts = model.layers[1].feed_forward.experts
         assert not isinstance(experts, quant.QuantExperts)
         for w in ("w1", "w2", "w3"):
