@@ -38,7 +38,8 @@ DEFAULT_QUANT = "Q4_K_M"  # what llama.cpp's -hf and the hub's GGUF manifests pi
 
 def resolve(source: str | os.PathLike) -> Path:
     """The path `source` names: itself if it exists, else the cached (or downloaded) snapshot
-    of the Hugging Face repo it names; else a CheckpointError saying what was tried."""
+    of the Hugging Face repo it names, or the one GGUF file of it that ORG/NAME:QUANT (or a
+    repo of GGUF files alone) picks; else a CheckpointError saying what was tried."""
     path = Path(source)
     if path.exists():
         return path
@@ -166,10 +167,12 @@ def choose_gguf(repo_id: str, names: list[str], quant: str,
     found = [n for n in ggufs if n.rsplit("/", 1)[-1].lower() == want] or \
         [n for n in ggufs if tail.search(_SPLIT.sub("", _stem(n)).lower())]
     parts = sorted(found)
-    if parts and all(_SPLIT.search(_stem(n)) for n in parts):  # one model in parts
+    split = [m for n in parts if (m := _SPLIT.search(_stem(n)))]
+    if parts and len(split) == len(parts):  # one model in parts (a cache may hold some)
         first = _SPLIT.sub("", _stem(parts[0]))
         if all(_SPLIT.sub("", _stem(n)) == first for n in parts):
-            raise CheckpointError(f"{repo_id}:{quant or DEFAULT_QUANT} is split in {len(parts)} "
+            count = int(split[0].group(2))
+            raise CheckpointError(f"{repo_id}:{quant or DEFAULT_QUANT} is split in {count} "
                                   f"files ({parts[0]}, ...), which mixtral does not read as one: "
                                   "merge them with llama.cpp's llama-gguf-split --merge and "
                                   "pass the merged file's path to --model")
@@ -177,8 +180,8 @@ def choose_gguf(repo_id: str, names: list[str], quant: str,
         return found[0]
     if not strict and not found:
         return None
-    listed = ", ".join(found or ggufs) if len(found or ggufs) <= 8 else \
-        ", ".join((found or ggufs)[:8]) + ", ..."
+    shown = found or ggufs
+    listed = ", ".join(shown[:8]) + (", ..." if len(shown) > 8 else "")
     if found:
         raise CheckpointError(f"{repo_id}:{quant or DEFAULT_QUANT} names several GGUF files "
                               f"({listed}): name one, {repo_id}:FILE.gguf")
