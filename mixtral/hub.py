@@ -17,7 +17,7 @@ was tried and what to do.
 A repo of GGUF files (one per quantization) is named as llama.cpp's `-hf` names it:
 `ORG/NAME:Q4_K_M` picks the file whose name ends in that quantization (or `ORG/NAME:FILE.gguf`
 the file of that name); a bare `ORG/NAME` picks Q4_K_M, llama.cpp's default, or the only GGUF
-file there is. Only the chosen file is downloaded.
+file there is. Only the chosen file is downloaded. Ollama's `hf.co/ORG/NAME:QUANT` is the same.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 _WEIGHTS = "checkpoint folder or weights file (.safetensors, .pth, .pt, .gguf)"
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})$")  # llama.cpp's gguf-split parts: x-00001-of-00003
+_HOSTS = ("https://", "hf.co/", "huggingface.co/")
 DEFAULT_QUANT = "Q4_K_M"  # what llama.cpp's -hf and the hub's GGUF manifests pick untold
 
 
@@ -44,6 +45,8 @@ def resolve(source: str | os.PathLike) -> Path:
     if path.exists():
         return path
     text = os.fspath(source)
+    for prefix in _HOSTS:  # Ollama's form, hf.co/ORG/NAME:QUANT, and the page's address
+        text = text.removeprefix(prefix)
     repo_id, _, quant = text.partition(":")
     if not is_repo_id(repo_id) or (":" in text and not quant):
         raise CheckpointError(f"{text}: no such file or directory (tried it as a {_WEIGHTS}; "

@@ -71,6 +71,7 @@ def test_a_quant_tag_picks_one_gguf_file_of_a_cached_repo(cache, small_gguf, cap
     assert hub.resolve(f"{REPO}:q4_k_s") == snap / gguf_name("Q4_K_S")  # any case
     assert hub.resolve(REPO) == snap / gguf_name("Q4_K_M")  # llama.cpp's default
     assert hub.resolve(f"{REPO}:{gguf_name('Q8_0')}") == snap / gguf_name("Q8_0")  # by name
+    assert hub.resolve(f"hf.co/{REPO}:Q8_0") == snap / gguf_name("Q8_0")  # as Ollama names it
     model = load(f"{REPO}:Q8_0")
     with torch.no_grad():
         torch.testing.assert_close(model(torch.tensor([[1, 5, 9]])),
