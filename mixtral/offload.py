@@ -1,5 +1,6 @@
 """Run a model bigger than RAM: attention, router, norms and embeddings resident; experts paged
-in from a quantized checkpoint on demand, into an LRU cache of hot experts under a RAM budget.
+in from a quantized checkpoint on demand, into a cache of hot experts under a RAM budget (which
+expert it evicts: mixtral.cache_policy).
 
 Each expert of each layer is a contiguous slice of its bank in the safetensors file, so paging
 one in is three reads (w1, w3, w2 and their scales) straight into fresh buffers; int4 experts
@@ -10,9 +11,10 @@ cache (POSIX_FADV_DONTNEED), so the file is not held twice.
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import ctypes
 import os
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from mixtral import cache_policy
 from mixtral.checkpoint import CheckpointError, CheckpointInfo, inspect, quantized_reader, reader
 from mixtral.formats import is_quantized_weight, parse_dtype, portable_names
 from mixtral.memory import check_fits, load_bytes
@@ -29,6 +32,8 @@ from mixtral.quant import Format, QuantExperts, apply, get
 from mixtral.sizes import parse_size
 
 RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short contexts
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+DEFAULT_POLICY = "lru"  # chosen on routing traces: benchmarks/cache_policy.py, RESULTS.md
 
 
 class ExpertStore:
@@ -72,37 +77,43 @@ class ExpertStore:
 
 
 class ExpertCache:
-    """The hot experts of all layers, least recently used evicted first, under a byte budget."""
+    """The hot experts of all layers under a byte budget; `policy` (mixtral.cache_policy)
+    names the one to evict. `trace`, when a list, receives every use: (layer, expert)."""
 
     def __init__(self, store: ExpertStore, budget: int, fmt: Format, group_size: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, policy: str = DEFAULT_POLICY) -> None:
         self.store, self.budget = store, budget
         self.fmt, self.group_size, self.dtype = fmt, group_size, dtype
         # what each paged-in expert becomes: mixtral.fast swaps in its own form (our kernels)
         self.swap: Callable[[nn.Module], nn.Module] = lambda module: module
-        self._lru: collections.OrderedDict[tuple[int, int], tuple[nn.Module, int]] = \
-            collections.OrderedDict()
+        self.policy = cache_policy.make(policy)
+        self._held: dict[tuple[int, int], tuple[nn.Module, int]] = {}
         self.used = 0
         self.hits = self.misses = 0
+        self.trace: list[tuple[int, int]] | None = None
         self._lock = threading.Lock()
 
     def get(self, layer: int, expert: int) -> nn.Module:
         key = (layer, expert)
         with self._lock:
-            if key in self._lru:
-                self._lru.move_to_end(key)
+            if self.trace is not None:
+                self.trace.append(key)
+            self.policy.touch(key)
+            if key in self._held:
                 self.hits += 1
-                return self._lru[key][0]
+                return self._held[key][0]
             self.misses += 1
         banks = {w: (q[None], s[None]) for w, (q, s) in self.store.read(layer, expert).items()}
         size = sum(q.numel() * q.element_size() + s.numel() * s.element_size()
                    for q, s in banks.values())
         module = self.swap(QuantExperts(banks, self.fmt, self.group_size, self.dtype))
         with self._lock:
-            while self._lru and self.used + size > self.budget:
-                _, (_, freed) = self._lru.popitem(last=False)
+            if key in self._held:  # another thread read it meanwhile
+                return self._held[key][0]
+            while self._held and self.used + size > self.budget:
+                _, freed = self._held.pop(self.policy.victim(self._held))
                 self.used -= freed
-            self._lru[key] = (module, size)
+            self._held[key] = (module, size)
             self.used += size
         return module
 
@@ -140,14 +151,17 @@ def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[i
 
 def load_offloaded(path: str | os.PathLike, max_ram: int | str,
                    dtype: torch.dtype | str | None = None,
-                   kv_cache_bytes: int = 0) -> Transformer:
+                   kv_cache_bytes: int = 0, policy: str = DEFAULT_POLICY) -> Transformer:
     """A quantized checkpoint whose experts stay on disk until used (CPU); `max_ram` covers
-    the resident weights, the experts cache, a runtime reserve and `kv_cache_bytes`."""
+    the resident weights, the experts cache, a runtime reserve and `kv_cache_bytes`; `policy`:
+    the experts cache's (mixtral.cache_policy.POLICIES)."""
     info = inspect(path)
     if info.quantization is None:
         raise CheckpointError(f"{path}: offloading reads quantized experts; make such a copy "
                               "with `mixtral quantize SRC DST --bits 4`")
     budget = parse_size(max_ram, "--max-ram")
+    cache_policy.make(policy)  # a bad name fails here, before anything loads
+    map_large_blocks()
     _, left = plan(info, budget, kv_cache_bytes)
     quant = info.quantization
     target = parse_dtype(dtype) or info.dtype
@@ -161,11 +175,34 @@ def load_offloaded(path: str | os.PathLike, max_ram: int | str,
               if not is_quantized_weight(name)}
     model.load_state_dict(floats, strict=False, assign=True)
     store = ExpertStore(info)
-    cache = ExpertCache(store, left, get(quant["bits"]), quant["group_size"], target)
+    cache = ExpertCache(store, left, get(quant["bits"]), quant["group_size"], target, policy)
     model = apply(model, quantized_reader(info), quant["bits"], quant["group_size"], target, "cpu",
                   experts=lambda layer: OffloadedExperts(layer, cache, info.args.num_experts))
     model.expert_cache = cache  # type: ignore[assignment]  # for reports (hits, bytes read)
     return model.eval()
+
+
+def map_large_blocks(threshold: int = 2**20) -> None:
+    """Have glibc map every block over `threshold` on its own and unmap it when freed. By
+    default it raises its threshold (up to 32 MB) as large blocks are freed, so an expert's
+    pieces (~29 MB each in Mixtral) come to live in heaps it rarely gives back, and evicted
+    experts leave holes: measured under an 8 GiB cgroup, 8.6 GiB anonymous memory at an OOM
+    kill, against a steady 7.3 GiB with the threshold fixed (benchmarks/offload.py)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+def drop_page_cache(path: str | os.PathLike) -> None:
+    """Ask the kernel to forget the checkpoint's cached pages (the clean ones), so that what a
+    measured run does not hold itself comes from the disk: pages cached before a memory cgroup
+    was joined are charged outside it and would serve its reads from RAM (bench --max-ram)."""
+    for file in {e.file for e in inspect(path).entries.values()}:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

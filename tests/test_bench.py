@@ -15,7 +15,9 @@ from mixtral.config import preset
 from mixtral.default_model import random_tiny
 
 KEYS = {"model", "quant", "device", "threads", "batch", "prompt_len", "gen_len", "prefill_tok_s",
-        "decode_tok_s", "ttft_s", "peak_rss_gib", "weight_bytes_per_token", "repeats"}
+        "decode_tok_s", "ttft_s", "peak_rss_gib", "weight_bytes_per_token", "repeats",
+        "decode_disk_read_bytes_per_token", "decode_expert_hit_rate",
+        "decode_prefetch_precision", "memory_limit"}
 
 
 @pytest.mark.parametrize("quant,batch", [("bf16", 1), ("int8", 2), ("int4", 1), ("fp32", 2)])
@@ -28,6 +30,49 @@ def test_bench_json(capsys, quant, batch):
         (quant, batch, 24, 5)
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_gib"):
         assert result[key] > 0
+    assert result["decode_disk_read_bytes_per_token"] >= 0  # /proc/self/io on Linux
+    assert result["decode_expert_hit_rate"] is None is result["decode_prefetch_precision"]
+    assert result["memory_limit"] is None  # nothing offloaded: nothing confined
+
+
+@pytest.fixture(scope="module")
+def int4_checkpoint(tmp_path_factory):
+    import torch
+
+    from mixtral.checkpoint import quantize_checkpoint, save
+    from mixtral.config import ModelArgs
+    from mixtral.model import Transformer
+
+    args = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
+                     vocab_size=32000, max_seq_len=256)
+    d = tmp_path_factory.mktemp("bench-offload")
+    model = Transformer(args)
+    model.init_weights(std=0.05, generator=torch.Generator().manual_seed(0))
+    save(model.to(torch.bfloat16).state_dict(), args, d / "float")
+    quantize_checkpoint(d / "float", d / "q4", 4)
+    return d / "q4"
+
+
+def test_offloaded_bench_reports_its_cache_and_its_confinement(int4_checkpoint, capsys,
+                                                                monkeypatch, tmp_path):
+    """No cgroup hierarchy (mocked): the run goes on, says on stderr and in memory_limit that
+    its figures are not honest; the expert cache's hit rate is over the decode tokens."""
+    from mixtral import cgroup
+
+    monkeypatch.setattr(cgroup, "V1_ROOT", tmp_path / "no-v1")
+    monkeypatch.setattr(cgroup, "V2_ROOT", tmp_path / "no-v2")
+    assert main(["bench", "--model", str(int4_checkpoint), "--quant", "int4", "--max-ram",
+                 "1.1GiB", "--prompt-len", "12", "--gen-len", "6", "--repeats", "1",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert set(result) == KEYS | {"offload"}
+    assert 0 <= result["decode_expert_hit_rate"] <= 1
+    assert result["decode_prefetch_precision"] is None
+    limit = result["memory_limit"]
+    assert limit["honest"] is False and "no memory cgroup hierarchy" in limit["reason"]
+    assert limit["limit_bytes"] == int(1.1 * 2**30) + 512 * 2**20
+    assert "not confined to --max-ram, so its disk figures are not honest" in err
 
 
 def test_bytes_per_token_match_the_anchor_count():

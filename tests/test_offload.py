@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+
 import pytest
 import torch
 
 import mixtral
+from mixtral.cache_policy import POLICIES, make, replay
 from mixtral.checkpoint import CheckpointError, inspect, quantize_checkpoint, save
 from mixtral.cli import main
 from mixtral.config import ModelArgs
+from mixtral.engine import Engine
 from mixtral.generate import GenerationParams, generate
 from mixtral.model import Transformer
-from mixtral.offload import RUNTIME_RESERVE, OffloadedExperts, parse_size, plan
+from mixtral.offload import (
+    RUNTIME_RESERVE,
+    OffloadedExperts,
+    drop_page_cache,
+    load_offloaded,
+    parse_size,
+    plan,
+)
 
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
                  vocab_size=32000, max_seq_len=256)
@@ -72,9 +85,65 @@ def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
     assert isinstance(paged, FusedExperts) == kernels.available()
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("fit", [2, 5, 16])
+def test_every_policy_and_budget_gives_the_resident_tokens(checkpoints, policy, fit):
+    """`fit` of the 16 experts in the cache: outputs never depend on what it holds; its misses
+    are those of the policy replayed offline on the uses it saw (benchmarks/cache_policy.py's
+    figures are the live cache's)."""
+    path = checkpoints / "q4"
+    resident, _ = plan(inspect(path), 2**40)
+    off = load_offloaded(path, resident + RUNTIME_RESERVE + fit * expert_bytes(path),
+                         policy=policy)
+    cache = off.expert_cache
+    cache.trace = []
+    prompt = [1, 415, 2936, 9060, 28705, 28740]
+    params = GenerationParams(max_tokens=24)
+    assert list(generate(off, prompt, params)) == list(generate(resident_q4(path), prompt,
+                                                                 params))
+    assert cache.hits + cache.misses == len(cache.trace) > 0
+    assert cache.misses == replay(cache.trace, fit, make(policy))
+    assert cache.used <= cache.budget
+
+
+@functools.cache
+def resident_q4(path):
+    return mixtral.load(path)
+
+
+def test_a_truncated_expert_file_ends_the_request_with_an_error(checkpoints, tmp_path):
+    """The file shrinks under a running model: the request fails, naming the short read; the
+    engine does not hang and goes on serving."""
+    for f in (checkpoints / "q4").iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    off = mixtral.load(tmp_path, max_ram=2 * 2**30)
+    info = inspect(tmp_path)
+    first_expert = min(e.start for n, e in info.entries.items() if ".experts." in n)
+    for file in {e.file for e in info.entries.values()}:
+        os.truncate(file, first_expert + 10)
+    engine = Engine(off, max_queue=2, max_batch=1, thread=False)
+    outcomes: list[BaseException | None] = []
+    try:
+        engine.submit([1, 415, 2936], GenerationParams(max_tokens=4), lambda t: None,
+                      outcomes.append)
+        engine.run(until_idle=True)
+    finally:
+        engine.stop()
+    assert len(outcomes) == 1 and isinstance(outcomes[0], CheckpointError)
+    assert "short read of layers.0.feed_forward.experts." in str(outcomes[0])
+
+
+def test_drop_page_cache_reads_every_file(checkpoints):
+    drop_page_cache(checkpoints / "q4")  # the clean pages forgotten; nothing changes
+    with pytest.raises(CheckpointError):
+        drop_page_cache(checkpoints / "missing")
+
+
 def test_budget_errors(checkpoints):
     with pytest.raises(ValueError, match=r"--max-ram 0.1 GiB is too small .* need"):
         mixtral.load(checkpoints / "q4", max_ram="100MB")
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
+        load_offloaded(checkpoints / "q4", "8GiB", policy="mru")
     with pytest.raises(CheckpointError, match="offloading reads quantized experts"):
         mixtral.load(checkpoints / "float", max_ram="8GiB")
     assert parse_size("16GiB") == 16 * 2**30 and parse_size("500MB") == 500 * 10**6
