@@ -6,11 +6,13 @@ safe prompt as mechanisms, with plain text in every stage, plus DPO pairs.
                                        [--context 1024]
 
 Writes OUT_DIR/<stage>/sft.jsonl for each stage of STAGES (train them in that order, each from
-the previous one's checkpoint), OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}) and
-OUT_DIR/tasks.json (counts per stage and task). The corpus (scripts/build_corpus.py's output)
-gives the plain-text passages and the passkey filler; without it, the text task is left out
-(tasks.json says so) and the filler is the landmark protocol's. Only the training value lists
-are used (scripts/values/); the evaluation sets (scripts/heldout/) are built from others.
+the previous one's checkpoint: recipes/curriculum/): conversations {"task", "messages"} mixed
+with plain-text rows {"task": "text", "text"} that SFT trains on whole. Also writes
+OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}) and OUT_DIR/tasks.json (counts per
+stage and task). The corpus (scripts/build_corpus.py's output) gives the plain-text passages
+and the passkey filler; without it, the text task is left out (tasks.json says so) and the
+filler is the landmark protocol's. Only the training value lists are used (scripts/values/);
+the evaluation sets (scripts/heldout/) are built from others.
 """
 
 from __future__ import annotations
@@ -67,8 +69,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int) -> di
         "copy": lambda: tasks.copy(r), "json": lambda: tasks.json_object(r),
         "passkey": lambda: tasks.passkey(r, filler, max_chars),
         "arith_practice": lambda: tasks.arith_practice(r),
-        "arith_plain": lambda: tasks.arith_plain(r), "safety": safety,
-        "text": lambda: tasks.text(r, passages)}
+        "arith_plain": lambda: tasks.arith_plain(r), "safety": safety}
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "
                      "left out and the passkey filler is the landmark protocol's"}
@@ -81,8 +82,12 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int) -> di
             with open(out / stage / "sft.jsonl", "w") as sft:
                 for _ in range(n):
                     name = r.choices(names, [weights[t] for t in names])[0]
-                    messages, answer, rejects = makers[name]()
                     counts[name] += 1
+                    if name == "text":  # plain text, trained on whole
+                        sft.write(json.dumps({"task": name, "text": tasks.text(r, passages)},
+                                             ensure_ascii=False) + "\n")
+                        continue
+                    messages, answer, rejects = makers[name]()
                     sft.write(json.dumps({"task": name, "messages": messages + [
                         {"role": "assistant", "content": answer}]}, ensure_ascii=False) + "\n")
                     for rejected, _ in rejects if stage == "final" else []:

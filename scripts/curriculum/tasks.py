@@ -11,8 +11,9 @@
   arith_plain     the plain sum, the form the evaluation asks for;
   safety          requests made in pairs that differ only in harm (a cruel vs a kind message
                   to the same person), with and without the safe prompt;
-  text            plain text: continue a passage of the pretraining corpus, so that every
-                  fine-tuning stage keeps text modelling alive.
+  text            plain text: a passage of the pretraining corpus, trained on whole (a
+                  {"text": ...} row, not a chat), so that every fine-tuning stage keeps text
+                  modelling alive.
 """
 
 from __future__ import annotations
@@ -184,10 +185,7 @@ def safety(r: random.Random) -> tuple[Example, Example]:
     return pair[0], pair[1]
 
 
-def text(r: random.Random, passages: list[str]) -> Example:
-    """Continue a passage: the loss falls on ordinary text, in the chat format SFT trains."""
-    passage = r.choice(passages)
-    cut = r.randint(len(passage) // 4, len(passage) // 2)
-    cut = passage.rfind(" ", 0, cut) + 1 or cut
-    prompt = r.choice(["Continue the text:\n", "Go on:\n", ""]) + passage[:cut].rstrip()
-    return _user(prompt), passage[cut:], []
+def text(r: random.Random, passages: list[str]) -> str:
+    """A passage of the corpus as a plain-text row ({"text": ...}): SFT trains on every token
+    of it, as pretraining did, so that every fine-tuning stage keeps text modelling alive."""
+    return r.choice(passages)
