@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from mixtral.cgroup import remove_left
+
 CHUNK = 16 * 2**20
 
 
@@ -112,14 +114,17 @@ def main() -> None:
     print(f"direct sequential read: {speed[0] / 1e6:.0f} MB/s", file=sys.stderr)
     rows = []
     for budget in a.budgets:
-        done = subprocess.run([sys.executable, __file__, a.model, "--one", budget,
-                               "--prompt-len", str(a.prompt_len), "--skip", str(a.skip),
-                               "--out", str(a.out)], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{budget}: exit {done.returncode}\n{done.stderr[-2000:]}", file=sys.stderr)
-            rows.append({"budget": budget, "exit": done.returncode})
+        child = subprocess.Popen([sys.executable, __file__, a.model, "--one", budget,
+                                  "--prompt-len", str(a.prompt_len), "--skip", str(a.skip),
+                                  "--out", str(a.out)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        stdout, stderr = child.communicate()
+        if child.returncode != 0:  # -9: the cgroup's OOM killer; its cgroup is left behind
+            remove_left(child.pid)
+            print(f"{budget}: exit {child.returncode}\n{stderr[-2000:]}", file=sys.stderr)
+            rows.append({"budget": budget, "exit": child.returncode})
             continue
-        row = json.loads(done.stdout.splitlines()[-1])
+        row = json.loads(stdout.splitlines()[-1])
         trace = row.pop("trace")
         if a.trace and not a.trace.exists():
             a.trace.write_text(json.dumps(trace))

@@ -102,6 +102,14 @@ def confine(budget: int, allowance: int = ALLOWANCE, *, v1_root: Path | None = N
             _remove(confinement.path, place[2], pid)
 
 
+def remove_left(pid: int) -> None:
+    """Remove the cgroup a process killed inside `confine` left (an OOM kill skips its exit);
+    nothing happens where there is none or it still holds a process."""
+    for root in (V1_ROOT, V2_ROOT):
+        with contextlib.suppress(OSError):
+            (root / f"mixtral-bench-{pid}").rmdir()
+
+
 def _home(lines: list[str], match: Callable[[str], bool]) -> str:
     """This process's cgroup (relative to its hierarchy's root) from /proc/self/cgroup's
     `id:controllers:/path` lines; the root where none matches."""

@@ -86,3 +86,16 @@ def test_a_real_v1_cgroup_is_joined_limited_and_removed():
         block = b"\x01" * (64 * 2**20)  # written, so charged to the cgroup: its peak sees it
         assert c.peak_bytes() >= len(block)
     assert my_memory_cgroup() == before and not c.path.exists()
+
+
+def test_a_killed_runs_cgroup_is_removed(tmp_path, monkeypatch):
+    from mixtral import cgroup
+
+    monkeypatch.setattr(cgroup, "V1_ROOT", tmp_path)
+    (tmp_path / "mixtral-bench-123").mkdir()
+    hierarchy(tmp_path / "mixtral-bench-456", {"cgroup.procs": "456"})  # not empty: kept
+    cgroup.remove_left(123)
+    cgroup.remove_left(456)
+    cgroup.remove_left(789)  # none: nothing to do
+    assert not (tmp_path / "mixtral-bench-123").exists()
+    assert (tmp_path / "mixtral-bench-456").exists()
