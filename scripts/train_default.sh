@@ -34,13 +34,13 @@ if [ "$DRY" = 1 ]; then
   SMALL=(steps=2 batch_size=2 seq_len=128 warmup=1 eval_every=1 eval_batches=1 save_every=2
          progress=false)
   TINY=("model={max_seq_len: 1024}")
-  EVAL_N=(--n 2) HELDOUT_N=(--n 2 --per-cell 1)
+  EVAL_N=(--n 2) HELDOUT_N=(--n 2 --per-cell 1) PREF_N=(--n 8)
   PASSKEY=(--lengths 128 --depths 2 --trials 1) MAX_LEN=128 ROUTE_TOKENS=400
 else
   RUNS="${RUNS:-runs/default}"
   DATA="${DATA:-data}"
   N=20000
-  SMALL=() TINY=() EVAL_N=() HELDOUT_N=()
+  SMALL=() TINY=() EVAL_N=() HELDOUT_N=() PREF_N=()
   PASSKEY=(--lengths 128,256,384,500,768,1014 --depths 5 --trials 10) MAX_LEN=1024
   ROUTE_TOKENS=20000
 fi
@@ -80,6 +80,10 @@ EOF
 D="$RUNS/eval"
 mkdir -p "$D/domains" "$D/base"
 "$PY" scripts/eval_default.py "$M" --compare "$SFT" --json "$D/dpo.json" ${EVAL_N[@]+"${EVAL_N[@]}"}
+# held-out curriculum pairs: DPO must prefer the chosen answers more often than SFT did (if it
+# does not, ship the better stage: the card says which and why)
+"$PY" scripts/curriculum/preference.py "$SFT" "$M" --json "$D/preference.json" \
+  ${PREF_N[@]+"${PREF_N[@]}"}
 # (the dry run has just run this script, its slowest step on a tiny model, and skips it here)
 [ "$DRY" = 1 ] || "$PY" scripts/eval_default.py "$SFT" --json "$D/sft.json"
 # What the paper measures, on the shipped model (its card reports these)

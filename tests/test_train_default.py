@@ -90,6 +90,8 @@ def test_train_default_dry_run_runs_every_stage(tmp_path):
         assert math.isfinite(first["loss"])
     first = json.loads((runs / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    preference = json.loads((runs / "eval" / "preference.json").read_text())
+    assert preference["pairs"] > 0 and 0 <= preference["sft"] <= 1 and 0 <= preference["dpo"] <= 1
     for report in ("dpo.json", "passkey.json", "perplexity.json",
                    "base/perplexity.json", "routing.json", "heldout.json"):
         assert (runs / "eval" / report).exists(), report
