@@ -73,6 +73,9 @@ class ExpertStore:
     def _fd(self, path: Path) -> int:
         if path not in self._files:
             self._files[path] = os.open(path, os.O_RDONLY)
+            # no readahead: an expert is read whole, and what lies past it is another expert
+            # (measured: readahead made the disk read 17-31 % more than the experts' bytes)
+            os.posix_fadvise(self._files[path], 0, 0, os.POSIX_FADV_RANDOM)
         return self._files[path]
 
 
