@@ -105,3 +105,20 @@ def test_the_bar_shows_on_a_terminal_but_never_beside_json(capsys, monkeypatch):
     monkeypatch.undo()
     assert main(argv) == 0  # stderr not a terminal: no bar
     assert "bench:" not in capsys.readouterr().err
+
+
+def test_offloaded_bench_runs_inside_a_real_cgroup_where_it_can(int4_checkpoint, capsys):
+    import os
+
+    from mixtral.cgroup import V1_ROOT
+
+    if not os.access(V1_ROOT / "memory.limit_in_bytes", os.W_OK):
+        pytest.skip("needs root and a cgroup v1 memory hierarchy")
+    assert main(["bench", "--model", str(int4_checkpoint), "--quant", "int4", "--max-ram",
+                 "1.1GiB", "--prompt-len", "12", "--gen-len", "6", "--repeats", "1",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    limit = json.loads(out)["memory_limit"]
+    assert (limit["honest"], limit["cgroup"], limit["reason"]) == (True, "v1", None)
+    assert 0 < limit["peak_bytes"] <= limit["limit_bytes"] and "not honest" not in err
+    assert not list(V1_ROOT.glob(f"mixtral-bench-{os.getpid()}"))  # left and removed
