@@ -19,10 +19,10 @@ import torch
 
 from mixtral.checkpoint import write_checkpoint
 from mixtral.config import preset
+from mixtral.configs import hf_config
 from mixtral.formats import (
     QUANTIZATION_KEY,
     canonical_shapes,
-    hf_config,
     is_quantized_weight,
     portable_names,
     quantized_tensors,

@@ -51,7 +51,7 @@ def assemble(source: str | os.PathLike | None = None, *,
     parallel.join). announce: told the default model's label when the default is used, and
     how a GGUF file's tensor types were mapped. progress: told the bytes read as a checkpoint
     loads whole (checkpoint.load)."""
-    from mixtral.formats import parse_dtype
+    from mixtral.configs import parse_dtype
 
     dtype = parse_dtype(dtype)
     model = _source(source, dtype, device, max_ram, kv_cache_bytes, plan, presets, announce,
@@ -177,7 +177,7 @@ def from_args(args: argparse.Namespace,
     positions the command will allocate for this model, which a --max-ram budget must leave
     room for (default: one sequence of up to 4096 prompt tokens plus the answer)."""
     from mixtral import parallel
-    from mixtral.formats import parse_dtype
+    from mixtral.configs import parse_dtype
 
     dtype = parse_dtype(args.dtype)  # a bad --dtype fails first, before any launch or read
     plan, device = None, args.device

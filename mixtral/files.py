@@ -93,7 +93,7 @@ def run_info(args: argparse.Namespace) -> int:
         report["gguf"] = describe(gguf)
     else:
         from mixtral.checkpoint import inspect
-        from mixtral.formats import dtype_name
+        from mixtral.configs import dtype_name
 
         ckpt = inspect(args.target)
         margs = ckpt.args

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from mixtral import cache_policy
 from mixtral.checkpoint import CheckpointError, CheckpointInfo, inspect, quantized_reader, reader
-from mixtral.formats import is_quantized_weight, parse_dtype, portable_names
+from mixtral.configs import parse_dtype
+from mixtral.formats import is_quantized_weight, portable_names
 from mixtral.memory import check_fits, load_bytes
 from mixtral.model import ExpertBank, Transformer
 from mixtral.quant import Format, QuantExperts, apply, get

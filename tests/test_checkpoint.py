@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import mixtral
 from mixtral.checkpoint import CheckpointError, convert, inspect
-from mixtral.formats import args_from_hf_config, args_from_params
+from mixtral.configs import args_from_hf_config, args_from_params
 
 
 def copy(src: Path, dst: Path) -> Path:

@@ -35,13 +35,8 @@ from mixtral.checkfile import CheckpointError, short
 from mixtral.checkpoint.files import MAGIC, Progress
 from mixtral.checkpoint.ggml import FLOATS, Loss, Stored, as_float, convert, form, target_bits
 from mixtral.config import ModelArgs
-from mixtral.formats import (
-    ConfigError,
-    args_from_hf_config,
-    canonical_shapes,
-    dtype_name,
-    is_quantized_weight,
-)
+from mixtral.configs import ConfigError, args_from_hf_config, dtype_name
+from mixtral.formats import canonical_shapes, is_quantized_weight
 from mixtral.memory import check_fits
 from mixtral.model import Transformer
 

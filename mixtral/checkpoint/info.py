@@ -22,19 +22,21 @@ from mixtral.checkfile import (
 )
 from mixtral.checkpoint.files import check_index, find_files, is_gguf
 from mixtral.config import ModelArgs
+from mixtral.configs import (
+    ConfigError,
+    args_from_hf_config,
+    args_from_params,
+    dtype_name,
+    parse_dtype,
+)
 from mixtral.crosscheck import check_config
 from mixtral.formats import (
     QUANTIZATION_KEY,
     QUANTIZED,
-    ConfigError,
     Layout,
-    args_from_hf_config,
-    args_from_params,
     check_quantization,
     detect_layout,
-    dtype_name,
     file_tensors,
-    parse_dtype,
     quantized_tensors,
 )
 from mixtral.hub import resolve

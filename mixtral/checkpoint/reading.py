@@ -17,7 +17,8 @@ from torch import Tensor
 from mixtral.checkfile import CheckpointError, load_torch_file
 from mixtral.checkpoint.files import Progress, is_gguf, read_safetensor, release_pages
 from mixtral.checkpoint.info import CheckpointInfo, inspect
-from mixtral.formats import is_quantized_weight, parse_dtype, portable_names, read_canonical
+from mixtral.configs import parse_dtype
+from mixtral.formats import is_quantized_weight, portable_names, read_canonical
 from mixtral.hub import resolve
 from mixtral.memory import check_fits, load_bytes
 from mixtral.model import Transformer

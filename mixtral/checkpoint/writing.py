@@ -27,14 +27,12 @@ from mixtral.checkpoint.files import INDEX, Progress
 from mixtral.checkpoint.info import inspect
 from mixtral.checkpoint.reading import read_state_dict
 from mixtral.config import ModelArgs
+from mixtral.configs import hf_config, params_json, parse_dtype
 from mixtral.formats import (
     LAYOUTS,
     QUANTIZATION_KEY,
     canonical_shapes,
-    hf_config,
     is_quantized_weight,
-    params_json,
-    parse_dtype,
     portable_names,
     quantized_tensors,
     write_canonical,
