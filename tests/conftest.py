@@ -175,6 +175,18 @@ def isa(request, monkeypatch):
     kernels.available.cache_clear()
 
 
+# The chat page (tests/browsing.py) on the module's `server` at desktop size, for the page tests
+# (which import the `browser` fixture); no script error by its end.
+@pytest.fixture
+def page(browser, server):
+    from browsing import open_page
+
+    page = open_page(browser, server.url)
+    yield page
+    assert page.errors == []
+    page.context.close()
+
+
 # A live server on the default model for the HTTP API's tests (one per module), and a client.
 @pytest.fixture(scope="module")
 def server():

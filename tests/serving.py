@@ -34,6 +34,22 @@ def sse(response) -> list:
     return events
 
 
+def wait_healthy(url: str, proc, timeout: float, poll: float = 0.2) -> None:
+    """Until `mixtral serve` (the process `proc`) answers /health with 200; fails the test when
+    it exits first or `timeout` seconds pass."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "the server never got ready"
+        time.sleep(poll)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,15 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 import torch
 from gguf_files import default_gguf, random_state, write_gguf
-from serving import LiveServer, free_port
+from serving import LiveServer, free_port, wait_healthy
 
 from mixtral import hub
 from mixtral.checkfile import CheckpointError
@@ -166,15 +164,7 @@ def test_serve_a_gguf_file_answers_the_openai_client(tmp_path):
     reference = LiveServer(lambda: assemble(DEFAULT, dtype="fp32"), name="default")
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
+        wait_healthy(url, proc, 120)
         served = OpenAI(api_key="none", base_url=url + "/v1", max_retries=0)
         assert served.models.list().data[0].id == "default-f32"  # then the aliases clients send
         ours = OpenAI(api_key="none", base_url=reference.url + "/v1", max_retries=0)

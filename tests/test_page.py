@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from browsing import MARKS, MODEL, browser, open_page, shot  # noqa: F401 (a fixture)
+from browsing import MARKS, MODEL, browser, shot  # noqa: F401 (a fixture)
 from serving import LiveServer, Slow
 
 from mixtral import chat
@@ -27,13 +27,6 @@ def server():
     yield s
     s.stop()
 
-
-@pytest.fixture
-def page(browser, server):  # noqa: F811 (the fixture imported above)
-    page = open_page(browser, server.url)
-    yield page
-    assert page.errors == []
-    page.context.close()
 
 
 def last_answer(page):

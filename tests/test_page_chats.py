@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 from browsing import MARKS, ask, browser, open_page, scripted, shot  # noqa: F401 (a fixture)
-from serving import LiveServer
 
 pytestmark = MARKS
 
@@ -38,20 +37,6 @@ RUNNABLE = """el => [...el.querySelectorAll("*")].flatMap(e => [
     ...[...e.attributes].filter(a => a.name.startsWith("on") ||
         /^\\s*javascript:/i.test(a.value)).map(a => `${e.tagName} ${a.name}=${a.value}`)])"""
 
-
-@pytest.fixture(scope="module")
-def server():
-    s = LiveServer()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def page(browser, server):  # noqa: F811 (the fixture imported above)
-    page = open_page(browser, server.url)
-    yield page
-    assert page.errors == []
-    page.context.close()
 
 
 def answers(page):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hf_mixtral, write_layout
+from serving import wait_healthy
 
 import mixtral
 from mixtral.config import ModelArgs
@@ -175,13 +176,7 @@ def test_serve_under_torchrun_answers_the_official_client(capsys):
                               env=ENV)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(url, server, 120, poll=0.5)
         body = {"model": NAME, "messages": [{"role": "user", "content": "Hello"}],
                 "temperature": 0, "max_tokens": 8}
         answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()

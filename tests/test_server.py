@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from serving import HELLO, Failing, LiveServer, Slow, free_port, post, sse
+from serving import HELLO, Failing, LiveServer, Slow, free_port, post, sse, wait_healthy
 
 from mixtral import chat
 from mixtral.chat import SAFE_PROMPT
@@ -354,15 +354,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path):
                              "--grace", "30"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
+        wait_healthy(url, proc, 60, poll=0.1)
         # Stream so that the signal provably arrives mid-request: after the first token and
         # with min_tokens=max_tokens, at least 199 tokens are still to come.
         body = {"model": "mistral-small", "messages": HELLO, "max_tokens": 200,

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from mixtral.server import choices, logprobs, planning, protocol
 from mixtral.server.choices import Choice, EventStream
 from mixtral.server.planning import Plan
-from mixtral.server.protocol import SEED_MAX, Sampling, lone_surrogate
+from mixtral.server.protocol import SEED_MAX, Sampling
 from mixtral.server.state import APIError, Metrics, State
 
 MAX_PROMPTS = 32
@@ -68,11 +68,7 @@ async def plan_off_loop(body: CompletionRequest, st: State, models: list[str]) -
 
 def plan(body: CompletionRequest, st: State, models: list[str]) -> list[Plan]:
     """One plan per prompt, sharing the response's id; APIError if it cannot be served."""
-    if where := lone_surrogate(body.model_dump()):
-        raise APIError(400, f"{where}: not valid Unicode text (it holds a lone surrogate "
-                       "escape such as \\ud800)")
-    if body.model not in models:
-        raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
+    planning.check_text_and_model(body.model_dump(), body.model, models)
     if body.suffix:
         raise APIError(400, "suffix is not supported: Mixtral 8x7B has no fill-in-the-middle "
                        "format (its v1 tokenizer has no [SUFFIX] or [PREFIX] token)",

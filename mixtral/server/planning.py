@@ -53,13 +53,19 @@ async def plan_off_loop(body: ChatCompletionRequest, st: State, models: list[str
     return await anyio.to_thread.run_sync(plan, body, st, models, limiter=st.planners)
 
 
-def plan(body: ChatCompletionRequest, st: State, models: list[str]) -> Plan:
-    """The plan of a request for one of `models`; APIError if it cannot be served."""
-    if where := lone_surrogate(body.model_dump(by_alias=True)):
+def check_text_and_model(fields: dict[str, Any], model: str, models: list[str]) -> None:
+    """What every route checks first: no lone surrogate anywhere in the request (a 400 naming
+    where), and a model this server answers to (Mistral's 404)."""
+    if where := lone_surrogate(fields):
         raise APIError(400, f"{where}: not valid Unicode text (it holds a lone surrogate "
                        "escape such as \\ud800)")
-    if body.model not in models:
-        raise APIError(404, f"Invalid model: {body.model}", "invalid_model", "1500")
+    if model not in models:
+        raise APIError(404, f"Invalid model: {model}", "invalid_model", "1500")
+
+
+def plan(body: ChatCompletionRequest, st: State, models: list[str]) -> Plan:
+    """The plan of a request for one of `models`; APIError if it cannot be served."""
+    check_text_and_model(body.model_dump(by_alias=True), body.model, models)
     if body.tools:
         raise APIError(400, "tools are not supported: Mixtral-8x7B's v1 tokenizer has no "
                        "function-calling format", code="3051")
