@@ -93,6 +93,20 @@ def test_other_types_requantize_into_int8_within_its_rounding(tmp_path, kind):
     torch.testing.assert_close(logits(model), want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_type_the_gguf_package_cannot_decode_is_named(tmp_path, monkeypatch):
+    # as a file from a llama.cpp newer than the installed gguf package would fail
+    write_gguf(tmp_path / "m.gguf", random_state(2), {"w2": T.Q6_K})
+
+    def cannot(data, kind):
+        raise NotImplementedError(f"Dequantization for {kind.name} is not yet implemented")
+
+    monkeypatch.setattr(gguf.quants, "dequantize", cannot)
+    with pytest.raises(CheckpointError, match=r"m.gguf: layers.0.feed_forward.experts.w2 is "
+                       r"stored as Q6_K, which the installed gguf package cannot decode "
+                       r"\(pip install -U gguf\)"):
+        load(tmp_path / "m.gguf", dtype="fp32")
+
+
 def test_mixed_types_like_q4_k_m(tmp_path):
     """Q4_K_M keeps gate/up in Q4_K and down in Q6_K: each bank in its own format."""
     state = random_state(3)
