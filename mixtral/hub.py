@@ -207,4 +207,7 @@ def _reason(e: Exception) -> str:
                 "`hf auth login` or set HF_TOKEN)")
     if kind == "RepositoryNotFoundError" or "404" in first:
         return f"no such repo on the Hugging Face hub ({first})"
+    if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in kind or "Timeout" in kind:
+        return (f"{kind}: {first} (the hub cannot be reached from here: download it where it "
+                "can, `hf download ORG/NAME`, and copy the cache or the folder over)")
     return f"{kind}: {first}"

@@ -159,7 +159,9 @@ def test_a_failed_download_says_what_was_tried(cache, monkeypatch):
     assert str(e.value) == (
         f"{REPO}: no such file or directory, and not in the Hugging Face cache "
         f"({cache / 'models--mistralai--Mixtral-8x7B-Instruct-v0.1'}), and downloading it "
-        "failed: ConnectionError: [Errno -2] Name or service not known")
+        "failed: ConnectionError: [Errno -2] Name or service not known (the hub cannot be "
+        "reached from here: download it where it can, `hf download ORG/NAME`, and copy the "
+        "cache or the folder over)")
 
 
 def test_offline_and_bad_sources_say_what_was_tried(cache, tmp_path):
