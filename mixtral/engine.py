@@ -28,7 +28,8 @@ loop itself ever end, `failure` says why, every job still in it is failed, and `
 The loop runs on the engine's own thread, or — `Engine(..., thread=False)` then `run()` — on the
 caller's. PyTorch's CPU kernels are fastest on the thread whose OpenMP team is already warm (with
 2 cores, libgomp stops spinning as soon as a second team exists), so `mixtral serve` and
-`mixtral bench` compute on the main thread and put the web server beside it.
+`mixtral bench` compute on the main thread and put the web server beside it. Between steps, on
+that thread, `threads.policy()` may change torch's thread count (MIXTRAL_THREADS=adaptive).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collections.abc import Callable
 
 import torch
 
+from mixtral import threads
 from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
 from mixtral.jobs import EngineDown, Job, QueueFull, Running, done
@@ -73,6 +75,7 @@ class Engine:
         self._stopping = False
         self._ended: str | None = None  # why the loop is no longer running, once it is not
         self._thread = None
+        self.threads = threads.policy()  # torch's thread count, set between steps
         if thread:
             self._thread = threading.Thread(target=self.run, name="mixtral-engine", daemon=True)
             self._thread.start()
@@ -152,6 +155,7 @@ class Engine:
         loop itself raise, every job in it fails and `failure` reports the crash."""
         try:
             while self._admit(block=not until_idle):
+                self.threads.between_steps()
                 self._step()
         except BaseException as e:
             self._ended = f"the engine loop crashed: {type(e).__name__}: {e}"

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from mixtral import assemble
+from mixtral import assemble, threads
 from mixtral.command import Arguments, standalone
 from mixtral.sizes import parse_size
 
@@ -50,6 +50,10 @@ def arguments(p: argparse.ArgumentParser) -> None:
                    help="time a request has to send its whole body: else 408 (default 30)")
     p.add_argument("--max-header-bytes", type=int, default=16384,
                    help="largest request head accepted (default 16384)")
+    p.add_argument("--threads", type=thread_policy, metavar="POLICY", help="torch's thread "
+                   "count: adaptive (as many as cores other processes leave free, re-read each "
+                   "second), fixed (torch's own), or a count (default: MIXTRAL_THREADS, else "
+                   "fixed)")
     p.set_defaults(run=run)
 
 
@@ -64,6 +68,13 @@ def port(text: str) -> int:
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port, 0 to 65535, got {text!r}")
     return number
+
+
+def thread_policy(text: str) -> str:
+    try:
+        return str(threads.parse(text))
+    except threads.ThreadsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def size(text: str) -> int:
@@ -85,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         name = assemble.preflight(args.model)  # a bad --model: one line, before the port opens
         description = "Mixtral 8x7B"
     key = args.api_key if args.api_key is not None else os.environ.get("MIXTRAL_API_KEY")
+    threads.choose(args.threads)
+    threads.chosen()  # a bad MIXTRAL_THREADS: one line, before the port opens
     settings = Settings(name=name, api_key=key,  # an empty key is refused, never "open"
                         max_queue=args.max_queue, description=description,
                         max_batch=args.max_batch, max_seq_len=args.max_seq_len or 8192,
