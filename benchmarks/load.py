@@ -7,6 +7,7 @@ the same text alone and in a busy batch).
     python benchmarks/load.py [--model PATH] [--quant bf16|fp32|int8|int4] [--clients 4]
                               [--seconds 30] [--stream-share 0.5] [--max-tokens 32]
                               [--neighbour N] [--neighbour-kind spin|matmul]
+                              [--threads-policy adaptive|fixed]
                               [--server-env KEY=VALUE ...] [--replays 4] [--rss-every 250]
                               [--max-batch B] [--max-queue Q] [--timeout 300]
                               [--ready-timeout 1200] [--seed 0]
@@ -15,6 +16,9 @@ the same text alone and in a busy batch).
              goes to a temporary file (its last line is quoted if it fails to start).
              --server-env KEY=VALUE (repeatable) is added to its environment, so one run
              compares threading policies: OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=10000, ...
+             --threads-policy is serve's --threads: adaptive (torch's thread count follows
+             the cores other processes leave free, mixtral/threads.py) or fixed (torch's own
+             count); unset, serve's default (MIXTRAL_THREADS, else fixed)
   model      the built-in default unless --model PATH; --quant bf16/fp32 is serve's --dtype,
              int8/int4 a copy written first by `mixtral quantize` into a temporary folder
   neighbour  N processes that keep one core each busy: spin (`while True: pass`, as in
@@ -33,7 +37,16 @@ waits to learn whether it is the last, which carries the usage), completion_toke
 `data: [DONE]`, carries malformed JSON or an error event, or content that is not valid UTF-8)
 and bad_responses (the same for a JSON body): both must be 0, rss_mib (the server's VmRSS at
 the start and after every --rss-every requests), replays and replays_identical (must be true),
-server_alive. Exit status 0, or 1 when one of the musts failed, 2 on bad input.
+server_alive, threads_policy, and server_cores (the server's CPU-seconds over the clients'
+run, replays included, per second of it: ~2 for two threads busy on 2 cores, ~1 for one).
+Exit status 0, or 1 when one of the musts failed, 2 on bad input.
+
+To compare the thread count policies, quiet and beside one busy process, interleaved:
+
+    run="python benchmarks/load.py --clients 8 --seconds 20 --replays 2"
+    for round in 1 2; do for n in 0 1; do for p in fixed adaptive; do
+      $run --threads-policy $p --neighbour $n --neighbour-kind spin > load-$p-$n-$round.json
+    done; done; done
 
 Every process it starts is ended on the way out: at the end, on an error, on Ctrl-C/SIGTERM,
 and (Linux) even if this script is killed outright.
@@ -86,6 +99,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--neighbour", type=int, default=0, metavar="N", help="busy processes")
     p.add_argument("--neighbour-kind", choices=sorted(NEIGHBOURS), default="spin")
+    p.add_argument("--threads-policy", choices=["adaptive", "fixed"],
+                   help="serve's --threads (default: serve's: MIXTRAL_THREADS, else fixed)")
     p.add_argument("--server-env", type=server_env, action="append", default=[],
                    metavar="KEY=VALUE", help="added to the server's environment (repeatable)")
     p.add_argument("--replays", type=int, default=4, metavar="K", help="seeded replays")
@@ -218,7 +233,8 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> N
 def run(a: argparse.Namespace, kids: Children) -> dict[str, Any]:
     env = {**os.environ, **dict(a.server_env)}
     flags = model_source(a, kids, env)
-    for flag, value in (("--max-batch", a.max_batch), ("--max-queue", a.max_queue)):
+    for flag, value in (("--max-batch", a.max_batch), ("--max-queue", a.max_queue),
+                        ("--threads", a.threads_policy)):
         flags += [] if value is None else [flag, str(value)]
     port = free_port()
     url, log = f"http://127.0.0.1:{port}", kids.dir / "server.log"
@@ -234,11 +250,25 @@ def run(a: argparse.Namespace, kids: Children) -> dict[str, Any]:
     for i, proc in enumerate(neighbours):
         if proc.poll() is not None:
             raise LoadError(f"neighbour {i} exited: {last_line(kids.dir / f'neighbour{i}.log')}")
+    cpu, start = cpu_seconds(server.pid), time.monotonic()
     result = asyncio.run(drive(a, url, server.pid))
+    used, wall = cpu_seconds(server.pid), time.monotonic() - start
+    cores = None if cpu is None or used is None else round((used - cpu) / wall, 2)
     return {"model": a.model or "default", "quant": a.quant, "clients": a.clients,
             "seconds": a.seconds, "stream_share": a.stream_share, "max_tokens": a.max_tokens,
             "neighbour": a.neighbour, "neighbour_kind": a.neighbour_kind,
-            "server_env": dict(a.server_env), **result, "server_alive": server.poll() is None}
+            "server_env": dict(a.server_env), "threads_policy": a.threads_policy, **result,
+            "server_cores": cores, "server_alive": server.poll() is None}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU-seconds process `pid` has used (all its threads), from /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def report(r: dict[str, Any]) -> list[str]:
@@ -249,12 +279,12 @@ def report(r: dict[str, Any]) -> list[str]:
     env = " ".join(f"{k}={v}" for k, v in r["server_env"].items()) or "inherited"
     print(f"model {r['model']} ({r['quant'] or 'as stored'}), {r['clients']} clients x "
           f"{r['seconds']:g} s, {100 * r['stream_share']:g}% streamed, max_tokens "
-          f"{r['max_tokens']}, {r['neighbour']} {r['neighbour_kind']} neighbours, server env: "
-          f"{env}", file=sys.stderr)
+          f"{r['max_tokens']}, {r['neighbour']} {r['neighbour_kind']} neighbours, threads "
+          f"{r['threads_policy'] or 'as serve chooses'}, server env: {env}", file=sys.stderr)
     codes = ", ".join(f"{k}: {v}" for k, v in r["status"].items())
     print(f"{r['requests']} requests ({codes}) in {r['wall_s']:g} s; latency p50/p95 "
-          f"{s(r['latency_s'])} s, TTFT p50/p95 {s(r['ttft_s'])} s; {r['tok_s']:g} tok/s",
-          file=sys.stderr)
+          f"{s(r['latency_s'])} s, TTFT p50/p95 {s(r['ttft_s'])} s; {r['tok_s']:g} tok/s; "
+          f"the server used {r['server_cores']} cores", file=sys.stderr)
     rss = ", ".join(f"{x['rss_mib']} @{x['requests']}" for x in r["rss_mib"])
     print(f"server RSS MiB (@requests): {rss}", file=sys.stderr)
     same = sum(x["identical"] for x in r["replays"])

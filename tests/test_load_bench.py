@@ -25,7 +25,8 @@ _spec.loader.exec_module(load_clients)
 KEYS = {"model", "quant", "clients", "seconds", "stream_share", "max_tokens", "neighbour",
         "neighbour_kind", "server_env", "wall_s", "requests", "status", "latency_s", "ttft_s",
         "completion_tokens", "tok_s", "broken_streams", "broken_reasons", "bad_responses",
-        "rss_mib", "replays", "replays_identical", "server_alive"}
+        "rss_mib", "replays", "replays_identical", "server_alive", "threads_policy",
+        "server_cores"}
 
 
 def chunk(content: str, usage: dict | None = None) -> bytes:
@@ -86,6 +87,7 @@ def test_a_json_answer_is_checked_too():
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such file or folder"),
     (["--server-env", "OMP_WAIT_POLICY"], "expected KEY=VALUE"),
     (["--stream-share", "1.5"], "--stream-share must be between 0 and 1"),
+    (["--threads-policy", "lots"], "argument --threads-policy: invalid choice: 'lots'"),
 ])
 def test_bad_flags_fail_in_one_line(flags, message):
     run = subprocess.run([sys.executable, str(BENCHMARKS / "load.py"), *flags],
@@ -100,7 +102,8 @@ def test_bad_flags_fail_in_one_line(flags, message):
 def test_a_short_load_on_the_default_model():
     run = subprocess.run([sys.executable, str(BENCHMARKS / "load.py"), "--seconds", "5",
                           "--clients", "2", "--replays", "2", "--server-env",
-                          "GOMP_SPINCOUNT=10000"], capture_output=True, text=True, timeout=600)
+                          "GOMP_SPINCOUNT=10000", "--threads-policy", "adaptive"],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout)
     assert set(result) == KEYS
@@ -108,5 +111,6 @@ def test_a_short_load_on_the_default_model():
     assert (result["broken_streams"], result["bad_responses"]) == (0, 0)
     assert result["replays_identical"] and len(result["replays"]) == 2
     assert result["server_env"] == {"GOMP_SPINCOUNT": "10000"}
+    assert result["threads_policy"] == "adaptive" and result["server_cores"] > 0
     assert result["rss_mib"][0]["requests"] == 0 and result["rss_mib"][0]["rss_mib"] > 0
     assert result["server_alive"]
