@@ -1,4 +1,5 @@
-"""How PyTorch's OpenMP threads wait between parallel regions, set once before torch starts.
+"""How PyTorch's OpenMP threads wait between parallel regions (set once before torch starts),
+and how many there are (adapted between engine steps, where asked).
 
 A decoding step runs a few hundred short parallel regions (every kernel call is one). Between
 them libgomp's threads spin for a while (GOMP's default: 300,000 iterations, ~0.1-1 ms) before
@@ -28,8 +29,10 @@ as many threads as cores are left, at least one, so that a short-spinning team n
 thread whose core another process holds. Hysteresis keeps it from flapping: it drops a thread
 when others hold more than half a core of ours, takes it back when they hold under a quarter,
 and only after two one-second windows in a row agree (a quota below the thread count applies
-at once). Our kernels (csrc/, at::parallel_for) and oneDNN follow torch's count.
-MIXTRAL_THREADS=fixed (today's default, until quiet and loaded figures decide: RESULTS.md) keeps
+at once). Our kernels (csrc/, at::parallel_for) and oneDNN follow torch's count. A step
+between windows costs one clock read; a window's read ~0.1 ms (busy 2-core machine).
+MIXTRAL_THREADS=fixed (today's default; adaptive's quiet and loaded figures are pending:
+`benchmarks/load.py --threads-policy adaptive|fixed [--neighbour 1]`, RESULTS.md) keeps
 torch's count; MIXTRAL_THREADS=N fixes it at N. A user's choice wins: with OMP_NUM_THREADS set
 the count is never adapted, a count set by torch.set_num_threads before the engine starts is
 the most it uses, and one set while it runs stops the adapting.
@@ -51,7 +54,10 @@ log = logging.getLogger("mixtral.threads")
 
 SPINCOUNT = "10000"
 ENV = "MIXTRAL_THREADS"
-DEFAULT = "fixed"  # adaptive becomes the default only if the lead's figures say so
+DEFAULT = "fixed"  # adaptive becomes the default only if quiet and loaded figures say so
+# others' use of our cores, in cores, that costs a thread / that gives one back: two spinning
+# threads and one busy process on 2 cores leave it ~0.67 core, above DOWN
+DOWN, UP = 0.5, 0.25
 _USER = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
@@ -149,7 +155,7 @@ def target(current: int, free: float, cap: int) -> int:
     """Threads for `free` cores, from `current`, at most `cap`: one fewer once others hold more
     than half a core of ours, one more only once they hold under a quarter (the band between
     keeps noise from flapping)."""
-    down, up = math.floor(free + 0.5), math.floor(free + 0.25)
+    down, up = math.floor(free + DOWN), math.floor(free + UP)
     want = down if down < current else max(current, up)
     return max(1, min(cap, want))
 
