@@ -5,6 +5,7 @@ measured in the same run, so each row can say how close it comes to the disk's r
 
     python benchmarks/offload.py /tmp/bench-models/full-int4 --out offload.json \
         --trace trace.json
+    python benchmarks/offload.py MODEL --budgets 16GiB:24 --prefetch both --profile --out p.json
 
 Per budget (a short prompt, then greedy decoding; the first tokens warm the cache): decode
 tok/s, disk bytes/token from /proc/self/io (what reached the disk) beside the experts read
@@ -13,6 +14,13 @@ bytes per token. `mixtral bench --max-ram` measures the same way but runs three 
 prefills first, which at a small budget read the whole model each. `--trace` writes the
 routing trace (every expert use, in order) for benchmarks/cache_policy.py. Timings on a shared
 machine are noisy; bytes per token and hit rates are not.
+
+Each row also holds `profile`, where a measured token's time went (mixtral.prefetch.Profile), per
+token: the caller thread's read (the syscall), drop (the page-cache drop), pack (file layout ->
+the kernels'), wait (for a read the reader has in flight) and compute (the experts), `rest_s`
+(attention, routers, sampling, Python: the wall time none of those took), and the reader
+thread's own read/drop/pack; with counts per token. `--prefetch on|off|both` runs each budget
+with the background reader, without it, or both; `--profile` prints the split as a table.
 """
 
 from __future__ import annotations
@@ -50,49 +58,96 @@ def direct_read_speed(path: Path, limit: int = 4 * 2**30) -> float:
         buf.close()
 
 
-def one(model: str, budget: str, prompt_len: int, gen_len: int, skip: int) -> None:
-    """Child process: one budget measured inside its cgroup; JSON on stdout. A `prompt_len`
-    prompt, then `gen_len` greedy tokens; the figures are over the tokens after the first
-    `skip` (the cache warmed up), and the routing trace covers them all."""
-    import torch
-
-    from mixtral.assemble import assemble
-    from mixtral.bench import counters, peak_rss_gib, prompt_ids
+def one(model: str, budget: str, prompt_len: int, gen_len: int, skip: int, policy: str,
+        prefetch: bool) -> None:
+    """Child process: one budget measured inside its cgroup; JSON on stdout."""
     from mixtral.cgroup import confine
-    from mixtral.generate import GenerationParams, generate
     from mixtral.offload import drop_page_cache
     from mixtral.sizes import parse_size
 
     with confine(parse_size(budget, "--max-ram")) as limit:
         drop_page_cache(model)
-        start = time.perf_counter()
-        m = assemble(model, max_ram=budget)
-        load_s = time.perf_counter() - start
-        cache = m.expert_cache  # type: ignore[attr-defined]
-        cache.trace = []
-        prompt = prompt_ids(prompt_len, 7, m.args.vocab_size)
-        marks = []
-        with torch.inference_mode():
-            for _ in generate(m, prompt, GenerationParams(max_tokens=gen_len,
-                                                           min_tokens=gen_len)):
-                marks.append((time.perf_counter(), counters(m)))
-        (t0, c0), (t1, c1) = marks[skip], marks[-1]
-        n = len(marks) - 1 - skip
-        uses = c1.hits + c1.misses - c0.hits - c0.misses
-        out = {
-            "budget": budget, "memory_limit": limit.report(), "load_s": round(load_s, 1),
-            "prompt_len": prompt_len, "gen_len": gen_len, "measured_tokens": n,
-            "decode_tok_s": round(n / (t1 - t0), 3),
-            "decode_disk_read_bytes_per_token": round((c1.read_bytes - c0.read_bytes) / n),
-            "decode_expert_hit_rate": round((c1.hits - c0.hits) / uses, 4),
-            "store_bytes_per_token": None, "peak_rss_gib": round(peak_rss_gib(), 2),
-            "cache_experts": len(cache._held), "policy": cache.policy.name,
-            "expert_bytes": cache.used // max(len(cache._held), 1),
-            "trace": {"prompt_tokens": prompt_len, "tokens": len(marks),
-                      "uses_per_token": m.args.n_layers * m.args.num_experts_per_tok,
-                      "uses": cache.trace}}
-        out["store_bytes_per_token"] = round((c1.misses - c0.misses) * out["expert_bytes"] / n)
+        out = measure(model, budget, prompt_len, gen_len, skip, policy, prefetch)
+        out["memory_limit"] = limit.report()
     print(json.dumps(out))
+
+
+def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
+            policy: str = "aging", prefetch: bool = True) -> dict:
+    """One budget, in this process: a `prompt_len` prompt, then `gen_len` greedy tokens; the
+    figures are over the tokens after the first `skip` (the cache warmed up), and the routing
+    trace covers them all."""
+    import torch
+
+    from mixtral.assemble import assemble
+    from mixtral.bench import counters, peak_rss_gib, prompt_ids
+    from mixtral.generate import GenerationParams, generate
+
+    start = time.perf_counter()
+    m = assemble(model, max_ram=budget, cache_policy=policy, prefetch=prefetch)
+    load_s = time.perf_counter() - start
+    cache = m.expert_cache  # type: ignore[attr-defined]
+    cache.trace = []
+    prompt = prompt_ids(prompt_len, 7, m.args.vocab_size)
+    marks = []
+    with torch.inference_mode():
+        for _ in generate(m, prompt, GenerationParams(max_tokens=gen_len, min_tokens=gen_len)):
+            marks.append((time.perf_counter(), counters(m), cache.profile.snapshot(),
+                          cache.waited, cache.prefetched, cache.prefetch_used))
+    (t0, c0, p0, *x0), (t1, c1, p1, *x1) = marks[skip], marks[-1]
+    n = len(marks) - 1 - skip
+    uses = c1.hits + c1.misses - c0.hits - c0.misses
+    waited, prefetched, used = (b - a for a, b in zip(x0, x1, strict=True))
+    foresight = cache.foresight
+    out = {
+        "budget": budget, "memory_limit": None, "load_s": round(load_s, 1),
+        "prompt_len": prompt_len, "gen_len": gen_len, "measured_tokens": n,
+        "decode_tok_s": round(n / (t1 - t0), 3),
+        "decode_disk_read_bytes_per_token": None if c0.read_bytes is None else
+        round((c1.read_bytes - c0.read_bytes) / n),
+        "decode_expert_hit_rate": round((c1.hits - c0.hits) / uses, 4),
+        "store_bytes_per_token": None, "peak_rss_gib": round(peak_rss_gib(), 2),
+        "cache_experts": len(cache._held), "policy": cache.policy.name, "prefetch": prefetch,
+        "prefetch_precision": None if foresight is None or foresight.precision() is None
+        else round(foresight.precision(), 4),
+        "waited_per_token": round(waited / n, 2),
+        "prefetched_per_token": round(prefetched / n, 2),
+        "prefetch_used": round(used / prefetched, 4) if prefetched else None,
+        "expert_bytes": cache.store.expert_bytes,
+        "profile": split(p0, p1, t1 - t0, n),
+        "trace": {"prompt_tokens": prompt_len, "tokens": len(marks),
+                  "uses_per_token": m.args.n_layers * m.args.num_experts_per_tok,
+                  "uses": cache.trace}}
+    reads = c1.misses - c0.misses - waited + prefetched  # what the store read (both threads)
+    out["store_bytes_per_token"] = round(reads * out["expert_bytes"] / n)
+    return out
+
+
+def split(before: dict, after: dict, wall: float, tokens: int) -> dict:
+    """Per token: the wall time, each thread's seconds and counts by stage
+    (mixtral.prefetch.STAGES), and the caller's rest (what no stage took)."""
+    out: dict = {"wall_s": round(wall / tokens, 5)}
+    for who in ("caller", "reader"):
+        out[who] = {stage: round((after[who][stage][0] - before[who][stage][0]) / tokens, 5)
+                    for stage in after[who]}
+        out[who + "_counts"] = {
+            stage: round((after[who][stage][1] - before[who][stage][1]) / tokens, 2)
+            for stage in after[who]}
+    out["rest_s"] = round(out["wall_s"] - sum(out["caller"].values()), 5)
+    return out
+
+
+def show(row: dict) -> str:
+    """The profile of a row as a few lines of text (--profile)."""
+    p = row["profile"]
+    lines = [f"{row['budget']} prefetch {'on' if row['prefetch'] else 'off'}: "
+             f"{p['wall_s'] * 1000:.1f} ms a token ({row['decode_tok_s']} tok/s)"]
+    for who in ("caller", "reader"):
+        parts = [f"{stage} {p[who][stage] * 1000:.1f} ms ({p[who + '_counts'][stage]:g}x)"
+                 for stage in p[who]]
+        lines.append(f"  {who:<6} " + ", ".join(parts))
+    lines.append(f"  rest   {p['rest_s'] * 1000:.1f} ms (attention, routers, sampling, Python)")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -104,19 +159,28 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=4, help="warm-up tokens, not measured")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--trace", type=Path, help="write the first budget's routing trace here")
+    p.add_argument("--policy", default="aging", help="the experts cache's: aging, lfu, lru")
+    p.add_argument("--prefetch", choices=["on", "off", "both"], default="both",
+                   help="the background reader on, off, or each budget run both ways")
+    p.add_argument("--profile", action="store_true",
+                   help="print where a token's time goes (each row's `profile`)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        budget, tokens = a.one.split(":")
-        return one(a.model, budget, a.prompt_len, int(tokens), a.skip)
+        budget, tokens, prefetch = a.one.split(":")
+        return one(a.model, budget, a.prompt_len, int(tokens), a.skip, a.policy,
+                   prefetch == "on")
     shard = max(Path(a.model).glob("*.safetensors"), key=lambda f: f.stat().st_size)
     speed = [direct_read_speed(shard)]
     print(f"direct sequential read: {speed[0] / 1e6:.0f} MB/s", file=sys.stderr)
     rows = []
-    for budget in a.budgets:
+    runs = [f"{b}:{p}" for b in a.budgets
+            for p in (("on", "off") if a.prefetch == "both" else (a.prefetch,))]
+    for budget in runs:
         child = subprocess.Popen([sys.executable, __file__, a.model, "--one", budget,
                                   "--prompt-len", str(a.prompt_len), "--skip", str(a.skip),
-                                  "--out", str(a.out)], stdout=subprocess.PIPE,
+                                  "--policy", a.policy, "--out", str(a.out)],
+                                 stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         stdout, stderr = child.communicate()
         if child.returncode != 0:  # -9: the cgroup's OOM killer; its cgroup is left behind
@@ -131,7 +195,7 @@ def main() -> None:
         read = row["decode_disk_read_bytes_per_token"]
         row["disk_roof_tok_s"] = round(speed[0] / read, 3) if read else None
         rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
+        print(show(row) if a.profile else json.dumps(row), file=sys.stderr)
         a.out.write_text(json.dumps({"direct_read_bytes_s": [round(s) for s in speed],
                                      "rows": rows}, indent=1))
     speed.append(direct_read_speed(shard))

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch and the model load lazily: `mixtral info` starts with
 def assemble(source: str | os.PathLike | None = None, *,
              dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
              max_ram: str | int | None = None, kv_cache_bytes: int = 0,
+             cache_policy: str | None = None, prefetch: bool = True,
              quantize: int | None = None, group_size: int | None = None,
              lora: str | os.PathLike | None = None, plan: Plan | None = None,
              fast: bool = True, presets: bool = False,
@@ -46,7 +47,8 @@ def assemble(source: str | os.PathLike | None = None, *,
     """The model `source` names, loaded, transformed and ready to run, in eval mode.
 
     dtype: the weights' (default: the checkpoint's). max_ram: see mixtral.load; the budget must
-    hold the caller's KV cache too (`kv_cache_bytes`). quantize: 8 or 4 bits (int4 groups of
+    hold the caller's KV cache too (`kv_cache_bytes`); cache_policy and prefetch: the offloaded
+    experts' (mixtral.offload.load_offloaded). quantize: 8 or 4 bits (int4 groups of
     `group_size`). plan: this rank's share under --tp/--ep (a launch joined with
     parallel.join). announce: told the default model's label when the default is used, and
     how a GGUF file's tensor types were mapped. progress: told the bytes read as a checkpoint
@@ -55,7 +57,7 @@ def assemble(source: str | os.PathLike | None = None, *,
 
     dtype = parse_dtype(dtype)
     model = _source(source, dtype, device, max_ram, kv_cache_bytes, plan, presets, announce,
-                    progress)
+                    progress, cache_policy, prefetch)
     if quantize is not None:
         import torch
 
@@ -77,7 +79,8 @@ def assemble(source: str | os.PathLike | None = None, *,
 def _source(source: str | os.PathLike | None, dtype: torch.dtype | None,
             device: torch.device | str, max_ram: str | int | None, kv_cache_bytes: int,
             plan: Plan | None, presets: bool, announce: Callable[[str], None] | None,
-            progress: Progress | None = None) -> Transformer:
+            progress: Progress | None = None, cache_policy: str | None = None,
+            prefetch: bool = True) -> Transformer:
     """The model as read or built, whole or (under a plan) this rank's part of it."""
     if source is None:  # max_ram does not apply: the default is small and in memory
         from mixtral.default_model import LABEL, load_default
@@ -92,9 +95,10 @@ def _source(source: str | os.PathLike | None, dtype: torch.dtype | None,
 
         return load_sharded(source, plan, dtype, device)
     elif max_ram is not None:
-        from mixtral.offload import load_offloaded
+        from mixtral.offload import DEFAULT_POLICY, load_offloaded
 
-        return load_offloaded(source, max_ram, dtype, kv_cache_bytes)
+        return load_offloaded(source, max_ram, dtype, kv_cache_bytes,
+                              cache_policy or DEFAULT_POLICY, prefetch)
     else:
         from mixtral.checkpoint import load
 
@@ -162,12 +166,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model.py instead of the fast paths (mixtral.fast)")
     p.add_argument("--max-ram", help="keep experts on disk, paged in under this RAM budget "
                    "(e.g. 16GiB; a quantized checkpoint on the CPU)")
+    offload_arguments(p)
     p.add_argument("--lora", metavar="ADAPTER", help="a LoRA adapter folder (from "
                    "mixtral train ... lora_rank=N), merged into the weights at load")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel over N processes "
                    "(launch with torchrun --nproc-per-node N -m mixtral ...)")
     p.add_argument("--ep", type=int, default=1, help="expert parallel over N processes "
                    "(combinable with --tp over the same N)")
+
+
+def offload_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that tune --max-ram's experts cache (here and in `mixtral bench`)."""
+    from mixtral.cache_policy import POLICIES
+
+    p.add_argument("--cache-policy", choices=POLICIES, help="which expert "
+                   "--max-ram's cache evicts (default aging: uses that fade with age)")
+    p.add_argument("--prefetch", action=argparse.BooleanOptionalAction,
+                   help="with --max-ram, read the experts the routers foresee in a background "
+                   "thread while others compute (default on)")
 
 
 def from_args(args: argparse.Namespace,
@@ -180,6 +196,9 @@ def from_args(args: argparse.Namespace,
     from mixtral.configs import parse_dtype
 
     dtype = parse_dtype(args.dtype)  # a bad --dtype fails first, before any launch or read
+    for flag, given in (("--cache-policy", args.cache_policy), ("--[no-]prefetch", args.prefetch)):
+        if given is not None and not args.max_ram:
+            raise ValueError(f"{flag} tunes the experts cache of --max-ram; add --max-ram")
     plan, device = None, args.device
     if args.tp > 1 or args.ep > 1:
         for flag, given in (("--max-ram", args.max_ram), ("--lora", args.lora)):
@@ -205,7 +224,8 @@ def from_args(args: argparse.Namespace,
                 bar(stage, done, total)
 
         return assemble(args.model, dtype=dtype, device=device, max_ram=args.max_ram,
-                        kv_cache_bytes=kv_bytes, lora=args.lora, plan=plan,
+                        kv_cache_bytes=kv_bytes, cache_policy=args.cache_policy,
+                        prefetch=args.prefetch is not False, lora=args.lora, plan=plan,
                         fast=not args.reference, announce=None if quiet else _announce,
                         progress=loading)
 

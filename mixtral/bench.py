@@ -10,7 +10,8 @@ decode_disk_read_bytes_per_token (what reached the disk: /proc/self/io read_byte
 unreadable), decode_expert_hit_rate and decode_prefetch_precision (null unless experts are
 offloaded, resp. prefetched), and memory_limit: with --max-ram, the memory cgroup the run was
 confined to (mixtral.cgroup: its limit counts the page cache, so a disk read is a disk read;
-`honest` false, with the reason, where no cgroup could be made), else null.
+`honest` false, with the reason, where no cgroup could be made), else null; cache_policy and
+prefetch: the offloaded experts' cache policy and read-ahead (null unless offloaded).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mixtral.assemble import offload_arguments
 from mixtral.cache import KVCache
 from mixtral.command import Arguments, positive, standalone
 from mixtral.config import ModelArgs
@@ -62,6 +64,8 @@ class Counters(NamedTuple):
     read_bytes: int | None
     hits: int
     misses: int
+    predicted: int = 0  # experts the next layer's router foresaw (mixtral.prefetch)
+    foreseen: int = 0  # of them, those the next layer chose
 
 
 class Decode(NamedTuple):
@@ -85,7 +89,9 @@ def disk_read_bytes(io: Path = Path("/proc/self/io")) -> int | None:
 
 def counters(model: Transformer) -> Counters:
     cache = getattr(model, "expert_cache", None)  # offloaded experts (mixtral.offload)
-    return Counters(disk_read_bytes(), cache.hits if cache else 0, cache.misses if cache else 0)
+    sight = cache.foresight if cache else None
+    return Counters(disk_read_bytes(), cache.hits if cache else 0, cache.misses if cache else 0,
+                    sight.predicted if sight else 0, sight.correct if sight else 0)
 
 
 def decode_once(model: Transformer, batch: int, prompt_len: int, gen_len: int, seed: int,
@@ -148,7 +154,8 @@ def run(model: Transformer, *, prompt_len: int = 512, gen_len: int = 128, batch:
         "ttft_s": round(statistics.median(ttft), 4), "peak_rss_gib": round(peak_rss_gib(), 3),
         "weight_bytes_per_token": weight_bytes_per_token(model.args, quant),
         "repeats": repeats, **decode_costs(runs, cache is not None), "memory_limit": None,
-        **extra,
+        "cache_policy": cache.policy.name if cache else None,
+        "prefetch": cache.reader is not None if cache else None, **extra,
     }
 
 
@@ -160,9 +167,11 @@ def decode_costs(runs: list[Decode], offloaded: bool) -> dict[str, Any]:
         round(sum(b - a for a, b in reads if a is not None and b is not None) / tokens)
     hits = sum(d.end.hits - d.steady.hits for d in runs)
     uses = hits + sum(d.end.misses - d.steady.misses for d in runs)
+    predicted = sum(d.end.predicted - d.steady.predicted for d in runs)
+    foreseen = sum(d.end.foreseen - d.steady.foreseen for d in runs)
     return {"decode_disk_read_bytes_per_token": read,
             "decode_expert_hit_rate": round(hits / uses, 4) if offloaded and uses else None,
-            "decode_prefetch_precision": None}  # no prefetcher yet (issue 16 item 3)
+            "decode_prefetch_precision": round(foreseen / predicted, 4) if predicted else None}
 
 
 def weight_bytes_per_token(args: ModelArgs, quant: str) -> int:
@@ -217,6 +226,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ram", help="offload experts under this RAM budget (quantized "
                    "checkpoint path), run inside a memory cgroup of the budget + 512 MiB "
                    "where the machine allows (root; see memory_limit in --json)")
+    offload_arguments(p)
     p.set_defaults(run=main)
 
 
@@ -255,6 +265,7 @@ def main(args: argparse.Namespace) -> int:
             drop_page_cache(args.model)
         model = assemble(args.model, dtype=None if offloaded else float_dtype,
                          device=args.device, max_ram=args.max_ram, quantize=bits, plan=plan,
+                         cache_policy=args.cache_policy, prefetch=args.prefetch is not False,
                          fast=not args.reference, presets=True)
         # on a terminal's stderr, never beside --json (whose line a script reads), rank 0 alone
         with bar(args.repeats * (args.prompt_len + args.batch * args.gen_len), "bench", "tok",

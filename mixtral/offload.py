@@ -6,7 +6,9 @@ Each expert of each layer is a contiguous slice of its bank in the safetensors f
 one in is three reads (w1, w3, w2 and their scales) straight into fresh buffers; int4 experts
 are packed for this CPU's kernel at their first call (mixtral.quant.int4).
 Experts run where they were read; nothing else is copied. Pages read are dropped from the page
-cache (POSIX_FADV_DONTNEED), so the file is not held twice.
+cache (POSIX_FADV_DONTNEED), so the file is not held twice. With `prefetch` (the default) a
+background reader reads the experts the routers foresee while others compute
+(mixtral.prefetch); the numbers are the same either way, only when the bytes arrive changes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import ctypes
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import cast
 
@@ -29,7 +32,9 @@ from mixtral.configs import parse_dtype
 from mixtral.formats import is_quantized_weight, portable_names
 from mixtral.memory import check_fits, load_bytes
 from mixtral.model import ExpertBank, Transformer
+from mixtral.prefetch import Foresight, Key, Profile, Reader
 from mixtral.quant import Format, QuantExperts, apply, get
+from mixtral.quant.int4 import Int4Linear
 from mixtral.sizes import parse_size
 
 RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short contexts
@@ -40,18 +45,26 @@ DEFAULT_POLICY = "aging"  # chosen on routing traces: benchmarks/cache_policy.py
 class ExpertStore:
     """Reads single experts out of the expert banks of a quantized checkpoint."""
 
-    def __init__(self, info: CheckpointInfo) -> None:
+    def __init__(self, info: CheckpointInfo, profile: Profile | None = None) -> None:
         assert info.quantization is not None
         self.info, self.bits = info, info.quantization["bits"]
         self.to_portable = get(self.bits).layouts[info.quantization["layout"]]
+        self.profile = profile or Profile()
         self.bytes_read = 0
         self._files: dict[Path, int] = {}
+        self._lock = threading.Lock()  # the reader thread and the caller may both read
+        self.expert_bytes = sum(  # one expert's slices, as the file stores them
+            info.entries[n].dtype.itemsize * _numel(info.entries[n].shape[1:])
+            for w in ("w1", "w2", "w3")
+            for n in portable_names(f"layers.0.feed_forward.experts.{w}", self.bits))
 
     def read(self, layer: int, expert: int) -> dict[str, tuple[Tensor, Tensor]]:
         out = {}
         for w in ("w1", "w2", "w3"):
             qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
-            out[w] = (self.to_portable(self._slice(qname, expert)), self._slice(sname, expert))
+            q, s = self._slice(qname, expert), self._slice(sname, expert)
+            with self.profile.stage("pack"):
+                out[w] = (self.to_portable(q), s)
         return out
 
     def _slice(self, name: str, expert: int) -> Tensor:
@@ -64,37 +77,58 @@ class ExpertStore:
         out = torch.empty(shape, dtype=entry.dtype)
         fd = self._fd(entry.file)
         buf = (ctypes.c_ubyte * nbytes).from_address(out.data_ptr())
-        got = os.preadv(fd, [buf], start)
+        with self.profile.stage("read"):
+            got = os.preadv(fd, [buf], start)
         if got != nbytes:
             raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
-        os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
-        self.bytes_read += nbytes
+        with self.profile.stage("drop"):
+            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.bytes_read += nbytes
         return out
 
     def _fd(self, path: Path) -> int:
-        if path not in self._files:
-            self._files[path] = os.open(path, os.O_RDONLY)
-            # no readahead: an expert is read whole, and what lies past it is another expert
-            # (measured: readahead made the disk read 17-31 % more than the experts' bytes)
-            os.posix_fadvise(self._files[path], 0, 0, os.POSIX_FADV_RANDOM)
-        return self._files[path]
+        with self._lock:
+            if path not in self._files:
+                self._files[path] = os.open(path, os.O_RDONLY)
+                # no readahead: an expert is read whole, and what lies past it is another
+                # expert (measured: readahead made the disk read 17-31 % more than the experts)
+                os.posix_fadvise(self._files[path], 0, 0, os.POSIX_FADV_RANDOM)
+            return self._files[path]
 
 
 class ExpertCache:
     """The hot experts of all layers under a byte budget; `policy` (mixtral.cache_policy)
-    names the one to evict. `trace`, when a list, receives every use: (layer, expert)."""
+    names the one to evict. `trace`, when a list, receives every use: (layer, expert).
+
+    With a `reader` (mixtral.prefetch) experts can also be read ahead (`prefetch`). A read in
+    flight holds its bytes of the budget from the start, and a use of it waits for it rather
+    than reading twice. The policy sees uses only, so it ranks a read-ahead expert by its
+    past uses (one never used ranks last: a wrong guess is the next to go). Read-ahead evicts
+    only experts that are not pinned (`pin`: those the current layer chose and those foreseen
+    for the next), and is skipped when that is not enough; a use evicts the policy's victim
+    among the unpinned first. Counts: a use is a hit when its expert is in memory, else a
+    miss (`waited` of them found it in flight); `prefetched` reads ahead, `prefetch_used` of
+    them used before evicted."""
 
     def __init__(self, store: ExpertStore, budget: int, fmt: Format, group_size: int,
-                 dtype: torch.dtype, policy: str = DEFAULT_POLICY) -> None:
-        self.store, self.budget = store, budget
+                 dtype: torch.dtype, policy: str = DEFAULT_POLICY,
+                 reader: Reader | None = None) -> None:
+        self.store, self.budget, self.reader = store, budget, reader
         self.fmt, self.group_size, self.dtype = fmt, group_size, dtype
+        self.profile = store.profile
         # what each paged-in expert becomes: mixtral.fast swaps in its own form (our kernels)
         self.swap: Callable[[nn.Module], nn.Module] = lambda module: module
         self.policy = cache_policy.make(policy)
-        self._held: dict[tuple[int, int], tuple[nn.Module, int]] = {}
-        self.used = 0
-        self.hits = self.misses = 0
-        self.trace: list[tuple[int, int]] | None = None
+        self.foresight: Foresight | None = None  # set by load_offloaded with prefetch
+        self._held: dict[Key, tuple[nn.Module, int]] = {}
+        self._pending: dict[Key, Future[nn.Module]] = {}
+        self._fresh: set[Key] = set()  # read ahead, not used yet
+        self.pinned: set[Key] = set()
+        self.used = 0  # bytes held and in flight
+        self.hits = self.misses = self.waited = 0
+        self.prefetched = self.prefetch_used = 0
+        self.trace: list[Key] | None = None
         self._lock = threading.Lock()
 
     def get(self, layer: int, expert: int) -> nn.Module:
@@ -103,23 +137,97 @@ class ExpertCache:
             if self.trace is not None:
                 self.trace.append(key)
             self.policy.touch(key)
+            if key in self._fresh:
+                self._fresh.discard(key)
+                self.prefetch_used += 1
             if key in self._held:
                 self.hits += 1
                 return self._held[key][0]
             self.misses += 1
-        banks = {w: (q[None], s[None]) for w, (q, s) in self.store.read(layer, expert).items()}
-        size = sum(q.numel() * q.element_size() + s.numel() * s.element_size()
-                   for q, s in banks.values())
-        module = self.swap(QuantExperts(banks, self.fmt, self.group_size, self.dtype))
+        while True:
+            with self._lock:
+                if key in self._held:  # arrived while this use waited for room
+                    return self._held[key][0]
+                pending, mine = self._pending.get(key), False
+                if pending is None and self._make_room(demand=True):
+                    pending, mine = self._start(key), True
+                if pending is not None:
+                    self.waited += not mine
+                    break
+                busy = list(self._pending.values())
+            wait(busy, return_when=FIRST_COMPLETED)  # the budget is all reads in flight
+        if mine:
+            self._load(key, pending)
+        else:  # in flight: wait for it, do not read it again
+            with self.profile.stage("wait"):
+                return pending.result()
+        return pending.result()
+
+    def pin(self, keys: Iterable[Key]) -> None:
         with self._lock:
-            if key in self._held:  # another thread read it meanwhile
-                return self._held[key][0]
-            while self._held and self.used + size > self.budget:
-                _, freed = self._held.pop(self.policy.victim(self._held))
-                self.used -= freed
-            self._held[key] = (module, size)
-            self.used += size
-        return module
+            self.pinned = set(keys)
+
+    def prefetch(self, keys: Iterable[Key]) -> None:
+        """Read these experts in the background, in order, those that fit (class docstring)."""
+        if self.reader is None:
+            return
+        for key in keys:
+            with self._lock:
+                if key in self._held or key in self._pending \
+                        or not self._make_room(demand=False):
+                    continue
+                future = self._start(key)
+                self._fresh.add(key)
+                self.prefetched += 1
+            self.reader.submit(self._load, key, future)
+
+    def _make_room(self, demand: bool) -> bool:
+        """Evict until one more expert fits (the lock held): by the policy among the unpinned,
+        then (a use only) among the pinned; False when it cannot (reads in flight fill it)."""
+        size = self.store.expert_bytes
+        over = self.used + size - self.budget
+        unpinned = [k for k in self._held if k not in self.pinned]
+        if over > 0 and not demand and len(unpinned) * size < over:
+            return False
+        while self.used + size > self.budget:
+            pool = unpinned or list(self._held)
+            if not pool:
+                return False
+            victim = self.policy.victim(pool)
+            if victim in unpinned:
+                unpinned.remove(victim)
+            self.used -= self._held.pop(victim)[1]
+            self._fresh.discard(victim)
+        return True
+
+    def _start(self, key: Key) -> Future[nn.Module]:
+        """The key's read, its bytes held from now (the lock held)."""
+        future: Future[nn.Module] = Future()
+        self._pending[key] = future
+        self.used += self.store.expert_bytes
+        return future
+
+    def _load(self, key: Key, future: Future[nn.Module]) -> None:
+        """Read and pack the expert into `future` (any thread); the outcome, an error
+        included (a truncated file), goes to whoever waits on it."""
+        try:
+            banks = {w: (q[None], s[None]) for w, (q, s) in self.store.read(*key).items()}
+            with self.profile.stage("pack"):
+                module = self.swap(QuantExperts(banks, self.fmt, self.group_size, self.dtype))
+                for m in module.modules():  # PyTorch's int4 packs at its first call: pack here
+                    if isinstance(m, Int4Linear):
+                        m.pack()
+        except BaseException as e:
+            with self._lock:
+                del self._pending[key]
+                self.used -= self.store.expert_bytes
+                self._fresh.discard(key)
+            future.set_exception(e)
+            return
+        with self._lock:
+            del self._pending[key]
+            self._held[key] = (module, self.store.expert_bytes)
+        future.set_result(module)
 
 
 class OffloadedExperts(ExpertBank):
@@ -130,7 +238,9 @@ class OffloadedExperts(ExpertBank):
         self.layer, self.cache, self.num_experts = layer, cache, num_experts
 
     def expert(self, e: int, x: Tensor) -> Tensor:
-        return cast(Callable[[int, Tensor], Tensor], self.cache.get(self.layer, e).expert)(0, x)
+        module = self.cache.get(self.layer, e)
+        with self.cache.profile.stage("compute"):
+            return cast(Callable[[int, Tensor], Tensor], module.expert)(0, x)
 
 
 def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[int, int]:
@@ -155,10 +265,12 @@ def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[i
 
 def load_offloaded(path: str | os.PathLike, max_ram: int | str,
                    dtype: torch.dtype | str | None = None,
-                   kv_cache_bytes: int = 0, policy: str = DEFAULT_POLICY) -> Transformer:
+                   kv_cache_bytes: int = 0, policy: str = DEFAULT_POLICY,
+                   prefetch: bool = True) -> Transformer:
     """A quantized checkpoint whose experts stay on disk until used (CPU); `max_ram` covers
     the resident weights, the experts cache, a runtime reserve and `kv_cache_bytes`; `policy`:
-    the experts cache's (mixtral.cache_policy.POLICIES)."""
+    the experts cache's (mixtral.cache_policy.POLICIES); `prefetch`: read the experts the
+    routers foresee in a background thread (mixtral.prefetch), False: only when used."""
     info = inspect(path)
     if info.quantization is None:
         raise CheckpointError(f"{path}: offloading reads quantized experts; make such a copy "
@@ -179,9 +291,12 @@ def load_offloaded(path: str | os.PathLike, max_ram: int | str,
               if not is_quantized_weight(name)}
     model.load_state_dict(floats, strict=False, assign=True)
     store = ExpertStore(info)
-    cache = ExpertCache(store, left, get(quant["bits"]), quant["group_size"], target, policy)
+    cache = ExpertCache(store, left, get(quant["bits"]), quant["group_size"], target, policy,
+                        Reader() if prefetch else None)
     model = apply(model, quantized_reader(info), quant["bits"], quant["group_size"], target, "cpu",
                   experts=lambda layer: OffloadedExperts(layer, cache, info.args.num_experts))
+    if prefetch:
+        cache.foresight = Foresight(model, cache)
     model.expert_cache = cache  # type: ignore[assignment]  # for reports (hits, bytes read)
     return model.eval()
 

@@ -17,7 +17,7 @@ from mixtral.default_model import random_tiny
 KEYS = {"model", "quant", "device", "threads", "batch", "prompt_len", "gen_len", "prefill_tok_s",
         "decode_tok_s", "ttft_s", "peak_rss_gib", "weight_bytes_per_token", "repeats",
         "decode_disk_read_bytes_per_token", "decode_expert_hit_rate",
-        "decode_prefetch_precision", "memory_limit"}
+        "decode_prefetch_precision", "memory_limit", "cache_policy", "prefetch"}
 
 
 @pytest.mark.parametrize("quant,batch", [("bf16", 1), ("int8", 2), ("int4", 1), ("fp32", 2)])
@@ -33,6 +33,7 @@ def test_bench_json(capsys, quant, batch):
     assert result["decode_disk_read_bytes_per_token"] >= 0  # /proc/self/io on Linux
     assert result["decode_expert_hit_rate"] is None is result["decode_prefetch_precision"]
     assert result["memory_limit"] is None  # nothing offloaded: nothing confined
+    assert result["cache_policy"] is None is result["prefetch"]
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +54,29 @@ def int4_checkpoint(tmp_path_factory):
     return d / "q4"
 
 
+@pytest.mark.parametrize("policy,prefetch", [("lfu", "--prefetch"), ("lru", "--no-prefetch")])
 def test_offloaded_bench_reports_its_cache_and_its_confinement(int4_checkpoint, capsys,
-                                                                monkeypatch, tmp_path):
+                                                                monkeypatch, tmp_path, policy,
+                                                                prefetch):
     """No cgroup hierarchy (mocked): the run goes on, says on stderr and in memory_limit that
-    its figures are not honest; the expert cache's hit rate is over the decode tokens."""
+    its figures are not honest; the expert cache's hit rate is over the decode tokens, and
+    its policy and read-ahead are the ones asked for (the predictor's precision with it)."""
     from mixtral import cgroup
 
     monkeypatch.setattr(cgroup, "V1_ROOT", tmp_path / "no-v1")
     monkeypatch.setattr(cgroup, "V2_ROOT", tmp_path / "no-v2")
     assert main(["bench", "--model", str(int4_checkpoint), "--quant", "int4", "--max-ram",
                  "1.1GiB", "--prompt-len", "12", "--gen-len", "6", "--repeats", "1",
-                 "--json"]) == 0
+                 "--cache-policy", policy, prefetch, "--json"]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)
     assert set(result) == KEYS | {"offload"}
     assert 0 <= result["decode_expert_hit_rate"] <= 1
-    assert result["decode_prefetch_precision"] is None
+    assert (result["cache_policy"], result["prefetch"]) == (policy, prefetch == "--prefetch")
+    if result["prefetch"]:
+        assert 0 <= result["decode_prefetch_precision"] <= 1
+    else:
+        assert result["decode_prefetch_precision"] is None
     limit = result["memory_limit"]
     assert limit["honest"] is False and "no memory cgroup hierarchy" in limit["reason"]
     assert limit["limit_bytes"] == int(1.1 * 2**30) + 512 * 2**20

@@ -85,16 +85,18 @@ def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
     assert isinstance(paged, FusedExperts) == kernels.available()
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("fit", [2, 5, 16])
-def test_every_policy_and_budget_gives_the_resident_tokens(checkpoints, policy, fit):
-    """`fit` of the 16 experts in the cache: outputs never depend on what it holds; its misses
-    are those of the policy replayed offline on the uses it saw (benchmarks/cache_policy.py's
-    figures are the live cache's)."""
+def test_every_policy_and_budget_gives_the_resident_tokens(checkpoints, policy, fit, prefetch):
+    """`fit` of the 16 experts in the cache, read ahead or not: outputs never depend on what
+    it holds. Without read-ahead its misses are those of the policy replayed offline on the
+    uses it saw (benchmarks/cache_policy.py's figures are the live cache's); with it, every
+    expert read is counted once (tests/test_prefetch.py has the rest)."""
     path = checkpoints / "q4"
     resident, _ = plan(inspect(path), 2**40)
     off = load_offloaded(path, resident + RUNTIME_RESERVE + fit * expert_bytes(path),
-                         policy=policy)
+                         policy=policy, prefetch=prefetch)
     cache = off.expert_cache
     cache.trace = []
     prompt = [1, 415, 2936, 9060, 28705, 28740]
@@ -102,7 +104,11 @@ def test_every_policy_and_budget_gives_the_resident_tokens(checkpoints, policy, 
     assert list(generate(off, prompt, params)) == list(generate(resident_q4(path), prompt,
                                                                  params))
     assert cache.hits + cache.misses == len(cache.trace) > 0
-    assert cache.misses == replay(cache.trace, fit, make(policy))
+    if prefetch:
+        reads = cache.misses - cache.waited + cache.prefetched
+        assert cache.store.bytes_read == reads * expert_bytes(path)
+    else:
+        assert cache.misses == replay(cache.trace, fit, make(policy))
     assert cache.used <= cache.budget
 
 
@@ -151,7 +157,22 @@ def test_budget_errors(checkpoints):
         parse_size("lots")
 
 
-def test_cli_generate_offloaded(checkpoints, capsys):
-    assert main(["generate", "--model", str(checkpoints / "q4"), "--max-ram", "2GiB",
+@pytest.mark.parametrize("flags", [[], ["--cache-policy", "lru", "--no-prefetch"],
+                                   ["--cache-policy", "lfu", "--prefetch"]])
+def test_cli_generate_offloaded(checkpoints, capsys, flags):
+    assert main(["generate", "--model", str(checkpoints / "q4"), "--max-ram", "2GiB", *flags,
                  "--prompt", "Hi", "--max-tokens", "4", "--json"]) == 0
     assert '"completion_tokens": 4' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--cache-policy", "lru"], "--cache-policy tunes the experts cache of --max-ram"),
+    (["--no-prefetch"], "--[no-]prefetch tunes the experts cache of --max-ram"),
+    (["--max-ram", "2GiB", "--cache-policy", "mru"], "invalid choice: 'mru'")])
+def test_cli_cache_flags_are_checked(checkpoints, capsys, flags, error):
+    try:  # argparse's own errors exit; the command's return 2
+        code = main(["generate", "--model", str(checkpoints / "q4"), *flags, "--prompt", "Hi"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and error in err and "Traceback" not in err

@@ -1,0 +1,139 @@
+"""Foresight for offloaded experts (mixtral.offload): read the experts a token will need while
+the ones it needs now compute, and say where an offloaded token's time goes.
+
+  Foresight  when layer l routes (a hook on its ffn_norm, whose output is what the router and
+             the experts receive), asks the cache to read ahead, in this order: layer l's own
+             chosen experts (known exactly: the second is read while the first computes), then
+             layer l+1's experts as layer l+1's router predicts them from layer l's input (the
+             trick `mixtral-offloading` describes; 65.9 % precise on the trained default model,
+             benchmarks/prefetch_precision.py). It counts how precise the prediction was, the
+             `precision` bench --json reports (the same measure as that script's).
+  Reader     the background thread that does the reading. One thread: a disk reads one expert
+             at a time fastest, and os.preadv releases the GIL for the read; packing an expert
+             for the kernels is torch operations, which release it too.
+  Profile    seconds and counts per (thread, stage): read (the syscall), drop (the page-cache
+             drop), pack (file layout -> the kernels'), wait (the caller blocked on a read in
+             flight), compute (the experts); benchmarks/offload.py --profile adds "the rest".
+
+Which experts a read-ahead may evict, and how they rank: mixtral.offload.ExpertCache.prefetch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol, cast
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mixtral.model import Transformer, TransformerBlock
+
+Key = tuple[int, int]  # (layer, expert)
+READER_NAME = "mixtral-expert-reader"
+STAGES = ("read", "drop", "pack", "wait", "compute")
+
+
+class Profile:
+    """Where offloaded experts' time goes: seconds and counts by thread ("caller": the one
+    running the model; "reader": the background reader) and stage (STAGES)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            who = "reader" if threading.current_thread().name.startswith(READER_NAME) \
+                else "caller"
+            with self._lock:
+                self.seconds[who, name] += spent
+                self.counts[who, name] += 1
+
+    def snapshot(self) -> dict[str, dict[str, tuple[float, int]]]:
+        """{thread: {stage: (seconds, count)}} as of now."""
+        with self._lock:
+            return {who: {s: (self.seconds[who, s], self.counts[who, s]) for s in STAGES}
+                    for who in ("caller", "reader")}
+
+
+class Reader:
+    """One background thread running the cache's reads; `submit(fn, *args)` queues one."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=READER_NAME)
+
+    def submit(self, fn: Callable[..., object], *args: object) -> None:
+        self._pool.submit(_quiet_no_grad, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _quiet_no_grad(fn: Callable[..., object], *args: object) -> None:
+    # the read's outcome (a module or the error) reaches the cache's own future; this
+    # thread's gradient mode is its own, and an expert's tensors never need gradients
+    with torch.no_grad():
+        fn(*args)
+
+
+class Foresight:
+    """Read-ahead driven by the routers (module docstring); `cache` is mixtral.offload's
+    ExpertCache (its `pin` and `prefetch`)."""
+
+    def __init__(self, model: Transformer, cache: Prefetching) -> None:
+        self.cache, self.k = cache, model.args.num_experts_per_tok
+        # the routers' weights as fp32 copies (8 x dim each): the model's own router modules
+        # are swapped for faster ones by mixtral.fast, and a prediction needs no more
+        blocks = cast("list[TransformerBlock]", list(model.layers))
+        self.gates = [cast(nn.Linear, b.feed_forward.gate).weight.detach().float()
+                      for b in blocks]
+        self.guess: tuple[int, Tensor] | None = None  # (layer, its predicted experts [N, k])
+        self.predicted = self.correct = 0
+        self.handles = [b.ffn_norm.register_forward_hook(functools.partial(self._routed, i))
+                        for i, b in enumerate(blocks)]
+
+    def precision(self) -> float | None:
+        """Predicted experts the next layer then chose, over all predictions (None: none)."""
+        return self.correct / self.predicted if self.predicted else None
+
+    def _routed(self, layer: int, _module: nn.Module, _inputs: object, out: Tensor) -> None:
+        x = out.detach().reshape(-1, out.shape[-1]).float()  # [N, D]: what the router sees
+        now = torch.topk(x @ self.gates[layer].T, self.k).indices  # [N, k]
+        if self.guess is not None and self.guess[0] == layer and \
+                self.guess[1].shape == now.shape:
+            guess = self.guess[1]
+            self.predicted += guess.numel()
+            self.correct += int((guess[:, :, None] == now[:, None, :]).any(-1).sum())
+        keys = [(layer, e) for e in sorted(set(now.flatten().tolist()))]
+        self.guess = None
+        if layer + 1 < len(self.gates):
+            guess = torch.topk(x @ self.gates[layer + 1].T, self.k).indices
+            self.guess = (layer + 1, guess)
+            keys += [(layer + 1, e) for e in sorted(set(guess.flatten().tolist()))]
+        self.cache.pin(keys)
+        self.cache.prefetch(keys)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class Prefetching(Protocol):
+    """What Foresight asks of a cache (mixtral.offload.ExpertCache)."""
+
+    def pin(self, keys: list[Key]) -> None: ...
+
+    def prefetch(self, keys: list[Key]) -> None: ...
