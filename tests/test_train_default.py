@@ -1,20 +1,24 @@
 """The default model's recipe (issue 17): the curriculum puts whole plain-text passages in every
 stage as {"text": ...} rows that SFT trains on, the curriculum recipes read the stages at
 seq_len 1024, and scripts/train_default.sh runs end to end in its dry-run mode (every stage
-for 2 steps on a tiny model, then every evaluation on a handful of cases), so it cannot rot."""
+for 2 steps on a tiny model, then every evaluation on a handful of cases), so it cannot rot;
+scripts/ship_default.py then packages the dry run (one run serves both: a module fixture)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import mixtral
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.data import sft_examples
 
@@ -34,6 +38,10 @@ def fake_corpus(root: Path) -> Path:
         folder = root / "pretrain" / split
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("\n\n".join(f"{i}. {PARAGRAPH * 3}" for i in range(30)))
+    source = {"status": "ok", "licence": "public domain", "train": {"tokens": 2000},
+              "package": {"registry": "pypi", "name": "prose", "version": "1.0"}}
+    (root / "manifest.json").write_text(json.dumps(  # its fields that the model card reads
+        {"sources": {"prose": source}, "totals": {"train": {"tokens": 2000}}}))
     return root
 
 
@@ -73,14 +81,21 @@ def test_the_curriculum_recipes_chain_at_the_full_context():
     assert list(STAGES) == stages
 
 
-@pytest.mark.slow
-def test_train_default_dry_run_runs_every_stage(tmp_path):
-    corpus = fake_corpus(tmp_path / "corpus")
-    runs = tmp_path / "runs"
-    env = {**os.environ, "CORPUS": str(corpus), "RUNS": str(runs), "DATA": str(tmp_path / "d"),
-           "PY": sys.executable}  # this interpreter, wherever its environment is
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """scripts/train_default.sh --dry-run, once for this module: (its process, its folder)."""
+    tmp = tmp_path_factory.mktemp("dry-run")
+    env = {**os.environ, "CORPUS": str(fake_corpus(tmp / "corpus")), "RUNS": str(tmp / "runs"),
+           "DATA": str(tmp / "d"), "PY": sys.executable}  # this interpreter, wherever it is
     done = subprocess.run(["bash", str(ROOT / "scripts" / "train_default.sh"), "--dry-run"],
                           env=env, capture_output=True, text=True, timeout=1800)
+    return done, tmp
+
+
+@pytest.mark.slow
+def test_train_default_dry_run_runs_every_stage(dry_run):
+    done, tmp = dry_run
+    runs = tmp / "runs"
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DPO starts at ln 2" in done.stdout
     for stage in ("pretrain", "copy", "skills", "final", "dpo"):
@@ -100,3 +115,53 @@ def test_train_default_refuses_an_unknown_option():
     done = subprocess.run(["bash", str(ROOT / "scripts" / "train_default.sh"), "--fast"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.strip().startswith("usage:")
+
+
+@pytest.mark.slow
+def test_ship_default_packages_the_dry_run(dry_run):
+    done, tmp = dry_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs, env = tmp / "runs", {**os.environ, "CORPUS": str(tmp / "corpus"), "PY": sys.executable}
+    if not (runs / "eval" / "final" / "heldout.json").exists():  # train_default.sh predating it
+        sft = runs / "final" / (runs / "final" / "latest").read_text().strip()
+        evaluated = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "eval_stage.sh"), "--dry-run", str(sft),
+             str(runs / "eval" / "final")], env=env, capture_output=True, text=True,
+            timeout=1800)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    out = tmp / "shipped"
+    shipped = subprocess.run(
+        [sys.executable, "scripts/ship_default.py", "--runs", str(runs), "--corpus",
+         str(tmp / "corpus"), "--curriculum", str(tmp / "d" / "curriculum"), "--dst", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert shipped.returncode == 0, shipped.stderr[-3000:]
+    stage, checkpoint = re.match(r"shipped (dpo|final): (\S+) -> ", shipped.stdout).groups()
+    assert Path(checkpoint) == runs / stage / "step-000002"
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"Shipped: the **{stage}** stage, `{checkpoint}`" in card
+    for name in ("pretrain", "copy", "skills", "final", "dpo"):  # the stage table
+        assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
+    # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the
+    # previous model's figure (scripts/heldout/results-shipped.json: 0/100)
+    share = r"\d+\.\d % \(\d+/\d+; \d+–\d+\)"
+    row = re.search(r"^\| exact JSON from the given fields and values \| ≥ 95 % \| (.*)$",
+                    card, re.M)
+    assert row and re.fullmatch(rf"{share} \| {share} \| 0\.0 % \(0/100; 0–4\) \| "
+                                r"(met|\*\*not met\*\*) \|", row.group(1)), row
+    # the full held-out table, in and out of distribution (scripts/eval_heldout.py's)
+    assert re.search(r"^\| addition \| \d+ % \(\d+/\d+; \d+–\d+\) \| \d+ % \(\d+/\d+; "
+                     r"\d+–\d+\) \| ≥ 80 % \|$", card, re.M)
+    assert "## Which stage ships, and why" in card and "python scripts/ship_default.py" in card
+    needles = ("total", "active", "JSON from", "passkey", "2-digit addition", "safe prompt",
+               "</s>", "preference accuracy", "Perplexity vs context", "Routing",
+               "What it cannot do", "scripts/train_default.sh", "out-of-distribution",
+               "scripts/eval_heldout.py")  # what tests/test_default_model.py asks of the card
+    assert [n for n in needles if n not in card] == []
+    # the weights: the bf16 copy of the checkpoint it names, read by mixtral.load
+    model, source = mixtral.load(out), mixtral.load(checkpoint, dtype="bf16")
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    state = source.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+    tokens = torch.randint(0, 32000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), source(tokens))

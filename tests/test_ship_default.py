@@ -1,0 +1,122 @@
+"""scripts/ship_default.py's rule for which stage ships (issue 17: DPO only if it raises held-out
+preference accuracy above SFT's and is no worse on the held-out task figures) and the card's
+targets table (a share below its target is "not met", never rounded up). The whole script runs
+on the dry run's outputs in tests/test_train_default.py, which trains them once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from default_card import Inputs, targets_table  # noqa: E402
+from eval_heldout import wilson  # noqa: E402
+from ship_default import choose, main, standing, target_figures  # noqa: E402
+
+LENGTHS = (128, 256, 512, 768, 1000)
+
+
+def report(json_k: int = 95, passkey_k: int = 18, eos_k: int = 100, n: int = 100) -> dict:
+    """An eval_heldout.py report: the target figures with k of n (passkey: k of 20 a length)."""
+    counts = {"json/ood": (json_k, n), "json/id": (n, n), "json-new-values/ood": (json_k, n),
+              "addition/ood": (80, n), "eos/ood": (eos_k, n),
+              "safety/ood harmful refused, safe prompt": (18, 20),
+              "safety/ood harmless answered, safe prompt": (18, 20),
+              "safety/ood harmless answered, no safe prompt": (19, 20),
+              **{f"passkey/ood len={length}": (passkey_k, 20) for length in LENGTHS}}
+    return {"summary": {key: {"k": k, "n": m, "share": round(k / m, 4),
+                              "ci95": list(wilson(k, m))} for key, (k, m) in counts.items()},
+            "model": "test", "command": "python scripts/eval_heldout.py"}
+
+
+def test_target_figures_are_the_issues_with_one_passkey_figure_per_length():
+    figures = dict(target_figures(report()["summary"]))
+    assert [k for k in figures if k.startswith("passkey")] == [
+        f"passkey/ood len={length}" for length in LENGTHS]
+    assert figures["json/ood"] == 0.95 and figures["eos/ood"] == 0.99
+    assert figures["safety/ood harmless answered, no safe prompt"] == 0.95
+    assert len(figures) == 7 + len(LENGTHS)
+    assert standing(report()["summary"]) == pytest.approx(
+        {"met": 12, "of": 12, "mean": (0.95 * 2 + 0.8 + 1 + 0.9 * 7 + 0.95) / 12})
+
+
+def test_dpo_ships_only_if_it_prefers_better_and_is_no_worse_on_the_tasks():
+    better, same = {"sft": 0.80, "dpo": 0.85, "pairs": 200}, {"sft": 0.8, "dpo": 0.8,
+                                                               "pairs": 200}
+    assert choose(better, report(), report())[0] == "dpo"
+    stage, why = choose(same, report(), report())  # not strictly above SFT's
+    assert stage == "final" and "did not raise preference accuracy" in why
+    # better preferences, but one target fewer met (json 94/100 vs 95/100)
+    stage, why = choose(better, report(json_k=94), report())
+    assert stage == "final" and "worse on the held-out tasks" in why
+    # as many targets met, but a lower mean share
+    assert choose(better, report(passkey_k=19), report(passkey_k=20))[0] == "final"
+    assert choose(better, report(passkey_k=20), report(passkey_k=19))[0] == "dpo"
+    stage, why = choose(same, report(), report(), forced="dpo")
+    assert stage == "dpo" and "chosen by hand" in why
+
+
+def card_inputs(shipped: dict, before: dict, base_ppl: float, ppl: float) -> Inputs:
+    curve = [{"length": n, "perplexity": ppl} for n in (128, 1024)]
+    base = [{"length": n, "perplexity": base_ppl} for n in (128, 1024)]
+    return Inputs(stage="dpo", why="", checkpoint=Path("x"), stages={},
+                  heldout={"dpo": shipped}, preference={}, before=before, before_path="",
+                  in_distribution={}, passkey={}, perplexity={"curve": curve},
+                  base_perplexity={"curve": base}, routing={}, routing_table="", commands={},
+                  tasks={}, manifest={}, eval_root=Path("eval"))
+
+
+def test_the_targets_table_says_not_met_below_a_target_without_rounding_up():
+    table, missed = targets_table(card_inputs(report(json_k=949, eos_k=1000, n=1000),
+                                              report(json_k=0), 100.0, 150.0))
+    row = next(line for line in table.splitlines() if line.startswith("| exact JSON from"))
+    assert row == ("| exact JSON from the given fields and values | ≥ 95 % | 100.0 % "
+                   "(1000/1000; 100–100) | 94.9 % (949/1000; 93–96) | 0.0 % (0/100; 0–4) | "
+                   "**not met** |")
+    assert "exact JSON from the given fields and values" in missed
+    assert "passkey at every length | all ≥ 90 % | | 5 of 5 lengths | | met |" in table
+    assert "plain-text perplexity" not in missed  # 1.5x exactly is within 1.5x
+    _, missed = targets_table(card_inputs(report(passkey_k=17), report(), 100.0, 150.1))
+    assert "plain-text perplexity" in missed
+    assert [m for m in missed if m.startswith("passkey")] == [
+        "passkey at every length (0 of 5 met)"]
+
+
+def fake_runs(runs: Path, dpo_first_loss: float = 0.6931) -> None:
+    """Every stage finished (metrics and a latest step folder) and the DPO model evaluated."""
+    for stage in ("pretrain", "copy", "skills", "final", "dpo"):
+        (runs / stage / "step-000002").mkdir(parents=True)
+        (runs / stage / "latest").write_text("step-000002\n")
+        first = dpo_first_loss if stage == "dpo" else 3.0
+        (runs / stage / "metrics.jsonl").write_text(
+            f'{{"step": 1, "loss": {first}, "step_seconds": 1.0, "tokens_per_s": 10.0}}\n'
+            '{"step": 2, "loss": 0.5, "step_seconds": 1.0, "tokens_per_s": 10.0}\n')
+    (runs / "eval").mkdir()
+    (runs / "eval" / "heldout.json").write_text(json.dumps(report()))
+
+
+def test_shipping_without_the_sft_stages_held_out_figures_says_what_to_run(tmp_path, capsys):
+    fake_runs(tmp_path / "runs")
+    assert main(["--runs", str(tmp_path / "runs"), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"ship_default.py: {tmp_path / 'runs' / 'eval' / 'final' / 'heldout.json'} "
+                   "is missing: scripts/eval_stage.sh MODEL OUT writes it")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dpo_run_that_did_not_start_at_ln_2_is_refused(tmp_path, capsys):
+    fake_runs(tmp_path / "runs", dpo_first_loss=0.5)
+    assert main(["--runs", str(tmp_path / "runs"), "--dst", str(tmp_path / "out")]) == 2
+    assert "DPO's first loss is 0.5000, not ln 2" in capsys.readouterr().err
+
+
+def test_a_run_without_metrics_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["--runs", str(tmp_path / "runs"), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "metrics.jsonl is missing" in err
+    assert not (tmp_path / "out").exists()
