@@ -59,12 +59,12 @@ class ExpertStore:
             for n in portable_names(f"layers.0.feed_forward.experts.{w}", self.bits))
 
     def read(self, layer: int, expert: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """The expert's (weight, scales) by matrix name, as the file stores them (the weight
+        in the file's layout: `to_portable` converts it)."""
         out = {}
         for w in ("w1", "w2", "w3"):
             qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
-            q, s = self._slice(qname, expert), self._slice(sname, expert)
-            with self.profile.stage("pack"):
-                out[w] = (self.to_portable(q), s)
+            out[w] = (self._slice(qname, expert), self._slice(sname, expert))
         return out
 
     def _slice(self, name: str, expert: int) -> Tensor:
@@ -211,8 +211,10 @@ class ExpertCache:
         """Read and pack the expert into `future` (any thread); the outcome, an error
         included (a truncated file), goes to whoever waits on it."""
         try:
-            banks = {w: (q[None], s[None]) for w, (q, s) in self.store.read(*key).items()}
-            with self.profile.stage("pack"):
+            stored = self.store.read(*key)
+            with self.profile.stage("pack"):  # the file's layout -> the one the kernels read
+                banks = {w: (self.store.to_portable(q)[None], s[None])
+                         for w, (q, s) in stored.items()}
                 module = self.swap(QuantExperts(banks, self.fmt, self.group_size, self.dtype))
                 for m in module.modules():  # PyTorch's int4 packs at its first call: pack here
                     if isinstance(m, Int4Linear):

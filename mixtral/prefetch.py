@@ -2,10 +2,11 @@
 the ones it needs now compute, and say where an offloaded token's time goes.
 
   Foresight  when layer l routes (a hook on its ffn_norm, whose output is what the router and
-             the experts receive), asks the cache to read ahead, in this order: layer l's own
-             chosen experts (known exactly: the second is read while the first computes), then
-             layer l+1's experts as layer l+1's router predicts them from layer l's input (the
-             trick `mixtral-offloading` describes; 65.9 % precise on the trained default model,
+             the experts receive; put back at each forward if the norm was swapped), asks the
+             cache to read ahead, in this order: layer l's own chosen experts (known exactly:
+             the second is read while the first computes), then layer l+1's experts as layer
+             l+1's router predicts them from layer l's input (the trick `mixtral-offloading`
+             describes; 65.9 % precise on the trained default model,
              benchmarks/prefetch_precision.py). It counts how precise the prediction was, the
              `precision` bench --json reports (the same measure as that script's).
   Reader     the background thread that does the reading. One thread: a disk reads one expert
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 if TYPE_CHECKING:
     from mixtral.model import Transformer, TransformerBlock
@@ -97,13 +99,25 @@ class Foresight:
         self.cache, self.k = cache, model.args.num_experts_per_tok
         # the routers' weights as fp32 copies (8 x dim each): the model's own router modules
         # are swapped for faster ones by mixtral.fast, and a prediction needs no more
-        blocks = cast("list[TransformerBlock]", list(model.layers))
+        self.blocks = cast("list[TransformerBlock]", list(model.layers))
         self.gates = [cast(nn.Linear, b.feed_forward.gate).weight.detach().float()
-                      for b in blocks]
+                      for b in self.blocks]
         self.guess: tuple[int, Tensor] | None = None  # (layer, its predicted experts [N, k])
         self.predicted = self.correct = 0
-        self.handles = [b.ffn_norm.register_forward_hook(functools.partial(self._routed, i))
-                        for i, b in enumerate(blocks)]
+        self.hooked: list[tuple[nn.Module, RemovableHandle] | None] = [None] * len(self.blocks)
+        # each forward first checks the hooks sit on the norms the blocks hold now: the fast
+        # paths (mixtral.fast.optimize) swap the norms after the load
+        self.handle = model.register_forward_pre_hook(self._attach)
+        self._attach()
+
+    def _attach(self, *_: object) -> None:
+        for i, block in enumerate(self.blocks):
+            norm, hooked = block.ffn_norm, self.hooked[i]
+            if hooked is None or hooked[0] is not norm:
+                if hooked is not None:
+                    hooked[1].remove()
+                self.hooked[i] = (norm, norm.register_forward_hook(
+                    functools.partial(self._routed, i)))
 
     def precision(self) -> float | None:
         """Predicted experts the next layer then chose, over all predictions (None: none)."""
@@ -127,8 +141,10 @@ class Foresight:
         self.cache.prefetch(keys)
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.handle.remove()
+        for hooked in self.hooked:
+            if hooked is not None:
+                hooked[1].remove()
 
 
 class Prefetching(Protocol):

@@ -171,3 +171,21 @@ def test_the_profile_accounts_for_every_read_and_expert_call(checkpoints, prefet
         assert p["reader_counts"] == dict.fromkeys(p["reader_counts"], 0)
         assert row["prefetch_precision"] is None and row["waited_per_token"] == 0
     assert n == 10 - 1 - 2 and "ms a token" in offload_bench.show(row)
+
+
+def test_the_foresight_follows_norms_swapped_after_the_load(checkpoints):
+    """mixtral.fast swaps the norms for its own after the load: the hooks move to them."""
+    from mixtral.model import RMSNorm
+
+    path = checkpoints / "q4"
+    model = load_offloaded(path, budget(path, 6))
+    for layer in model.layers:
+        norm = RMSNorm(layer.ffn_norm.weight.shape[0], layer.ffn_norm.eps)
+        norm.weight = layer.ffn_norm.weight
+        layer.ffn_norm = norm
+    with torch.no_grad():
+        model(torch.tensor([PROMPT]))
+    sight = model.expert_cache.foresight
+    assert sight.predicted == len(PROMPT) * ARGS.num_experts_per_tok
+    assert model.expert_cache.prefetched > 0
+    assert [h[0] for h in sight.hooked] == [layer.ffn_norm for layer in model.layers]
