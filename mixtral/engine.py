@@ -18,6 +18,9 @@ running one's takes that one's last logits too, so the n choices of a request (q
 together, consecutive ids) run one prefill between them and decode as rows of one batch. KV of
 a position depends only on the tokens up to it, so a copy is what the prefill would write —
 the same tokens, greedy or seeded. `Job.cached_tokens` says how many prompt tokens were reused.
+A job that asks for its prompt's own logprobs (`Job.prompt_logprobs`) reuses nothing: copied KV
+brings no logits, and it needs every position's (prefill.PromptLogprobs); so a scoring request
+runs its prefill whole, even with `max_tokens` 0, and its twins can still share it.
 
 A fault belongs to the request that caused it: a job that cannot be admitted, a prefill that
 raises, a row whose decode raises when run alone (a failed batch is retried row by row) — each
@@ -47,7 +50,7 @@ from mixtral.cache import KVCache
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new_tokens
 from mixtral.jobs import EngineDown, Job, QueueFull, Running, done
 from mixtral.model import Runner
-from mixtral.prefill import prefill
+from mixtral.prefill import PromptLogprobs, prefill
 from mixtral.prefix_cache import PrefixCache, common_prefix
 from mixtral.sampling import check_seed
 
@@ -211,13 +214,15 @@ class Engine:
             n = self.check(job.prompt, job.params)
             sampler = Sampler(job.params, n, self.model.args.vocab_size, self.device,
                               job.constraint, job.prompt)
+            scores = None if job.prompt_logprobs is None else PromptLogprobs(
+                job.prompt, job.prompt_logprobs)
         except Exception as e:
             done(job, e)
             return False
-        if n == 0:  # max_tokens 0: done before any forward pass
+        if n == 0 and scores is None:  # max_tokens 0: done before any forward pass
             done(job, None)
             return False
-        self._slots[slot] = Running(job, slot, sampler)
+        self._slots[slot] = Running(job, slot, sampler, scores=scores)
         return True
 
     def _finish(self, r: Running, error: BaseException | None = None) -> None:
@@ -268,7 +273,7 @@ class Engine:
         sequence's row or in the prefix cache. The last prompt token still runs (its logits
         pick the first token), unless a running twin has the very same prompt in."""
         r.started = True
-        if not self.kv_copies:
+        if not self.kv_copies or r.scores is not None:  # scored: every position's logits
             return
         prompt, k, v = r.job.prompt, self.cache.k, self.cache.v
         reuse, donor = 0, None
@@ -296,7 +301,8 @@ class Engine:
         start = r.prefilled
         chunk = r.job.prompt[start:start + self.prefill_chunk]
         try:
-            logits = prefill(self.model, chunk, self.cache.rows([r.slot]), start=start)
+            logits = prefill(self.model, chunk, self.cache.rows([r.slot]), start=start,
+                             scores=r.scores)
         except Exception as e:  # only this request was in the forward pass
             self._finish(r, e)
             return
@@ -304,7 +310,24 @@ class Engine:
         if r.prefilled == len(r.job.prompt):
             if self.kv_copies:  # for a twin prompt, should one come while this one runs
                 r.logits = logits.clone()
+            if r.scores is not None and not self._scored(r):
+                return
             self._choose(r, logits)
+
+    def _scored(self, r: Running) -> bool:
+        """Hand r's prompt logprobs over; False when r ended instead: its consumer broke, or
+        scoring the prompt was all it asked (max_tokens 0)."""
+        assert r.scores is not None and r.scores.complete
+        try:
+            if r.job.on_prompt_logprobs is not None:
+                r.job.on_prompt_logprobs(r.scores.entries)
+        except Exception as e:
+            self._finish(r, e)
+            return False
+        if r.sample.max_new == 0:
+            self._finish(r)
+            return False
+        return True
 
     @torch.inference_mode()
     def _decode(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixtral.generate import GenerationParams, Sampler, TokenConstraint
+from mixtral.prefill import PromptLogprobs
 from mixtral.sampling import TokenLogprob
 
 
@@ -36,6 +37,11 @@ class Job:
     cached_tokens: int = 0  # prompt tokens whose KV was copied, not computed (set at its start)
     # with params.logprobs: each token's logprobs, just before its on_token (worker thread)
     on_logprob: Callable[[TokenLogprob], object] | None = None
+    # the prompt's own logprobs with this many alternatives (None: not wanted): the prompt is
+    # then prefilled whole (no KV reused) and, once it is in, on_prompt_logprobs gets the
+    # entries of positions 1.. (worker thread, before any on_token; max_tokens 0 still runs)
+    prompt_logprobs: int | None = None
+    on_prompt_logprobs: Callable[[list[TokenLogprob]], object] | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -50,6 +56,7 @@ class Running:
     pending: int | None = None  # the last sampled token, not yet fed to the model
     started: bool = False  # its prefill has begun (and looked for KV to reuse)
     logits: torch.Tensor | None = None  # after the whole prompt, for a twin prompt to sample
+    scores: PromptLogprobs | None = None  # with job.prompt_logprobs, gathered by its prefill
     out: list[int] = field(default_factory=list)  # the generated ids
     fed: int = 0  # of which are in the cache
 
