@@ -14,9 +14,7 @@ Per decode step we time (a) mask computation into an int32 bitmask [1, 1000] and
 import argparse
 import gc
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -130,7 +128,8 @@ class LLGuidanceEngine:
                 return sp_encode_no_prefix(sp, s)
 
         t0 = time.perf_counter()
-        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SPTok()), n_vocab=V, eos_token=EOS)
+        self.tok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SPTok()), n_vocab=V,
+                                          eos_token=EOS)
         self.tok_build_s = time.perf_counter() - t0
 
     def compile(self, kind, schema):
@@ -138,7 +137,8 @@ class LLGuidanceEngine:
                                               "item_separator": ", ", "key_separator": ": "}
         if kind == "schema_lead":
             sch = dict(schema, **({"x-guidance": opts} if opts else {}))
-            g = self.llg.LLMatcher.grammar_from_lark('start: " "? obj\nobj: %json ' + json.dumps(sch))
+            g = self.llg.LLMatcher.grammar_from_lark('start: " "? obj\nobj: %json '
+                                                     + json.dumps(sch))
         else:
             g = self.llg.LLMatcher.grammar_from_json_schema(schema, overrides=opts)
         m = self.llg.LLMatcher(self.tok, g)  # lexer/grammar built here
@@ -310,8 +310,8 @@ def leading_space_probe(eng, compiled, sp, toks):
     bm = torch.full((1, (V + 31) // 32), -1, dtype=torch.int32)
     eng.fill(m, bm)
     first = allowed_ids(bm)
-    first_strs = sorted({toks[i].decode("utf-8", "replace") if toks[i] is not None else sp.id_to_piece(i)
-                         for i in first})
+    first_strs = sorted({toks[i].decode("utf-8", "replace") if toks[i] is not None
+                         else sp.id_to_piece(i) for i in first})
     doc = '{"name": "Bob", "age": 42, "tags": ["x"]}'
     res = {}
     for label, ids in (("sp.encode (▁ prefix)", sp.encode(doc)),
@@ -328,7 +328,8 @@ def leading_space_probe(eng, compiled, sp, toks):
         res[label] = {"first_piece": sp.id_to_piece(ids[0]), "accepted_tokens": n,
                       "total_tokens": len(ids) + 1, "full_accept": n == len(ids) + 1}
     return {"n_first_allowed": len(first), "first_allowed_sample": first_strs[:12],
-            "space_first_allowed": any(toks[i] is not None and toks[i][:1].isspace() for i in first),
+            "space_first_allowed": any(toks[i] is not None and toks[i][:1].isspace()
+                                       for i in first),
             "tokenization": res}
 
 
@@ -349,26 +350,35 @@ def bench_apply_kernels(n=200):
     g = torch.Generator().manual_seed(0)
     bm = torch.randint(-2**31, 2**31 - 1, (1, (V + 31) // 32), dtype=torch.int32, generator=g)
     base = torch.randn(1, V, generator=g)
-    cands = {"generic torch (bench.py apply_bitmask_)": lambda l: apply_bitmask_(l[0], bm)}
+    cands = {"generic torch (bench.py apply_bitmask_)": lambda x: apply_bitmask_(x[0], bm)}
     try:
         import xgrammar as xgr
-        cands["xgrammar.apply_token_bitmask_inplace (cpu)"] = lambda l: xgr.apply_token_bitmask_inplace(l, bm)
+        cands["xgrammar.apply_token_bitmask_inplace (cpu)"] = (
+            lambda x: xgr.apply_token_bitmask_inplace(x, bm))
     except Exception:
         pass
     try:
         import llguidance.torch as llt
-        cands["llguidance.torch.apply_token_bitmask_inplace (torch.compile)"] = lambda l: llt.apply_token_bitmask_inplace(l, bm)
+        cands["llguidance.torch.apply_token_bitmask_inplace (torch.compile)"] = (
+            lambda x: llt.apply_token_bitmask_inplace(x, bm))
     except Exception:
         pass
-    ref = base.clone(); apply_bitmask_(ref[0], bm)
+    ref = base.clone()
+    apply_bitmask_(ref[0], bm)
     out = {}
     for k, f in cands.items():
         try:
-            l = base.clone(); t0 = time.perf_counter(); f(l); first = time.perf_counter() - t0
-            assert torch.equal(l, ref), "mismatch"
+            logits = base.clone()
+            t0 = time.perf_counter()
+            f(logits)
+            first = time.perf_counter() - t0
+            assert torch.equal(logits, ref), "mismatch"
             ts = []
             for _ in range(n):
-                l = base.clone(); t0 = time.perf_counter_ns(); f(l); ts.append(time.perf_counter_ns() - t0)
+                logits = base.clone()
+                t0 = time.perf_counter_ns()
+                f(logits)
+                ts.append(time.perf_counter_ns() - t0)
             out[k] = {"median_us": statistics.median(ts) / 1e3, "first_call_ms": first * 1e3}
         except Exception as e:
             out[k] = {"error": repr(e)[:200]}
@@ -437,15 +447,17 @@ def bench_lib(lib, sp, toks, args, flexible_ws):
         r["grammars"][gname] = gr
         print(f"  {lib:14s} ws={'flex' if flexible_ws else 'compact'} {gname:15s} "
               f"compile={gr['compile_ms_median']:.1f}ms first_mask={gr['first_mask_ms']:.2f}ms "
-              f"eng med={gr['engine_us_per_token_median']:.1f}us p90={gr['engine_us_per_token_p90']:.1f}us "
-              f"apply+sample={gr['apply_sample_us_median']:.1f}us fin={gr['finished']}/{args.runs} "
-              f"json={gr['parse_ok']} schema={gr['schema_ok']} st={statuses} lead_ws={gr['leading_space']['space_first_allowed']}",
-              flush=True)
+              f"eng med={gr['engine_us_per_token_median']:.1f}us "
+              f"p90={gr['engine_us_per_token_p90']:.1f}us "
+              f"apply+sample={gr['apply_sample_us_median']:.1f}us "
+              f"fin={gr['finished']}/{args.runs} json={gr['parse_ok']} "
+              f"schema={gr['schema_ok']} st={statuses} "
+              f"lead_ws={gr['leading_space']['space_first_allowed']}", flush=True)
     return r
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--timing-runs", type=int, default=20)
     ap.add_argument("--budget", type=int, default=300)

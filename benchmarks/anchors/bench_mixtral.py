@@ -24,7 +24,10 @@ import common  # noqa: E402
 # mixtral first: importing it carries MIXTRAL_ISA over to PyTorch and oneDNN (cpu.cap_torch),
 # which only takes full effect before torch starts
 import mixtral  # noqa: E402, F401
+
+# isort: split
 import torch  # noqa: E402
+
 from mixtral import cpu  # noqa: E402
 from mixtral.assemble import assemble  # noqa: E402
 from mixtral.bench import peak_rss_gib, weight_bytes_per_token  # noqa: E402
@@ -35,9 +38,10 @@ from mixtral.generate import GenerationParams  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.join(os.environ.get("BENCH_MODELS",
-                                                                   "/tmp/bench-models"), "bench"))
+                                                                   "/tmp/bench-models"), "bench"),
+                    help="a checkpoint, or a preset (random weights: tiny for a smoke run)")
     ap.add_argument("--quant", default="bf16", choices=["fp32", "bf16", "int8", "int4"])
     ap.add_argument("--what", default="prefill,b1,b8")
     ap.add_argument("--reps", type=int, default=1)
@@ -54,7 +58,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     model = assemble(a.model, dtype="fp32" if a.quant == "fp32" else "bf16",
-                     quantize=int(a.quant[3:]) if a.quant in ("int8", "int4") else None)
+                     quantize=int(a.quant[3:]) if a.quant in ("int8", "int4") else None,
+                     presets=True)
     load_s = time.perf_counter() - t0
     args = model.args
     per_token = weight_bytes_per_token(args, a.quant)
@@ -102,7 +107,8 @@ def main() -> None:
         if "prefill" in whats:
             ids = torch.from_numpy(common.prompt_ids(1, a.prefill_len, 1234))
             cache = KVCache(args, 1, a.prefill_len, model.dtype)
-            model(ids[:, :64], torch.arange(64)[None], cache, last_only=True)  # warm-up
+            w = min(64, a.prefill_len)  # warm-up; a --prefill-len under 64 overflowed the cache
+            model(ids[:, :w], torch.arange(w)[None], cache, last_only=True)
             for r in range(a.reps):
                 cache = KVCache(args, 1, a.prefill_len, model.dtype)
                 with common.CpuMeter() as cm:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarize results.jsonl + roofline*.json into the anchors table (markdown on stdout).
 
-Usage: python summarize.py [--results DIR] [--models DIR] [--quiet-max 0.5]
+Usage: python summarize.py [--results DIR] [--models DIR] [--quiet-max 0.3]
 Defaults: results $BENCH_OUT (/tmp/bench-results), models $BENCH_MODELS (/tmp/bench-models).
 
 Roofline: decode at batch 1 reads every active weight once per token, so
@@ -39,10 +39,10 @@ def gguf_bytes(path, n_exp, k):
 
 def hf_bytes(info, bytes_per):
     c = info["config"]
-    H, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    H, F, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     E = c["num_local_experts"]
-    exp = L * E * 3 * H * I * bytes_per
-    dense = (info["total_params"] - L * E * 3 * H * I - V * H + H) * bytes_per
+    exp = L * E * 3 * H * F * bytes_per
+    dense = (info["total_params"] - L * E * 3 * H * F - V * H + H) * bytes_per
     return dense, exp
 
 
@@ -56,7 +56,7 @@ def fmt(xs, nd=1):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=os.environ.get("BENCH_OUT", "/tmp/bench-results"))
     ap.add_argument("--models", default=os.environ.get("BENCH_MODELS", "/tmp/bench-models"))
     ap.add_argument("--quiet-max", type=float, default=0.3,
@@ -69,25 +69,29 @@ def main():
     distinct8 = E * (1 - (1 - K / E) ** 8)
 
     rf = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.results, "roofline*.json")))]
+    rf = [r for r in rf if not r.get("smoke")]  # machine_roofline.py --smoke: tiny sizes
     cand = {}
-    for key in ("bw_numpy_copy_GBps", "bw_torch_copy_GBps", "bw_torch_read_GBps", "gemv16384_fp32_weight_GBps",
-                "linear_b1_16384_fp32_weight_GBps"):
+    for key in ("bw_numpy_copy_GBps", "bw_torch_copy_GBps", "bw_torch_read_GBps",
+                "gemv16384_fp32_weight_GBps", "linear_b1_16384_fp32_weight_GBps"):
         vals = [r[key]["median"] for r in rf if key in r]
         if vals:
             cand[key] = (statistics.median(vals), max(vals), min(vals), len(vals))
     bw = max(v[1] for v in cand.values())
     print("## Roofline inputs\n")
-    print("| memory rate (2 cores unless noted) | median of runs | best run | worst run | runs |\n|---|---|---|---|---|")
+    print("| memory rate (2 cores unless noted) | median of runs | best run | worst run | runs |\n"
+          "|---|---|---|---|---|")
     for k, v in cand.items():
         print(f"| {k} | {v[0]:.1f} GB/s | {v[1]:.1f} | {v[2]:.1f} | {v[3]} |")
-    for key in ("gemm4096_fp32_GFLOPs", "gemm4096_bf16_GFLOPs", "gemv16384_fp32_GFLOPs", "gemv16384_bf16_GFLOPs",
-                "gemv_expert3584x1024_fp32_GFLOPs_incache", "gemv_expert3584x1024_bf16_GFLOPs_incache"):
+    for key in ("gemm4096_fp32_GFLOPs", "gemm4096_bf16_GFLOPs", "gemv16384_fp32_GFLOPs",
+                "gemv16384_bf16_GFLOPs", "gemv_expert3584x1024_fp32_GFLOPs_incache",
+                "gemv_expert3584x1024_bf16_GFLOPs_incache"):
         vals = [r[key]["median"] for r in rf if key in r]
         if vals:
-            print(f"| {key} | {statistics.median(vals):.1f} GFLOP/s | {max(vals):.1f} | {min(vals):.1f} | {len(vals)} |")
+            print(f"| {key} | {statistics.median(vals):.1f} GFLOP/s | {max(vals):.1f} "
+                  f"| {min(vals):.1f} | {len(vals)} |")
     print(f"\nBW used for the roofline = {bw:.1f} GB/s (best of the above).\n")
 
-    recs = [json.loads(l) for l in open(os.path.join(a.results, "results.jsonl"))]
+    recs = [json.loads(line) for line in open(os.path.join(a.results, "results.jsonl"))]
     groups = defaultdict(lambda: defaultdict(list))
     peaks = defaultdict(dict)
     for r in recs:
@@ -119,25 +123,30 @@ def main():
 
     def table(title, keep):
         print(f"## {title}\n")
-        print("| engine | threads | dtype / quant | prefill 512 tok/s | decode tok/s b=1 | decode tok/s b=8 (total) "
-              "| peak RSS GiB | active weight bytes/token (b=1) | roofline tok/s b=1 / b=8 | % of roofline b=1 "
-              "| % of roofline b=8 |")
+        print("| engine | threads | dtype / quant | prefill 512 tok/s | decode tok/s b=1 "
+              "| decode tok/s b=8 (total) | peak RSS GiB | active weight bytes/token (b=1) "
+              "| roofline tok/s b=1 / b=8 | % of roofline b=1 | % of roofline b=8 |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             g = r["g"]
-            sel = {m: [x["tok_s"] for x in g.get(m, []) if keep(x)] for m in ("prefill", "decode_b1", "decode_b8")}
+            sel = {m: [x["tok_s"] for x in g.get(m, []) if keep(x)]
+                   for m in ("prefill", "decode_b1", "decode_b8")}
             cnt = {m: len(v) for m, v in sel.items()}
             p1 = fmt([100 * x / r["roof1"] for x in sel["decode_b1"]], 1)
             p8 = fmt([100 * x / r["roof8"] for x in sel["decode_b8"]], 1)
             name = {"hf": "HF transformers", "mixtral": "**mixtral (this project)**"}.get(
                 r["engine"], "llama.cpp")
-            print(f"| {name} | {r['threads']} | {r['dtype']} | {fmt(sel['prefill'])} [{cnt['prefill']}] | "
-                  f"{fmt(sel['decode_b1'], 2)} [{cnt['decode_b1']}] | {fmt(sel['decode_b8'], 2)} [{cnt['decode_b8']}] | "
-                  f"{fmt(r['peak'], 2)} | {r['b1_bytes'] / 1e6:.0f} MB | {r['roof1']:.1f} / {r['roof8']:.1f} | {p1} | {p8} |")
+            print(f"| {name} | {r['threads']} | {r['dtype']} "
+                  f"| {fmt(sel['prefill'])} [{cnt['prefill']}] "
+                  f"| {fmt(sel['decode_b1'], 2)} [{cnt['decode_b1']}] "
+                  f"| {fmt(sel['decode_b8'], 2)} [{cnt['decode_b8']}] | {fmt(r['peak'], 2)} "
+                  f"| {r['b1_bytes'] / 1e6:.0f} MB | {r['roof1']:.1f} / {r['roof8']:.1f} "
+                  f"| {p1} | {p8} |")
         print()
 
     table("All runs: median (min–max) [number of runs]", lambda x: True)
-    table(f"Only runs during which other processes kept < {a.quiet_max} core busy", lambda x: x.get("other_cores", 9) < a.quiet_max)
+    table(f"Only runs during which other processes kept < {a.quiet_max} core busy",
+          lambda x: x.get("other_cores", 9) < a.quiet_max)
     table(f"Only runs during which other processes kept >= {a.quiet_max} core busy (contended)",
           lambda x: x.get("other_cores", 9) >= a.quiet_max)
     print("Engine details: " + "; ".join(sorted({r["detail"] for r in rows})))
@@ -148,8 +157,9 @@ def main():
             for x in ms:
                 isa = x.get("isa") or {}
                 if r["engine"] == "mixtral":
-                    t = (f"{x.get('tier')} (machine {isa.get('machine')}, MIXTRAL_ISA={isa.get('cap')}, "
-                         f"PyTorch dispatch {isa.get('aten')}, ONEDNN_MAX_CPU_ISA={isa.get('onednn_max_cpu_isa')}; "
+                    t = (f"{x.get('tier')} (machine {isa.get('machine')}, "
+                         f"MIXTRAL_ISA={isa.get('cap')}, PyTorch dispatch {isa.get('aten')}, "
+                         f"ONEDNN_MAX_CPU_ISA={isa.get('onednn_max_cpu_isa')}; "
                          f"kernels: {(isa.get('paths') or {}).get('kernels')})")
                 elif r["engine"] == "hf":
                     t = (f"PyTorch dispatch {isa.get('aten')}, "
@@ -160,9 +170,11 @@ def main():
                 seen.add(t if x.get("tier") or isa else "not recorded")
         print(f"- {r['engine']} {r['dtype']}: " + "; ".join(sorted(seen)))
     print("\nEvery run (other_cores = cores other processes kept busy during that measurement):\n")
-    print("| engine | dtype | tag | metric | new tokens | tok/s | other_cores |\n|---|---|---|---|---|---|---|")
+    print("| engine | dtype | tag | metric | new tokens | tok/s | other_cores |\n"
+          "|---|---|---|---|---|---|---|")
     for r in recs:
-        print(f"| {r['engine']} | {r['dtype']} | {r.get('tag', '')} | {r['metric']} | {r.get('new_tokens', r.get('tokens', ''))} "
+        print(f"| {r['engine']} | {r['dtype']} | {r.get('tag', '')} | {r['metric']} "
+              f"| {r.get('new_tokens', r.get('tokens', ''))} "
               f"| {r['tok_s']:.2f} | {r.get('other_cores', float('nan')):.2f} |")
     if a.json:
         json.dump(dict(bw_GBps=bw, rows=[{k: v for k, v in r.items() if k != "g"} for r in rows],
