@@ -40,10 +40,10 @@ browser:
 	  apt-get install -y -qq qemu-user >/dev/null; } || echo "note: no qemu-user; the emulated-CPU test will be skipped"
 
 test: $(VENV)/.test browser
-	$(VENV)/bin/ruff check mixtral tests scripts
+	$(VENV)/bin/ruff check mixtral tests scripts benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check mixtral tests scripts
+	$(VENV)/bin/ruff check mixtral tests scripts benchmarks
 	$(VENV)/bin/mypy
