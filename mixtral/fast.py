@@ -8,11 +8,18 @@ MoE with fewer, larger operations:
 
   FastAttention  one qkv product, RoPE as one complex multiply for queries and keys
   FastMoe        few tokens (decode): the chosen experts are called directly, no sort/scatter
+  FastRMSNorm    the norm as one op of our kernels, bit for bit the reference's
   projections    (mixtral/projections.py) every matmul weight packed for oneDNN, or on our
                  kernels (bf16 below AVX-512, int8, int4), projections of one input fused
 
 Where a kernel is unavailable (CUDA, MIXTRAL_KERNELS=0, no compiler) the quantized modules
 keep PyTorch's kernels; FastMoe and FastAttention work with them too.
+
+A decoding step is small: the bench model's int4 step streams ~0.4 GB of weights in a few
+milliseconds, and each PyTorch operation dispatched from Python costs a few microseconds
+whatever its size. So on our kernels a step's attention, MoE (routing included) and norms are
+one op each, given tensors in the shapes the model holds them, without reshapes around them
+(benchmarks/step_overhead.py counts what a step dispatches).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from mixtral.model import (
     route,
 )
 from mixtral.projections import (
+    SMALL_M,
     Bf16Rows,
     Int4Rows,
     Int8Rows,
@@ -68,7 +76,7 @@ class FastAttention(nn.Module):
         B, T, _ = x.shape
         H, K, A = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is not None:
-            qkv = self.wqkv(x)
+            qkv = project(self.wqkv, x)
         else:
             qkv = torch.cat([self.wq(x), self.wk(x), self.wv(x)], dim=-1)
         # decoding: one row attends to every cached position unless a window cuts it
@@ -80,11 +88,11 @@ class FastAttention(nn.Module):
         if T == 1 and cache is not None and mask is not None and self.fused_step:
             k_store, v_store, rows = cache.layer(layer)
             if qkv.dtype == k_store.dtype and qkv.dtype in (torch.float32, torch.bfloat16):
-                out = kernels.decode_attention(
-                    qkv.reshape(B, -1), cos.reshape(B, -1), sin.reshape(B, -1), k_store,
-                    v_store, rows, positions.reshape(B),
-                    None if decode_mask is None else decode_mask.reshape(B, span), span, H, K)
-                return self.wo(out.view(B, 1, H * A))
+                # qkv [B, 1, N], cos/sin [B, 1, A/2], positions [B, 1] as they are: the kernel
+                # reads them so -> [B, 1, H*A]
+                out = kernels.decode_attention(qkv, cos, sin, k_store, v_store, rows, positions,
+                                               decode_mask, span, H, K)
+                return project(self.wo, out)
         # queries and keys rotate together: [B, T, H + K, A]
         qk = _rope(qkv[..., :(H + K) * A].view(B, T, H + K, A), torch.complex(cos, sin)[:, :, None])
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, heads, T, A]
@@ -98,6 +106,16 @@ class FastAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=H != K)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def project(m: nn.Module, x: Tensor) -> Tensor:
+    """m(x) for a projection. A quantized one on a decoding step's rows goes straight to its
+    kernel, which takes x [..., K] as it is: QuantRows.forward would do the same product with
+    a reshape dispatched on each side of it."""
+    if isinstance(m, QuantRows) and x.dtype == m.dtype and \
+            (m.qx or x.numel() <= SMALL_M * m.in_features):
+        return m.mv(x)
+    return m(x)
 
 
 def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -147,6 +165,13 @@ class FusedExperts(ExpertBank):
         return kernels.moe_decode(x, chosen, weights, *self.banks, self.bits, self.group,
                                   self.qx)
 
+    def route(self, x: Tensor, router_logits: Tensor, top_k: int) -> Tensor:
+        """x [..., D] (a few rows) and its router logits [..., E] -> the MoE output [..., D],
+        routed as model.route does, in the same op as `decode`."""
+        assert self.banks is not None
+        return kernels.moe_route(x, router_logits, top_k, *self.banks, self.bits, self.group,
+                                 self.qx)
+
 
 def _stack(modules: list[nn.Module]) -> tuple[Tensor, Tensor]:
     """One bank per tensor of the quantized modules; each module then holds views of it."""
@@ -189,13 +214,17 @@ class FastMoe(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         shape = x.shape
+        few = x.numel() < self.direct_below * shape[-1]
+        if few and isinstance(self.experts, FusedExperts) and self.experts.banks is not None:
+            # routing and experts in one op, on x [..., D] as it is
+            router_logits = self.gate(x)  # [..., E]
+            return (self.experts.route(x, router_logits, self.top_k),
+                    router_logits.view(-1, router_logits.shape[-1]))
         x = x.reshape(-1, shape[-1])  # [N, D]
         router_logits = self.gate(x)  # [N, E]
         weights, chosen = route(router_logits, self.top_k, x.dtype)
-        if x.shape[0] >= self.direct_below:
+        if not few:
             return dispatch(self.experts, x, weights, chosen).view(shape), router_logits
-        if isinstance(self.experts, FusedExperts) and self.experts.banks is not None:
-            return self.experts.decode(x, chosen, weights).view(shape), router_logits
         expert = self.experts.expert
         rows: list[Tensor] = []
         for n, (picks, w) in enumerate(zip(chosen.tolist(), weights.tolist(), strict=True)):
@@ -208,12 +237,36 @@ class FastMoe(nn.Module):
         return (rows[0] if len(rows) == 1 else torch.cat(rows)).view(shape), router_logits
 
 
+class FastRMSNorm(RMSNorm):
+    """RMSNorm as one op of our kernels (csrc/norm.cpp: bit for bit the reference, whose eight
+    operations cost more than the arithmetic at a decoding step's size)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the op has no backward: where a gradient is wanted, the reference computes
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if not grad and x.dtype == self.weight.dtype and \
+                x.dtype in (torch.float32, torch.bfloat16):
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def fast_norm(ref: RMSNorm) -> RMSNorm:
+    """The fast twin of a CPU RMSNorm where our kernels run (itself otherwise)."""
+    if type(ref) is not RMSNorm or ref.weight.device.type != "cpu" or not kernels.available():
+        return ref
+    norm = FastRMSNorm(ref.weight.shape[0], ref.eps)
+    norm.weight = ref.weight
+    return norm
+
+
 @torch.no_grad()
 def optimize(model: Transformer) -> Transformer:
     """Swap in the fast modules (in place); the reference weights are released as they are
     repacked, so memory grows by one layer's at most. Subclasses of the reference modules (the
     sharded ones of mixtral.parallel) keep their forward; only their expert banks are packed."""
     for layer in model.layers:
+        layer.attention_norm = fast_norm(cast(RMSNorm, layer.attention_norm))
+        layer.ffn_norm = fast_norm(cast(RMSNorm, layer.ffn_norm))
         if type(layer.attention) is Attention:
             layer.attention = FastAttention(layer.attention, model.args.sliding_window)
         ff = layer.feed_forward
@@ -221,6 +274,7 @@ def optimize(model: Transformer) -> Transformer:
             layer.feed_forward = FastMoe(ff)
         elif isinstance(ff, MoeLayer):
             ff.experts = fuse_experts(ff.experts) or ff.experts
+    model.norm = fast_norm(model.norm)
     model.output = swap(model.output)  # type: ignore[assignment]
     fp32 = _fp32_compute(model)
     cache = getattr(model, "expert_cache", None)

@@ -1,8 +1,8 @@
 """Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 and bf16 matrix-vector products
 (lowbit.cpp, bf16.cpp; int8/int4 also on int8-quantized activations with integer dot products,
 q8.cpp, where mixtral.cpu chooses it, prompts included), a decoding step's MoE on them
-(moe.cpp), dequantization for prompts (dequant.cpp), int4 repacking at load (repack.cpp) and
-one fused decoding step of attention (attention.cpp).
+(moe.cpp, routing included), dequantization for prompts (dequant.cpp), int4 repacking at load
+(repack.cpp), one fused decoding step of attention (attention.cpp) and RMSNorm (norm.cpp).
 
 For the one row of activations that decoding has, PyTorch's low-bit CPU kernels stream the
 weights at 25-32 GB/s on this project's 2-core machine (int4 at 9 on AVX2) and ours at 34-47
@@ -43,7 +43,8 @@ from mixtral import cpu
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("lowbit.cpp", "bf16.cpp", "q8.cpp", "moe.cpp",
-                                           "dequant.cpp", "attention.cpp", "repack.cpp")]
+                                           "dequant.cpp", "attention.cpp", "repack.cpp",
+                                           "norm.cpp")]
 HEADERS = sorted(CSRC.glob("*.h"))
 
 # Each tier's instruction sets, spelled out: the build must run on every CPU of the tier.
@@ -149,7 +150,8 @@ def _here() -> Any:
 def int8_mv(x: Tensor, w: Tensor, scales: Tensor, qx: bool = False) -> Tensor:
     """x [M, K] @ (w int8 [N, K] * scales fp32 [N, 1]).T -> [M, N]; x fp32 or bf16, y in
     x's dtype, fp32 arithmetic; with qx, x is first quantized to int8 in blocks of 32 columns
-    for integer dot products (csrc/q8.cpp; where K % 32 == 0)."""
+    for integer dot products (csrc/q8.cpp; where K % 32 == 0). Every product here also takes
+    x [..., K] (a decoding step's [B, 1, K]) and gives [..., N]."""
     return _here().int8_mv(x, w, scales, qx)
 
 
@@ -174,13 +176,28 @@ def moe_decode(x: Tensor, chosen: Tensor, weights: Tensor, w13: Tensor, s13: Ten
     return _here().moe_decode(x, chosen, weights, w13, s13, w2, s2, bits, group, qx)
 
 
+def moe_route(x: Tensor, logits: Tensor, top_k: int, w13: Tensor, s13: Tensor, w2: Tensor,
+              s2: Tensor, bits: int, group: int, qx: bool = False) -> Tensor:
+    """model.route's routing of x [..., D] by its router logits [..., E] (the same ATen
+    operations, so the same experts and weights), then moe_decode -> [..., D]."""
+    return _here().moe_route(x, logits, top_k, w13, s13, w2, s2, bits, group, qx)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """model.RMSNorm of x [..., D] (fp32 or bf16) with weight [D] in x's dtype, as one op
+    (csrc/norm.cpp), bit for bit: the mean of squares is PyTorch's own, the rest elementwise."""
+    return _here().rms_norm(x, weight, eps)
+
+
 def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                      rows: Tensor, positions: Tensor, mask: Tensor | None, span: int,
                      n_heads: int, n_kv_heads: int) -> Tensor:
     """One decoding step of attention (csrc/attention.cpp): RoPE on the step's query and key,
     key and value written at `positions` into cache rows `rows`, each query head attending
     over positions 0..span-1 (where `mask` [B, span] allows). qkv [B, (H+2K)*A], cos/sin
-    [B, A/2] fp32, caches [R, K, S, A] -> [B, H*A]."""
+    [B, A/2] fp32, caches [R, K, S, A] -> [B, H*A]; or as the model holds a step, no reshape
+    needed: qkv [B, 1, (H+2K)*A] -> [B, 1, H*A], cos/sin [B, 1, A/2], positions [B, 1], mask
+    [B, 1, 1, span]."""
     return _here().decode_attention(qkv, cos, sin, k_cache, v_cache, rows, positions, mask,
                                     span, n_heads, n_kv_heads)
 

@@ -8,9 +8,11 @@
 // the output rounded once.
 //
 //   qkv        [B, (H + 2K) * A]  this step's projections (fp32 or bf16), rows contiguous
-//   cos, sin   [B, A/2] fp32      the rotation of each row's position
+//              (or [B, 1, ...] as the model holds a step; the output then [B, 1, H * A])
+//   cos, sin   [B, A/2] fp32      the rotation of each row's position (any shape of B * A/2)
 //   k_cache, v_cache [R, K, S, A] one layer of the cache (model dtype); row rows[b] is batch row b
-//   positions  [B] int64          where each row's key/value goes (and its query's position)
+//   positions  [B] int64          where each row's key/value goes (and its query's position);
+//                                 any shape of B values, as mask any of B * span
 //   mask       [B, span] bool     optional: which cached positions each row sees; without it
 //                                 every row sees positions 0 .. span-1
 //   -> [B, H * A] in the dtype of qkv
@@ -128,11 +130,18 @@ void attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                            const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& rows, const at::Tensor& positions,
-                            const std::optional<at::Tensor>& mask, int64_t span, int64_t n_heads,
-                            int64_t n_kv_heads) {
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos_in,
+                            const at::Tensor& sin_in, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& rows,
+                            const at::Tensor& positions_in,
+                            const std::optional<at::Tensor>& mask_in, int64_t span,
+                            int64_t n_heads, int64_t n_kv_heads) {
+  // the small inputs in whatever shape and strides the caller holds them (as views, copied
+  // here only if they are not contiguous: cheaper than a reshape dispatched from Python)
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  const at::Tensor positions = positions_in.contiguous();
+  const std::optional<at::Tensor> mask =
+      mask_in ? std::optional<at::Tensor>(mask_in->contiguous()) : std::nullopt;
   const int64_t H = n_heads, K = n_kv_heads;
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == K &&
                   k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
@@ -140,11 +149,13 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
               k_cache.sizes(), " and ", v_cache.sizes());
   const int64_t A = k_cache.size(3), B = qkv.size(0);
   TORCH_CHECK(K > 0 && H % K == 0 && A % 2 == 0, "decode_attention: need H % K == 0 and even A");
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (H + 2 * K) * A && qkv.is_contiguous() &&
+  TORCH_CHECK((qkv.dim() == 2 || (qkv.dim() == 3 && qkv.size(1) == 1)) &&
+                  qkv.size(-1) == (H + 2 * K) * A && qkv.is_contiguous() &&
                   qkv.scalar_type() == k_cache.scalar_type() &&
                   v_cache.scalar_type() == k_cache.scalar_type(),
-              "decode_attention: qkv must be contiguous [B, ", (H + 2 * K) * A,
-              "] in the cache's dtype, got ", qkv.sizes(), " ", qkv.scalar_type());
+              "decode_attention: qkv must be contiguous [B, ", (H + 2 * K) * A, "] (or [B, 1, ",
+              (H + 2 * K) * A, "]) in the cache's dtype, got ", qkv.sizes(), " ",
+              qkv.scalar_type());
   TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat &&
                   cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * A / 2 &&
                   sin.numel() == B * A / 2,
@@ -165,7 +176,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() &&
                     mask->numel() == B * span,
                 "decode_attention: mask must be contiguous bool [B, span]");
-  at::Tensor out = at::empty({B, H * A}, qkv.options());
+  at::Tensor out = qkv.dim() == 3 ? at::empty({B, 1, H * A}, qkv.options())
+                                   : at::empty({B, H * A}, qkv.options());
   if (qkv.scalar_type() == at::kFloat)
     attend<float>(qkv, cos, sin, k_cache, v_cache, rows, positions, mask, span, H, K, out);
   else if (qkv.scalar_type() == at::kBFloat16)

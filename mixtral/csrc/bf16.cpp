@@ -88,8 +88,11 @@ at::Tensor pair_x(const at::Tensor& x) {
 
 }  // namespace
 
-// x [M, K] (fp32 or bf16) @ w.T for a bf16 w [N, K] -> [M, N] in x's dtype, fp32 arithmetic
+// x [M, K] (fp32 or bf16) @ w.T for a bf16 w [N, K] -> [M, N] in x's dtype, fp32 arithmetic;
+// x [..., K] -> [..., N]
 at::Tensor bf16_mv(const at::Tensor& x_in, const at::Tensor& w) {
+  if (x_in.dim() > 2)
+    return on_rows(x_in, [&](const at::Tensor& x2) { return bf16_mv(x2, w); });
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16 && w.is_contiguous(),
               "bf16_mv: w must be contiguous bf16 [N, K], got ", w.scalar_type(), " ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1);

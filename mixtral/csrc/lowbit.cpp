@@ -19,7 +19,8 @@
 //         (g % 64 == 0), the weight being q * scale + offset (q in 0..15):
 //         y = sum_groups scale * sum_k x[k] q[k] + offset * sum_k x[k]
 //
-// x is fp32 or bf16 [M, K]; the arithmetic is fp32 and y [M, N] comes back in x's dtype. With
+// x is fp32 or bf16 [M, K] (or [..., K], y then [..., N]); the arithmetic is fp32 and y [M, N]
+// comes back in x's dtype. With
 // `qx` the ops hand x to q8.cpp instead (quantized to int8 per 32 columns; the fast module
 // asks for it where the probe says so). Work is split over output rows with at::parallel_for,
 // i.e. PyTorch's own OpenMP team. This file also declares every op's schema (one list).
@@ -234,6 +235,8 @@ at::Tensor like_x(const at::Tensor& y, const at::Tensor& x) {
 // qx: quantize x to int8 and use integer dot products (q8.cpp) where K % 32 == 0
 at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales,
                    bool qx) {
+  if (x_in.dim() > 2)
+    return on_rows(x_in, [&](const at::Tensor& x2) { return int8_mv(x2, w, scales, qx); });
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(),
               "int8_mv: w must be contiguous int8 [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
@@ -265,6 +268,8 @@ inline float group_sum(const T* x, int64_t n) {
 
 at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sz,
                    int64_t group, bool qx) {
+  if (x_in.dim() > 2)
+    return on_rows(x_in, [&](const at::Tensor& x2) { return int4_mv(x2, w, sz, group, qx); });
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(),
               "int4_mv: w must be contiguous uint8 [N, K/2]");
   const int64_t N = w.size(0), K = w.size(1) * 2;

@@ -3,6 +3,8 @@
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/silu.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/topk.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -61,6 +63,33 @@ at::Tensor moe_decode(const at::Tensor& x, const at::Tensor& chosen, const at::T
   return rows.size() == 1 ? rows[0] : at::cat(rows);
 }
 
+// The routing of model.py's `route` (the same ATen operations: top-k of the fp32 router
+// logits, a softmax over them, in x's dtype), then moe_decode: x [..., D] and its router
+// logits [..., E] -> [..., D]. One call from Python where routing and the reshapes around it
+// took eight.
+at::Tensor moe_route(const at::Tensor& x, const at::Tensor& logits, int64_t top_k,
+                     const at::Tensor& w13, const at::Tensor& s13, const at::Tensor& w2,
+                     const at::Tensor& s2, int64_t bits, int64_t group, bool qx) {
+  TORCH_CHECK(x.dim() >= 1 && logits.dim() >= 1 && logits.size(-1) == w13.size(0) &&
+                  logits.numel() / logits.size(-1) == x.numel() / x.size(-1),
+              "moe_route: need x [..., D] and logits [..., E] for the same rows, got ",
+              x.sizes(), " and ", logits.sizes());
+  const auto [top, chosen] = at::topk(logits.to(at::kFloat), top_k, -1);
+  const at::Tensor weights = at::softmax(top, -1).to(x.scalar_type());
+  const int64_t D = x.size(-1);
+  return moe_decode(x.reshape({-1, D}), chosen.reshape({-1, top_k}),
+                    weights.reshape({-1, top_k}), w13, s13, w2, s2, bits, group, qx)
+      .view(x.sizes());
+}
+
 }  // namespace MIXTRAL_NS::lowbit
 
-MIXTRAL_IMPL(m) { m.impl("moe_decode", MIXTRAL_NS::lowbit::moe_decode); }
+MIXTRAL_FRAGMENT(m) {
+  m.def("moe_route(Tensor x, Tensor logits, int top_k, Tensor w13, Tensor s13, Tensor w2, "
+        "Tensor s2, int bits, int group, bool qx=False) -> Tensor");
+}
+
+MIXTRAL_IMPL(m) {
+  m.impl("moe_decode", MIXTRAL_NS::lowbit::moe_decode);
+  m.impl("moe_route", MIXTRAL_NS::lowbit::moe_route);
+}
