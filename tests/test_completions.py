@@ -1,16 +1,19 @@
 """The routes and fields beyond Mistral's chat API, against a live server: /v1/completions
 (raw prompts, echo, stop, n, streaming) with the openai client, logprobs on both routes in
-OpenAI's shapes, /v1/tokenize and /v1/detokenize, vLLM's sampling fields, the developer role,
-temperature's two ranges, and the offline /docs page."""
+OpenAI's shapes, an echoed prompt's own logprobs against a full forward pass, /v1/tokenize and
+/v1/detokenize, vLLM's sampling fields, the developer role, temperature's two ranges, and the
+offline /docs page."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 from serving import HELLO, post, sse
 
 from mixtral import chat
+from mixtral.server import logprobs
 from mixtral.tokenizer import default_tokenizer
 
 pytestmark = pytest.mark.live  # a server on loopback
@@ -98,7 +101,6 @@ def test_echo_stop_and_token_prompts(api):
 
 @pytest.mark.parametrize("body,status,words", [
     ({"suffix": "x"}, 400, "fill-in-the-middle"),
-    ({"echo": True, "logprobs": 1}, 400, "echo with logprobs"),
     ({"best_of": 3}, 400, "best_of"),
     ({"prompt": []}, 422, "empty"),
     ({"prompt": [[1, 99999]]}, 400, "outside the vocabulary"),
@@ -152,6 +154,172 @@ def test_completion_logprobs_legacy_shape(openai_client):
 def test_top_logprobs_bounds(api):
     assert post(api, logprobs=True, top_logprobs=21).status_code == 422
     assert post(api, top_logprobs=2).status_code == 422  # without logprobs: true
+
+
+# --- echo with logprobs: the prompt's own logprobs ----------------------------------------------
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def oracle(server):
+    """log_softmax [T, V] of one forward pass of the served model over `ids`, no cache: row p is
+    the distribution of token p + 1."""
+    model = server.state.engine.model
+
+    def rows(ids):
+        with torch.inference_mode():
+            return model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    return rows
+
+
+def expected_prompt_logprobs(oracle, ids, top):
+    """What the echoed prompt's token_logprobs and top_logprobs must be (the first: None)."""
+    rows = oracle(ids)
+    values = [None] + [float(rows[p, t]) for p, t in enumerate(ids[1:])]
+    tops = [None]
+    for p in range(len(ids) - 1):
+        v, i = rows[p].topk(top)
+        by_text: dict[str, float] = {}
+        for token, value in zip(i.tolist(), v.tolist(), strict=True):
+            by_text.setdefault(logprobs.token_text(TOK, token), value)
+        tops.append(by_text)
+    return values, tops
+
+
+def assert_same_logprobs(a, b):
+    """Two legacy logprobs alike but for rounding (prefills chunked differently)."""
+    assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+    assert [x is None for x in a["token_logprobs"]] == [x is None for x in b["token_logprobs"]]
+    assert [x for x in a["token_logprobs"] if x is not None] == pytest.approx(
+        [x for x in b["token_logprobs"] if x is not None], abs=1e-5)
+    for x, y in zip(a["top_logprobs"], b["top_logprobs"], strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.keys() == y.keys()
+            assert list(x.values()) == pytest.approx(list(y.values()), abs=1e-5)
+
+
+def assert_prompt_part(lp, oracle, ids, top):
+    values, tops = expected_prompt_logprobs(oracle, ids, top)
+    n = len(ids)
+    assert lp["tokens"][:n] == [logprobs.token_text(TOK, t) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:n] == pytest.approx(values[1:], abs=1e-5)
+    for got, want in zip(lp["top_logprobs"][1:n], tops[1:], strict=True):
+        assert got.keys() == want.keys() and list(got.values()) == pytest.approx(
+            list(want.values()), abs=1e-5)
+
+
+def test_echo_logprobs_score_the_prompt_with_max_tokens_zero(openai_client, server, oracle):
+    openai_client.completions.create(model="mistral-small", prompt=PROMPT, max_tokens=2)  # warm
+    r = openai_client.completions.create(model="mistral-small", prompt=PROMPT, max_tokens=0,
+                                         echo=True, logprobs=5)
+    ids = TOK.encode(PROMPT, bos=True)
+    choice = r.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    lp = choice.logprobs.model_dump()
+    assert len(lp["tokens"]) == len(ids)  # nothing generated
+    assert_prompt_part(lp, oracle, ids, 5)
+    # each token's text where it stands in the echoed prompt: BOS is none, "The" loses its space
+    ends = [*lp["text_offset"][1:], len(PROMPT)]
+    assert [PROMPT[a:b] for a, b in zip(lp["text_offset"], ends, strict=True)] == \
+        ["", "The", " capital", " of", " France", " is"]
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # the warm prefix was not taken
+
+
+def test_echo_logprobs_then_the_answer(api, oracle):
+    ids = TOK.encode(PROMPT, bos=True)
+    plain = complete(api, max_tokens=4, temperature=0, logprobs=2).json()["choices"][0]
+    both = complete(api, max_tokens=4, temperature=0, logprobs=2, echo=True).json()
+    lp = both["choices"][0]["logprobs"]
+    assert both["choices"][0]["text"] == PROMPT + plain["text"]
+    assert_prompt_part(lp, oracle, ids, 2)
+    n = len(ids)
+    answer = {k: v[n:] for k, v in lp.items()}  # the generated tokens, as without echo
+    answer["text_offset"] = [o - len(PROMPT) for o in answer["text_offset"]]
+    assert_same_logprobs(answer, plain["logprobs"])
+    # token ids in: the same scores, the decoded ids echoed
+    by_ids = complete(api, prompt=ids, max_tokens=4, temperature=0, logprobs=2,
+                      echo=True).json()["choices"][0]
+    assert by_ids["text"] == both["choices"][0]["text"]
+    assert_same_logprobs(by_ids["logprobs"], lp)
+
+
+def test_echo_logprobs_streamed_come_first(api):
+    whole = complete(api, max_tokens=5, seed=4, logprobs=3, echo=True).json()["choices"][0]
+    events = sse(complete(api, max_tokens=5, seed=4, logprobs=3, echo=True, stream=True))
+    assert events[-1] == "[DONE]"
+    first = events[0]["choices"][0]
+    n = len(TOK.encode(PROMPT, bos=True))
+    assert first["text"] == PROMPT
+    assert_same_logprobs(first["logprobs"], {k: v[:n] for k, v in whole["logprobs"].items()})
+    # the rest as the answer's chunks carry it (offsets by the deltas' text, as without echo)
+    streamed = {k: [x for e in events[:-1] for x in e["choices"][0]["logprobs"][k]]
+                for k in whole["logprobs"] if k != "text_offset"}
+    assert streamed["tokens"] == whole["logprobs"]["tokens"]
+    assert streamed["token_logprobs"][1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:],
+                                                           abs=1e-5)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole["text"]
+    zero = sse(complete(api, max_tokens=0, logprobs=1, echo=True, stream=True))
+    assert_same_logprobs(zero[0]["choices"][0]["logprobs"], complete(
+        api, max_tokens=0, logprobs=1, echo=True).json()["choices"][0]["logprobs"])
+    assert zero[-2]["choices"][0]["finish_reason"] == "length" and zero[-1] == "[DONE]"
+
+
+def test_echo_logprobs_for_every_choice_and_prompt(api, oracle):
+    prompts = ["One two", "Three four five"]
+    r = complete(api, prompt=prompts, n=3, max_tokens=3, seed=2, logprobs=1, echo=True).json()
+    assert [c["index"] for c in r["choices"]] == list(range(6))
+    for i, text in enumerate(prompts):
+        ids = TOK.encode(text, bos=True)
+        mine = r["choices"][3 * i:3 * i + 3]
+        for c in mine:
+            assert c["text"].startswith(text)
+            assert_prompt_part(c["logprobs"], oracle, ids, 1)
+            assert {k: v[:len(ids)] for k, v in c["logprobs"].items()} == \
+                {k: v[:len(ids)] for k, v in mine[0]["logprobs"].items()}
+            assert len(c["logprobs"]["tokens"]) == len(ids) + 3
+    # the first choice of each prompt scored it whole; the other two shared its prefill
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_a_loglikelihood_request_as_lm_eval_sends_it(api, oracle):
+    """lm-eval's local-completions: token ids, echo, max_tokens 1, logprobs 1, temperature 0;
+    it sums token_logprobs[len(context):-1] and calls it greedy when each equals its top."""
+    ids = TOK.encode(PROMPT, bos=True)
+    context = 4  # BOS "The capital of"; the continuation: " France is"
+    r = complete(api, prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1
+    rows = oracle(ids)
+    want = sum(float(rows[p - 1, ids[p]]) for p in range(context, len(ids)))
+    assert sum(lp["token_logprobs"][context:-1]) == pytest.approx(want, abs=1e-4)
+    for p, top in enumerate(lp["top_logprobs"][context:-1], start=context):
+        assert list(top.values()) == pytest.approx([float(rows[p - 1].max())], abs=1e-5)
+
+
+def test_echo_logprobs_bounds_and_the_neighbours_kept(api, server):
+    ok = complete(api, max_tokens=0, logprobs=20, echo=True).json()["choices"][0]["logprobs"]
+    assert all(len(t) <= 20 for t in ok["top_logprobs"][1:]) and len(ok["top_logprobs"][1]) > 1
+    assert complete(api, logprobs=21, echo=True).status_code == 422
+    # a prompt longer than the context: the same 400 as without echo and logprobs
+    too_long = [1] + [300] * server.state.engine.context
+    plain = complete(api, prompt=too_long, max_tokens=0)
+    scored = complete(api, prompt=too_long, max_tokens=0, echo=True, logprobs=1)
+    assert plain.status_code == scored.status_code == 400
+    assert scored.json()["message"] == plain.json()["message"]
+    assert "exceeds the model's context" in plain.json()["message"]
+    # max_tokens 0 without the prompt's logprobs: nothing to run, as before
+    bare = complete(api, max_tokens=0, logprobs=1).json()["choices"][0]
+    assert bare["text"] == "" and bare["logprobs"]["tokens"] == []
+    echo_only = complete(api, max_tokens=0, echo=True).json()["choices"][0]
+    assert echo_only["text"] == PROMPT and echo_only["logprobs"] is None
+    # a prompt of BOS alone: one token, which nothing predicts
+    bos = complete(api, prompt=[1], max_tokens=0, logprobs=1, echo=True).json()["choices"][0]
+    assert bos["text"] == "" and bos["logprobs"] == {
+        "tokens": ["<s>"], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
 
 
 # --- tokenize / detokenize -----------------------------------------------------------------------

@@ -49,15 +49,20 @@ class Choice:
     events: asyncio.Queue[Delta | Failed | Cut]
     queued_at: float
     live: set[asyncio.Queue[Any]]  # the state's answers being read, where `events` is listed
+    # the prompt's own logprobs, when this choice asked for them: set on the engine's thread
+    # before its first id, so they are here once its first delta (or its end) is
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def end(self) -> None:
         self.job.cancel()  # a no-op for a job that ended; frees its slot at once otherwise
         self.live.discard(self.events)
 
 
-def _choice(plan: Plan, st: State, index: int, number: int) -> Choice:
+def _choice(plan: Plan, st: State, index: int, number: int,
+            prompt_logprobs: int | None = None) -> Choice:
     """One choice's engine job, not yet queued: choice `index` of `plan`, `number` of the
-    response (the plans of a request's prompts number their choices one after another)."""
+    response (the plans of a request's prompts number their choices one after another).
+    `prompt_logprobs`: the first choice scores the prompt (the others share its prefill)."""
     engine = st.ready()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Delta | Failed | Cut] = asyncio.Queue()
@@ -78,14 +83,20 @@ def _choice(plan: Plan, st: State, index: int, number: int) -> Choice:
     answer.job = job
     if params.logprobs is not None:
         job.on_logprob = answer.on_logprob
-    return Choice(number, plan, job, answer, events, time.monotonic(), st.answers)
+    choice = Choice(number, plan, job, answer, events, time.monotonic(), st.answers)
+    if prompt_logprobs is not None and index == 0:
+        job.prompt_logprobs = prompt_logprobs
+        job.on_prompt_logprobs = lambda entries: setattr(choice, "prompt_logprobs", entries)
+    return choice
 
 
-def reserve(plans: list[Plan], st: State) -> list[Choice]:
+def reserve(plans: list[Plan], st: State, prompt_logprobs: int | None = None) -> list[Choice]:
     """Queue the n choices of every plan at once: 429 (with Retry-After) when the queue cannot
-    take them all."""
+    take them all. `prompt_logprobs`: each plan's first choice gets its prompt's logprobs with
+    that many alternatives."""
     pairs = [(plan, i) for plan in plans for i in range(plan.n)]
-    choices = [_choice(plan, st, i, number) for number, (plan, i) in enumerate(pairs)]
+    choices = [_choice(plan, st, i, number, prompt_logprobs)
+               for number, (plan, i) in enumerate(pairs)]
     try:
         st.ready().enqueue([c.job for c in choices])
     except QueueFull as e:

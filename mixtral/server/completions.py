@@ -5,8 +5,15 @@ prompt gets `n` choices, numbered prompt by prompt (choice i*n + j is prompt i's
 queued at once. A string is encoded with BOS, as vLLM and llama.cpp do; token ids are taken as
 they are. OpenAI's defaults apply on this route (`max_tokens` 16, `temperature` 1). Mixtral has
 no fill-in-the-middle, so a non-empty `suffix` is a 400. `echo` starts each choice's text with
-its prompt; `logprobs` (0-20) gives the legacy shape (logprobs.py). Prompt logprobs are not
-computed, so `echo` with `logprobs` is a 400 rather than a shape with holes.
+its prompt; `logprobs` (0-20) gives the legacy shape (logprobs.py).
+
+`echo` with `logprobs` also scores the prompt, as OpenAI's API did (and vLLM, llama.cpp): its
+tokens come first in the logprobs, the first with null, each other with the model's logprob of
+it given the ones before. `max_tokens` 0 then scores a text and generates nothing (what
+lm-eval-harness's loglikelihood requests to such servers send). Each prompt's first choice
+asks the engine for them, prefilling the whole prompt (no prefix cache: copied KV has no
+logits); its other choices share that prefill and the same prompt logprobs. A stream sends the
+echoed prompt and its logprobs in its first chunk, once the prompt is in.
 """
 
 from __future__ import annotations
@@ -76,9 +83,6 @@ def plan(body: CompletionRequest, st: State, models: list[str]) -> list[Plan]:
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise APIError(400, "best_of other than n is not supported: the server does not rank "
                        "candidates; ask for n choices instead", code="3051")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not supported: the prompt's own logprobs "
-                       "are not computed", code="3051")
     engine = st.ready()
     id_, created = "cmpl-" + protocol.new_id(), protocol.now()
     params = planning.sampling(body, body.max_tokens, 1.0, body.logprobs, st)
@@ -111,7 +115,8 @@ def add_route(app: FastAPI, state: State, metrics: Metrics, names: Any,
                           request: Request) -> JSONResponse | StreamingResponse:
         state.ready()
         plans = await plan_off_loop(body, state, names())
-        reserved = choices.reserve(plans, state)  # 429 now, before any byte of a 200
+        scored = body.logprobs if body.echo else None  # the prompt's own logprobs
+        reserved = choices.reserve(plans, state, scored)  # 429 now, before any byte of a 200
         metrics.prompt_tokens.inc(sum(len(p.prompt) for p in plans))
         if body.stream:
             return EventStream(_sse(plans, metrics, reserved, keepalive_s, state), reserved)
@@ -138,6 +143,24 @@ def _legacy(plan: Plan, st: State, entries: list[Any], offset: int) -> dict[str,
     return logprobs.legacy(st.tokenizer, entries, offset)
 
 
+def _first(c: Choice, reserved: list[Choice]) -> Choice:
+    return next(x for x in reserved if x.plan is c.plan)
+
+
+def _scored(c: Choice, reserved: list[Choice]) -> bool:
+    """Whether c's logprobs start with its echoed prompt's (its plan's first choice asked)."""
+    return _first(c, reserved).job.prompt_logprobs is not None
+
+
+def _echoed(c: Choice, reserved: list[Choice], st: State) -> dict[str, Any]:
+    """The legacy logprobs of c's echoed prompt, from its plan's first choice (which asked the
+    engine for them; it has sent an id or ended by the time any choice of its plan is read)."""
+    first = _first(c, reserved)
+    if first.prompt_logprobs is None:  # ended before its prefill: no answer to give
+        raise APIError(500, "internal error during generation", "internal_error", "500")
+    return logprobs.echoed(st.tokenizer, c.plan.prompt, first.prompt_logprobs, c.plan.prefix)
+
+
 async def _collect(plans: list[Plan], metrics: Metrics, reserved: list[Choice],
                    st: State) -> dict[str, Any]:
     try:
@@ -145,10 +168,19 @@ async def _collect(plans: list[Plan], metrics: Metrics, reserved: list[Choice],
     finally:
         choices.cancel(reserved)
     first = plans[0]
+    echoed = {id(c.plan): _echoed(c, reserved, st)  # once a prompt, for its n choices
+              for c in reserved if c.job.prompt_logprobs is not None}
+
+    def logprobs_of(c: Choice, a: choices.Answer) -> dict[str, Any] | None:
+        answer = _legacy(c.plan, st, a.logprobs, len(c.plan.prefix))
+        if answer is None or not _scored(c, reserved):
+            return answer
+        return logprobs.concat(echoed[id(c.plan)], answer)
+
     return {"id": first.id, "object": "text_completion", "created": first.created,
             "model": first.model,
             "choices": [{"index": c.index, "text": a.text, "finish_reason": a.finish_reason,
-                         "logprobs": _legacy(c.plan, st, a.logprobs, len(c.plan.prefix))}
+                         "logprobs": logprobs_of(c, a)}
                         for c, a in zip(reserved, answers, strict=True)],
             "usage": _usage(plans, reserved, sum(a.completion_tokens for a in answers))}
 
@@ -165,15 +197,18 @@ async def _sse(plans: list[Plan], metrics: Metrics, reserved: list[Choice], keep
     total = 0
     with choices.stream_errors(reserved) as errors:
         for c in reserved:
-            offset = 0
-            if c.plan.prefix:  # the echoed prompt
+            offset, echo = len(c.plan.prefix), _scored(c, reserved)
+            if c.plan.prefix and not echo:  # the echoed prompt, at once
                 yield event([{"index": c.index, "text": c.plan.prefix, "logprobs": None,
                               "finish_reason": None}])
-                offset = len(c.plan.prefix)
             async for delta in choices.deltas(c, metrics, keepalive_s):
                 if delta is None:
                     yield b": ping\n\n"
                     continue
+                if echo:  # the echoed prompt with its logprobs, now that the prompt is in
+                    yield event([{"index": c.index, "text": c.plan.prefix,
+                                  "logprobs": _echoed(c, reserved, st), "finish_reason": None}])
+                    echo = False
                 yield event([{"index": c.index, "text": delta.text,
                               "logprobs": _legacy(c.plan, st, delta.logprobs, offset),
                               "finish_reason": delta.finish_reason}])
