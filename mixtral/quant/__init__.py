@@ -11,6 +11,7 @@ A quantized checkpoint is config.json with "mixtral_quantization": {"bits", "gro
 "layout"} and, per quantized weight, `<name>.qweight` and `<name>.<scales_name>` as the format
 declares. The bytes mean the same on every machine; packing for a processor's kernels happens
 at load, on the machine that runs the model.
+`describe(model)` (quant/describe.py) reads a loaded model's quantization off its modules.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mixtral.quant.base import Format, Pair, QuantExperts
+from mixtral.quant.describe import describe
 from mixtral.quant.int4 import INT4, Int4Linear
 from mixtral.quant.int8 import INT8, Int8Linear
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from mixtral.model import Transformer
 
 __all__ = ["FORMATS", "GROUP_SIZES", "Format", "Int4Linear", "Int8Linear", "Pair",
-           "QuantExperts", "apply", "default_group_size", "get", "quantize_model",
+           "QuantExperts", "apply", "default_group_size", "describe", "get", "quantize_model",
            "quantize_weight"]
 
 FORMATS: dict[int, Format] = {f.bits: f for f in (INT8, INT4)}

@@ -18,12 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from torch import nn
 
-from mixtral.config import param_counts
 from mixtral.model import Runner
-from mixtral.projections import Int4Rows, Int8Rows
-from mixtral.quant import Int4Linear, Int8Linear
+from mixtral.quant import describe
 from mixtral.server import choices, completions, docs, page, protocol, tokens
 from mixtral.server.exposure import CheckHost, Hosts, RequireKey
 from mixtral.server.middleware import CountRequests, LimitBody, OneFraming, QuietDrain
@@ -151,14 +148,10 @@ def create_app(load: Callable[[], Runner] | None, settings: Settings,
 def weights(model: Runner) -> dict[str, Any]:
     """What the model card adds for the page: the parameters (all, and those one token
     uses), the compute dtype and the weight-only quantization the loaded modules carry."""
-    counts = param_counts(model.args)
-    modules = model.modules() if isinstance(model, nn.Module) else iter(())
-    q = next((m for m in modules if isinstance(m, (Int8Linear, Int8Rows, Int4Linear, Int4Rows))),
-             None)
-    quantization = None if q is None else "int8" if isinstance(q, (Int8Linear, Int8Rows)) \
-        else f"int4, groups of {q.group_size}"
-    return {"parameters": counts["total"], "active_parameters": counts["active"],
-            "dtype": str(model.dtype).removeprefix("torch."), "quantization": quantization}
+    facts = describe(model)
+    quantization = facts["quantization"] and facts["quantization"]["format"]
+    return {**{k: facts[k] for k in ("parameters", "active_parameters", "dtype")},
+            "quantization": quantization}
 
 
 def _errors(app: FastAPI) -> None:
