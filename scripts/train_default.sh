@@ -34,15 +34,12 @@ if [ "$DRY" = 1 ]; then
   SMALL=(steps=2 batch_size=2 seq_len=128 warmup=1 eval_every=1 eval_batches=1 save_every=2
          progress=false)
   TINY=("model={max_seq_len: 1024}")
-  EVAL_N=(--n 2) HELDOUT_N=(--n 2 --per-cell 1) PREF_N=(--n 8)
-  PASSKEY=(--lengths 128 --depths 2 --trials 1) MAX_LEN=128 ROUTE_TOKENS=400
+  EVAL_N=(--n 2) PREF_N=(--n 8) MAX_LEN=128
 else
   RUNS="${RUNS:-runs/default}"
   DATA="${DATA:-data}"
   N=20000
-  SMALL=() TINY=() EVAL_N=() HELDOUT_N=() PREF_N=()
-  PASSKEY=(--lengths 128,256,384,500,768,1014 --depths 5 --trials 10) MAX_LEN=1024
-  ROUTE_TOKENS=20000
+  SMALL=() TINY=() EVAL_N=() PREF_N=() MAX_LEN=1024
 fi
 CORPUS="${CORPUS:-$DATA/corpus}"
 CUR="$DATA/curriculum"
@@ -78,7 +75,7 @@ print(f"DPO starts at ln 2: {first['loss']:.4f}")
 EOF
 
 D="$RUNS/eval"
-mkdir -p "$D/domains" "$D/base"
+mkdir -p "$D/base"
 "$PY" scripts/eval_default.py "$M" --compare "$SFT" --json "$D/dpo.json" ${EVAL_N[@]+"${EVAL_N[@]}"}
 # held-out curriculum pairs: DPO must prefer the chosen answers more often than SFT did (if it
 # does not, ship the better stage: the card says which and why)
@@ -86,23 +83,12 @@ mkdir -p "$D/domains" "$D/base"
   ${PREF_N[@]+"${PREF_N[@]}"}
 # (the dry run has just run this script, its slowest step on a tiny model, and skips it here)
 [ "$DRY" = 1 ] || "$PY" scripts/eval_default.py "$SFT" --json "$D/sft.json"
-# What the paper measures, on the shipped model (its card reports these)
-for pair in english_prose:austen scripture:bible_web python_code:python_stdlib \
-            python_docs:python_docs french:libreoffice_help_fr german:libreoffice_help_de; do
-  src="$CORPUS/pretrain/val/${pair#*:}.txt"
-  if [ -e "$src" ]; then ln -sf "$(realpath "$src")" "$D/domains/${pair%%:*}.txt"; fi
-done
-"$PY" -m mixtral eval passkey --model "$M" --chat "${PASSKEY[@]}" --out "$D"
-"$PY" -m mixtral eval perplexity --model "$M" --data "$CORPUS/pretrain/val" --max-len "$MAX_LEN" \
-  --out "$D"
 # the base's perplexity on the same text: the final model's must stay within 1.5x of it
 "$PY" -m mixtral eval perplexity --model "$BASE" --data "$CORPUS/pretrain/val" \
   --max-len "$MAX_LEN" --out "$D/base"
-HTML=$(find "$D/domains" -name '*.txt' | sort | head -n 1)
-"$PY" -m mixtral eval routing --model "$M" --data "$D/domains" --max-len "$MAX_LEN" \
-  --max-tokens "$ROUTE_TOKENS" --html "$HTML" --out "$D"
-# Issue 17's held-out sets, in and out of distribution, served in bf16 as shipped (the card's
-# held-out table; scripts/ship_default.py reads it)
-"$PY" scripts/eval_heldout.py --model "$M" --dtype bf16 --json "$D/heldout.json" \
-  ${HELDOUT_N[@]+"${HELDOUT_N[@]}"}
+# passkey, perplexity, routing and the held-out sets (in bf16, as shipped) for the DPO model and
+# the final SFT model: scripts/ship_default.py ships whichever measures better
+STAGE_DRY=(); if [ "$DRY" = 1 ]; then STAGE_DRY=(--dry-run); fi
+PY="$PY" CORPUS="$CORPUS" scripts/eval_stage.sh ${STAGE_DRY[@]+"${STAGE_DRY[@]}"} "$M" "$D"
+PY="$PY" CORPUS="$CORPUS" scripts/eval_stage.sh ${STAGE_DRY[@]+"${STAGE_DRY[@]}"} "$SFT" "$D/final"
 echo "trained: $M (SFT: $SFT); evaluations in $D"

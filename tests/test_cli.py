@@ -120,7 +120,7 @@ def test_convert_and_quantize_show_progress_on_a_terminal_only(capsys, monkeypat
     for argv in jobs:
         assert main(argv) == 0
     bars = terminal.getvalue()
-    for label in ("convert: reading: 100%", "convert: writing: 100%", "quantize: writing: 100%"):
+    for label in ("convert: writing: 100%", "quantize: writing: 100%"):  # one pass: it streams
         assert label in bars, bars
     monkeypatch.undo()
     for argv in jobs:  # stderr a pipe or a file: no bar
