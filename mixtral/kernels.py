@@ -75,6 +75,18 @@ def build_dir(tier: str | None = None) -> str:
 
 
 @functools.cache
+def unavailable_reason() -> str | None:
+    """Why this process has no kernels (None when it has them): for messages and test skips."""
+    if os.environ.get("MIXTRAL_KERNELS", "1") == "0":
+        return "MIXTRAL_KERNELS=0 turns the kernels off"
+    tier = cpu.probe().tier
+    if tier not in FLAGS:
+        return f"no kernels at the {tier} tier (PyTorch's operations only)"
+    if not available():
+        return "the kernels could not be built here (a C++ compiler and ninja are needed)"
+    return None
+
+
 def available() -> bool:
     """Build (once per tier and source version) and load the kernels for this process's tier;
     False, quietly, where there are none (generic tier, MIXTRAL_KERNELS=0), False with a

@@ -19,7 +19,7 @@ from mixtral.quant.int4 import quantize as int4_quantize
 from mixtral.quant.int8 import quantize as int8_quantize
 from tests.test_fast import ARGS
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=str(kernels.unavailable_reason()))
 
 # every tier with kernels; those above this process's (its CPU's, or a MIXTRAL_ISA set before
 # it started, which capped PyTorch and oneDNN too) are skipped, naming the tier

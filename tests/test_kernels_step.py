@@ -17,7 +17,7 @@ from mixtral.model import RMSNorm, Transformer, route
 from mixtral.quant import QuantExperts, get, quantize_model, quantize_weight
 from tests.test_fast import ARGS
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=str(kernels.unavailable_reason()))
 assert KERNEL_TIERS
 
 
