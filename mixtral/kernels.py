@@ -74,7 +74,6 @@ def build_dir(tier: str | None = None) -> str:
     return cpp_extension._get_build_directory(_name(tier or cpu.probe().tier), False)
 
 
-@functools.cache
 def unavailable_reason() -> str | None:
     """Why this process has no kernels (None when it has them): for messages and test skips."""
     if os.environ.get("MIXTRAL_KERNELS", "1") == "0":
@@ -87,6 +86,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@functools.cache
 def available() -> bool:
     """Build (once per tier and source version) and load the kernels for this process's tier;
     False, quietly, where there are none (generic tier, MIXTRAL_KERNELS=0), False with a
