@@ -37,7 +37,8 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message in "
                    "the instruct format (default: raw text after BOS)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--json", action="store_true", help="print text, finish reason and usage")
+    p.add_argument("--json", action="store_true",
+                   help="print text, finish reason, usage and the CPU tier that ran")
     p.set_defaults(run=run_generate)
 
 
@@ -94,9 +95,13 @@ def run_generate(args: argparse.Namespace) -> int:
     if not speak:
         return 0
     if args.json:
+        from mixtral import cpu
+
+        c = cpu.probe()  # which paths answered: what a script comparing machines needs
         print(json.dumps({"text": "".join(parts), "finish_reason": last.finish_reason,
                           "usage": {"prompt_tokens": last.prompt_tokens,
-                                    "completion_tokens": last.completion_tokens}},
+                                    "completion_tokens": last.completion_tokens},
+                          "cpu": {"tier": c.tier, "pytorch": c.aten}},
                          ensure_ascii=False))
     else:
         print()
