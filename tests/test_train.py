@@ -192,6 +192,27 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, corpus):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_tied_embeddings_train_as_one_matrix_save_as_two_and_resume(tmp_path, corpus):
+    """tie_embeddings: one Parameter while training (one gradient, one optimizer state), two
+    equal tensors in the checkpoint (Mixtral's layout, which mixtral.load reads as usual); a
+    run stopped at step 4 and resumed ends where a straight run does; an untied checkpoint is
+    refused rather than silently tied."""
+    straight = train(config(tmp_path / "a", corpus, steps=8, tie_embeddings=True))
+    (tmp_path / "b" / "run").mkdir(parents=True)  # stopped after its step-4 checkpoint
+    shutil.copytree(tmp_path / "a" / "run" / "step-000004", tmp_path / "b" / "run" / "step-000004")
+    (tmp_path / "b" / "run" / "latest").write_text("step-000004\n")
+    resumed = train(config(tmp_path / "b", corpus, steps=8, tie_embeddings=True))
+    wa, wb = (load_file(p / "model.safetensors") for p in (straight, resumed))
+    assert torch.equal(wa["lm_head.weight"], wa["model.embed_tokens.weight"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    first = load_file(tmp_path / "a" / "run" / "step-000004" / "model.safetensors")
+    assert not torch.equal(first["lm_head.weight"], wa["lm_head.weight"])  # it did train
+    untied = train(config(tmp_path / "c", corpus, steps=2))
+    with pytest.raises(TrainingError, match="has an output head that differs from its "
+                       "embeddings"):
+        train(config(tmp_path / "d", corpus, steps=2, init=str(untied), tie_embeddings=True))
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
     import mixtral.train.tasks as tasks
 

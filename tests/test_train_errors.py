@@ -125,6 +125,20 @@ def test_an_override_in_e_notation_trains(tmp_path, capsys):
     assert state["config"]["lr"] == 1e-4 and state["config"]["weight_decay"] == 1e-2
 
 
+def test_a_shape_change_on_a_checkpoint_is_refused_not_ignored(tmp_path, capsys):
+    """init= a checkpoint brings its shape; a `model` setting that differs from it was once
+    silently dropped (a warm-up's shape repeated in the next stage's recipe hid this)."""
+    recipe = recipe_file(tmp_path)
+    assert main(["train", "pretrain", "--config", str(recipe)]) == 0
+    base = tmp_path / "run" / "step-000002"
+    same = ["train", "pretrain", "--config", str(recipe), f"init={base}", f"out={tmp_path}/b"]
+    assert main([*same, "model={dim: 32}"]) == 0  # what the checkpoint has: fine
+    capsys.readouterr()
+    assert main([*same, "out=" + str(tmp_path / "c"), "model={dim: 64, n_layers: 1}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model={'dim': 64}: init=" in err and "checkpoint" in err
+
+
 # --- a stopped run -------------------------------------------------------------------------------
 
 def test_a_training_error_is_one_line_with_status_2(tmp_path, capsys):

@@ -60,6 +60,10 @@ class TrainConfig:
     seed: int = 0
     autocast: str = "none"  # none | bf16
     fsdp: bool = True  # under torchrun, full training: shard parameters and optimizer state
+    # train the input embedding and the output head as one matrix (saved as two equal tensors,
+    # Mixtral's layout): copying a piece needs its output row to match its embedding, which an
+    # untied 32000-row head of a small model does not learn in a CPU budget (issue 17)
+    tie_embeddings: bool = False
     resume: bool = True
     progress: bool = True
 

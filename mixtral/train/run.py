@@ -55,13 +55,24 @@ __all__ = ["TrainConfig", "TrainingError", "build_model", "train"]
 def build_model(cfg: TrainConfig) -> Transformer:
     if Path(cfg.init).exists():
         model = load(cfg.init, dtype=torch.float32)
+        # a checkpoint brings its own shape: a `model` setting that differs would be ignored
+        differ = {k: v for k, v in cfg.model.items() if getattr(model.args, k, None) != v}
+        if differ:
+            raise TrainingError(f"model={differ}: init={cfg.init} is a checkpoint, whose shape "
+                                "cannot change (drop these settings, or start from a preset)")
+        if cfg.tie_embeddings and not torch.equal(model.output.weight, model.tok_embeddings.weight):
+            raise TrainingError(f"tie_embeddings=true: init={cfg.init} has an output head that "
+                                "differs from its embeddings (start from a tied checkpoint or a "
+                                "preset, or set tie_embeddings=false)")
         model.train()
-        return model
-    if cfg.init not in PRESETS:  # a checkpoint that is not there, not a preset misspelt
+    elif cfg.init not in PRESETS:  # a checkpoint that is not there, not a preset misspelt
         raise TrainingError(f"init={cfg.init}: no such file or directory (init takes a "
                             f"checkpoint folder or a preset: {', '.join(PRESETS)})")
-    model = Transformer(preset(cfg.init).with_(**cfg.model))
-    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
+    else:
+        model = Transformer(preset(cfg.init).with_(**cfg.model))
+        model.init_weights(std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.tie_embeddings:  # one Parameter from here on: one gradient, one optimizer state
+        model.output.weight = model.tok_embeddings.weight
     return model
 
 
@@ -82,6 +93,9 @@ def train(cfg: TrainConfig) -> Path:
     if resume_from is not None:
         resume_weights(resume_from, model)
     sharded = world > 1 and cfg.fsdp and not cfg.lora_rank
+    if sharded and cfg.tie_embeddings:
+        raise TrainingError("tie_embeddings=true cannot be sharded (FSDP would split the shared "
+                            "matrix twice): set fsdp=false")
     if sharded:
         _fully_shard(model)
     opt = optimizer(model, cfg)

@@ -79,7 +79,7 @@ def save_checkpoint(out: Path, step: int, model: Transformer, weights: dict[str,
                      tuple(cfg.lora_targets))
         (tmp / "adapter" / "base.txt").write_text(str(Path(cfg.init).resolve()) + "\n")
     else:
-        save(weights, model.args, tmp, "hf")
+        save(_unshared(weights), model.args, tmp, "hf")
     # optimizer state by parameter name when gathered from FSDP, by index otherwise
     state = {"step": step, "optimizer": optim, "optimizer_by_name": sharded,
              "rng": torch.get_rng_state(), "config": asdict(cfg)}
@@ -95,6 +95,17 @@ def save_checkpoint(out: Path, step: int, model: Transformer, weights: dict[str,
     for old in steps[:-(cfg.keep + 1)] if len(steps) > cfg.keep + 1 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _unshared(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tied weights (tie_embeddings: one matrix under two names) as separate equal tensors:
+    the checkpoint layout has both, and safetensors refuses tensors that share memory."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in weights.items():
+        out[name] = t.clone() if t.numel() and t.data_ptr() in seen else t
+        seen.add(t.data_ptr())
+    return out
 
 
 def resume_weights(folder: Path, model: Transformer) -> None:
