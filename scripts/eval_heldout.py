@@ -206,7 +206,11 @@ def main() -> None:
             rows = list(pool.map(lambda c: ask(client, model, c), cases))
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a server slow to stop must not cost the report
+            proc.kill()
+            proc.wait()
     summary = summarize(rows)
     report = {"model": a.model or "mixtral/data/default (shipped, bf16)", "seed": a.seed,
               "n": a.n, "per_cell": a.per_cell,
