@@ -3,15 +3,17 @@
 safe prompt as mechanisms, with plain text in every stage, plus DPO pairs.
 
     python scripts/build_curriculum.py OUT_DIR [--corpus data/corpus] [--n 20000] [--seed 10]
-                                       [--context 1024]
+                                       [--context 1024] [--repeats 24000]
 
 Writes OUT_DIR/<stage>/sft.jsonl for each stage of STAGES (train them in that order, each from
 the previous one's checkpoint: recipes/curriculum/): conversations {"task", "messages"} mixed
 with plain-text rows {"task": "text", "text"} that SFT trains on whole. Also writes
-OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}) and OUT_DIR/tasks.json (counts per
-stage and task). The corpus (scripts/build_corpus.py's output) gives the plain-text passages
-and the passkey filler; without it, the text task is left out (tasks.json says so) and the
-filler is the landmark protocol's. Only the training value lists are used (scripts/values/);
+OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}), OUT_DIR/tasks.json (counts per
+stage and task) and, for pretraining, OUT_DIR/repeats/{train,val}.jsonl: {"text"} documents
+of short spans shown over and over, on which the base learns to copy (recipes/default/). The
+corpus (scripts/build_corpus.py's output) gives the plain-text passages and the passkey filler;
+without it, the text task is left out (tasks.json says so) and the filler is the landmark
+protocol's. Only the training value lists are used (scripts/values/);
 the evaluation sets (scripts/heldout/) are built from others.
 """
 
@@ -53,7 +55,23 @@ def corpus_text(corpus: Path | None) -> tuple[list[str], list[str]]:
     return passages, sentences
 
 
-def build(out: Path, corpus: Path | None, n: int, seed: int, context: int) -> dict:
+def write_repeats(out: Path, passages: list[str], n: int, seed: int) -> dict[str, int]:
+    """n pretraining documents of repeated spans into out/train.jsonl, n // 100 (at least 8)
+    more into out/val.jsonl, from a random stream of their own: the SFT stages' data does not
+    change with n."""
+    r = random.Random(seed + 1)
+    words = sorted({w for p in passages for w in p.split() if len(w) <= 16})
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": n, "val": max(8, n // 100)}
+    for split, count in sizes.items():
+        with open(out / f"{split}.jsonl", "w") as f:
+            for _ in range(count):
+                f.write(json.dumps({"text": tasks.repeats(r, words)}, ensure_ascii=False) + "\n")
+    return sizes
+
+
+def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
+          repeats: int = 24000) -> dict:
     r = random.Random(seed)
     passages, sentences = corpus_text(corpus)
     filler = sentences or list(landmark.FILLER)
@@ -95,6 +113,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int) -> di
                                               "chosen": answer, "rejected": rejected},
                                              ensure_ascii=False) + "\n")
             summary["stages"][stage] = dict(sorted(counts.items()))
+    summary["repeats"] = write_repeats(out / "repeats", passages, repeats, seed)
     (out / "tasks.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -107,8 +126,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=10)
     p.add_argument("--context", type=int, default=1024,
                    help="the model's context: passkey prompts fill up to it")
+    p.add_argument("--repeats", type=int, default=24000,
+                   help="pretraining documents of repeated spans (~240 tokens each)")
     a = p.parse_args()
-    print(json.dumps(build(a.out, a.corpus, a.n, a.seed, a.context)))
+    print(json.dumps(build(a.out, a.corpus, a.n, a.seed, a.context, a.repeats)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Evaluate one checkpoint of the default model's recipe (issue 17) as its model card reports it,
-# into OUT: the passkey grid, perplexity vs context, routing, and the held-out sets in and out of
-# distribution served in bf16 as shipped (scripts/eval_heldout.py -> OUT/heldout.json).
+# into OUT: the passkey grid, perplexity vs context, routing, the induction probe, and the
+# held-out sets in and out of distribution served in bf16 as shipped (scripts/eval_heldout.py ->
+# OUT/heldout.json).
 # scripts/train_default.sh runs it on the DPO model (into eval/) and on the final SFT model (into
 # eval/final/), so that scripts/ship_default.py can ship whichever stage measures better with
 # that stage's own figures.
@@ -25,10 +26,10 @@ if [ ! -d "$CORPUS/pretrain/val" ]; then
 fi
 if [ "$DRY" = 1 ]; then
   PASSKEY=(--lengths 128 --depths 2 --trials 1) MAX_LEN=128 ROUTE_TOKENS=400
-  HELDOUT_N=(--n 2 --per-cell 1)
+  HELDOUT_N=(--n 2 --per-cell 1) PROBE=(--spans 2 --length 8)
 else
   PASSKEY=(--lengths 128,256,384,500,768,1014 --depths 5 --trials 10) MAX_LEN=1024
-  ROUTE_TOKENS=20000 HELDOUT_N=()
+  ROUTE_TOKENS=20000 HELDOUT_N=() PROBE=()
 fi
 
 mkdir -p "$D/domains"
@@ -44,6 +45,9 @@ done
 HTML=$(find "$D/domains" -name '*.txt' | sort | head -n 1)
 "$PY" -m mixtral eval routing --model "$M" --data "$D/domains" --max-len "$MAX_LEN" \
   --max-tokens "$ROUTE_TOKENS" --html "$HTML" --out "$D"
+# Can it copy at all (the induction probe: a span's repeat against its first showing)
+"$PY" scripts/curriculum/induction.py "$M" --corpus "$CORPUS/pretrain/val" --json "$D/induction.json" \
+  ${PROBE[@]+"${PROBE[@]}"}
 # Issue 17's held-out sets, in and out of distribution, served in bf16 as shipped (the card's
 # held-out table and the stage choice; scripts/ship_default.py reads it)
 "$PY" scripts/eval_heldout.py --model "$M" --dtype bf16 --json "$D/heldout.json" \

@@ -16,11 +16,13 @@ Which stage ships is decided by measurement (issue 17, item 2). DPO ships only i
 Otherwise the final SFT checkpoint ships, and the card says so and why. `--stage final|dpo`
 overrides the rule; the card then says the stage was chosen by hand.
 
-Reads, under --runs: <stage>/metrics.jsonl and <stage>/latest for pretrain, copy, skills, final
-and dpo (steps, minutes from step_seconds, last train and held-out loss; DPO's first loss, which
-must be ln 2); eval/ (the DPO model) and eval/final/ (the SFT model): heldout.json, passkey.json,
-perplexity.json, routing.json and their figures; eval/base/perplexity.json (the pretrained base);
-eval/preference.json; eval/dpo.json and eval/sft.json where present (scripts/eval_default.py).
+Reads, under --runs: <stage>/metrics.jsonl and <stage>/latest for induction, pretrain, copy,
+skills, final and dpo (steps, minutes from step_seconds, last train and held-out loss; DPO's
+first loss, which must be ln 2); eval/ (the DPO model) and eval/final/ (the SFT model):
+heldout.json, passkey.json, perplexity.json, routing.json, induction.json and their figures;
+eval/base/perplexity.json (the pretrained base); eval/induction-warmup.json and
+eval/induction-base.json (the induction probe); eval/preference.json; eval/dpo.json and
+eval/sft.json where present (scripts/eval_default.py).
 Also the curriculum's tasks.json, the corpus manifest and --before, the previous shipped model's
 held-out report (its out-of-distribution figures are the card's "before" column).
 """
@@ -43,7 +45,8 @@ import mixtral
 from mixtral.atomic import atomic_write, atomic_write_text
 from mixtral.checkpoint import save
 
-STAGES = ("pretrain", "copy", "skills", "final", "dpo")  # scripts/train_default.sh's order
+# scripts/train_default.sh's order
+STAGES = ("induction", "pretrain", "copy", "skills", "final", "dpo")
 MAX_BYTES = 80 * 10**6  # what the repository carries
 PICTURES = ("passkey.png", "perplexity.png", "routing.png", "routing_repetition.png")
 
@@ -170,7 +173,10 @@ def gather(a: argparse.Namespace) -> Inputs:
                         "scripts/build_curriculum.py writes it"),
         manifest=read_json(Path(a.corpus) / "manifest.json",
                            "scripts/build_corpus.py writes it"),
-        eval_root=ev)
+        eval_root=ev,
+        induction={label: next(iter(read_json(path, how).values())) for label, path in (
+            ("warm-up", ev / "induction-warmup.json"), ("pretrained base",
+             ev / "induction-base.json"), (f"shipped ({stage})", folder / "induction.json"))})
 
 
 def main(argv: list[str] | None = None) -> int:

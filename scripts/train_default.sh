@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the default model from scratch (issue 17's recipe): data, pretraining, the curriculum's
-# three SFT stages at seq_len 1024 (copy -> skills -> final, plain text in each), DPO (checked
+# Build the default model from scratch (issue 17's recipe): data, an induction warm-up,
+# pretraining, the curriculum's three SFT stages at seq_len 1024 (copy -> skills -> final, plain text in each), DPO (checked
 # to start at ln 2), evaluation in and out of distribution. About 3 hours of training on 2 CPU
 # cores (recipes/curriculum/README.md has the measured budget); every stage resumes where it
 # stopped, and a finished stage is not run again.
@@ -29,8 +29,8 @@ if [ "$DRY" = 1 ]; then
          "pretrain/val text files (scripts/build_corpus.py's layout)" >&2
     exit 2
   fi
-  N=48  # conversations per curriculum stage
-  # every stage: 2 steps of 2 rows of 128 tokens; pretraining: the tiny preset's shape
+  N=48 REPEATS=64  # conversations per curriculum stage, documents of repeated spans
+  # every stage: 2 steps of 2 rows of 128 tokens; the warm-up: the tiny preset's shape
   SMALL=(steps=2 batch_size=2 seq_len=128 warmup=1 eval_every=1 eval_batches=1 save_every=2
          progress=false)
   TINY=("model={max_seq_len: 1024}")
@@ -38,7 +38,7 @@ if [ "$DRY" = 1 ]; then
 else
   RUNS="${RUNS:-runs/default}"
   DATA="${DATA:-data}"
-  N=20000
+  N=20000 REPEATS=16000  # ~3.9M tokens of repeats: ~14 % of the pretraining stream
   SMALL=() TINY=() EVAL_N=() PREF_N=() MAX_LEN=1024
 fi
 CORPUS="${CORPUS:-$DATA/corpus}"
@@ -54,12 +54,25 @@ train() {
 }
 
 [ -s "$CORPUS/manifest.json" ] || [ "$DRY" = 1 ] || "$PY" scripts/build_corpus.py "$CORPUS"
-[ -s "$CUR/tasks.json" ] || "$PY" scripts/build_curriculum.py "$CUR" --corpus "$CORPUS" --n "$N"
+[ -s "$CUR/tasks.json" ] || "$PY" scripts/build_curriculum.py "$CUR" --corpus "$CORPUS" --n "$N" \
+  --repeats "$REPEATS"
 
-# Pretraining from random weights; the curriculum starts from this base, not from an SFT model
-# (an SFT pilot on the copy stage from the shipped model forgot more than it learnt)
-BASE=$(train pretrain pretrain recipes/default/pretrain.yaml tiny "$CORPUS/pretrain/train" \
-  "eval_data=[$CORPUS/pretrain/val]" ${TINY[@]+"${TINY[@]}"})
+# Induction first: from random weights, on spans shown over and over, until the repeats are
+# predicted (the probe gates it: on text alone no checkpoint ever learnt to copy). Then
+# pretraining from there, with those documents still in the mix so that the heads stay; the
+# curriculum starts from this base, not from an SFT model (an SFT pilot on the copy stage from
+# the shipped model forgot more than it learnt).
+D="$RUNS/eval"
+mkdir -p "$D/base"
+GATE=(--require 0.5); if [ "$DRY" = 1 ]; then GATE=(--spans 2 --length 8); fi  # 2 steps learn nothing
+WARM=$(train pretrain induction recipes/default/induction.yaml tiny "$CUR/repeats/train.jsonl" \
+  "eval_data=[$CUR/repeats/val.jsonl]" ${TINY[@]+"${TINY[@]}"})
+"$PY" scripts/curriculum/induction.py "$WARM" --corpus "$CORPUS/pretrain/val" \
+  --json "$D/induction-warmup.json" "${GATE[@]}"
+BASE=$(train pretrain pretrain recipes/default/pretrain.yaml "$WARM" \
+  "$CORPUS/pretrain/train,$CUR/repeats/train.jsonl" "eval_data=[$CORPUS/pretrain/val]")
+"$PY" scripts/curriculum/induction.py "$BASE" --corpus "$CORPUS/pretrain/val" \
+  --json "$D/induction-base.json" "${GATE[@]}"
 COPY=$(train sft copy recipes/curriculum/copy.yaml "$BASE" "$CUR/copy/sft.jsonl")
 SKILLS=$(train sft skills recipes/curriculum/skills.yaml "$COPY" "$CUR/skills/sft.jsonl")
 SFT=$(train sft final recipes/curriculum/final.yaml "$SKILLS" "$CUR/final/sft.jsonl")
@@ -74,8 +87,6 @@ if abs(first["loss"] - math.log(2)) > 1e-3:
 print(f"DPO starts at ln 2: {first['loss']:.4f}")
 EOF
 
-D="$RUNS/eval"
-mkdir -p "$D/base"
 "$PY" scripts/eval_default.py "$M" --compare "$SFT" --json "$D/dpo.json" ${EVAL_N[@]+"${EVAL_N[@]}"}
 # held-out curriculum pairs: DPO must prefer the chosen answers more often than SFT did (if it
 # does not, ship the better stage: the card says which and why)

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "curriculum"))
 
-from induction import probe, spans  # noqa: E402
+from induction import lacking, probe, spans  # noqa: E402
 
 V = 50
 
@@ -30,3 +30,11 @@ def test_a_copier_has_induction_and_a_uniform_model_has_none():
     uniform = probe(lambda t: torch.zeros(*t.shape, V), x)
     for showing in ("first", "repeat"):
         assert abs(uniform[showing] - math.log(V)) < 1e-3
+
+
+def test_the_gate_names_the_checkpoints_without_induction():
+    x = spans(range(3, V), n=4, length=10, seed=1)
+    report = {"copier": {"corpus": probe(copier, x)},
+              "uniform": {"corpus": probe(lambda t: torch.zeros(*t.shape, V), x)}}
+    assert lacking(report, 0.5) == ["uniform"]
+    assert lacking(report, 1.01) == []  # the uniform model's repeat equals its first showing

@@ -68,7 +68,7 @@ def card_inputs(shipped: dict, before: dict, base_ppl: float, ppl: float) -> Inp
                   heldout={"dpo": shipped}, preference={}, before=before, before_path="",
                   in_distribution={}, passkey={}, perplexity={"curve": curve},
                   base_perplexity={"curve": base}, routing={}, routing_table="", commands={},
-                  tasks={}, manifest={}, eval_root=Path("eval"))
+                  tasks={}, manifest={}, eval_root=Path("eval"), induction={})
 
 
 def test_the_targets_table_says_not_met_below_a_target_without_rounding_up():
@@ -89,7 +89,7 @@ def test_the_targets_table_says_not_met_below_a_target_without_rounding_up():
 
 def fake_runs(runs: Path, dpo_first_loss: float = 0.6931) -> None:
     """Every stage finished (metrics and a latest step folder) and the DPO model evaluated."""
-    for stage in ("pretrain", "copy", "skills", "final", "dpo"):
+    for stage in ("induction", "pretrain", "copy", "skills", "final", "dpo"):
         (runs / stage / "step-000002").mkdir(parents=True)
         (runs / stage / "latest").write_text("step-000002\n")
         first = dpo_first_loss if stage == "dpo" else 3.0

@@ -99,12 +99,15 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     pretrain = yaml.safe_load((RECIPES / "default" / "pretrain.yaml").read_text())
-    times = step_seconds(pretrain["model"], pretrain["batch_size"], a.reps)
+    warmup = yaml.safe_load((RECIPES / "default" / "induction.yaml").read_text())
+    times = step_seconds(warmup["model"], pretrain["batch_size"], a.reps)  # its shape stays
     scale = a.pretrain_step / times[pretrain["seq_len"]]
     print(f"measured step seconds at batch {pretrain['batch_size']}: "
           + ", ".join(f"{T}: {s:.2f}" for T, s in times.items())
           + f"; scaled by {scale:.2f} to the quiet pretraining step", file=sys.stderr)
-    stages = {"pretrain": (pretrain["steps"], a.pretrain_step, pretrain["seq_len"])}
+    stages = {"induction": (warmup["steps"], a.pretrain_step * warmup["batch_size"]
+                            / pretrain["batch_size"], warmup["seq_len"]),
+              "pretrain": (pretrain["steps"], a.pretrain_step, pretrain["seq_len"])}
     for name in ("copy", "skills", "final", "dpo"):
         recipe = yaml.safe_load((RECIPES / "curriculum" / f"{name}.yaml").read_text())
         B, T = recipe["batch_size"], recipe["seq_len"]

@@ -6,6 +6,11 @@ first curriculum run, issue 17) scores them alike, and no copy-dependent skill (
 passkeys) can be taught on top of it.
 
     python scripts/curriculum/induction.py CHECKPOINT... [--spans 16] [--length 30] [--json OUT]
+                                           [--require 0.5]
+
+--require R fails (exit status 1) unless every checkpoint's repeat loss on corpus pieces is at
+most R times its first-showing loss: scripts/train_default.sh stops there rather than spend
+hours teaching skills to a base that cannot copy.
 
 Two pools of pieces: `corpus` draws tokens with their frequencies in the validation text
 (pieces the model has seen), `vocab` draws uniformly from the whole vocabulary (mostly pieces it
@@ -49,6 +54,12 @@ def probe(model: Model, x: torch.Tensor) -> dict[str, float]:
             "repeat_accuracy": round(hits.float().mean().item(), 3)}
 
 
+def lacking(report: dict[str, dict[str, dict[str, float]]], ratio: float) -> list[str]:
+    """The checkpoints whose repeat loss on corpus pieces is above ratio x the first's."""
+    return [path for path, r in report.items()
+            if r["corpus"]["repeat"] > ratio * r["corpus"]["first"]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+")
@@ -58,6 +69,8 @@ def main() -> None:
     p.add_argument("--length", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path)
+    p.add_argument("--require", type=float, metavar="R",
+                   help="fail unless repeat <= R x first on corpus pieces, for every checkpoint")
     a = p.parse_args()
     import mixtral
     from mixtral.tokenizer import default_tokenizer
@@ -76,6 +89,10 @@ def main() -> None:
         print(path, json.dumps(report[path]))
     if a.json:
         a.json.write_text(json.dumps(report, indent=1) + "\n")
+    failed = lacking(report, a.require) if a.require is not None else []
+    if failed:
+        sys.exit(f"induction.py: no induction (repeat > {a.require} x first on corpus pieces): "
+                 + ", ".join(failed))
 
 
 if __name__ == "__main__":
