@@ -34,7 +34,7 @@ if [ "$DRY" = 1 ]; then
   SMALL=(steps=2 batch_size=2 seq_len=128 warmup=1 eval_every=1 eval_batches=1 save_every=2
          progress=false)
   TINY=("model={max_seq_len: 1024}")
-  EVAL_N=(--n 2) PREF_N=(--n 8) MAX_LEN=128
+  EVAL_N=(--n 2 --pairs 16) PREF_N=(--n 8) MAX_LEN=128
 else
   RUNS="${RUNS:-runs/default}"
   DATA="${DATA:-data}"
