@@ -204,10 +204,10 @@ SEPARATORS = [" ", "\n", " | ", ", ", " ; ", "\n\n"]
 
 def repeats(r: random.Random, words: list[str], tokens: int = 240) -> str:
     """About `tokens` tokens of one span of 2-24 pieces (half the time corpus words, half
-    pieces of the whole vocabulary) repeated with one separator: spans shown many times, not
-    twice, are what makes the heads form within a few hundred steps (a scaled-down pilot:
-    8-piece spans x 8 learnt to predict the repeats, 0.09 nats, by step 300; 32-piece spans
-    x 2 had learnt nothing by step 900)."""
+    pieces of the whole vocabulary) repeated with one separator. Spans are shown many times, so
+    that most tokens reward a copy (32-piece spans shown twice taught a pilot nothing in 900
+    steps), and their lengths vary, so that only a copy by content pays: a pilot trained on one
+    fixed period learnt to copy by position and failed at another period."""
     tok = default_tokenizer()
     span = ""
     while not span:
