@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from concurrent.futures import wait
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,9 @@ def test_a_failed_read_ahead_ends_the_request_with_an_error(checkpoints, tmp_pat
     assert len(outcomes) == 2 and all(isinstance(o, CheckpointError) for o in outcomes)
     assert "short read of layers.0.feed_forward.experts." in str(outcomes[0])
     cache = off.expert_cache
+    # read-aheads of later layers may still be failing on the reader thread as the request
+    # ends (seen once in a full suite run): once they have, nothing is held or in flight
+    wait(list(cache._pending.values()), timeout=60)
     assert cache.prefetched > 0 and not cache._pending and cache.used == 0
 
 
