@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -208,6 +209,10 @@ def test_tied_embeddings_train_as_one_matrix_save_as_two_and_resume(tmp_path, co
     first = load_file(tmp_path / "a" / "run" / "step-000004" / "model.safetensors")
     assert not torch.equal(first["lm_head.weight"], wa["lm_head.weight"])  # it did train
     untied = train(config(tmp_path / "c", corpus, steps=2))
+    with pytest.raises(TrainingError, match="cannot be sharded"):  # as under torchrun, 2 ranks
+        with patch("mixtral.train.run._distributed", return_value=(0, 2)):
+            train(config(tmp_path / "e", corpus, steps=2, tie_embeddings=True))
+    assert not (tmp_path / "e").exists()  # refused before any work
     with pytest.raises(TrainingError, match="has an output head that differs from its "
                        "embeddings"):
         train(config(tmp_path / "d", corpus, steps=2, init=str(untied), tie_embeddings=True))

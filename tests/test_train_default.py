@@ -152,6 +152,10 @@ def test_ship_default_packages_the_dry_run(dry_run):
     assert re.search(r"^\| addition \| \d+ % \(\d+/\d+; \d+–\d+\) \| \d+ % \(\d+/\d+; "
                      r"\d+–\d+\) \| ≥ 80 % \|$", card, re.M)
     assert "## Which stage ships, and why" in card and "python scripts/ship_default.py" in card
+    # the induction probe of the warm-up, the base and the shipped stage, from their files
+    probe = r"\d+\.\d\d → \d+\.\d\d \(\d+ %\)"
+    for label in ("warm-up", "pretrained base", f"shipped \\({stage}\\)"):
+        assert re.search(rf"^\| {label} \| {probe} \| {probe} \|$", card, re.M), label
     needles = ("total", "active", "JSON from", "passkey", "2-digit addition", "safe prompt",
                "</s>", "preference accuracy", "Perplexity vs context", "Routing",
                "What it cannot do", "scripts/train_default.sh", "out-of-distribution",

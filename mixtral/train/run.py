@@ -79,6 +79,10 @@ def build_model(cfg: TrainConfig) -> Transformer:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a training stage; returns the final checkpoint folder."""
     rank, world = _distributed()
+    sharded = world > 1 and cfg.fsdp and not cfg.lora_rank
+    if sharded and cfg.tie_embeddings:  # refused before any work
+        raise TrainingError("tie_embeddings=true cannot be sharded (FSDP would split the shared "
+                            "matrix twice): set fsdp=false")
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -92,10 +96,6 @@ def train(cfg: TrainConfig) -> Path:
     resume_from = latest(out) if cfg.resume else None
     if resume_from is not None:
         resume_weights(resume_from, model)
-    sharded = world > 1 and cfg.fsdp and not cfg.lora_rank
-    if sharded and cfg.tie_embeddings:
-        raise TrainingError("tie_embeddings=true cannot be sharded (FSDP would split the shared "
-                            "matrix twice): set fsdp=false")
     if sharded:
         _fully_shard(model)
     opt = optimizer(model, cfg)
