@@ -1,5 +1,5 @@
 """How PyTorch's OpenMP threads wait between parallel regions (set once before torch starts),
-and how many there are (adapted between engine steps, where asked).
+and how many there are (adapted between engine steps unless fixed).
 
 A decoding step runs a few hundred short parallel regions (every kernel call is one). Between
 them libgomp's threads spin for a while (GOMP's default: 300,000 iterations, ~0.1-1 ms) before
@@ -15,27 +15,33 @@ tok/s (benchmarks/RESULTS.md, "OpenMP wait policy"):
   OMP_WAIT_POLICY=PASSIVE      int4 78 / 144              int4 32.9 / 84.9, bf16 23.4 / 61.0
 
 So the default here is a short spin, GOMP_SPINCOUNT=10000: the quiet figures do not move and
-a shared machine gets 1.4-1.7x the default's int4 speed. Where the machine is known to be
-shared, OMP_WAIT_POLICY=PASSIVE (or GOMP_SPINCOUNT=1000) gives 2.5x the default there and
-costs ~half the quiet speed. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT always wins, and
-neither has any effect once torch has started (import mixtral first; the CLI does).
+a shared machine gets 1.4-1.7x the default's int4 speed. OMP_WAIT_POLICY=PASSIVE (or
+GOMP_SPINCOUNT=1000) gives 2.5x the default on a shared machine but costs ~half the quiet
+speed; the adaptive thread count below does as well on a shared machine without that cost.
+A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT always wins, and neither has any effect once
+torch has started (import mixtral first; the CLI does).
 
 The wait policy cannot change once OpenMP has started; the number of threads can. With
-MIXTRAL_THREADS=adaptive (or `mixtral serve --threads adaptive`) the engine asks `Adaptive`
-between steps, on the thread that runs the model, whether to change torch's thread count: once
-a second at most it reads what the rest of the machine uses (mixtral/cpu_share.py: /proc/stat
-minus this process, steal included, within the affinity mask and any cgroup CPU quota) and runs
-as many threads as cores are left, at least one, so that a short-spinning team never waits on a
-thread whose core another process holds. Hysteresis keeps it from flapping: it drops a thread
-when others hold more than half a core of ours, takes it back when they hold under a quarter,
-and only after two one-second windows in a row agree (a quota below the thread count applies
-at once). Our kernels (csrc/, at::parallel_for) and oneDNN follow torch's count. A step
-between windows costs one clock read; a window's read ~0.1 ms (busy 2-core machine).
-MIXTRAL_THREADS=fixed (today's default; adaptive's quiet and loaded figures are pending:
-`benchmarks/load.py --threads-policy adaptive|fixed [--neighbour 1]`, RESULTS.md) keeps
-torch's count; MIXTRAL_THREADS=N fixes it at N. A user's choice wins: with OMP_NUM_THREADS set
-the count is never adapted, a count set by torch.set_num_threads before the engine starts is
-the most it uses, and one set while it runs stops the adapting.
+MIXTRAL_THREADS=adaptive (the default; `mixtral serve --threads adaptive`) the engine asks
+`Adaptive` between steps, on the thread that runs the model, whether to change torch's thread
+count: once a second at most it reads what the rest of the machine uses (mixtral/cpu_share.py:
+/proc/stat minus this process, steal included, within the affinity mask and any cgroup CPU
+quota) and runs as many threads as cores are left, at least one, so that a short-spinning team
+never waits on a thread whose core another process holds. Hysteresis keeps it from flapping: it
+drops a thread when others hold more than half a core of ours, takes it back when they hold
+under a quarter, and only after two one-second windows in a row agree (a quota below the thread
+count applies at once). Our kernels (csrc/, at::parallel_for) and oneDNN follow torch's count.
+A step between windows costs one clock read; a window's read ~0.1 ms (busy 2-core machine).
+Adaptive is the default, by measurement (benchmarks/load.py, `mixtral serve` on the default
+model, 8 clients on the same 2 cores, 4 interleaved rounds, RESULTS.md "Thread count policy"):
+quiet, 0.93x the fixed count's tok/s (the clients' own process is a neighbour that sometimes
+costs a thread); beside one busy process, 5.8x (336 vs 58 tok/s, median). Against
+OMP_WAIT_POLICY=PASSIVE: 1.6-1.7x quiet, 0.95-0.98x loaded. A process alone on its cores keeps
+every thread (`mixtral bench` int4 decode, 3 rounds: median 119 tok/s either way).
+MIXTRAL_THREADS=fixed keeps torch's count; MIXTRAL_THREADS=N fixes it at N. A user's choice
+wins: with OMP_NUM_THREADS set the count is never adapted, a count set by
+torch.set_num_threads before the engine starts is the most it uses, and one set while it runs
+stops the adapting.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ log = logging.getLogger("mixtral.threads")
 
 SPINCOUNT = "10000"
 ENV = "MIXTRAL_THREADS"
-DEFAULT = "fixed"  # adaptive becomes the default only if quiet and loaded figures say so
+DEFAULT = "adaptive"  # by measurement: see the module's docstring
 # others' use of our cores, in cores, that costs a thread / that gives one back: two spinning
 # threads and one busy process on 2 cores leave it ~0.67 core, above DOWN
 DOWN, UP = 0.5, 0.25
@@ -79,7 +85,7 @@ def _describe_wait() -> str:
         return "GOMP's default spin (torch started before mixtral set GOMP_SPINCOUNT)"
     ours = chosen == {"GOMP_SPINCOUNT": SPINCOUNT}
     return (", ".join(f"{n}={v}" for n, v in chosen.items())
-            + (" (mixtral's default; OMP_WAIT_POLICY=PASSIVE on a shared machine)" if ours
+            + (" (mixtral's default)" if ours
                else " (set by the user)"))
 
 
@@ -91,7 +97,7 @@ def _describe_count() -> str:
     if os.environ.get("OMP_NUM_THREADS") and not isinstance(mode, int):
         return f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (set by the user)"
     return {"adaptive": "adaptive (as many as cores other processes leave free)",
-            "fixed": f"fixed, torch's count ({ENV}=adaptive adapts it to a shared machine)"
+            "fixed": "fixed, torch's count (the default, adaptive, follows a shared machine)"
             }.get(str(mode), f"{mode} ({ENV} or --threads)")
 
 

@@ -12,6 +12,10 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the suite's engines keep torch's thread count: an adaptive one (the product's default) would
+# change this process's count for every later test whenever a test's own subprocess is busy.
+# tests/test_threads.py tests the adaptive policy itself, without this setting.
+os.environ.setdefault("MIXTRAL_THREADS", "fixed")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -245,7 +245,9 @@ def test_a_machine_it_cannot_read_turns_it_off_without_raising(tmp_path):
 
 
 def test_the_policy_chosen(monkeypatch):
-    assert isinstance(threads.policy(), threads.Fixed)  # today's default
+    assert isinstance(threads.policy(), threads.Adaptive)  # the default
+    monkeypatch.setenv(threads.ENV, "fixed")
+    assert isinstance(threads.policy(), threads.Fixed)
     monkeypatch.setenv(threads.ENV, "adaptive")
     assert isinstance(threads.policy(), threads.Adaptive)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's count: never adapted

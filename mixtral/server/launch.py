@@ -53,7 +53,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=thread_policy, metavar="POLICY", help="torch's thread "
                    "count: adaptive (as many as cores other processes leave free, re-read each "
                    "second), fixed (torch's own), or a count (default: MIXTRAL_THREADS, else "
-                   "fixed)")
+                   "adaptive)")
     p.set_defaults(run=run)
 
 
