@@ -218,6 +218,43 @@ def test_tied_embeddings_train_as_one_matrix_save_as_two_and_resume(tmp_path, co
         train(config(tmp_path / "d", corpus, steps=2, init=str(untied), tie_embeddings=True))
 
 
+def test_frozen_embeddings_and_the_final_norm_init(tmp_path, corpus):
+    """embedding_lr_scale 0 leaves the (tied) embeddings exactly as initialized while the rest
+    trains, and a run resumes with it bit for bit; 0.5 moves them, at half the step of the
+    others; final_norm_init sets the final norm of a preset's random init and is refused for
+    a checkpoint init, as is resuming a run whose groups the setting would change."""
+    init = train(config(tmp_path / "i", corpus, steps=1, lr=1e-12, warmup=0,  # as initialized
+                        tie_embeddings=True, final_norm_init=5.0, embedding_lr_scale=0.0))
+    w0 = load_file(init / "model.safetensors")
+    assert torch.equal(w0["model.norm.weight"], torch.full_like(w0["model.norm.weight"], 5.0))
+    frozen = dict(steps=8, tie_embeddings=True, final_norm_init=5.0, embedding_lr_scale=0.0)
+    straight = train(config(tmp_path / "a", corpus, **frozen))
+    wa = load_file(straight / "model.safetensors")
+    assert torch.equal(wa["model.embed_tokens.weight"], w0["model.embed_tokens.weight"])
+    assert torch.equal(wa["lm_head.weight"], w0["model.embed_tokens.weight"])
+    assert not torch.equal(wa["model.norm.weight"], w0["model.norm.weight"])  # the rest trains
+    (tmp_path / "b" / "run").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "run" / "step-000004", tmp_path / "b" / "run" / "step-000004")
+    (tmp_path / "b" / "run" / "latest").write_text("step-000004\n")
+    resumed = train(config(tmp_path / "b", corpus, **frozen))
+    wb = load_file(resumed / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(TrainingError, match="optimizer state has 3 parameter groups, this "
+                       r"run's settings make 2 \(embedding_lr_scale changed"):
+        train(config(tmp_path / "b", corpus, **{**frozen, "steps": 9, "embedding_lr_scale": 1.0}))
+    half = train(config(tmp_path / "h", corpus, steps=1, warmup=0, tie_embeddings=True,
+                        final_norm_init=5.0, embedding_lr_scale=0.5))
+    moved = load_file(half / "model.safetensors")["model.embed_tokens.weight"]
+    step = (moved - w0["model.embed_tokens.weight"]).abs().max().item()
+    assert 0.4 * 3e-3 < step < 0.6 * 3e-3  # Adam's first step: lr x scale per element
+    with pytest.raises(TrainingError, match="final_norm_init=5.0: init=.* is a checkpoint"):
+        train(config(tmp_path / "c", corpus, init=str(init), final_norm_init=5.0,
+                     model={}, tie_embeddings=True))
+    for bad in ({"embedding_lr_scale": -1.0}, {"final_norm_init": 0.0}):
+        with pytest.raises(TrainingError, match=f"{next(iter(bad))} must be"):
+            config(tmp_path / "d", corpus, **bad)
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
     import mixtral.train.tasks as tasks
 

@@ -64,6 +64,12 @@ class TrainConfig:
     # Mixtral's layout): copying a piece needs its output row to match its embedding, which an
     # untied 32000-row head of a small model does not learn in a CPU budget (issue 17)
     tie_embeddings: bool = False
+    # the embeddings' lr as a multiple of lr (0: frozen; train/optimizer.py says why)
+    embedding_lr_scale: float = 1.0
+    # the final norm's weight at a preset's random init: with std-0.02 rows (norm ~0.23 at dim
+    # 128) a tied head can give a piece at most ~2.6 nats over the rest until it grows; 5 lifts
+    # that cap from the first step (issue 17's pilots). A checkpoint init keeps its own.
+    final_norm_init: float = 1.0
     resume: bool = True
     progress: bool = True
 
@@ -98,6 +104,10 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
     for key, ok, wanted in (("lr", cfg.lr > 0, "above 0"),
                             ("grad_clip", cfg.grad_clip > 0, "above 0"),
                             ("weight_decay", cfg.weight_decay >= 0, "at least 0"),
+                            ("embedding_lr_scale", 0 <= cfg.embedding_lr_scale < math.inf,
+                             "at least 0 and finite"),
+                            ("final_norm_init", 0 < cfg.final_norm_init < math.inf,
+                             "above 0 and finite"),
                             ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "within [0, 1]"),
                             ("betas", all(0 <= b < 1 for b in cfg.betas), "within [0, 1)")):
         if not ok:

@@ -1,8 +1,14 @@
-"""The optimizer and its schedule: AdamW over two parameter groups, warmup then cosine.
+"""The optimizer and its schedule: AdamW over two parameter groups (or three), warmup then cosine.
 
-Matrices other than the embeddings decay; norms, biases and the embeddings do not. The
-groups' order is also the optimizer state's index order, which a checkpoint written by one
-process maps back to parameter names when a sharded run resumes it (train/state.py).
+Matrices other than the embeddings decay; norms, biases and the embeddings do not. With
+`embedding_lr_scale` other than 1 the embeddings (with a tied head, the head too) are a third
+group whose lr is that multiple of the schedule's (0: frozen, exactly: AdamW moves nothing at
+lr 0). Why one would: Adam gives every row of a 32000-row table a full-size step along the
+softmax's common push, even rows seen once in a thousand steps, so a small model's rare rows
+drift together and blur apart; a warm-up on random pieces learns a piece-agnostic copy on
+frozen random rows (issue 17's pilots). The groups' order is also the optimizer state's index
+order, which a checkpoint written by one process maps back to parameter names when a sharded
+run resumes it (train/state.py).
 """
 
 from __future__ import annotations
@@ -24,24 +30,39 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay, rest = _param_groups(model)
-    return torch.optim.AdamW([{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
-                              {"params": [p for _, p in rest], "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=cfg.betas)
+    # a group at the schedule's lr carries no lr_scale: its saved state is as it always was,
+    # which a by-name resume (train/state.py) needs key for key
+    groups = [{"params": [p for _, p in named], "weight_decay": decay,
+               **({"lr_scale": scale} if scale != 1.0 else {})}
+              for named, decay, scale in _param_groups(model, cfg)]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def set_lr(opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    """Each group's lr for `step`: the schedule's, times the group's lr_scale where it has one."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
 
 
 Named = list[tuple[str, torch.nn.Parameter]]
 
 
-def _param_groups(model: Transformer) -> tuple[Named, Named]:
-    """(decayed, not decayed) trainable parameters: matrices other than the embeddings decay."""
+def _param_groups(model: Transformer, cfg: TrainConfig) -> list[tuple[Named, float, float]]:
+    """(trainable parameters, weight decay, lr scale) per group, none empty: matrices other
+    than the embeddings decay; the embeddings on their own with embedding_lr_scale != 1."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [(n, p) for n, p in trainable if p.dim() >= 2 and "tok_embeddings" not in n]
     rest = [(n, p) for n, p in trainable if not (p.dim() >= 2 and "tok_embeddings" not in n)]
-    return decay, rest
+    groups = [(decay, cfg.weight_decay, 1.0)]
+    if cfg.embedding_lr_scale == 1.0:
+        groups.append((rest, 0.0, 1.0))
+    else:
+        groups += [([(n, p) for n, p in rest if "tok_embeddings" not in n], 0.0, 1.0),
+                   ([(n, p) for n, p in rest if "tok_embeddings" in n], 0.0,
+                    cfg.embedding_lr_scale)]
+    return [g for g in groups if g[0]]
 
 
-def grouped_names(model: Transformer) -> list[str]:
+def grouped_names(model: Transformer, cfg: TrainConfig) -> list[str]:
     """Parameter names in the optimizer's index order."""
-    decay, rest = _param_groups(model)
-    return [n for n, _ in decay + rest]
+    return [n for named, _, _ in _param_groups(model, cfg) for n, _ in named]

@@ -38,7 +38,7 @@ from mixtral.quant import quantize_model
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.config import TrainConfig, TrainingError
 from mixtral.train.logs import MetricsLog, Progress
-from mixtral.train.optimizer import lr_at, optimizer
+from mixtral.train.optimizer import lr_at, optimizer, set_lr
 from mixtral.train.state import (
     check_weights,
     intact,
@@ -60,6 +60,10 @@ def build_model(cfg: TrainConfig) -> Transformer:
         if differ:
             raise TrainingError(f"model={differ}: init={cfg.init} is a checkpoint, whose shape "
                                 "cannot change (drop these settings, or start from a preset)")
+        if cfg.final_norm_init != 1.0:
+            raise TrainingError(f"final_norm_init={cfg.final_norm_init}: init={cfg.init} is a "
+                                "checkpoint, whose weights are kept (it sets a preset's random "
+                                "init only)")
         if cfg.tie_embeddings and not torch.equal(model.output.weight, model.tok_embeddings.weight):
             raise TrainingError(f"tie_embeddings=true: init={cfg.init} has an output head that "
                                 "differs from its embeddings (start from a tied checkpoint or a "
@@ -71,6 +75,8 @@ def build_model(cfg: TrainConfig) -> Transformer:
     else:
         model = Transformer(preset(cfg.init).with_(**cfg.model))
         model.init_weights(std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
+        with torch.no_grad():
+            model.norm.weight.fill_(cfg.final_norm_init)
     if cfg.tie_embeddings:  # one Parameter from here on: one gradient, one optimizer state
         model.output.weight = model.tok_embeddings.weight
     return model
@@ -99,14 +105,13 @@ def train(cfg: TrainConfig) -> Path:
     if sharded:
         _fully_shard(model)
     opt = optimizer(model, cfg)
-    start = resume_state(resume_from, model, opt, sharded) if resume_from is not None else 0
+    start = resume_state(resume_from, model, opt, cfg, sharded) if resume_from is not None else 0
     log = MetricsLog(out / "metrics.jsonl", start, rank == 0)
     bar = Progress(cfg, start, rank == 0)
     model.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        set_lr(opt, step, cfg)
         opt.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for m in range(cfg.grad_accum):

@@ -124,9 +124,16 @@ def resume_weights(folder: Path, model: Transformer) -> None:
 
 
 def resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
-                 sharded: bool) -> int:
+                 cfg: TrainConfig, sharded: bool) -> int:
     """The optimizer and RNG states into place; returns the step to continue from."""
     state = _trainer_state(folder / "trainer_state.pt")
+    saved = state.get("optimizer", {}).get("param_groups")
+    if isinstance(saved, list) and len(saved) != len(opt.param_groups):
+        # e.g. embedding_lr_scale set or unset since the run started
+        raise TrainingError(f"{folder}: its optimizer state has {len(saved)} parameter groups, "
+                            f"this run's settings make {len(opt.param_groups)} "
+                            "(embedding_lr_scale changed? resume with the run's settings, or "
+                            "start a new out)")
     if sharded or state.get("optimizer_by_name"):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -137,7 +144,7 @@ def resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
             set_optimizer_state_dict(model, opt, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:  # saved by a process holding whole parameters: index -> name first
-            by_name = _optimizer_by_name(state["optimizer"], grouped_names(model))
+            by_name = _optimizer_by_name(state["optimizer"], grouped_names(model, cfg))
             set_optimizer_state_dict(model, opt, by_name,
                                      options=StateDictOptions(full_state_dict=True))
     else:
