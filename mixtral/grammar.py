@@ -58,9 +58,17 @@ class _Vocabulary:
 
     def __call__(self, text: str | bytes) -> list[int]:
         """Tokenize text that continues a stream: without SentencePiece's dummy-prefix space
-        (which encode always adds, even before text that starts with a space)."""
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
+        (which encode always adds, even before text that starts with a space). The pieces'
+        bytes must spell the text exactly (llguidance forces these tokens): where
+        SentencePiece's normalizing would change it (a literal "\u2581", which it reads as a
+        space; NFKC's folds), the text is spelt in byte-fallback pieces instead."""
+        data = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
+        ids = self._pieces(data.decode("utf-8", errors="replace"))
+        if b"".join(self.tokens[i] for i in ids) != data:
+            return [3 + b for b in data]  # byte-fallback ids start at 3
+        return ids
+
+    def _pieces(self, text: str) -> list[int]:
         ids = self.sp.encode(text)
         if not ids:
             return ids
@@ -71,7 +79,7 @@ class _Vocabulary:
             rest = first[1:]
             rid = self.sp.piece_to_id(rest)
             head = [rid] if self.sp.id_to_piece(rid) == rest and not self.sp.is_unknown(rid) \
-                else [3 + b for b in rest.encode()]  # byte-fallback ids start at 3
+                else [3 + b for b in rest.encode()]
             return head + ids[1:]
         return ids
 

@@ -137,6 +137,21 @@ def test_json_schemas_the_grammar_cannot_follow_are_400(json_api, schema, text):
         assert r.json()["message"].startswith("response_format: ")
 
 
+@pytest.mark.parametrize("value", ["\u2581", "a\u2581b", "\ufb01", "\uff21"])
+def test_values_sentencepiece_would_normalize_are_spelt_exactly(json_api, value):
+    """An enum whose only value the grammar forces: a literal "\u2581" (SentencePiece's space
+    mark, which its encoder reads as a space) or a character NFKC folds ("\ufb01" -> "fi") was
+    forced as the tokens of the normalized text, which the grammar then rejected: a 500 (found
+    by test_fuzz). Forced text is now spelt in pieces whose bytes are the text's."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "enum": [value]}}}
+    for max_tokens in (3, 40):
+        r = post(json_api, max_tokens=max_tokens, response_format=fmt)
+        assert r.status_code == 200, r.text[:300]
+        if max_tokens == 40:
+            assert json.loads(r.json()["choices"][0]["message"]["content"]) == value
+
+
 def test_reasonable_patterns_still_work(json_api):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "string", "pattern": "^[a-z]{1,5000}$"}}}
