@@ -64,9 +64,7 @@ class _Vocabulary:
         space; NFKC's folds), the text is spelt in byte-fallback pieces instead."""
         data = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
         ids = self._pieces(data.decode("utf-8", errors="replace"))
-        if b"".join(self.tokens[i] for i in ids) != data:
-            return [3 + b for b in data]  # byte-fallback ids start at 3
-        return ids
+        return ids if b"".join(self.tokens[i] for i in ids) == data else _byte_pieces(data)
 
     def _pieces(self, text: str) -> list[int]:
         ids = self.sp.encode(text)
@@ -79,9 +77,14 @@ class _Vocabulary:
             rest = first[1:]
             rid = self.sp.piece_to_id(rest)
             head = [rid] if self.sp.id_to_piece(rid) == rest and not self.sp.is_unknown(rid) \
-                else [3 + b for b in rest.encode()]
+                else _byte_pieces(rest.encode())
             return head + ids[1:]
         return ids
+
+
+def _byte_pieces(data: bytes) -> list[int]:
+    """The byte-fallback pieces <0x00>..<0xFF> spelling `data` (their ids start at 3)."""
+    return [3 + b for b in data]
 
 
 class JsonConstraint:

@@ -62,7 +62,3 @@ def _param_groups(model: Transformer, cfg: TrainConfig) -> list[tuple[Named, flo
                     cfg.embedding_lr_scale)]
     return [g for g in groups if g[0]]
 
-
-def grouped_names(model: Transformer, cfg: TrainConfig) -> list[str]:
-    """Parameter names in the optimizer's index order."""
-    return [n for named, _, _ in _param_groups(model, cfg) for n, _ in named]

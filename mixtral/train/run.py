@@ -105,7 +105,7 @@ def train(cfg: TrainConfig) -> Path:
     if sharded:
         _fully_shard(model)
     opt = optimizer(model, cfg)
-    start = resume_state(resume_from, model, opt, cfg, sharded) if resume_from is not None else 0
+    start = resume_state(resume_from, model, opt, sharded) if resume_from is not None else 0
     log = MetricsLog(out / "metrics.jsonl", start, rank == 0)
     bar = Progress(cfg, start, rank == 0)
     model.train()

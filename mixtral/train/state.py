@@ -28,7 +28,6 @@ from mixtral.checkpoint import load, save
 from mixtral.lora import save_adapter
 from mixtral.model import Transformer
 from mixtral.train.config import TrainConfig, TrainingError
-from mixtral.train.optimizer import grouped_names
 
 
 def latest(out: Path) -> Path | None:
@@ -124,10 +123,11 @@ def resume_weights(folder: Path, model: Transformer) -> None:
 
 
 def resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
-                 cfg: TrainConfig, sharded: bool) -> int:
+                 sharded: bool) -> int:
     """The optimizer and RNG states into place; returns the step to continue from."""
     state = _trainer_state(folder / "trainer_state.pt")
-    saved = state.get("optimizer", {}).get("param_groups")
+    saved_opt = state.get("optimizer")
+    saved = saved_opt.get("param_groups") if isinstance(saved_opt, dict) else None
     if isinstance(saved, list) and len(saved) != len(opt.param_groups):
         # e.g. embedding_lr_scale set or unset since the run started
         raise TrainingError(f"{folder}: its optimizer state has {len(saved)} parameter groups, "
@@ -144,7 +144,7 @@ def resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
             set_optimizer_state_dict(model, opt, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:  # saved by a process holding whole parameters: index -> name first
-            by_name = _optimizer_by_name(state["optimizer"], grouped_names(model, cfg))
+            by_name = _optimizer_by_name(state["optimizer"], _names_in_order(model, opt))
             set_optimizer_state_dict(model, opt, by_name,
                                      options=StateDictOptions(full_state_dict=True))
     else:
@@ -166,6 +166,12 @@ def _trainer_state(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise TrainingError(f"{path}: not a trainer state (a {type(state).__name__})")
     return state
+
+
+def _names_in_order(model: Transformer, opt: torch.optim.Optimizer) -> list[str]:
+    """The parameters' names in the optimizer's index order (its groups', one after another)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for group in opt.param_groups for p in group["params"]]
 
 
 def _optimizer_by_name(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
