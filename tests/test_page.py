@@ -77,7 +77,9 @@ def test_multi_turn_safe_prompt_json_and_copy(page, server):
     page.wait_for_selector("[data-testid=assistant-message]:nth-child(4)[data-finished=true]")
     answer = stored(page)[-1]["content"]
     assert isinstance(json.loads(answer), dict)  # JSON mode: always parses
-    assert last_answer(page).locator("pre code").text_content() == answer  # shown as code
+    # shown as code; JSON mode's whitespace may include \r, which the DOM's text turns into \n
+    shown = answer.replace("\r\n", "\n").replace("\r", "\n")
+    assert last_answer(page).locator("pre code").text_content() == shown
     history = [{"role": "user", "content": "First question"},
                {"role": "assistant", "content": first_answer},
                {"role": "user", "content": "Answer in JSON"}]
