@@ -56,10 +56,8 @@ def main() -> None:
             yield sname, sz
             print(f"  {name}", file=sys.stderr, flush=True)
 
-    sizes = [(k, dtype.itemsize * torch.Size(shape).numel())
-             for k, (shape, dtype) in expected.items()]
     config = {**hf_config(args, torch.bfloat16), QUANTIZATION_KEY: quant}
-    files = write_checkpoint(a.dst, config, sizes, tensors(), 5 * 2**30)
+    files = write_checkpoint(a.dst, config, expected, tensors(), 5 * 2**30)
     total = sum(f.stat().st_size for f in files)
     print(f"{Path(a.dst)}: {len(files)} files, {total / 2**30:.2f} GiB")
 
