@@ -5,7 +5,7 @@ measured in the same run, so each row can say how close it comes to the disk's r
 
     python benchmarks/offload.py /tmp/bench-models/full-int4 --out offload.json \
         --trace trace.json
-    python benchmarks/offload.py MODEL --budgets 16GiB:24 --prefetch both --profile --out p.json
+    python benchmarks/offload.py MODEL --budgets 16GiB:24 --prefetch on off --profile --out p.json
 
 Per budget (a short prompt, then greedy decoding; the first tokens warm the cache): decode
 tok/s, disk bytes/token from /proc/self/io (what reached the disk) beside the experts read
@@ -19,8 +19,11 @@ Each row also holds `profile`, where a measured token's time went (mixtral.prefe
 token: the caller thread's read (the syscall), drop (the page-cache drop), pack (file layout ->
 the kernels'), wait (for a read the reader has in flight) and compute (the experts), `rest_s`
 (attention, routers, sampling, Python: the wall time none of those took), and the reader
-thread's own read/drop/pack; with counts per token. `--prefetch on|off|both` runs each budget
-with the background reader, without it, or both; `--profile` prints the split as a table.
+thread's own read/drop/pack; with counts per token. `--prefetch on evict off` runs each budget
+with the background reader (the next layer's guesses read into free room only), with it and
+guesses that may evict, and without it; `--read direct|buffered|both` reads experts
+with O_DIRECT (the default), through the page cache (dropped after each read), or each both
+ways; `--profile` prints the split as a table.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def direct_read_speed(path: Path, limit: int = 4 * 2**30) -> float:
 
 
 def one(model: str, budget: str, prompt_len: int, gen_len: int, skip: int, policy: str,
-        prefetch: bool) -> None:
+        prefetch: str, direct: bool) -> None:
     """Child process: one budget measured inside its cgroup; JSON on stdout."""
     from mixtral.cgroup import confine
     from mixtral.offload import drop_page_cache
@@ -67,16 +70,17 @@ def one(model: str, budget: str, prompt_len: int, gen_len: int, skip: int, polic
 
     with confine(parse_size(budget, "--max-ram")) as limit:
         drop_page_cache(model)
-        out = measure(model, budget, prompt_len, gen_len, skip, policy, prefetch)
+        out = measure(model, budget, prompt_len, gen_len, skip, policy, prefetch, direct)
         out["memory_limit"] = limit.report()
     print(json.dumps(out))
 
 
 def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
-            policy: str = "aging", prefetch: bool = True) -> dict:
+            policy: str = "aging", prefetch: str = "on", direct: bool = True) -> dict:
     """One budget, in this process: a `prompt_len` prompt, then `gen_len` greedy tokens; the
     figures are over the tokens after the first `skip` (the cache warmed up), and the routing
-    trace covers them all."""
+    trace covers them all. `direct`: the expert store's O_DIRECT reads (False: through the
+    page cache, dropped after each read)."""
     import torch
 
     from mixtral.assemble import assemble
@@ -84,9 +88,12 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
     from mixtral.generate import GenerationParams, generate
 
     start = time.perf_counter()
-    m = assemble(model, max_ram=budget, cache_policy=policy, prefetch=prefetch)
+    m = assemble(model, max_ram=budget, cache_policy=policy, prefetch=prefetch != "off")
     load_s = time.perf_counter() - start
     cache = m.expert_cache  # type: ignore[attr-defined]
+    cache.store.direct = direct
+    if cache.foresight is not None:
+        cache.foresight.guesses_evict = prefetch == "evict"
     cache.trace = []
     prompt = prompt_ids(prompt_len, 7, m.args.vocab_size)
     marks = []
@@ -108,6 +115,7 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
         "decode_expert_hit_rate": round((c1.hits - c0.hits) / uses, 4),
         "store_bytes_per_token": None, "peak_rss_gib": round(peak_rss_gib(), 2),
         "cache_experts": len(cache._held), "policy": cache.policy.name, "prefetch": prefetch,
+        "reads": "direct" if direct else "buffered",
         "prefetch_precision": None if foresight is None or foresight.precision() is None
         else round(foresight.precision(), 4),
         "waited_per_token": round(waited / n, 2),
@@ -140,7 +148,8 @@ def split(before: dict, after: dict, wall: float, tokens: int) -> dict:
 def show(row: dict) -> str:
     """The profile of a row as a few lines of text (--profile)."""
     p = row["profile"]
-    lines = [f"{row['budget']} prefetch {'on' if row['prefetch'] else 'off'}: "
+    lines = [f"{row['budget']} prefetch {row['prefetch']}, "
+             f"{row['reads']} reads: "
              f"{p['wall_s'] * 1000:.1f} ms a token ({row['decode_tok_s']} tok/s)"]
     for who in ("caller", "reader"):
         parts = [f"{stage} {p[who][stage] * 1000:.1f} ms ({p[who + '_counts'][stage]:g}x)"
@@ -160,22 +169,26 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--trace", type=Path, help="write the first budget's routing trace here")
     p.add_argument("--policy", default="aging", help="the experts cache's: aging, lfu, lru")
-    p.add_argument("--prefetch", choices=["on", "off", "both"], default="both",
-                   help="the background reader on, off, or each budget run both ways")
+    p.add_argument("--prefetch", nargs="+", choices=["on", "evict", "off"],
+                   default=["on", "off"], help="each budget run with the background reader "
+                   "(on), with it and guesses that may evict (evict), without it (off)")
+    p.add_argument("--read", choices=["direct", "buffered", "both"], default="direct",
+                   help="expert reads with O_DIRECT, through the page cache, or each both ways")
     p.add_argument("--profile", action="store_true",
                    help="print where a token's time goes (each row's `profile`)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        budget, tokens, prefetch = a.one.split(":")
+        budget, tokens, prefetch, read = a.one.split(":")
         return one(a.model, budget, a.prompt_len, int(tokens), a.skip, a.policy,
-                   prefetch == "on")
+                   prefetch, read == "direct")
     shard = max(Path(a.model).glob("*.safetensors"), key=lambda f: f.stat().st_size)
     speed = [direct_read_speed(shard)]
     print(f"direct sequential read: {speed[0] / 1e6:.0f} MB/s", file=sys.stderr)
     rows = []
-    runs = [f"{b}:{p}" for b in a.budgets
-            for p in (("on", "off") if a.prefetch == "both" else (a.prefetch,))]
+    runs = [f"{b}:{p}:{r}" for b in a.budgets
+            for p in a.prefetch
+            for r in (("direct", "buffered") if a.read == "both" else (a.read,))]
     for budget in runs:
         child = subprocess.Popen([sys.executable, __file__, a.model, "--one", budget,
                                   "--prompt-len", str(a.prompt_len), "--skip", str(a.skip),

@@ -202,6 +202,20 @@ def fuse_experts(ref: nn.Module) -> FusedExperts | None:
     return None
 
 
+def page_in(experts: nn.Module) -> nn.Module:
+    """A paged-in expert (mixtral.offload: a one-expert QuantExperts over bytes just read) on
+    our kernels, each projection on its own and its int4 bytes repacked where they were read.
+    Fusing w1/w3 and stacking banks (fuse_experts) would copy the ~100 MB of a Mixtral expert
+    twice for a bank of one: measured, its packing then took 2.4x its read under a 16 GiB
+    cgroup (benchmarks/offload.py --profile, RESULTS.md)."""
+    if type(experts) is QuantExperts:
+        for name in ("w1", "w2", "w3"):
+            bank = cast(nn.ModuleList, getattr(experts, name))
+            for e, m in enumerate(bank):
+                bank[e] = swap(m, owned=True)
+    return experts
+
+
 class FastMoe(nn.Module):
     """Mixtral's routing; when only a few tokens pass (decoding), the chosen experts are called
     directly instead of sorting and scattering."""
@@ -279,7 +293,7 @@ def optimize(model: Transformer) -> Transformer:
     fp32 = _fp32_compute(model)
     cache = getattr(model, "expert_cache", None)
     if cache is not None:  # offloaded experts (mixtral.offload): each one paged in goes fast too
-        cache.swap = lambda m: _compute_in(fuse_experts(m) or m, fp32)
+        cache.swap = lambda m: _compute_in(page_in(m), fp32)
     return cast(Transformer, _compute_in(model, fp32))
 
 

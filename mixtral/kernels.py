@@ -237,6 +237,11 @@ def int4_repack(packed: Tensor) -> Tensor:
     return _here().int4_repack(packed)
 
 
+def int4_repack_(packed: Tensor) -> Tensor:
+    """int4_repack in place, for contiguous bytes nothing else holds (a paged-in expert)."""
+    return _here().int4_repack_(packed)
+
+
 def int4_offsets(scale: Tensor, zero: Tensor) -> Tensor:
     """Portable (scale, zero) with w = (q - 8) * scale + zero -> our sz [..., 2] fp32 with
     w = q * scale + offset."""

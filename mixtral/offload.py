@@ -3,18 +3,20 @@ in from a quantized checkpoint on demand, into a cache of hot experts under a RA
 expert it evicts: mixtral.cache_policy).
 
 Each expert of each layer is a contiguous slice of its bank in the safetensors file, so paging
-one in is three reads (w1, w3, w2 and their scales) straight into fresh buffers; int4 experts
-are packed for this CPU's kernel at their first call (mixtral.quant.int4).
-Experts run where they were read; nothing else is copied. Pages read are dropped from the page
-cache (POSIX_FADV_DONTNEED), so the file is not held twice. With `prefetch` (the default) a
-background reader reads the experts the routers foresee while others compute
-(mixtral.prefetch); the numbers are the same either way, only when the bytes arrive changes.
+one in is six reads (w1, w3, w2 and their scales) straight into fresh buffers, with O_DIRECT
+where the file system has it (ExpertStore), so the page cache does not hold the file a second
+time. Experts run where they were read: on our kernels int4 is repacked in place
+(mixtral.fast.page_in); on PyTorch's, it is packed at once (mixtral.quant.int4); nothing else
+is copied. With `prefetch` (the default) a background reader reads the experts the routers
+foresee while others compute (mixtral.prefetch); the numbers are the same either way, only
+when the bytes arrive changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import sys
 import threading
@@ -43,15 +45,27 @@ DEFAULT_POLICY = "aging"  # chosen on routing traces: benchmarks/cache_policy.py
 
 
 class ExpertStore:
-    """Reads single experts out of the expert banks of a quantized checkpoint."""
+    """Reads single experts out of the expert banks of a quantized checkpoint.
 
-    def __init__(self, info: CheckpointInfo, profile: Profile | None = None) -> None:
+    `direct` (the default where the file system has it): with O_DIRECT, from the disk straight
+    into the expert's own buffer, bypassing the page cache: no copy out of it, no pages to
+    drop, and under a memory limit that counts the page cache no reclaim to make room for
+    them. O_DIRECT wants the file offset, the length and the buffer aligned (ALIGN), so each
+    slice is read as its aligned window and the tensor is a view into it (< 2 ALIGN spare).
+    Where the file system refuses O_DIRECT (tmpfs, some network ones), reads go through the
+    page cache, dropped after each read."""
+
+    ALIGN = 4096
+
+    def __init__(self, info: CheckpointInfo, profile: Profile | None = None,
+                 direct: bool = True) -> None:
         assert info.quantization is not None
         self.info, self.bits = info, info.quantization["bits"]
         self.to_portable = get(self.bits).layouts[info.quantization["layout"]]
         self.profile = profile or Profile()
+        self.direct = direct and hasattr(os, "O_DIRECT")
         self.bytes_read = 0
-        self._files: dict[Path, int] = {}
+        self._files: dict[tuple[Path, bool], int | None] = {}
         self._lock = threading.Lock()  # the reader thread and the caller may both read
         self.expert_bytes = sum(  # one expert's slices, as the file stores them
             info.entries[n].dtype.itemsize * _numel(info.entries[n].shape[1:])
@@ -69,16 +83,30 @@ class ExpertStore:
 
     def _slice(self, name: str, expert: int) -> Tensor:
         entry = self.info.entries[name]
-        shape = entry.shape[1:]
-        nbytes = entry.dtype.itemsize
-        for d in shape:
-            nbytes *= d
+        shape, size = entry.shape[1:], entry.dtype.itemsize
+        nbytes = size * _numel(shape)
         start = entry.start + expert * nbytes
+        direct = self.direct and start % size == 0  # a view of the window must be aligned
+        fd = self._fd(entry.file, direct=True) if direct else None
+        if fd is not None:
+            lo = start - start % self.ALIGN
+            hi = -(-(start + nbytes) // self.ALIGN) * self.ALIGN
+            raw = torch.empty(hi - lo + self.ALIGN, dtype=torch.uint8)
+            window = raw[-raw.data_ptr() % self.ALIGN:][:hi - lo]  # [hi - lo], aligned
+            got = self._read(fd, window, lo)
+            if got >= start - lo + nbytes:
+                with self._lock:
+                    self.bytes_read += nbytes
+                return window[start - lo:start - lo + nbytes].view(entry.dtype).view(shape)
+            if got >= 0:
+                raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
+            # EINVAL: this file system takes O_DIRECT at open but not for reads
+            with self._lock:
+                self._files[entry.file, True] = None
         out = torch.empty(shape, dtype=entry.dtype)
-        fd = self._fd(entry.file)
-        buf = (ctypes.c_ubyte * nbytes).from_address(out.data_ptr())
-        with self.profile.stage("read"):
-            got = os.preadv(fd, [buf], start)
+        fd = self._fd(entry.file, direct=False)
+        assert fd is not None
+        got = self._read(fd, out.view(torch.uint8).view(-1), start)
         if got != nbytes:
             raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
         with self.profile.stage("drop"):
@@ -87,14 +115,34 @@ class ExpertStore:
             self.bytes_read += nbytes
         return out
 
-    def _fd(self, path: Path) -> int:
+    def _read(self, fd: int, buf: Tensor, offset: int) -> int:
+        """Bytes read into `buf` (uint8, contiguous) from `offset`; -1 when the file system
+        refused the read (EINVAL: O_DIRECT not supported there)."""
+        view = (ctypes.c_ubyte * buf.numel()).from_address(buf.data_ptr())
+        with self.profile.stage("read"):
+            try:
+                return os.preadv(fd, [view], offset)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    return -1
+                raise
+
+    def _fd(self, path: Path, direct: bool) -> int | None:
+        """The file opened for reads (None: it cannot be opened with O_DIRECT)."""
         with self._lock:
-            if path not in self._files:
-                self._files[path] = os.open(path, os.O_RDONLY)
-                # no readahead: an expert is read whole, and what lies past it is another
-                # expert (measured: readahead made the disk read 17-31 % more than the experts)
-                os.posix_fadvise(self._files[path], 0, 0, os.POSIX_FADV_RANDOM)
-            return self._files[path]
+            if (path, direct) not in self._files:
+                fd: int | None = None
+                try:
+                    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                except OSError as e:
+                    if not direct or e.errno != errno.EINVAL:
+                        raise
+                if fd is not None and not direct:
+                    # no readahead: an expert is read whole, and what lies past it is another
+                    # expert (measured: readahead made the disk read 17-31 % more than experts)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._files[path, direct] = fd
+            return self._files[path, direct]
 
 
 class ExpertCache:
@@ -167,25 +215,29 @@ class ExpertCache:
         with self._lock:
             self.pinned = set(keys)
 
-    def prefetch(self, keys: Iterable[Key]) -> None:
-        """Read these experts in the background, in order, those that fit (class docstring)."""
+    def prefetch(self, keys: Iterable[Key], evict: bool = True) -> None:
+        """Read these experts in the background, in order, those that fit (class docstring);
+        `evict`: False reads only into free room (guesses)."""
         if self.reader is None:
             return
         for key in keys:
             with self._lock:
                 if key in self._held or key in self._pending \
-                        or not self._make_room(demand=False):
+                        or not self._make_room(demand=False, evict=evict):
                     continue
                 future = self._start(key)
                 self._fresh.add(key)
                 self.prefetched += 1
             self.reader.submit(self._load, key, future)
 
-    def _make_room(self, demand: bool) -> bool:
+    def _make_room(self, demand: bool, evict: bool = True) -> bool:
         """Evict until one more expert fits (the lock held): by the policy among the unpinned,
-        then (a use only) among the pinned; False when it cannot (reads in flight fill it)."""
+        then (a use only) among the pinned; False when it cannot (reads in flight fill it, or
+        it would have to evict and may not)."""
         size = self.store.expert_bytes
         over = self.used + size - self.budget
+        if over > 0 and not evict:
+            return False
         unpinned = [k for k in self._held if k not in self.pinned]
         if over > 0 and not demand and len(unpinned) * size < over:
             return False

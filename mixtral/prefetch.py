@@ -4,11 +4,14 @@ the ones it needs now compute, and say where an offloaded token's time goes.
   Foresight  when layer l routes (a hook on its ffn_norm, whose output is what the router and
              the experts receive; put back at each forward if the norm was swapped), asks the
              cache to read ahead, in this order: layer l's own chosen experts (known exactly:
-             the second is read while the first computes), then layer l+1's experts as layer
-             l+1's router predicts them from layer l's input (the trick `mixtral-offloading`
-             describes; 65.9 % precise on the trained default model,
-             benchmarks/prefetch_precision.py). It counts how precise the prediction was, the
-             `precision` bench --json reports (the same measure as that script's).
+             the second is read while the first computes; these may evict, as their use
+             would), then layer l+1's experts as layer l+1's router predicts them from layer
+             l's input (the trick `mixtral-offloading` describes; 65.9 % precise on the
+             trained default model, benchmarks/prefetch_precision.py), only into free room:
+             guesses that evicted made the full-size model read 2.5x the experts a token at
+             8 GiB and decode at half the speed (benchmarks/offload.py --prefetch on evict
+             off, RESULTS.md). It counts how precise the prediction was, the `precision`
+             bench --json reports (the same measure as that script's).
   Reader     the background thread that does the reading. One thread: a disk reads one expert
              at a time fastest, and os.preadv releases the GIL for the read; packing an expert
              for the kernels is torch operations, which release it too.
@@ -104,6 +107,7 @@ class Foresight:
                       for b in self.blocks]
         self.guess: tuple[int, Tensor] | None = None  # (layer, its predicted experts [N, k])
         self.predicted = self.correct = 0
+        self.guesses_evict = False  # guesses read into free room only (module docstring)
         self.hooked: list[tuple[nn.Module, RemovableHandle] | None] = [None] * len(self.blocks)
         # each forward first checks the hooks sit on the norms the blocks hold now: the fast
         # paths (mixtral.fast.optimize) swap the norms after the load
@@ -132,13 +136,14 @@ class Foresight:
             self.predicted += guess.numel()
             self.correct += int((guess[:, :, None] == now[:, None, :]).any(-1).sum())
         keys = [(layer, e) for e in sorted(set(now.flatten().tolist()))]
-        self.guess = None
+        self.guess, guessed = None, []
         if layer + 1 < len(self.gates):
             guess = torch.topk(x @ self.gates[layer + 1].T, self.k).indices
             self.guess = (layer + 1, guess)
-            keys += [(layer + 1, e) for e in sorted(set(guess.flatten().tolist()))]
-        self.cache.pin(keys)
+            guessed = [(layer + 1, e) for e in sorted(set(guess.flatten().tolist()))]
+        self.cache.pin(keys + guessed)
         self.cache.prefetch(keys)
+        self.cache.prefetch(guessed, evict=self.guesses_evict)
 
     def remove(self) -> None:
         self.handle.remove()
@@ -152,4 +157,4 @@ class Prefetching(Protocol):
 
     def pin(self, keys: list[Key]) -> None: ...
 
-    def prefetch(self, keys: list[Key]) -> None: ...
+    def prefetch(self, keys: list[Key], evict: bool = True) -> None: ...

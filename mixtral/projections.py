@@ -152,33 +152,43 @@ class Int4Rows(QuantRows):
         return kernels.int4_dequantize(self.weight, self.sz, self.group_size, dtype)
 
 
-def _rows(m: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """A quantized module's weight and scales in our kernels' layout, if they can take it."""
+def _fits(m: nn.Module) -> bool:
+    """Whether our kernels can take a quantized module's weight (and its layout)."""
     if m.weight.device.type != "cpu" or not kernels.available():  # type: ignore[union-attr]
-        return None
-    if type(m) is Int8Linear and m.in_features % 16 == 0:
+        return False
+    if type(m) is Int8Linear:
+        return m.in_features % 16 == 0
+    return type(m) is Int4Linear and not m.packed and m.in_features % 64 == 0 \
+        and m.group_size % 64 == 0
+
+
+def _rows(m: nn.Module, owned: bool) -> tuple[Tensor, Tensor]:
+    """A quantized module's weight and scales in our kernels' layout (`_fits(m)`); `owned`:
+    its int4 bytes may be repacked where they lie (nothing else holds them)."""
+    if type(m) is Int8Linear:
         return m.weight, m.scales.float()
-    if type(m) is Int4Linear and not m.packed and m.in_features % 64 == 0 \
-            and m.group_size % 64 == 0:
-        # from the portable bytes, before PyTorch would pack them for its kernel
-        scale, zero = m.scales_and_zeros.transpose(0, 1).unbind(-1)  # [N, K/g] each
-        return kernels.int4_repack(m.weight), kernels.int4_offsets(scale, zero)
-    return None
+    assert type(m) is Int4Linear
+    # from the portable bytes, before PyTorch would pack them for its kernel
+    scale, zero = m.scales_and_zeros.transpose(0, 1).unbind(-1)  # [N, K/g] each
+    repack = kernels.int4_repack_ if owned and m.weight.is_contiguous() else kernels.int4_repack
+    return repack(m.weight), kernels.int4_offsets(scale, zero)
 
 
-def fuse(*modules: nn.Module) -> nn.Module | None:
+def fuse(*modules: nn.Module, owned: bool = False) -> nn.Module | None:
     """One module computing all of `modules` (stacked outputs): float ones packed, quantized
-    ones on our kernels; None when they cannot be fused (LoRA, CUDA without kernels...)."""
+    ones on our kernels; None when they cannot be fused (LoRA, CUDA without kernels...).
+    `owned`: the quantized modules' bytes are held by nothing else and may be changed."""
     if all(type(m) is nn.Linear for m in modules):
         return linear(torch.cat([cast(nn.Linear, m).weight for m in modules]))
     kinds = {type(m) for m in modules}
-    if len(kinds) != 1 or not kinds <= {Int8Linear, Int4Linear}:
+    if len(kinds) != 1 or not kinds <= {Int8Linear, Int4Linear} \
+            or not all(_fits(m) for m in modules):
         return None
-    parts = [_rows(m) for m in modules]
-    if any(p is None for p in parts):
-        return None
-    weight = torch.cat([p[0] for p in parts if p is not None])
-    scales = torch.cat([p[1] for p in parts if p is not None])
+    parts = [_rows(m, owned) for m in modules]
+    if owned and len(parts) == 1:  # where it was read: no copy
+        weight, scales = parts[0]
+    else:
+        weight, scales = (torch.cat([p[i] for p in parts]) for i in (0, 1))
     first = modules[0]
     rows: QuantRows
     if isinstance(first, Int8Linear):
@@ -190,6 +200,6 @@ def fuse(*modules: nn.Module) -> nn.Module | None:
     return rows
 
 
-def swap(m: nn.Module) -> nn.Module:
-    """The fast twin of one projection (itself if there is none)."""
-    return fuse(m) or m
+def swap(m: nn.Module, owned: bool = False) -> nn.Module:
+    """The fast twin of one projection (itself if there is none); `owned` as in `fuse`."""
+    return fuse(m, owned=owned) or m

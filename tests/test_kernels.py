@@ -187,6 +187,26 @@ def test_bf16_mv_names_bad_input(tier):
         kernels.bf16_mv(torch.zeros(1, 16), torch.zeros(8, 32, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("N", [1, 5, 4099])  # 4099 x 64: across the parallel grain
+def test_int4_repack_copy_and_in_place_equal_the_layouts_definition(tier, N):
+    """Portable bytes -> our layout, as the two layouts define it (quant/int4.py, int4_pack),
+    by the copying op (loads) and the in-place one (paged-in experts); bad input named."""
+    from mixtral.quant.int4 import unpack
+
+    g = torch.Generator().manual_seed(N)
+    portable = torch.randint(0, 256, (N, 64), dtype=torch.uint8, generator=g)  # K = 128
+    want = kernels.int4_pack(unpack(portable))
+    assert torch.equal(kernels.int4_repack(portable), want)
+    bank = torch.stack([portable, portable.flip(0)])  # [E, N, K/2]: leading dims too
+    assert torch.equal(kernels.int4_repack(bank)[1], kernels.int4_pack(unpack(portable.flip(0))))
+    mine = portable.clone()
+    assert kernels.int4_repack_(mine) is mine and torch.equal(mine, want)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.int4_repack_(torch.zeros(64, 8, dtype=torch.uint8).t())
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        kernels.int4_repack_(torch.zeros(4, 48, dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_equals_reference(tier, dtype):
     g = torch.Generator().manual_seed(3)

@@ -69,10 +69,12 @@ def test_offloaded_equals_loaded(checkpoints, name):
 @pytest.mark.parametrize("name", ["q4", "q8"])
 def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
     """After mixtral.fast.optimize, each paged-in expert is swapped for its fast form (our
-    kernels: int4 repacked from the file's bytes at memory speed) and the logits stay those
-    of the fast fully loaded model."""
+    kernels: int4 repacked in place from the file's bytes at memory speed) and the logits
+    stay those of the fast fully loaded model."""
     from mixtral import kernels
-    from mixtral.fast import FusedExperts, optimize
+    from mixtral.fast import optimize
+    from mixtral.projections import Int4Rows, Int8Rows
+    from mixtral.quant import Int4Linear, Int8Linear
 
     path = checkpoints / name
     resident, _ = plan(inspect(path), 2**40)
@@ -81,8 +83,10 @@ def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
     tokens = torch.randint(0, 32000, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(off(tokens), full(tokens), atol=1e-5, rtol=1e-5)
-    paged = off.expert_cache.get(0, 0)
-    assert isinstance(paged, FusedExperts) == kernels.available()
+    paged = off.expert_cache.get(0, 0)  # each projection on its own, repacked where read
+    kinds = {type(m) for w in ("w1", "w2", "w3") for m in getattr(paged, w)}
+    assert kinds == ({Int4Rows if name == "q4" else Int8Rows} if kernels.available() else
+                     {Int4Linear if name == "q4" else Int8Linear})
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -117,12 +121,15 @@ def resident_q4(path):
     return mixtral.load(path)
 
 
-def test_a_truncated_expert_file_ends_the_request_with_an_error(checkpoints, tmp_path):
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_truncated_expert_file_ends_the_request_with_an_error(checkpoints, tmp_path, direct):
     """The file shrinks under a running model: the request fails, naming the short read; the
-    engine does not hang and goes on serving."""
+    engine does not hang and goes on serving. With O_DIRECT reads (aligned windows) and
+    through the page cache."""
     for f in (checkpoints / "q4").iterdir():
         shutil.copy(f, tmp_path / f.name)
     off = mixtral.load(tmp_path, max_ram=2 * 2**30)
+    off.expert_cache.store.direct = direct
     info = inspect(tmp_path)
     first_expert = min(e.start for n, e in info.entries.items() if ".experts." in n)
     for file in {e.file for e in info.entries.values()}:
@@ -137,6 +144,52 @@ def test_a_truncated_expert_file_ends_the_request_with_an_error(checkpoints, tmp
         engine.stop()
     assert len(outcomes) == 1 and isinstance(outcomes[0], CheckpointError)
     assert "short read of layers.0.feed_forward.experts." in str(outcomes[0])
+
+
+@pytest.mark.parametrize("refuse", [None, "open", "read"])
+def test_experts_read_the_same_with_o_direct_or_without(checkpoints, monkeypatch, refuse):
+    """Every expert slice equals the file's tensor, read with O_DIRECT (aligned windows, the
+    tensor a view into one), through the page cache, and where the file system refuses
+    O_DIRECT at open or only at the read (then remembered: the file goes buffered)."""
+    import errno
+
+    from mixtral.checkpoint import reader
+    from mixtral.offload import ExpertStore
+
+    info = inspect(checkpoints / "q4")
+    if refuse is not None:
+        real_open, real_preadv, direct_fds = os.open, os.preadv, set()
+
+        def fake_open(path, flags, *args):
+            if flags & os.O_DIRECT and refuse == "open":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, *args)
+            if flags & os.O_DIRECT:
+                direct_fds.add(fd)
+            return fd
+
+        def fake_preadv(fd, buffers, offset):
+            if fd in direct_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "preadv", fake_preadv)
+    read = reader(info)
+    for direct in (True, False):
+        store = ExpertStore(info, direct=direct)
+        for layer, expert in ((0, 0), (1, 7), (0, 5)):
+            got = store.read(layer, expert)
+            for w in ("w1", "w2", "w3"):
+                base = f"layers.{layer}.feed_forward.experts.{w}"
+                for part, name in zip(got[w], (f"{base}.qweight", f"{base}.scales_and_zeros"),
+                                      strict=True):
+                    assert torch.equal(part, read(name)[expert])
+        assert store.bytes_read == 3 * store.expert_bytes
+        if not direct:  # through the page cache only
+            assert not any(d for _, d in store._files)
+        elif refuse is not None:  # refused once, then the page cache
+            assert {d for (_, d), fd in store._files.items() if fd is None} == {True}
 
 
 def test_drop_page_cache_reads_every_file(checkpoints):
