@@ -20,10 +20,10 @@ token: the caller thread's read (the syscall), drop (the page-cache drop), pack 
 the kernels'), wait (for a read the reader has in flight) and compute (the experts), `rest_s`
 (attention, routers, sampling, Python: the wall time none of those took), and the reader
 thread's own read/drop/pack; with counts per token. `--prefetch on evict off` runs each budget
-with the background reader (the next layer's guesses read into free room only), with it and
-guesses that may evict, and without it; `--read direct|buffered|both` reads experts
-with O_DIRECT (the default), through the page cache (dropped after each read), or each both
-ways; `--profile` prints the split as a table.
+with the background reader (the next layer's guesses evict only while the cache misses more
+than it hits), with guesses that always may evict, and without it; `--read
+direct|buffered|both` reads experts with O_DIRECT (the default), through the page cache
+(dropped after each read), or each both ways; `--profile` prints the split as a table.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
     load_s = time.perf_counter() - start
     cache = m.expert_cache  # type: ignore[attr-defined]
     cache.store.direct = direct
-    if cache.foresight is not None:
-        cache.foresight.guesses_evict = prefetch == "evict"
+    if prefetch == "evict":  # guesses may evict whatever the cache's hit rate
+        cache.guesses_evict = lambda hit_rate: True
     cache.trace = []
     prompt = prompt_ids(prompt_len, 7, m.args.vocab_size)
     marks = []
@@ -171,7 +171,8 @@ def main() -> None:
     p.add_argument("--policy", default="aging", help="the experts cache's: aging, lfu, lru")
     p.add_argument("--prefetch", nargs="+", choices=["on", "evict", "off"],
                    default=["on", "off"], help="each budget run with the background reader "
-                   "(on), with it and guesses that may evict (evict), without it (off)")
+                   "(on: the next layer's guesses may evict while the cache misses more than "
+                   "it hits), with guesses that always may (evict), without it (off)")
     p.add_argument("--read", choices=["direct", "buffered", "both"], default="direct",
                    help="expert reads with O_DIRECT, through the page cache, or each both ways")
     p.add_argument("--profile", action="store_true",

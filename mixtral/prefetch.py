@@ -7,14 +7,17 @@ the ones it needs now compute, and say where an offloaded token's time goes.
              the second is read while the first computes; these may evict, as their use
              would), then layer l+1's experts as layer l+1's router predicts them from layer
              l's input (the trick `mixtral-offloading` describes; 65.9 % precise on the
-             trained default model, benchmarks/prefetch_precision.py), only into free room:
-             guesses that evicted made the full-size model read 2.5x the experts a token at
-             8 GiB and decode at half the speed (benchmarks/offload.py --prefetch on evict
-             off, RESULTS.md). It counts how precise the prediction was, the `precision`
-             bench --json reports (the same measure as that script's).
+             trained default model, benchmarks/prefetch_precision.py). Guesses may evict
+             only while the cache misses more than it hits (ExpertCache.prefetch): at 8 GiB
+             the full-size model's cache hits 97 %, and the 3 % of 64 guesses a token that
+             are wrong are mostly experts it does not hold: reading them evicted experts
+             soon needed, 2.5x the reads a token and half the speed; at 4 GiB nothing it
+             holds is reused and evicting guesses pays (benchmarks/offload.py --prefetch on
+             evict off, RESULTS.md). It counts how precise the prediction was, the
+             `precision` bench --json reports (the same measure as that script's).
   Reader     the background thread that does the reading. One thread: a disk reads one expert
-             at a time fastest, and os.preadv releases the GIL for the read; packing an expert
-             for the kernels is torch operations, which release it too.
+             at a time fastest, and os.preadv releases the GIL for the read. It only reads:
+             the caller packs an expert for the kernels at its first use.
   Profile    seconds and counts per (thread, stage): read (the syscall), drop (the page-cache
              drop), pack (file layout -> the kernels'), wait (the caller blocked on a read in
              flight), compute (the experts); benchmarks/offload.py --profile adds "the rest".
@@ -107,7 +110,6 @@ class Foresight:
                       for b in self.blocks]
         self.guess: tuple[int, Tensor] | None = None  # (layer, its predicted experts [N, k])
         self.predicted = self.correct = 0
-        self.guesses_evict = False  # guesses read into free room only (module docstring)
         self.hooked: list[tuple[nn.Module, RemovableHandle] | None] = [None] * len(self.blocks)
         # each forward first checks the hooks sit on the norms the blocks hold now: the fast
         # paths (mixtral.fast.optimize) swap the norms after the load
@@ -143,7 +145,7 @@ class Foresight:
             guessed = [(layer + 1, e) for e in sorted(set(guess.flatten().tolist()))]
         self.cache.pin(keys + guessed)
         self.cache.prefetch(keys)
-        self.cache.prefetch(guessed, evict=self.guesses_evict)
+        self.cache.prefetch(guessed, guesses=True)
 
     def remove(self) -> None:
         self.handle.remove()
@@ -157,4 +159,4 @@ class Prefetching(Protocol):
 
     def pin(self, keys: list[Key]) -> None: ...
 
-    def prefetch(self, keys: list[Key], evict: bool = True) -> None: ...
+    def prefetch(self, keys: list[Key], guesses: bool = False) -> None: ...
