@@ -23,7 +23,8 @@ thread's own read/drop/pack; with counts per token. `--prefetch on evict off` ru
 with the background reader (the next layer's guesses evict only while the cache misses more
 than it hits), with guesses that always may evict, and without it; `--read
 direct|buffered|both` reads experts with O_DIRECT (the default), through the page cache
-(dropped after each read), or each both ways; `--profile` prints the split as a table.
+(dropped after each read), or each both ways; `--pool on|off|both` reuses evicted experts'
+read buffers or frees them; `--profile` prints the split as a table.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def direct_read_speed(path: Path, limit: int = 4 * 2**30) -> float:
 
 
 def one(model: str, budget: str, prompt_len: int, gen_len: int, skip: int, policy: str,
-        prefetch: str, direct: bool) -> None:
+        prefetch: str, direct: bool, pool: bool) -> None:
     """Child process: one budget measured inside its cgroup; JSON on stdout."""
     from mixtral.cgroup import confine
     from mixtral.offload import drop_page_cache
@@ -70,13 +71,15 @@ def one(model: str, budget: str, prompt_len: int, gen_len: int, skip: int, polic
 
     with confine(parse_size(budget, "--max-ram")) as limit:
         drop_page_cache(model)
-        out = measure(model, budget, prompt_len, gen_len, skip, policy, prefetch, direct)
+        out = measure(model, budget, prompt_len, gen_len, skip, policy, prefetch, direct,
+                      pool)
         out["memory_limit"] = limit.report()
     print(json.dumps(out))
 
 
 def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
-            policy: str = "aging", prefetch: str = "on", direct: bool = True) -> dict:
+            policy: str = "aging", prefetch: str = "on", direct: bool = True,
+            pool: bool = True) -> dict:
     """One budget, in this process: a `prompt_len` prompt, then `gen_len` greedy tokens; the
     figures are over the tokens after the first `skip` (the cache warmed up), and the routing
     trace covers them all. `direct`: the expert store's O_DIRECT reads (False: through the
@@ -92,6 +95,8 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
     load_s = time.perf_counter() - start
     cache = m.expert_cache  # type: ignore[attr-defined]
     cache.store.direct = direct
+    if not pool:
+        cache.store.POOL = 0
     if prefetch == "evict":  # guesses may evict whatever the cache's hit rate
         cache.guesses_evict = lambda hit_rate: True
     cache.trace = []
@@ -115,7 +120,7 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
         "decode_expert_hit_rate": round((c1.hits - c0.hits) / uses, 4),
         "store_bytes_per_token": None, "peak_rss_gib": round(peak_rss_gib(), 2),
         "cache_experts": len(cache._held), "policy": cache.policy.name, "prefetch": prefetch,
-        "reads": "direct" if direct else "buffered",
+        "reads": "direct" if direct else "buffered", "pool": pool,
         "prefetch_precision": None if foresight is None or foresight.precision() is None
         else round(foresight.precision(), 4),
         "waited_per_token": round(waited / n, 2),
@@ -149,7 +154,7 @@ def show(row: dict) -> str:
     """The profile of a row as a few lines of text (--profile)."""
     p = row["profile"]
     lines = [f"{row['budget']} prefetch {row['prefetch']}, "
-             f"{row['reads']} reads: "
+             f"{row['reads']} reads, pool {'on' if row['pool'] else 'off'}: "
              f"{p['wall_s'] * 1000:.1f} ms a token ({row['decode_tok_s']} tok/s)"]
     for who in ("caller", "reader"):
         parts = [f"{stage} {p[who][stage] * 1000:.1f} ms ({p[who + '_counts'][stage]:g}x)"
@@ -175,21 +180,24 @@ def main() -> None:
                    "it hits), with guesses that always may (evict), without it (off)")
     p.add_argument("--read", choices=["direct", "buffered", "both"], default="direct",
                    help="expert reads with O_DIRECT, through the page cache, or each both ways")
+    p.add_argument("--pool", choices=["on", "off", "both"], default="on",
+                   help="evicted experts' read buffers reused (on), freed (off), or both ways")
     p.add_argument("--profile", action="store_true",
                    help="print where a token's time goes (each row's `profile`)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        budget, tokens, prefetch, read = a.one.split(":")
+        budget, tokens, prefetch, read, pool = a.one.split(":")
         return one(a.model, budget, a.prompt_len, int(tokens), a.skip, a.policy,
-                   prefetch, read == "direct")
+                   prefetch, read == "direct", pool == "on")
     shard = max(Path(a.model).glob("*.safetensors"), key=lambda f: f.stat().st_size)
     speed = [direct_read_speed(shard)]
     print(f"direct sequential read: {speed[0] / 1e6:.0f} MB/s", file=sys.stderr)
     rows = []
-    runs = [f"{b}:{p}:{r}" for b in a.budgets
+    runs = [f"{b}:{p}:{r}:{q}" for b in a.budgets
             for p in a.prefetch
-            for r in (("direct", "buffered") if a.read == "both" else (a.read,))]
+            for r in (("direct", "buffered") if a.read == "both" else (a.read,))
+            for q in (("on", "off") if a.pool == "both" else (a.pool,))]
     for budget in runs:
         child = subprocess.Popen([sys.executable, __file__, a.model, "--one", budget,
                                   "--prompt-len", str(a.prompt_len), "--skip", str(a.skip),

@@ -55,9 +55,12 @@ class ExpertStore:
     them. O_DIRECT wants the file offset, the length and the buffer aligned (ALIGN), so each
     slice is read as its aligned window and the tensor is a view into it (< 2 ALIGN spare).
     Where the file system refuses O_DIRECT (tmpfs, some network ones), reads go through the
-    page cache, dropped after each read."""
+    page cache, dropped after each read. An expert's six slices share one buffer, which the
+    cache hands back (`recycle`) when it evicts an expert nothing is using: at a small budget
+    each token would otherwise fault in and zero gigabytes of fresh memory."""
 
     ALIGN = 4096
+    POOL = 2  # idle read buffers kept for reuse (within the runtime reserve, not the budget)
 
     def __init__(self, info: CheckpointInfo, profile: Profile | None = None,
                  direct: bool = True) -> None:
@@ -69,21 +72,45 @@ class ExpertStore:
         self.bytes_read = 0
         self._files: dict[tuple[Path, bool], int | None] = {}
         self._lock = threading.Lock()  # the reader thread and the caller may both read
-        self.expert_bytes = sum(  # one expert's slices, as the file stores them
-            info.entries[n].dtype.itemsize * _numel(info.entries[n].shape[1:])
-            for w in ("w1", "w2", "w3")
-            for n in portable_names(f"layers.0.feed_forward.experts.{w}", self.bits))
+        slices = [info.entries[n].dtype.itemsize * _numel(info.entries[n].shape[1:])
+                  for w in ("w1", "w2", "w3")
+                  for n in portable_names(f"layers.0.feed_forward.experts.{w}", self.bits)]
+        self.expert_bytes = sum(slices)  # one expert's slices, as the file stores them
+        # each slice's region of a read buffer: room for its aligned window, ALIGN-aligned
+        self._regions = [-(-n // self.ALIGN) * self.ALIGN + self.ALIGN for n in slices]
+        self._pool: list[Tensor] = []
+        self.buffers_made = 0
 
-    def read(self, layer: int, expert: int) -> dict[str, tuple[Tensor, Tensor]]:
+    def read(self, layer: int, expert: int) -> tuple[Stored, Tensor]:
         """The expert's (weight, scales) by matrix name, as the file stores them (the weight
-        in the file's layout: `to_portable` converts it)."""
-        out = {}
+        in the file's layout: `to_portable` converts it), and the one buffer they are views
+        of: `recycle` it once they are dropped, and the next read reuses it."""
+        with self._lock:
+            raw = self._pool.pop() if self._pool else None
+        if raw is None:
+            raw = torch.empty(sum(self._regions) + self.ALIGN, dtype=torch.uint8)
+            self.buffers_made += 1
+        offset = -raw.data_ptr() % self.ALIGN  # the regions start aligned
+        out, regions = {}, iter(self._regions)
         for w in ("w1", "w2", "w3"):
-            qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
-            out[w] = (self._slice(qname, expert), self._slice(sname, expert))
-        return out
+            pair = []
+            for name in portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits):
+                size = next(regions)
+                pair.append(self._slice(name, expert, raw[offset:offset + size]))
+                offset += size
+            out[w] = (pair[0], pair[1])
+        return out, raw
 
-    def _slice(self, name: str, expert: int) -> Tensor:
+    def recycle(self, raw: Tensor) -> None:
+        """A buffer from `read` whose tensors nothing uses any more: kept for the next read (at
+        most POOL of them wait; memory reused is memory not faulted in and zeroed again)."""
+        with self._lock:
+            if len(self._pool) < self.POOL:
+                self._pool.append(raw)
+
+    def _slice(self, name: str, expert: int, region: Tensor) -> Tensor:
+        """One slice of an expert read into `region` (uint8, ALIGN-aligned, large enough for
+        its aligned window)."""
         entry = self.info.entries[name]
         shape, size = entry.shape[1:], entry.dtype.itemsize
         nbytes = size * _numel(shape)
@@ -93,29 +120,26 @@ class ExpertStore:
         if fd is not None:
             lo = start - start % self.ALIGN
             hi = -(-(start + nbytes) // self.ALIGN) * self.ALIGN
-            raw = torch.empty(hi - lo + self.ALIGN, dtype=torch.uint8)
-            window = raw[-raw.data_ptr() % self.ALIGN:][:hi - lo]  # [hi - lo], aligned
-            got = self._read(fd, window, lo)
+            got = self._read(fd, region[:hi - lo], lo)
             if got >= start - lo + nbytes:
                 with self._lock:
                     self.bytes_read += nbytes
-                return window[start - lo:start - lo + nbytes].view(entry.dtype).view(shape)
+                return region[start - lo:start - lo + nbytes].view(entry.dtype).view(shape)
             if got >= 0:
                 raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
             # EINVAL: this file system takes O_DIRECT at open but not for reads
             with self._lock:
                 self._files[entry.file, True] = None
-        out = torch.empty(shape, dtype=entry.dtype)
         fd = self._fd(entry.file, direct=False)
         assert fd is not None
-        got = self._read(fd, out.view(torch.uint8).view(-1), start)
+        got = self._read(fd, region[:nbytes], start)
         if got != nbytes:
             raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
         with self.profile.stage("drop"):
             os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
         with self._lock:
             self.bytes_read += nbytes
-        return out
+        return region[:nbytes].view(entry.dtype).view(shape)
 
     def _read(self, fd: int, buf: Tensor, offset: int) -> int:
         """Bytes read into `buf` (uint8, contiguous) from `offset`; -1 when the file system
@@ -177,7 +201,8 @@ class ExpertCache:
         self.swap: Callable[[nn.Module], nn.Module] = lambda module: module
         self.policy = cache_policy.make(policy)
         self.foresight: Foresight | None = None  # set by load_offloaded with prefetch
-        self._held: dict[Key, tuple[nn.Module | Stored, int]] = {}
+        # key -> (the expert as read, or as packed at its first use; its bytes; its buffer)
+        self._held: dict[Key, tuple[nn.Module | Stored, int, Tensor]] = {}
         self._pending: dict[Key, Future[Stored]] = {}
         self._fresh: set[Key] = set()  # read ahead, not used yet
         self.pinned: set[Key] = set()
@@ -269,8 +294,12 @@ class ExpertCache:
             victim = self.policy.victim(pool)
             if victim in unpinned:
                 unpinned.remove(victim)
-            self.used -= self._held.pop(victim)[1]
+            held, nbytes, raw = self._held.pop(victim)
+            self.used -= nbytes
             self._fresh.discard(victim)
+            if sys.getrefcount(held) == 2:  # held here only: nobody is computing with it
+                self.store.recycle(raw)
+            del held
         return True
 
     def _start(self, key: Key) -> Future[Stored]:
@@ -284,7 +313,7 @@ class ExpertCache:
         """Read the expert into `future` (any thread); the outcome, an error included (a
         truncated file), goes to whoever waits on it."""
         try:
-            stored = self.store.read(*key)
+            stored, raw = self.store.read(*key)
         except BaseException as e:
             with self._lock:
                 del self._pending[key]
@@ -294,7 +323,7 @@ class ExpertCache:
             return
         with self._lock:
             del self._pending[key]
-            self._held[key] = (stored, self.store.expert_bytes)
+            self._held[key] = (stored, self.store.expert_bytes, raw)
         future.set_result(stored)
 
     def _module(self, key: Key, held: nn.Module | Stored) -> nn.Module:
@@ -310,7 +339,7 @@ class ExpertCache:
         with self._lock:
             entry = self._held.get(key)
             if entry is not None and entry[0] is held:
-                self._held[key] = (module, entry[1])
+                self._held[key] = (module, *entry[1:])
         return module
 
 

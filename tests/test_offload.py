@@ -116,6 +116,28 @@ def test_every_policy_and_budget_gives_the_resident_tokens(checkpoints, policy, 
     assert cache.used <= cache.budget
 
 
+def test_evicted_experts_buffers_are_read_into_again(checkpoints):
+    """An evicted expert's buffer is reused by the next read unless something still holds the
+    expert (a use in progress): then it is left to be freed, never overwritten. (int8: its
+    modules compute on the bytes where they were read.)"""
+    path = checkpoints / "q8"
+    resident, _ = plan(inspect(path), 2**40)
+    off = load_offloaded(path, resident + RUNTIME_RESERVE + 2 * expert_bytes(path),
+                         policy="lru", prefetch=False)
+    cache = off.expert_cache
+    prompt = [1, 415, 2936, 9060, 28705, 28740]
+    params = GenerationParams(max_tokens=12)
+    assert list(generate(off, prompt, params)) == list(generate(mixtral.load(path), prompt,
+                                                                 params))
+    reads = cache.misses
+    assert reads > 20 and cache.store.buffers_made <= 2 + cache.store.POOL
+    kept = cache.get(0, 3)  # held by this test: a use in progress
+    weight = kept.w1[0].weight.clone()
+    for e in range(8):  # evicts (0, 3) while it is held
+        cache.get(1, e)
+    assert (0, 3) not in cache._held and torch.equal(kept.w1[0].weight, weight)
+
+
 @functools.cache
 def resident_q4(path):
     return mixtral.load(path)
@@ -179,13 +201,14 @@ def test_experts_read_the_same_with_o_direct_or_without(checkpoints, monkeypatch
     for direct in (True, False):
         store = ExpertStore(info, direct=direct)
         for layer, expert in ((0, 0), (1, 7), (0, 5)):
-            got = store.read(layer, expert)
+            got, raw = store.read(layer, expert)
             for w in ("w1", "w2", "w3"):
                 base = f"layers.{layer}.feed_forward.experts.{w}"
                 for part, name in zip(got[w], (f"{base}.qweight", f"{base}.scales_and_zeros"),
                                       strict=True):
                     assert torch.equal(part, read(name)[expert])
-        assert store.bytes_read == 3 * store.expert_bytes
+            store.recycle(raw)  # the next read reuses it
+        assert store.bytes_read == 3 * store.expert_bytes and store.buffers_made == 1
         if not direct:  # through the page cache only
             assert not any(d for _, d in store._files)
         elif refuse is not None:  # refused once, then the page cache
