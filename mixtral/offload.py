@@ -55,7 +55,7 @@ class ExpertStore:
     them. O_DIRECT wants the file offset, the length and the buffer aligned (ALIGN), so each
     slice is read as its aligned window and the tensor is a view into it (< 2 ALIGN spare).
     Where the file system refuses O_DIRECT (tmpfs, some network ones), reads go through the
-    page cache, dropped after each read. An expert's six slices share one buffer, which the
+    page cache, dropped after each read. An expert's three weights share one buffer, which the
     cache hands back (`recycle`) when it evicts an expert nothing is using: at a small budget
     each token would otherwise fault in and zero gigabytes of fresh memory."""
 
@@ -76,29 +76,32 @@ class ExpertStore:
                   for w in ("w1", "w2", "w3")
                   for n in portable_names(f"layers.0.feed_forward.experts.{w}", self.bits)]
         self.expert_bytes = sum(slices)  # one expert's slices, as the file stores them
-        # each slice's region of a read buffer: room for its aligned window, ALIGN-aligned
+        # each slice's region of a read buffer (weight, scales, weight...): room for its
+        # aligned window, ALIGN-aligned
         self._regions = [-(-n // self.ALIGN) * self.ALIGN + self.ALIGN for n in slices]
         self._pool: list[Tensor] = []
         self.buffers_made = 0
 
     def read(self, layer: int, expert: int) -> tuple[Stored, Tensor]:
         """The expert's (weight, scales) by matrix name, as the file stores them (the weight
-        in the file's layout: `to_portable` converts it), and the one buffer they are views
-        of: `recycle` it once they are dropped, and the next read reuses it."""
+        in the file's layout: `to_portable` converts it), and the one buffer its weights are
+        views of: `recycle` it once they are dropped, and the next read reuses it. Each
+        scales tensor has a buffer of its own: packing converts it into a new one, and the
+        file's copy must not stay behind (11 MB a Mixtral expert, beyond the budget)."""
         with self._lock:
             raw = self._pool.pop() if self._pool else None
         if raw is None:
-            raw = torch.empty(sum(self._regions) + self.ALIGN, dtype=torch.uint8)
+            raw = torch.empty(sum(self._regions[::2]) + self.ALIGN, dtype=torch.uint8)
             self.buffers_made += 1
         offset = -raw.data_ptr() % self.ALIGN  # the regions start aligned
         out, regions = {}, iter(self._regions)
         for w in ("w1", "w2", "w3"):
-            pair = []
-            for name in portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits):
-                size = next(regions)
-                pair.append(self._slice(name, expert, raw[offset:offset + size]))
-                offset += size
-            out[w] = (pair[0], pair[1])
+            qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
+            size = next(regions)
+            weight = self._slice(qname, expert, raw[offset:offset + size])
+            offset += size
+            own = torch.empty(next(regions) + self.ALIGN, dtype=torch.uint8)
+            out[w] = (weight, self._slice(sname, expert, own[-own.data_ptr() % self.ALIGN:]))
         return out, raw
 
     def recycle(self, raw: Tensor) -> None:

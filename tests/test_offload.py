@@ -84,6 +84,13 @@ def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
     with torch.no_grad():
         torch.testing.assert_close(off(tokens), full(tokens), atol=1e-5, rtol=1e-5)
     paged = off.expert_cache.get(0, 0)  # each projection on its own, repacked where read
+    # what it holds is what the budget counts it as: no copy of the file's scales stays
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*paged.parameters(), *paged.buffers(),
+                          *(v for m in paged.modules() for v in vars(m).values()
+                            if isinstance(v, torch.Tensor))]}
+    # (the weights' read buffer has up to one page of slack per region, and one to align)
+    assert sum(storages.values()) <= expert_bytes(path) + 4 * 4096
     kinds = {type(m) for w in ("w1", "w2", "w3") for m in getattr(paged, w)}
     assert kinds == ({Int4Rows if name == "q4" else Int8Rows} if kernels.available() else
                      {Int4Linear if name == "q4" else Int8Linear})
