@@ -183,7 +183,7 @@ def test_experts_read_the_same_with_o_direct_or_without(checkpoints, monkeypatch
     import errno
 
     from mixtral.checkpoint import reader
-    from mixtral.offload import ExpertStore
+    from mixtral.expert_store import ExpertStore
 
     info = inspect(checkpoints / "q4")
     if refuse is not None:

@@ -1,0 +1,157 @@
+"""Single experts read out of a quantized checkpoint's expert banks, for the offloaded-experts
+cache (mixtral.offload): each slice straight into the buffer it will run from, with O_DIRECT
+where the file system has it, and the weights' buffers reused from evicted experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mixtral.checkpoint import CheckpointError, CheckpointInfo
+from mixtral.formats import portable_names
+from mixtral.prefetch import Profile
+from mixtral.quant import get
+
+Stored = dict[str, tuple[Tensor, Tensor]]  # an expert as read: (weight, scales) by matrix
+
+
+class ExpertStore:
+    """Reads single experts out of the expert banks of a quantized checkpoint.
+
+    `direct` (the default where the file system has it): with O_DIRECT, from the disk straight
+    into the expert's own buffer, bypassing the page cache: no copy out of it, no pages to
+    drop, and under a memory limit that counts the page cache no reclaim to make room for
+    them. O_DIRECT wants the file offset, the length and the buffer aligned (ALIGN), so each
+    slice is read as its aligned window and the tensor is a view into it (< 2 ALIGN spare).
+    Where the file system refuses O_DIRECT (tmpfs, some network ones), reads go through the
+    page cache, dropped after each read. An expert's three weights share one buffer, which the
+    cache hands back (`recycle`) when it evicts an expert nothing is using: at a small budget
+    each token would otherwise fault in and zero gigabytes of fresh memory."""
+
+    ALIGN = 4096
+    POOL = 2  # idle read buffers kept for reuse (within the runtime reserve, not the budget)
+
+    def __init__(self, info: CheckpointInfo, profile: Profile | None = None,
+                 direct: bool = True) -> None:
+        assert info.quantization is not None
+        self.info, self.bits = info, info.quantization["bits"]
+        self.to_portable = get(self.bits).layouts[info.quantization["layout"]]
+        self.profile = profile or Profile()
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self.bytes_read = 0
+        self._files: dict[tuple[Path, bool], int | None] = {}
+        self._lock = threading.Lock()  # the reader thread and the caller may both read
+        slices = [info.entries[n].dtype.itemsize * numel(info.entries[n].shape[1:])
+                  for w in ("w1", "w2", "w3")
+                  for n in portable_names(f"layers.0.feed_forward.experts.{w}", self.bits)]
+        self.expert_bytes = sum(slices)  # one expert's slices, as the file stores them
+        # each slice's region of a read buffer (weight, scales, weight...): room for its
+        # aligned window, ALIGN-aligned
+        self._regions = [-(-n // self.ALIGN) * self.ALIGN + self.ALIGN for n in slices]
+        self._pool: list[Tensor] = []
+        self.buffers_made = 0
+
+    def read(self, layer: int, expert: int) -> tuple[Stored, Tensor]:
+        """The expert's (weight, scales) by matrix name, as the file stores them (the weight
+        in the file's layout: `to_portable` converts it), and the one buffer its weights are
+        views of: `recycle` it once they are dropped, and the next read reuses it. Each
+        scales tensor has a buffer of its own: packing converts it into a new one, and the
+        file's copy must not stay behind (11 MB a Mixtral expert, beyond the budget)."""
+        with self._lock:
+            raw = self._pool.pop() if self._pool else None
+            self.buffers_made += raw is None
+        if raw is None:
+            raw = torch.empty(sum(self._regions[::2]) + self.ALIGN, dtype=torch.uint8)
+        offset = -raw.data_ptr() % self.ALIGN  # the regions start aligned
+        out, regions = {}, iter(self._regions)
+        for w in ("w1", "w2", "w3"):
+            qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
+            size = next(regions)
+            weight = self._slice(qname, expert, raw[offset:offset + size])
+            offset += size
+            own = torch.empty(next(regions) + self.ALIGN, dtype=torch.uint8)
+            out[w] = (weight, self._slice(sname, expert, own[-own.data_ptr() % self.ALIGN:]))
+        return out, raw
+
+    def recycle(self, raw: Tensor) -> None:
+        """A buffer from `read` whose tensors nothing uses any more: kept for the next read (at
+        most POOL of them wait; memory reused is memory not faulted in and zeroed again)."""
+        with self._lock:
+            if len(self._pool) < self.POOL:
+                self._pool.append(raw)
+
+    def _slice(self, name: str, expert: int, region: Tensor) -> Tensor:
+        """One slice of an expert read into `region` (uint8, ALIGN-aligned, large enough for
+        its aligned window)."""
+        entry = self.info.entries[name]
+        shape, size = entry.shape[1:], entry.dtype.itemsize
+        nbytes = size * numel(shape)
+        start = entry.start + expert * nbytes
+        direct = self.direct and start % size == 0  # a view of the window must be aligned
+        fd = self._fd(entry.file, direct=True) if direct else None
+        if fd is not None:
+            lo = start - start % self.ALIGN
+            hi = -(-(start + nbytes) // self.ALIGN) * self.ALIGN
+            got = self._read(fd, region[:hi - lo], lo)
+            if got >= start - lo + nbytes:
+                with self._lock:
+                    self.bytes_read += nbytes
+                return region[start - lo:start - lo + nbytes].view(entry.dtype).view(shape)
+            if got >= 0:
+                raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
+            # EINVAL: this file system takes O_DIRECT at open but not for reads
+            with self._lock:
+                self._files[entry.file, True] = None
+        fd = self._fd(entry.file, direct=False)
+        assert fd is not None
+        got = self._read(fd, region[:nbytes], start)
+        if got != nbytes:
+            raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
+        with self.profile.stage("drop"):
+            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self.bytes_read += nbytes
+        return region[:nbytes].view(entry.dtype).view(shape)
+
+    def _read(self, fd: int, buf: Tensor, offset: int) -> int:
+        """Bytes read into `buf` (uint8, contiguous) from `offset`; -1 when the file system
+        refused the read (EINVAL: O_DIRECT not supported there)."""
+        view = (ctypes.c_ubyte * buf.numel()).from_address(buf.data_ptr())
+        with self.profile.stage("read"):
+            try:
+                return os.preadv(fd, [view], offset)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    return -1
+                raise
+
+    def _fd(self, path: Path, direct: bool) -> int | None:
+        """The file opened for reads (None: it cannot be opened with O_DIRECT)."""
+        with self._lock:
+            if (path, direct) not in self._files:
+                fd: int | None = None
+                try:
+                    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                except OSError as e:
+                    if not direct or e.errno != errno.EINVAL:
+                        raise
+                if fd is not None and not direct:
+                    # no readahead: an expert is read whole, and what lies past it is another
+                    # expert (measured: readahead made the disk read 17-31 % more than experts)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._files[path, direct] = fd
+            return self._files[path, direct]
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
