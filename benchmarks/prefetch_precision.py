@@ -8,7 +8,9 @@ routing is: the share of all (layer, expert) uses taken by the most used 10 % of
 
 The text is fixed (this repository's README.md, its first --tokens tokens), run as one forward
 through the reference modules. precision = predicted experts that were chosen / k, averaged over
-tokens and layer pairs; `first_hit` = tokens where at least one prediction was right.
+tokens and layer pairs; `first_hit` = tokens where at least one prediction was right;
+`precision_ahead` = the same for layer l+d's router on layer l's input, by distance d (how far
+ahead a reader could be told what to read).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def measure(model: torch.nn.Module, ids: list[int]) -> dict[str, float]:
         right = (guess[:, :, None] == chosen[layer + 1][:, None, :]).any(-1).sum(-1)  # [N]
         hits.append(right.float() / k)
         first.append((right > 0).float())
+    ahead = {}  # layer l + d's router on layer l's input, for every distance d
+    for d in range(1, len(moes)):
+        right = [(torch.topk(moes[layer + d].gate(seen[layer]).float(), k).indices[:, :, None]
+                  == chosen[layer + d][:, None, :]).any(-1).float().mean(-1)
+                 for layer in range(len(moes) - d)]
+        ahead[d] = round(torch.cat(right).mean().item(), 4)
     uses = collections.Counter((layer, int(e)) for layer, c in enumerate(chosen)
                                for e in c.flatten())
     n_experts = len(moes) * moes[0].gate.out_features
@@ -53,7 +61,7 @@ def measure(model: torch.nn.Module, ids: list[int]) -> dict[str, float]:
     return {"tokens": len(ids), "precision": round(torch.cat(hits).mean().item(), 4),
             "first_hit": round(torch.cat(first).mean().item(), 4),
             "chance": round(k / moes[0].gate.out_features, 4),
-            "skew_top10": round(sum(top) / sum(uses.values()), 4)}
+            "skew_top10": round(sum(top) / sum(uses.values()), 4), "precision_ahead": ahead}
 
 
 def main() -> None:
