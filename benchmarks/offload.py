@@ -98,7 +98,7 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
     if not pool:
         cache.store.POOL = 0
     if prefetch == "evict":  # guesses may evict whatever the cache's hit rate
-        cache.guesses_evict = lambda hit_rate: True
+        cache.guess_evict_below = float("inf")
     cache.trace = []
     prompt = prompt_ids(prompt_len, 7, m.args.vocab_size)
     marks = []

@@ -94,31 +94,39 @@ class ExpertStore:
         shape, size = entry.shape[1:], entry.dtype.itemsize
         nbytes = size * numel(shape)
         start = entry.start + expert * nbytes
-        direct = self.direct and start % size == 0  # a view of the window must be aligned
-        fd = self._fd(entry.file, direct=True) if direct else None
-        if fd is not None:
-            lo = start - start % self.ALIGN
-            hi = -(-(start + nbytes) // self.ALIGN) * self.ALIGN
-            got = self._read(fd, region[:hi - lo], lo)
-            if got >= start - lo + nbytes:
-                with self._lock:
-                    self.bytes_read += nbytes
-                return region[start - lo:start - lo + nbytes].view(entry.dtype).view(shape)
-            if got >= 0:
-                raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
-            # EINVAL: this file system takes O_DIRECT at open but not for reads
-            with self._lock:
-                self._files[entry.file, True] = None
-        fd = self._fd(entry.file, direct=False)
-        assert fd is not None
-        got = self._read(fd, region[:nbytes], start)
-        if got != nbytes:
-            raise CheckpointError(f"{entry.file}: short read of {name} expert {expert}")
-        with self.profile.stage("drop"):
-            os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+        # a view of the window must be aligned to the dtype
+        what = f"{name} expert {expert}"
+        skip = self._direct(entry.file, region, start, nbytes, what) if self.direct \
+            and start % size == 0 else None
+        if skip is None:  # through the page cache, dropped after
+            fd = self._fd(entry.file, direct=False)
+            assert fd is not None
+            if self._read(fd, region[:nbytes], start) != nbytes:
+                raise _short(entry.file, what)
+            with self.profile.stage("drop"):
+                os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+            skip = 0
         with self._lock:
             self.bytes_read += nbytes
-        return region[:nbytes].view(entry.dtype).view(shape)
+        return region[skip:skip + nbytes].view(entry.dtype).view(shape)
+
+    def _direct(self, path: Path, region: Tensor, start: int, nbytes: int,
+                what: str) -> int | None:
+        """Read bytes [start, start + nbytes) of `path` with O_DIRECT as their aligned window
+        into `region`; -> where they begin in it, or None where the file system refuses."""
+        fd = self._fd(path, direct=True)
+        if fd is None:
+            return None
+        lo = start - start % self.ALIGN
+        hi = -(-(start + nbytes) // self.ALIGN) * self.ALIGN
+        got = self._read(fd, region[:hi - lo], lo)
+        if got < 0:  # EINVAL: this file system takes O_DIRECT at open but not for reads
+            with self._lock:
+                self._files[path, True] = None
+            return None
+        if got < start - lo + nbytes:
+            raise _short(path, what)
+        return start - lo
 
     def _read(self, fd: int, buf: Tensor, offset: int) -> int:
         """Bytes read into `buf` (uint8, contiguous) from `offset`; -1 when the file system
@@ -148,6 +156,11 @@ class ExpertStore:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self._files[path, direct] = fd
             return self._files[path, direct]
+
+
+def _short(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: short read of {what}: the file is shorter than its header "
+                           "says (cut short, or changed while in use); copy it again")
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -54,7 +54,7 @@ class ExpertCache:
     past uses (one never used ranks last: a wrong guess is the next to go). Read-ahead evicts
     only experts that are not pinned (`pin`: those the current layer chose and those foreseen
     for the next), and is skipped when that is not enough; guesses evict only while the
-    recent hit rate is under one half (`guesses_evict`); a use evicts the policy's victim
+    recent hit rate is under `guess_evict_below`; a use evicts the policy's victim
     among the unpinned first. Counts: a use is a hit when its expert is in memory, else a
     miss (`waited` of them found it in flight); `prefetched` reads ahead, `prefetch_used` of
     them used before evicted.
@@ -83,7 +83,7 @@ class ExpertCache:
         self.hits = self.misses = self.waited = 0
         # hits over about the last RECENT uses (a moving average), and when guesses may evict
         self.recent_hit_rate = 1.0
-        self.guesses_evict: Callable[[float], bool] = lambda hit_rate: hit_rate < 0.5
+        self.guess_evict_below = 0.5
         self.prefetched = self.prefetch_used = 0
         self.trace: list[Key] | None = None
         self._lock = threading.Lock()
@@ -135,10 +135,10 @@ class ExpertCache:
     def prefetch(self, keys: Iterable[Key], guesses: bool = False) -> None:
         """Read these experts in the background, in order, those that fit (class docstring).
         `guesses` (the next layer's, foreseen): they may evict only while the cache misses
-        more than it hits (`guesses_evict`), else they are read into free room only."""
+        more than it hits (`guess_evict_below`), else they are read into free room only."""
         if self.reader is None:
             return
-        evict = not guesses or self.guesses_evict(self.recent_hit_rate)
+        evict = not guesses or self.recent_hit_rate < self.guess_evict_below
         for key in keys:
             with self._lock:
                 if key in self._held or key in self._pending \
