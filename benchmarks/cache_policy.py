@@ -52,7 +52,8 @@ def main() -> None:
     rows = []
     for budget in a.budgets:
         capacity = plan(info, parse_size(budget, "--budgets"))[1] // expert
-        policies = [make("lru"), make("lfu")] + [Aging(h) for h in a.half_lives]
+        policies = [make("lru"), make("lfu")] + [Aging(h) for h in a.half_lives] \
+            + [make("cycle")]
         for policy in policies:
             name = policy.name + (f"/{policy.half_life:g}" if isinstance(policy, Aging) else "")
             rows.append((budget, capacity, name, replay(uses, capacity, policy, start)))

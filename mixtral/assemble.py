@@ -179,8 +179,9 @@ def offload_arguments(p: argparse.ArgumentParser) -> None:
     """The flags that tune --max-ram's experts cache (here and in `mixtral bench`)."""
     from mixtral.cache_policy import POLICIES
 
-    p.add_argument("--cache-policy", choices=POLICIES, help="which expert "
-                   "--max-ram's cache evicts (default aging: uses that fade with age)")
+    p.add_argument("--cache-policy", choices=POLICIES, help="which expert --max-ram's "
+                   "cache evicts (default cycle: uses that fade with age, less how soon the "
+                   "expert's layer comes round)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction,
                    help="with --max-ram, read the experts the routers foresee in a background "
                    "thread while others compute (default on)")

@@ -40,7 +40,7 @@ from mixtral.sizes import parse_size
 
 RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short contexts
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-DEFAULT_POLICY = "aging"  # chosen on routing traces: benchmarks/cache_policy.py, RESULTS.md
+DEFAULT_POLICY = "cycle"  # chosen on routing traces: benchmarks/cache_policy.py, RESULTS.md
 RECENT = 256  # uses: the window of the cache's recent hit rate (4 tokens of Mixtral)
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mixtral.cache_policy import POLICIES, Aging, belady, make, replay
+from mixtral.cache_policy import POLICIES, Aging, Cycle, belady, make, replay
 
 A, B, C, D = (0, 0), (0, 1), (1, 0), (1, 1)
 # A is used often early; then B and C alternate: recency says keep B, C; frequency says keep A
@@ -25,6 +25,24 @@ def test_misses_worked_out_by_hand():
 def test_aging_spans_lru_to_lfu():
     assert replay(TRACE, 2, Aging(half_life=0.1)) == replay(TRACE, 2, make("lru"))
     assert replay(TRACE, 2, Aging(half_life=10**9)) == replay(TRACE, 2, make("lfu"))
+
+
+def test_cycle_keeps_the_layers_that_come_next():
+    """One expert in each of 5 layers, used in layer order three times, with room for 4: LRU,
+    LFU and aging miss every use (each evicts the one wanted next); cycle evicts the expert
+    just used (its layer comes round last) and misses once a pass after the first, as the
+    optimum does: 5 + 1 + 1."""
+    trace = [(layer, 0) for layer in range(5)] * 3
+    for name in ("lru", "lfu", "aging"):
+        assert replay(trace, 4, make(name)) == 15
+    assert replay(trace, 4, make("cycle")) == 7 == belady(trace, 4)
+    cycle = Cycle()
+    for key in trace[:3]:
+        cycle.touch(key)
+    assert cycle.layers == 3 and cycle.now == 2
+    # one use each, so the weights tie but for age: the layer in use (2) ranks highest, then
+    # the one that comes next (0), then the one just done (1)
+    assert cycle.rank((2, 0)) > cycle.rank((0, 0)) > cycle.rank((1, 0))
 
 
 @pytest.mark.parametrize("name", POLICIES)
