@@ -13,7 +13,11 @@ the ones it needs now compute, and say where an offloaded token's time goes.
              are wrong are mostly experts it does not hold: reading them evicted experts
              soon needed, 2.5x the reads a token and half the speed; at 4 GiB nothing it
              holds is reused and evicting guesses pays (benchmarks/offload.py --prefetch on
-             evict off, RESULTS.md). It counts how precise the prediction was, the
+             evict off, RESULTS.md). Guesses are read at all only while at least
+             MIN_PRECISION of the last ~RECENT were right: with a real Mixtral's routing
+             replayed at 0.66 precision (benchmarks/routing.py), wrong guesses' reads made
+             the model wait, 0.26 tok/s at 8 GiB against 0.38 gated or off; at 0.95 they
+             neither helped nor hurt. It counts how precise the prediction was, the
              `precision` bench --json reports (the same measure as that script's).
   Reader     the background thread that does the reading. One thread: a disk reads one expert
              at a time fastest, and os.preadv releases the GIL for the read. It only reads:
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
 Key = tuple[int, int]  # (layer, expert)
 READER_NAME = "mixtral-expert-reader"
 STAGES = ("read", "drop", "pack", "wait", "compute")
+RECENT = 256  # guesses in Foresight's moving average of its precision
+MIN_PRECISION = 0.9  # guesses less precise than this are not read (module docstring)
 
 
 class Profile:
@@ -110,6 +116,10 @@ class Foresight:
                       for b in self.blocks]
         self.guess: tuple[int, Tensor] | None = None  # (layer, its predicted experts [N, k])
         self.predicted = self.correct = 0
+        # precision over about the last RECENT guesses (a moving average), and the least at
+        # which guesses are read (module docstring)
+        self.recent_precision = 1.0
+        self.min_precision = MIN_PRECISION
         self.hooked: list[tuple[nn.Module, RemovableHandle] | None] = [None] * len(self.blocks)
         # each forward first checks the hooks sit on the norms the blocks hold now: the fast
         # paths (mixtral.fast.optimize) swap the norms after the load
@@ -129,23 +139,32 @@ class Foresight:
         """Predicted experts the next layer then chose, over all predictions (None: none)."""
         return self.correct / self.predicted if self.predicted else None
 
+    def logits(self, layer: int, x: Tensor, ahead: bool) -> Tensor:
+        """Router `layer`'s logits [N, E] for x [N, D] in fp32, `ahead`: a guess made one layer
+        early (benchmarks/routing.py replaces this to replay a routing schedule)."""
+        return x @ self.gates[layer].T
+
     def _routed(self, layer: int, _module: nn.Module, _inputs: object, out: Tensor) -> None:
         x = out.detach().reshape(-1, out.shape[-1]).float()  # [N, D]: what the router sees
-        now = torch.topk(x @ self.gates[layer].T, self.k).indices  # [N, k]
+        now = torch.topk(self.logits(layer, x, False), self.k).indices  # [N, k]
         if self.guess is not None and self.guess[0] == layer and \
                 self.guess[1].shape == now.shape:
             guess = self.guess[1]
+            right = int((guess[:, :, None] == now[:, None, :]).any(-1).sum())
             self.predicted += guess.numel()
-            self.correct += int((guess[:, :, None] == now[:, None, :]).any(-1).sum())
+            self.correct += right
+            self.recent_precision += (right / guess.numel() - self.recent_precision) \
+                * min(1.0, guess.numel() / RECENT)
         keys = [(layer, e) for e in sorted(set(now.flatten().tolist()))]
         self.guess, guessed = None, []
         if layer + 1 < len(self.gates):
-            guess = torch.topk(x @ self.gates[layer + 1].T, self.k).indices
+            guess = torch.topk(self.logits(layer + 1, x, True), self.k).indices
             self.guess = (layer + 1, guess)
             guessed = [(layer + 1, e) for e in sorted(set(guess.flatten().tolist()))]
         self.cache.pin(keys + guessed)
         self.cache.prefetch(keys)
-        self.cache.prefetch(guessed, guesses=True)
+        if self.recent_precision >= self.min_precision:
+            self.cache.prefetch(guessed, guesses=True)
 
     def remove(self) -> None:
         self.handle.remove()
