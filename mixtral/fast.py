@@ -25,6 +25,7 @@ one op each, given tensors in the shapes the model holds them, without reshapes 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import cast
 
 import torch
@@ -52,10 +53,11 @@ from mixtral.projections import (
     fuse,
     linear,
     packable,
+    paged_int4,
     swap,
     widenable,
 )
-from mixtral.quant import Int4Linear, Int8Linear, QuantExperts
+from mixtral.quant import Format, Int4Linear, Int8Linear, Pair, QuantExperts
 
 
 class FastAttention(nn.Module):
@@ -202,12 +204,18 @@ def fuse_experts(ref: nn.Module) -> FusedExperts | None:
     return None
 
 
-def page_in(experts: nn.Module) -> nn.Module:
-    """A paged-in expert (mixtral.offload: a one-expert QuantExperts over bytes just read) on
-    our kernels, each projection on its own and its int4 bytes repacked where they were read.
-    Fusing w1/w3 and stacking banks (fuse_experts) would copy the ~100 MB of a Mixtral expert
-    twice for a bank of one: measured, its packing then took 2.4x its read under a 16 GiB
-    cgroup (benchmarks/offload.py --profile, RESULTS.md)."""
+def page_in(banks: dict[str, Pair], fmt: Format, group_size: int, dtype: torch.dtype,
+            fallback: Callable[[dict[str, Pair]], nn.Module]) -> nn.Module:
+    """A paged-in expert (mixtral.offload: each matrix's pair as just read, portable) on our
+    kernels, each projection on its own: int4 as paged_int4 makes it, int8 as `swap` does;
+    `fallback` (PyTorch's modules) where our kernels cannot take it. Not fused as resident
+    banks are (fuse_experts): that copies a Mixtral expert's ~100 MB twice, and packing then
+    took 2.4x its read (benchmarks/offload.py --profile); through Int4Linear first, 2x this."""
+    if fmt.bits == 4:
+        rows = {w: paged_int4(q, s, group_size, dtype) for w, (q, s) in banks.items()}
+        if all(r is not None for r in rows.values()):
+            return QuantExperts.of({w: [cast(nn.Module, r)] for w, r in rows.items()})
+    experts = fallback(banks)
     if type(experts) is QuantExperts:
         for name in ("w1", "w2", "w3"):
             bank = cast(nn.ModuleList, getattr(experts, name))
@@ -293,7 +301,9 @@ def optimize(model: Transformer) -> Transformer:
     fp32 = _fp32_compute(model)
     cache = getattr(model, "expert_cache", None)
     if cache is not None:  # offloaded experts (mixtral.offload): each one paged in goes fast too
-        cache.swap = lambda m: _compute_in(page_in(m), fp32)
+        plain = cache.page_in
+        cache.page_in = lambda banks: _compute_in(
+            page_in(banks, cache.fmt, cache.group_size, cache.dtype, plain), fp32)
     return cast(Transformer, _compute_in(model, fp32))
 
 

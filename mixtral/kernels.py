@@ -242,6 +242,13 @@ def int4_repack_(packed: Tensor) -> Tensor:
     return _here().int4_repack_(packed)
 
 
+def int4_scales(scales_and_zeros: Tensor, dtype: torch.dtype) -> Tensor:
+    """The file's scales_and_zeros [..., K/g, N, 2] -> our sz [..., N, K/g, 2] fp32 in one
+    pass (csrc/repack.cpp), each value first rounded to `dtype` (fp32/bf16/fp16) as
+    Int4Linear holds them: int4_offsets of those, transposed."""
+    return _here().int4_scales(scales_and_zeros, dtype)
+
+
 def int4_offsets(scale: Tensor, zero: Tensor) -> Tensor:
     """Portable (scale, zero) with w = (q - 8) * scale + zero -> our sz [..., 2] fp32 with
     w = q * scale + offset."""

@@ -6,10 +6,10 @@ Each expert of each layer is a contiguous slice of its bank in the safetensors f
 in is six reads (w1, w3, w2 and their scales) straight into the buffers they run from (the weights'
 one reused from an evicted expert), with O_DIRECT where the file system has it (ExpertStore), so
 the page cache does not hold the file a second time. Experts run where they were read: on our
-kernels int4 is repacked in place (mixtral.fast.page_in); on PyTorch's, it is packed at once
-(mixtral.quant.int4); nothing else is copied. With `prefetch` (the default) a background reader
-reads the experts the routers foresee while others compute (mixtral.prefetch); the numbers are the
-same either way, only when the bytes arrive changes.
+kernels int4 is repacked in place and its scales converted in one pass (mixtral.fast.page_in);
+on PyTorch's, it is packed at once (mixtral.quant.int4); nothing else is copied. With `prefetch`
+(the default) a background reader reads the experts the routers foresee while others compute
+(mixtral.prefetch); the numbers are the same either way, only when the bytes arrive changes.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mixtral.formats import is_quantized_weight
 from mixtral.memory import check_fits, load_bytes
 from mixtral.model import ExpertBank, Transformer
 from mixtral.prefetch import Foresight, Key, Reader
-from mixtral.quant import Format, QuantExperts, apply, get
+from mixtral.quant import Format, Pair, QuantExperts, apply, get
 from mixtral.quant.int4 import Int4Linear
 from mixtral.sizes import parse_size
 
@@ -70,8 +70,9 @@ class ExpertCache:
         self.store, self.budget, self.reader = store, budget, reader
         self.fmt, self.group_size, self.dtype = fmt, group_size, dtype
         self.profile = store.profile
-        # what each paged-in expert becomes: mixtral.fast swaps in its own form (our kernels)
-        self.swap: Callable[[nn.Module], nn.Module] = lambda module: module
+        # what each paged-in expert becomes, from its pairs as read (portable): PyTorch's
+        # modules here; mixtral.fast makes its own form instead (our kernels)
+        self.page_in: Callable[[dict[str, Pair]], nn.Module] = self._quant_experts
         self.policy = cache_policy.make(policy)
         self.foresight: Foresight | None = None  # set by load_offloaded with prefetch
         # key -> (the expert as read, or as packed at its first use; its bytes; its buffer)
@@ -204,15 +205,22 @@ class ExpertCache:
         if isinstance(held, nn.Module):
             return held
         with self.profile.stage("pack"):  # the file's layout -> the one the kernels read
-            banks = {w: (self.store.to_portable(q)[None], s[None]) for w, (q, s) in held.items()}
-            module = self.swap(QuantExperts(banks, self.fmt, self.group_size, self.dtype))
-            for m in module.modules():  # PyTorch's int4 packs at its first call: pack here
-                if isinstance(m, Int4Linear):
-                    m.pack()
+            module = self.page_in({w: (self.store.to_portable(q), s)
+                                   for w, (q, s) in held.items()})
         with self._lock:
             entry = self._held.get(key)
             if entry is not None and entry[0] is held:
                 self._held[key] = (module, *entry[1:])
+        return module
+
+
+    def _quant_experts(self, banks: dict[str, Pair]) -> nn.Module:
+        """An expert on PyTorch's modules, packed now rather than at its first call."""
+        module = QuantExperts({w: (q[None], s[None]) for w, (q, s) in banks.items()},
+                              self.fmt, self.group_size, self.dtype)
+        for m in module.modules():
+            if isinstance(m, Int4Linear):
+                m.pack()
         return module
 
 

@@ -169,9 +169,22 @@ def _rows(m: nn.Module, owned: bool) -> tuple[Tensor, Tensor]:
         return m.weight, m.scales.float()
     assert type(m) is Int4Linear
     # from the portable bytes, before PyTorch would pack them for its kernel
-    scale, zero = m.scales_and_zeros.transpose(0, 1).unbind(-1)  # [N, K/g] each
     repack = kernels.int4_repack_ if owned and m.weight.is_contiguous() else kernels.int4_repack
-    return repack(m.weight), kernels.int4_offsets(scale, zero)
+    sz = m.scales_and_zeros  # [K/g, N, 2], already in the module's dtype
+    return repack(m.weight), kernels.int4_scales(sz, sz.dtype)
+
+
+def paged_int4(q: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype) -> Int4Rows | None:
+    """What `swap(Int4Linear(q, sz, group_size, dtype), owned=True)` makes, straight from the
+    file's pair (portable bytes repacked where they lie, scales converted in one pass without
+    the module's copy of them: mixtral.offload pages experts in through it); None where our
+    kernels cannot take it."""
+    if q.device.type != "cpu" or not q.is_contiguous() or q.shape[-1] % 32 \
+            or group_size % 64 or not kernels.available():
+        return None
+    rows = Int4Rows(kernels.int4_repack_(q), kernels.int4_scales(sz, dtype), group_size, dtype)
+    rows.qx = cpu.probe().activations == "int8"
+    return rows
 
 
 def fuse(*modules: nn.Module, owned: bool = False) -> nn.Module | None:

@@ -207,6 +207,24 @@ def test_int4_repack_copy_and_in_place_equal_the_layouts_definition(tier, N):
         kernels.int4_repack_(torch.zeros(4, 48, dtype=torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int4_scales_equal_the_modules_rounded_offsets(tier, dtype):
+    """The file's scales_and_zeros -> our sz in one pass equals what Int4Linear holds (rounded
+    to its dtype), transposed, as int4_offsets: offloaded experts equal resident ones. Values
+    across many binades, leading dims, a row count across the parallel grain; bad input named."""
+    g = torch.Generator().manual_seed(7)
+    for shape in [(3, 40, 2), (2, 5, 1031, 2)]:
+        sz = torch.randn(*shape, generator=g) * torch.logspace(-9, 4, shape[-2])[:, None]
+        rounded = sz.to(dtype)
+        want = kernels.int4_offsets(*rounded.transpose(-3, -2).unbind(-1))
+        assert torch.equal(kernels.int4_scales(sz, dtype), want)
+        assert torch.equal(kernels.int4_scales(rounded, dtype), want)  # idempotent
+    with pytest.raises(RuntimeError, match=r"scales_and_zeros \[..., K/g, N, 2\]"):
+        kernels.int4_scales(torch.zeros(4, 3), dtype)
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        kernels.int4_scales(torch.zeros(1, 4, 2), torch.float64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_equals_reference(tier, dtype):
     g = torch.Generator().manual_seed(3)

@@ -50,6 +50,15 @@ class QuantExperts(ExpertBank):
             setattr(self, name, nn.ModuleList(f.linear(q[e], s[e], g, dtype)
                                               for e in range(q.shape[0])))
 
+    @classmethod
+    def of(cls, modules: dict[str, list[nn.Module]]) -> QuantExperts:
+        """Experts of modules made elsewhere (mixtral.fast's, for an offloaded expert)."""
+        self = cls.__new__(cls)
+        ExpertBank.__init__(self)
+        for name in ("w1", "w2", "w3"):
+            setattr(self, name, nn.ModuleList(modules[name]))
+        return self
+
     def expert(self, e: int, x: Tensor) -> Tensor:
         w1, w2, w3 = (getattr(self, w) for w in ("w1", "w2", "w3"))
         return w2[e](F.silu(w1[e](x)) * w3[e](x))
