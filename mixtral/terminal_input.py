@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -42,6 +44,10 @@ class MessageReader:
     def __init__(self, history: Path | None = None) -> None:
         self.readline = _readline() if sys.stdin.isatty() and sys.stdout.isatty() else None
         self.interactive = sys.stdin.isatty()
+        if self.interactive and threading.current_thread() is threading.main_thread():
+            # Ctrl-C stops an answer or clears the line: take it back where it was ignored,
+            # as a shell's background job (and whatever it starts) ignores it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.history = History(self.readline, history) if self.readline is not None else None
 
     def read(self) -> str | None:

@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,8 @@ class Terminal:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, Ctrl-C included
+            # ... but ignored, as a background job's children have it: the chat takes it back
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             os.execve(argv[0], argv, env)
         self.seen = b""
 
