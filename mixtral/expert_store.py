@@ -31,9 +31,10 @@ class ExpertStore:
     them. O_DIRECT wants the file offset, the length and the buffer aligned (ALIGN), so each
     slice is read as its aligned window and the tensor is a view into it (< 2 ALIGN spare).
     Where the file system refuses O_DIRECT (tmpfs, some network ones), reads go through the
-    page cache, dropped after each read. An expert's three weights share one buffer, which the
-    cache hands back (`recycle`) when it evicts an expert nothing is using: at a small budget
-    each token would otherwise fault in and zero gigabytes of fresh memory."""
+    page cache, dropped after each read. An expert's six slices (three weights and their
+    scales) share one buffer, which the cache hands back (`recycle`) when it evicts an expert
+    nothing is using: at a small budget each token would otherwise fault in and zero
+    gigabytes of fresh memory."""
 
     ALIGN = 4096
     POOL = 2  # idle read buffers kept for reuse (within the runtime reserve, not the budget)
@@ -60,24 +61,24 @@ class ExpertStore:
 
     def read(self, layer: int, expert: int) -> tuple[Stored, Tensor]:
         """The expert's (weight, scales) by matrix name, as the file stores them (the weight
-        in the file's layout: `to_portable` converts it), and the one buffer its weights are
-        views of: `recycle` it once they are dropped, and the next read reuses it. Each
-        scales tensor has a buffer of its own: packing converts it into a new one, and the
-        file's copy must not stay behind (11 MB a Mixtral expert, beyond the budget)."""
+        in the file's layout: `to_portable` converts it), and the one buffer they are all
+        views of: `recycle` it once they are dropped, and the next read reuses it. Our
+        kernels' packing converts weights and scales where they lie (mixtral.fast.page_in),
+        so nothing of the file's stays behind beside them."""
         with self._lock:
             raw = self._pool.pop() if self._pool else None
             self.buffers_made += raw is None
         if raw is None:
-            raw = torch.empty(sum(self._regions[::2]) + self.ALIGN, dtype=torch.uint8)
+            raw = torch.empty(sum(self._regions) + self.ALIGN, dtype=torch.uint8)
         offset = -raw.data_ptr() % self.ALIGN  # the regions start aligned
         out, regions = {}, iter(self._regions)
         for w in ("w1", "w2", "w3"):
-            qname, sname = portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits)
-            size = next(regions)
-            weight = self._slice(qname, expert, raw[offset:offset + size])
-            offset += size
-            own = torch.empty(next(regions) + self.ALIGN, dtype=torch.uint8)
-            out[w] = (weight, self._slice(sname, expert, own[-own.data_ptr() % self.ALIGN:]))
+            pair = []
+            for name in portable_names(f"layers.{layer}.feed_forward.experts.{w}", self.bits):
+                size = next(regions)
+                pair.append(self._slice(name, expert, raw[offset:offset + size]))
+                offset += size
+            out[w] = (pair[0], pair[1])
         return out, raw
 
     def recycle(self, raw: Tensor) -> None:

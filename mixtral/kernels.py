@@ -249,6 +249,14 @@ def int4_scales(scales_and_zeros: Tensor, dtype: torch.dtype) -> Tensor:
     return _here().int4_scales(scales_and_zeros, dtype)
 
 
+def int4_scales_(scales_and_zeros: Tensor, dtype: torch.dtype) -> Tensor:
+    """int4_scales in place, for contiguous fp32 scales nothing else holds (a paged-in
+    expert's): the result is a view of their storage, no fresh memory at each miss."""
+    _here().int4_scales_(scales_and_zeros, dtype)
+    *lead, groups, n, two = scales_and_zeros.shape
+    return scales_and_zeros.view(*lead, n, groups, two)
+
+
 def int4_offsets(scale: Tensor, zero: Tensor) -> Tensor:
     """Portable (scale, zero) with w = (q - 8) * scale + zero -> our sz [..., 2] fp32 with
     w = q * scale + offset."""

@@ -176,13 +176,15 @@ def _rows(m: nn.Module, owned: bool) -> tuple[Tensor, Tensor]:
 
 def paged_int4(q: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype) -> Int4Rows | None:
     """What `swap(Int4Linear(q, sz, group_size, dtype), owned=True)` makes, straight from the
-    file's pair (portable bytes repacked where they lie, scales converted in one pass without
-    the module's copy of them: mixtral.offload pages experts in through it); None where our
-    kernels cannot take it."""
+    file's pair, which nothing else holds (bytes repacked and scales converted where they lie,
+    without the module's copy of the scales: mixtral.offload pages experts in through it);
+    None where our kernels cannot take it."""
     if q.device.type != "cpu" or not q.is_contiguous() or q.shape[-1] % 32 \
             or group_size % 64 or not kernels.available():
         return None
-    rows = Int4Rows(kernels.int4_repack_(q), kernels.int4_scales(sz, dtype), group_size, dtype)
+    own = sz.dtype == torch.float32 and sz.is_contiguous()  # as read: convert where it lies
+    scales = kernels.int4_scales_(sz, dtype) if own else kernels.int4_scales(sz, dtype)
+    rows = Int4Rows(kernels.int4_repack_(q), scales, group_size, dtype)
     rows.qx = cpu.probe().activations == "int8"
     return rows
 

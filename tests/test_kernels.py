@@ -219,10 +219,15 @@ def test_int4_scales_equal_the_modules_rounded_offsets(tier, dtype):
         want = kernels.int4_offsets(*rounded.transpose(-3, -2).unbind(-1))
         assert torch.equal(kernels.int4_scales(sz, dtype), want)
         assert torch.equal(kernels.int4_scales(rounded, dtype), want)  # idempotent
+        mine = sz.clone()
+        got = kernels.int4_scales_(mine, dtype)  # in place: a view of the same storage
+        assert torch.equal(got, want) and got.data_ptr() == mine.data_ptr()
     with pytest.raises(RuntimeError, match=r"scales_and_zeros \[..., K/g, N, 2\]"):
         kernels.int4_scales(torch.zeros(4, 3), dtype)
     with pytest.raises(RuntimeError, match="dtype must be"):
         kernels.int4_scales(torch.zeros(1, 4, 2), torch.float64)
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        kernels.int4_scales_(torch.zeros(2, 4, 2).transpose(0, 1), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -89,8 +89,8 @@ def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
                 for t in [*paged.parameters(), *paged.buffers(),
                           *(v for m in paged.modules() for v in vars(m).values()
                             if isinstance(v, torch.Tensor))]}
-    # (the weights' read buffer has up to one page of slack per region, and one to align)
-    assert sum(storages.values()) <= expert_bytes(path) + 4 * 4096
+    # (the read buffer has up to two pages of slack for each of its six regions, one to align)
+    assert sum(storages.values()) <= expert_bytes(path) + 13 * 4096
     kinds = {type(m) for w in ("w1", "w2", "w3") for m in getattr(paged, w)}
     assert kinds == ({Int4Rows if name == "q4" else Int8Rows} if kernels.available() else
                      {Int4Linear if name == "q4" else Int8Linear})

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -91,7 +92,9 @@ void scales_as(const float* s, float* o, int64_t m, int64_t groups, int64_t n) {
   });
 }
 
-at::Tensor int4_scales(const at::Tensor& scales_and_zeros, at::ScalarType dtype) {
+// `into`: where to write (undefined: a new tensor)
+at::Tensor int4_scales_into(const at::Tensor& scales_and_zeros, at::ScalarType dtype,
+                            const at::Tensor& into) {
   TORCH_CHECK(scales_and_zeros.dim() >= 3 && scales_and_zeros.size(-1) == 2,
               "int4_scales: expected scales_and_zeros [..., K/g, N, 2], got ",
               scales_and_zeros.sizes());
@@ -99,7 +102,8 @@ at::Tensor int4_scales(const at::Tensor& scales_and_zeros, at::ScalarType dtype)
   const int64_t groups = s.size(-3), n = s.size(-2), m = s.numel() / (groups * n * 2);
   std::vector<int64_t> shape(s.sizes().begin(), s.sizes().end());
   std::swap(shape[shape.size() - 3], shape[shape.size() - 2]);
-  at::Tensor out = at::empty(shape, s.options());
+  at::Tensor out = into.defined() ? into.narrow(0, 0, s.numel()).view(shape)
+                                  : at::empty(shape, s.options());
   const float* src = s.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   if (dtype == at::kFloat) {
@@ -114,16 +118,35 @@ at::Tensor int4_scales(const at::Tensor& scales_and_zeros, at::ScalarType dtype)
   return out;
 }
 
+at::Tensor int4_scales(const at::Tensor& scales_and_zeros, at::ScalarType dtype) {
+  return int4_scales_into(scales_and_zeros, dtype, at::Tensor());
+}
+
+// The same in place (a paged-in expert's scales, as read: fp32, contiguous), through a scratch
+// buffer this thread keeps: no fresh memory to fault in at each miss.
+void int4_scales_(at::Tensor& scales_and_zeros, at::ScalarType dtype) {
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kFloat && scales_and_zeros.is_contiguous(),
+              "int4_scales_: expected contiguous fp32 scales_and_zeros");
+  thread_local at::Tensor scratch;
+  if (!scratch.defined() || scratch.numel() < scales_and_zeros.numel())
+    scratch = at::empty({scales_and_zeros.numel()}, scales_and_zeros.options());
+  const at::Tensor out = int4_scales_into(scales_and_zeros, dtype, scratch);
+  std::memcpy(scales_and_zeros.data_ptr<float>(), out.data_ptr<float>(),
+              sizeof(float) * scales_and_zeros.numel());
+}
+
 }  // namespace
 
 MIXTRAL_FRAGMENT(m) {
   m.def("int4_repack(Tensor portable) -> Tensor");
   m.def("int4_repack_(Tensor(a!) portable) -> Tensor(a!)");
   m.def("int4_scales(Tensor scales_and_zeros, ScalarType dtype) -> Tensor");
+  m.def("int4_scales_(Tensor(a!) scales_and_zeros, ScalarType dtype) -> ()");
 }
 
 MIXTRAL_IMPL(m) {
   m.impl("int4_repack", int4_repack);
   m.impl("int4_repack_", int4_repack_);
   m.impl("int4_scales", int4_scales);
+  m.impl("int4_scales_", int4_scales_);
 }
