@@ -75,8 +75,9 @@ class ExpertCache:
         self.page_in: Callable[[dict[str, Pair]], nn.Module] = self._quant_experts
         self.policy = cache_policy.make(policy)
         self.foresight: Foresight | None = None  # set by load_offloaded with prefetch
-        # key -> (the expert as read, or as packed at its first use; its bytes; its buffer)
-        self._held: dict[Key, tuple[nn.Module | Stored, int, Tensor]] = {}
+        # key -> (the expert as read, or as packed at its first use; its bytes; its buffer,
+        # None once the packed expert no longer needs it)
+        self._held: dict[Key, tuple[nn.Module | Stored, int, Tensor | None]] = {}
         self._pending: dict[Key, Future[Stored]] = {}
         self._fresh: set[Key] = set()  # read ahead, not used yet
         self.pinned: set[Key] = set()
@@ -171,7 +172,7 @@ class ExpertCache:
             held, nbytes, raw = self._held.pop(victim)
             self.used -= nbytes
             self._fresh.discard(victim)
-            if sys.getrefcount(held) == 2:  # held here only: nobody is computing with it
+            if raw is not None and sys.getrefcount(held) == 2:  # nobody is computing with it
                 self.store.recycle(raw)
             del held
         return True
@@ -210,7 +211,12 @@ class ExpertCache:
         with self._lock:
             entry = self._held.get(key)
             if entry is not None and entry[0] is held:
-                self._held[key] = (module, *entry[1:])
+                raw = entry[2]
+                if raw is not None and not _uses(module, raw):
+                    # packed into memory of its own (PyTorch's int4): the read buffer is free
+                    self.store.recycle(raw)
+                    raw = None
+                self._held[key] = (module, entry[1], raw)
         return module
 
 
@@ -235,6 +241,17 @@ class OffloadedExperts(ExpertBank):
         module = self.cache.get(self.layer, e)
         with self.cache.profile.stage("compute"):
             return cast(Callable[[int, Tensor], Tensor], module.expert)(0, x)
+
+
+def _uses(module: nn.Module, raw: Tensor) -> bool:
+    """Whether any tensor of `module` (its submodules' plain tensor attributes too: our
+    kernels' modules hold theirs so) lies in `raw`'s storage."""
+    storage = raw.untyped_storage().data_ptr()
+    return any(t.untyped_storage().data_ptr() == storage
+               for m in module.modules() for t in vars(m).values()
+               if isinstance(t, Tensor)) or \
+        any(t.untyped_storage().data_ptr() == storage
+            for t in (*module.parameters(), *module.buffers()))
 
 
 def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[int, int]:

@@ -96,6 +96,29 @@ def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
                      {Int4Linear if name == "q4" else Int8Linear})
 
 
+@pytest.mark.parametrize("name", ["q4", "q8"])
+def test_an_expert_on_pytorchs_modules_holds_its_bytes_once(checkpoints, name):
+    """Without our kernels (no fast paths: the generic tier, ARM) PyTorch's int4 module packs
+    a copy of the weight, and the read buffer goes back to the pool instead of staying held
+    beside it (it did: 2.6x an expert's bytes); int8 computes where it was read."""
+    path = checkpoints / name
+    resident, _ = plan(inspect(path), 2**40)
+    off = load_offloaded(path, resident + RUNTIME_RESERVE + 3 * expert_bytes(path))
+    cache = off.expert_cache
+    paged = cache.get(0, 0)
+    tensors = [*paged.parameters(), *paged.buffers()]
+    raw = cache._held[(0, 0)][2]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors + ([raw] if raw is not None else [])}
+    assert sum(storages.values()) <= expert_bytes(path) + 13 * 4096
+    assert (raw is None) == (name == "q4")
+    if name == "q4":
+        assert len(cache.store._pool) == 1  # its buffer, ready for the next read
+    tokens = torch.randint(0, 32000, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(off(tokens), mixtral.load(path)(tokens))  # buffers reused safely
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("fit", [2, 5, 16])
