@@ -5,6 +5,7 @@ page that asks nothing of any other origin."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -87,7 +88,11 @@ def test_multi_turn_safe_prompt_json_and_copy(page, server):
     last_answer(page).get_by_test_id("copy").click()
     assert page.evaluate("navigator.clipboard.readText()") == answer
     stats = last_answer(page).locator(".info").text_content()
-    assert "s to first token" in stats and "tokens/s" in stats and "completion tokens" in stats
+    assert "s to first token" in stats and "completion tokens" in stats
+    # a rate needs tokens after the first, arriving later (answer.js): a 2-token answer's
+    # tokens may come in one chunk (the tiny random model's JSON is sometimes just "{}")
+    completion = int(re.search(r"(\d+) completion tokens", stats)[1])
+    assert ("tokens/s" in stats) or completion <= 2, stats
 
 
 def test_top_p_seed_and_stop_reach_the_server(page, server):
