@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import sys
 import threading
@@ -244,14 +245,12 @@ class OffloadedExperts(ExpertBank):
 
 
 def _uses(module: nn.Module, raw: Tensor) -> bool:
-    """Whether any tensor of `module` (its submodules' plain tensor attributes too: our
-    kernels' modules hold theirs so) lies in `raw`'s storage."""
+    """Whether any tensor of `module` lies in `raw`'s storage: its parameters and buffers, and
+    its submodules' plain tensor attributes (our kernels' modules hold theirs so)."""
     storage = raw.untyped_storage().data_ptr()
+    attributes = (t for m in module.modules() for t in vars(m).values() if isinstance(t, Tensor))
     return any(t.untyped_storage().data_ptr() == storage
-               for m in module.modules() for t in vars(m).values()
-               if isinstance(t, Tensor)) or \
-        any(t.untyped_storage().data_ptr() == storage
-            for t in (*module.parameters(), *module.buffers()))
+               for t in itertools.chain(module.parameters(), module.buffers(), attributes))
 
 
 def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[int, int]:
