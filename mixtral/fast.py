@@ -220,7 +220,7 @@ def page_in(banks: dict[str, Pair], fmt: Format, group_size: int, dtype: torch.d
         for name in ("w1", "w2", "w3"):
             bank = cast(nn.ModuleList, getattr(experts, name))
             for e, m in enumerate(bank):
-                bank[e] = swap(m, owned=True)
+                bank[e] = swap(m)
     return experts
 
 

@@ -1,8 +1,9 @@
 """Our own CPU kernels (mixtral/csrc/): weight-only int8/int4 and bf16 matrix-vector products
 (lowbit.cpp, bf16.cpp; int8/int4 also on int8-quantized activations with integer dot products,
 q8.cpp, where mixtral.cpu chooses it, prompts included), a decoding step's MoE on them
-(moe.cpp, routing included), dequantization for prompts (dequant.cpp), int4 repacking at load
-(repack.cpp), one fused decoding step of attention (attention.cpp) and RMSNorm (norm.cpp).
+(moe.cpp, routing included), dequantization for prompts (dequant.cpp), int4 scales converted
+at load (int4_scales.cpp), one fused decoding step of attention (attention.cpp) and RMSNorm
+(norm.cpp).
 
 For the one row of activations that decoding has, PyTorch's low-bit CPU kernels stream the
 weights at 25-32 GB/s on this project's 2-core machine (int4 at 9 on AVX2) and ours at 34-47
@@ -17,8 +18,9 @@ loaded in one process (the tests compare them). On the generic tier (ARM, x86 wi
 without a compiler, or with MIXTRAL_KERNELS=0, `available()` is False and the fast modules keep
 PyTorch's operations.
 
-Layouts (see the C++ file): int8 rows [N, K] with fp32 scales [N]; int4 rows [N, K/2] where
-each 64 columns are 32 bytes (column i in the low nibble, i + 32 in the high one) and
+Layouts (see the C++ file): int8 rows [N, K] with fp32 scales [N]; int4 rows [N, K/2] as the
+checkpoint stores them (mixtral.quant.int4's portable bytes: the same file means the same on
+every machine, and nothing is repacked at load or when an offloaded expert pages in) with
 sz [N, K/group, 2] = (scale, offset) in fp32 (group % 64 == 0), the weight being
 q * scale + offset; bf16 rows [N, K] as nn.Linear holds them.
 """
@@ -43,7 +45,7 @@ from mixtral import cpu
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("lowbit.cpp", "bf16.cpp", "q8.cpp", "moe.cpp",
-                                           "dequant.cpp", "attention.cpp", "repack.cpp",
+                                           "dequant.cpp", "attention.cpp", "int4_scales.cpp",
                                            "norm.cpp")]
 HEADERS = sorted(CSRC.glob("*.h"))
 
@@ -168,7 +170,9 @@ def int8_mv(x: Tensor, w: Tensor, scales: Tensor, qx: bool = False) -> Tensor:
 
 
 def int4_mv(x: Tensor, w: Tensor, sz: Tensor, group: int, qx: bool = False) -> Tensor:
-    """x [M, K] @ W.T for the int4 W (our layout) -> [M, N], dtypes and qx as int8_mv."""
+    """x [M, K] @ W.T for the int4 W (portable bytes, our sz) -> [M, N], dtypes and qx as
+    int8_mv (x's blocks of 32 being the odd or the even columns of 64, as the kernel reads
+    them)."""
     return _here().int4_mv(x, w, sz, group, qx)
 
 
@@ -216,35 +220,9 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_c
 
 # --- int4 layout ---------------------------------------------------------------------------------
 
-def int4_pack(q: Tensor) -> Tensor:
-    """Values 0..15 [N, K] (any integer dtype) -> our layout, uint8 [N, K/2]."""
-    N, K = q.shape
-    q = q.to(torch.uint8).view(N, K // 64, 2, 32)  # [N, chunk, half, i]
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
-
-
-def int4_unpack(w: Tensor) -> Tensor:
-    """Our layout uint8 [N, K/2] -> values 0..15 uint8 [N, K]."""
-    N, half = w.shape
-    b = w.view(N, half // 32, 1, 32)
-    return torch.cat([b & 15, b >> 4], dim=2).reshape(N, half * 2)
-
-
-def int4_repack(packed: Tensor) -> Tensor:
-    """The file's portable int4 bytes [..., N, K/2] (mixtral.quant.int4; K % 64 == 0) -> our
-    layout, at memory speed (csrc/repack.cpp): models load and offloaded experts page in
-    through it."""
-    return _here().int4_repack(packed)
-
-
-def int4_repack_(packed: Tensor) -> Tensor:
-    """int4_repack in place, for contiguous bytes nothing else holds (a paged-in expert)."""
-    return _here().int4_repack_(packed)
-
-
 def int4_scales(scales_and_zeros: Tensor, dtype: torch.dtype) -> Tensor:
     """The file's scales_and_zeros [..., K/g, N, 2] -> our sz [..., N, K/g, 2] fp32 in one
-    pass (csrc/repack.cpp), each value first rounded to `dtype` (fp32/bf16/fp16) as
+    pass (csrc/int4_scales.cpp), each value first rounded to `dtype` (fp32/bf16/fp16) as
     Int4Linear holds them: int4_offsets of those, transposed."""
     return _here().int4_scales(scales_and_zeros, dtype)
 
@@ -272,7 +250,7 @@ def int8_dequantize(w: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def int4_dequantize(w: Tensor, sz: Tensor, group: int, dtype: torch.dtype) -> Tensor:
-    """The same for our int4 form."""
+    """The same for our int4 form (portable bytes, our sz)."""
     return _here().int4_dequant(w, sz, group,
                                   _scratch(w.shape[0], w.shape[1] * 2, dtype))
 

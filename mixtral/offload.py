@@ -5,9 +5,10 @@ expert it evicts: mixtral.cache_policy).
 Each expert of each layer is a contiguous slice of its bank in the safetensors file, so paging one
 in is six reads (w1, w3, w2 and their scales) straight into the buffers they run from (the weights'
 one reused from an evicted expert), with O_DIRECT where the file system has it (ExpertStore), so
-the page cache does not hold the file a second time. Experts run where they were read: on our
-kernels int4 is repacked in place and its scales converted in one pass (mixtral.fast.page_in);
-on PyTorch's, it is packed at once (mixtral.quant.int4); nothing else is copied. With `prefetch`
+the page cache does not hold the file a second time. Experts run where they were read: our
+kernels read int4 as the file stores it and its scales are converted in place in one pass
+(mixtral.fast.page_in); on PyTorch's, it is packed at once (mixtral.quant.int4); nothing else
+is copied. With `prefetch`
 (the default) a background reader reads the experts the routers foresee while others compute
 (mixtral.prefetch); the numbers are the same either way, only when the bytes arrive changes.
 """

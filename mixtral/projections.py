@@ -162,45 +162,43 @@ def _fits(m: nn.Module) -> bool:
         and m.group_size % 64 == 0
 
 
-def _rows(m: nn.Module, owned: bool) -> tuple[Tensor, Tensor]:
-    """A quantized module's weight and scales in our kernels' layout (`_fits(m)`); `owned`:
-    its int4 bytes may be repacked where they lie (nothing else holds them)."""
+def _rows(m: nn.Module) -> tuple[Tensor, Tensor]:
+    """A quantized module's weight and scales in our kernels' layout (`_fits(m)`)."""
     if type(m) is Int8Linear:
         return m.weight, m.scales.float()
     assert type(m) is Int4Linear
-    # from the portable bytes, before PyTorch would pack them for its kernel
-    repack = kernels.int4_repack_ if owned and m.weight.is_contiguous() else kernels.int4_repack
+    # the portable bytes as they are (before PyTorch would pack them for its kernel)
     sz = m.scales_and_zeros  # [K/g, N, 2], already in the module's dtype
-    return repack(m.weight), kernels.int4_scales(sz, sz.dtype)
+    return m.weight, kernels.int4_scales(sz, sz.dtype)
 
 
 def paged_int4(q: Tensor, sz: Tensor, group_size: int, dtype: torch.dtype) -> Int4Rows | None:
-    """What `swap(Int4Linear(q, sz, group_size, dtype), owned=True)` makes, straight from the
-    file's pair, which nothing else holds (bytes repacked and scales converted where they lie,
-    without the module's copy of the scales: mixtral.offload pages experts in through it);
+    """What `swap(Int4Linear(q, sz, group_size, dtype))` makes, straight from the
+    file's pair, which nothing else holds (the bytes as read, the scales converted where they
+    lie, without the module's copy of them: mixtral.offload pages experts in through it);
     None where our kernels cannot take it."""
     if q.device.type != "cpu" or not q.is_contiguous() or q.shape[-1] % 32 \
             or group_size % 64 or not kernels.available():
         return None
     own = sz.dtype == torch.float32 and sz.is_contiguous()  # as read: convert where it lies
     scales = kernels.int4_scales_(sz, dtype) if own else kernels.int4_scales(sz, dtype)
-    rows = Int4Rows(kernels.int4_repack_(q), scales, group_size, dtype)
+    rows = Int4Rows(q, scales, group_size, dtype)
     rows.qx = cpu.probe().activations == "int8"
     return rows
 
 
-def fuse(*modules: nn.Module, owned: bool = False) -> nn.Module | None:
+def fuse(*modules: nn.Module) -> nn.Module | None:
     """One module computing all of `modules` (stacked outputs): float ones packed, quantized
-    ones on our kernels; None when they cannot be fused (LoRA, CUDA without kernels...).
-    `owned`: the quantized modules' bytes are held by nothing else and may be changed."""
+    ones on our kernels (one module's own bytes, as it holds them: no copy); None when they
+    cannot be fused (LoRA, CUDA without kernels...)."""
     if all(type(m) is nn.Linear for m in modules):
         return linear(torch.cat([cast(nn.Linear, m).weight for m in modules]))
     kinds = {type(m) for m in modules}
     if len(kinds) != 1 or not kinds <= {Int8Linear, Int4Linear} \
             or not all(_fits(m) for m in modules):
         return None
-    parts = [_rows(m, owned) for m in modules]
-    if owned and len(parts) == 1:  # where it was read: no copy
+    parts = [_rows(m) for m in modules]
+    if len(parts) == 1:
         weight, scales = parts[0]
     else:
         weight, scales = (torch.cat([p[i] for p in parts]) for i in (0, 1))
@@ -215,6 +213,6 @@ def fuse(*modules: nn.Module, owned: bool = False) -> nn.Module | None:
     return rows
 
 
-def swap(m: nn.Module, owned: bool = False) -> nn.Module:
-    """The fast twin of one projection (itself if there is none); `owned` as in `fuse`."""
-    return fuse(m, owned=owned) or m
+def swap(m: nn.Module) -> nn.Module:
+    """The fast twin of one projection (itself if there is none)."""
+    return fuse(m) or m

@@ -16,6 +16,7 @@ from mixtral.projections import Int4Rows, Int8Rows
 from mixtral.quant import Int4Linear, Int8Linear
 from mixtral.quant.int4 import dequantize as int4_dequantize
 from mixtral.quant.int4 import quantize as int4_quantize
+from mixtral.quant.int4 import unpack as int4_unpack
 from mixtral.quant.int8 import quantize as int8_quantize
 from tests.test_fast import ARGS
 
@@ -50,8 +51,9 @@ def tier(request, monkeypatch):
 
 
 def int4_reference(w: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """Our int4 layout dequantized in plain PyTorch, fp32 (what the kernels are held to)."""
-    q = kernels.int4_unpack(w).float()
+    """Our int4 form (the portable bytes, our sz) dequantized in plain PyTorch, fp32 (what
+    the kernels are held to)."""
+    q = int4_unpack(w).float()
     N, K = q.shape
     g = q.view(N, K // group, group) * sz[..., :1] + sz[..., 1:]  # [N, K/g, g]
     return g.reshape(N, K)
@@ -82,13 +84,10 @@ def test_int8_mv_equals_float_product(tier, M, K):
 def test_int4_mv_equals_float_product(tier, M, K, group):
     g = torch.Generator().manual_seed(M * 1000 + K)
     w = torch.randn(52, K, generator=g)
-    packed, sz = int4_quantize(w, group)  # the portable form
-    q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
-    scale, zero = sz.transpose(0, 1).unbind(-1)
-    ours, ours_sz = kernels.int4_pack(q), kernels.int4_offsets(scale, zero)
-    assert torch.equal(kernels.int4_unpack(ours), q)
+    ours, sz = int4_quantize(w, group)  # the portable form: the kernels read its bytes
+    ours_sz = kernels.int4_offsets(*sz.transpose(0, 1).unbind(-1))
     dense = int4_reference(ours, ours_sz, group)
-    torch.testing.assert_close(dense, int4_dequantize(packed, sz, group), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dense, int4_dequantize(ours, sz, group), atol=1e-6, rtol=1e-6)
     x = torch.randn(M, K, generator=g)
     assert rel_err(kernels.int4_mv(x, ours, ours_sz, group), x.double() @ dense.double().T) < 1e-5
     xb = x.bfloat16()  # the bf16 path (dot products of bf16 pairs where the CPU has them)
@@ -97,6 +96,13 @@ def test_int4_mv_equals_float_product(tier, M, K, group):
     want = xb.double() @ dense.double().T
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(),
                                rtol=2**-8)  # one bf16 rounding
+
+
+def nibble_order(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] in the order int4 kernels take x (csrc/lowbit.cpp): in each 64 columns, the 32
+    odd ones, then the 32 even ones (a byte's low nibble, then its high one)."""
+    *lead, K = x.shape
+    return x.reshape(*lead, K // 64, 32, 2).flip(-1).transpose(-1, -2).reshape(*lead, K)
 
 
 def q8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,15 +147,15 @@ def test_int8_mv_on_int8_activations(tier, M, K):
 @pytest.mark.parametrize("K,group", [(64, 64), (1024, 128), (512, 256), (16512, 128)])
 def test_int4_mv_on_int8_activations(tier, M, K, group):
     """The same for int4 weights: sum over groups of scale * sum_b d_b * (q . nibbles) plus
-    offset * (the exact x summed over the group)."""
+    offset * (the exact x summed over the group), x's blocks of 32 taken in the nibbles' order
+    (the odd or the even columns of 64)."""
     g = torch.Generator().manual_seed(M * 1000 + K)
     N = 52
-    packed, sz = int4_quantize(torch.randn(N, K, generator=g), group)
-    q4 = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
-    scale, zero = sz.transpose(0, 1).unbind(-1)
-    ours, ours_sz = kernels.int4_pack(q4), kernels.int4_offsets(scale, zero)
+    ours, sz = int4_quantize(torch.randn(N, K, generator=g), group)
+    q4 = nibble_order(int4_unpack(ours))
+    ours_sz = kernels.int4_offsets(*sz.transpose(0, 1).unbind(-1))
     x = torch.randn(M, K, generator=g)
-    q, d = q8_reference(x)
+    q, d = q8_reference(nibble_order(x))
     blocks = torch.einsum("mbk,nbk->mnb", q, q4.double().view(N, K // 32, 32)) * d[:, None, :]
     per_group = blocks.view(M, N, K // group, group // 32).sum(-1)  # [M, N, K/g]
     x_sums = x.double().view(M, K // group, group).sum(-1)  # [M, K/g]
@@ -187,26 +193,6 @@ def test_bf16_mv_names_bad_input(tier):
         kernels.bf16_mv(torch.zeros(1, 16), torch.zeros(8, 32, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("N", [1, 5, 4099])  # 4099 x 64: across the parallel grain
-def test_int4_repack_copy_and_in_place_equal_the_layouts_definition(tier, N):
-    """Portable bytes -> our layout, as the two layouts define it (quant/int4.py, int4_pack),
-    by the copying op (loads) and the in-place one (paged-in experts); bad input named."""
-    from mixtral.quant.int4 import unpack
-
-    g = torch.Generator().manual_seed(N)
-    portable = torch.randint(0, 256, (N, 64), dtype=torch.uint8, generator=g)  # K = 128
-    want = kernels.int4_pack(unpack(portable))
-    assert torch.equal(kernels.int4_repack(portable), want)
-    bank = torch.stack([portable, portable.flip(0)])  # [E, N, K/2]: leading dims too
-    assert torch.equal(kernels.int4_repack(bank)[1], kernels.int4_pack(unpack(portable.flip(0))))
-    mine = portable.clone()
-    assert kernels.int4_repack_(mine) is mine and torch.equal(mine, want)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        kernels.int4_repack_(torch.zeros(64, 8, dtype=torch.uint8).t())
-    with pytest.raises(RuntimeError, match="multiple of 64"):
-        kernels.int4_repack_(torch.zeros(4, 48, dtype=torch.uint8))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int4_scales_equal_the_modules_rounded_offsets(tier, dtype):
     """The file's scales_and_zeros -> our sz in one pass equals what Int4Linear holds (rounded
@@ -237,9 +223,7 @@ def test_dequantize_equals_reference(tier, dtype):
     q8, s8 = int8_quantize(w)
     want8 = (q8.float() * s8[:, None]).to(dtype)
     assert torch.equal(kernels.int8_dequantize(q8, s8, dtype), want8)
-    packed, sz = int4_quantize(w, 64)
-    q = torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
-    ours = kernels.int4_pack(q)
+    ours, sz = int4_quantize(w, 64)
     ours_sz = kernels.int4_offsets(*sz.transpose(0, 1).unbind(-1))
     want4 = int4_reference(ours, ours_sz, 64).to(dtype)
     torch.testing.assert_close(kernels.int4_dequantize(ours, ours_sz, 64, dtype), want4,

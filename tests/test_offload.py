@@ -69,7 +69,7 @@ def test_offloaded_equals_loaded(checkpoints, name):
 @pytest.mark.parametrize("name", ["q4", "q8"])
 def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
     """After mixtral.fast.optimize, each paged-in expert is swapped for its fast form (our
-    kernels: int4 repacked in place from the file's bytes at memory speed) and the logits
+    kernels: int4 read as the file stores it, its scales converted in place) and the logits
     stay those of the fast fully loaded model."""
     from mixtral import kernels
     from mixtral.fast import optimize
@@ -83,7 +83,7 @@ def test_offloaded_experts_page_in_on_the_fast_paths(checkpoints, name):
     tokens = torch.randint(0, 32000, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(off(tokens), full(tokens), atol=1e-5, rtol=1e-5)
-    paged = off.expert_cache.get(0, 0)  # each projection on its own, repacked where read
+    paged = off.expert_cache.get(0, 0)  # each projection on its own, where it was read
     # what it holds is what the budget counts it as: no copy of the file's scales stays
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*paged.parameters(), *paged.buffers(),

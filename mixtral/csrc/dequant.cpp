@@ -71,11 +71,12 @@ at::Tensor int4_dequant(const at::Tensor& w, const at::Tensor& sz, int64_t group
     for (int64_t k = 0; k < K; k += 64) {  // a 64-column chunk lies in one group
       const float* so = sp + (n * groups + k / group) * 2;
       const vf s = simd::set1(so[0]), o = simd::set1(so[1]);
-      for (int i = 0; i < 32; i += L) {
-        vf lo, hi;
-        simd::nibbles(wn + k / 2 + i, lo, hi);
-        simd::store(row + k + i, simd::fmadd(lo, s, o));
-        simd::store(row + k + 32 + i, simd::fmadd(hi, s, o));
+      for (int i = 0; i < 32; i += L) {  // bytes i..i+L-1: columns 2i..2i+2L-1
+        vf lo, hi, first, second;
+        simd::nibbles(wn + k / 2 + i, lo, hi);  // the odd columns, the even ones
+        simd::zip(simd::fmadd(hi, s, o), simd::fmadd(lo, s, o), first, second);
+        simd::store(row + k + 2 * i, first);
+        simd::store(row + k + 2 * i + L, second);
       }
     }
   });

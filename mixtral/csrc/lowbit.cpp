@@ -11,12 +11,16 @@
 // (~13 GB/s a core; hence q8.cpp there). Written once for every tier in terms of simd.h (8 fp32
 // lanes on AVX2, 16 on AVX-512).
 //
-// Layouts (made once by mixtral/kernels.py from the portable checkpoint form):
+// Layouts:
 //   int8  w [N, K] int8, one fp32 scale per row:            y = scale[n] * sum_k x[k] w[n, k]
-//   int4  w [N, K/2] uint8; each 64 columns of a row are 32 bytes, byte i holding column i in
-//         its low nibble and column i + 32 in its high nibble (so one load unpacks into vectors
-//         in column order). sz [N, K/g, 2] fp32 = (scale, offset) per group of g columns
-//         (g % 64 == 0), the weight being q * scale + offset (q in 0..15):
+//   int4  w [N, K/2] uint8, the checkpoint's own portable bytes (mixtral/quant/int4.py): byte j
+//         of a row holds column 2j in its high nibble and column 2j + 1 in its low one, so the
+//         weights are read as the file stores them, with no repacking at load or when an
+//         offloaded expert pages in. One load of bytes gives the odd columns (low nibbles) and
+//         the even ones (high nibbles), so x comes in that order instead (nibble_x: in each 64
+//         columns, the 32 odd ones, then the 32 even ones; K floats a call, where repacking
+//         the weight moved all of its bytes). sz [N, K/g, 2] fp32 = (scale, offset) per group
+//         of g columns (g % 64 == 0), the weight being q * scale + offset (q in 0..15):
 //         y = sum_groups scale * sum_k x[k] q[k] + offset * sum_k x[k]
 //
 // x is fp32 or bf16 [M, K] (or [..., K], y then [..., N]); the arithmetic is fp32 and y [M, N]
@@ -27,6 +31,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cstdint>
 #include <cstring>
@@ -111,7 +116,7 @@ struct Int4Kernel {
       vf acc[MB][R][C];
       zero(acc);
       for (int64_t k = g * group; k < (g + 1) * group; k += 64) {
-        unrolled<32 / L>([&](auto v) {  // bytes v*L.. of the chunk: columns k+i.. and k+32+i..
+        unrolled<32 / L>([&](auto v) {  // bytes v*L.. of the chunk: x's k+i.. and k+32+i..
           constexpr int i = decltype(v)::value * L, c0 = (2 * v) % C, c1 = (2 * v + 1) % C;
           vf xl[MB], xh[MB];
           unrolled<MB>([&](auto m) {
@@ -258,6 +263,19 @@ at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   return like_x(y, x_in);
 }
 
+// x [M, K] (K % 64 == 0) in the order of int4 weights' nibbles: in each 64 columns, the odd
+// ones, then the even ones; as fp32, or as bf16 when `T` is (x then comes in bf16)
+template <typename T>
+at::Tensor nibble_x(const at::Tensor& x_in, int64_t K, const char* op) {
+  const at::Tensor x = std::is_same_v<T, float> ? float_x(x_in, K, op) : x_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t k = 0; k < x.numel(); k += 64)
+    for (int i = 0; i < 32; ++i) dst[k + i] = src[k + 2 * i + 1], dst[k + 32 + i] = src[k + 2 * i];
+  return out;
+}
+
 // sum of n (a multiple of 16) values, in fp32
 template <typename T>
 inline float group_sum(const T* x, int64_t n) {
@@ -278,15 +296,16 @@ at::Tensor int4_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.is_contiguous() && sz.dim() == 3 &&
                   sz.size(0) == N && sz.size(1) == K / group && sz.size(2) == 2,
               "int4_mv: sz must be contiguous fp32 [N, K/group, 2], got ", sz.sizes());
-  if (qx) return like_x(q8::int4_mv(float_x(x_in, K, "int4_mv"), w, sz, group), x_in);
+  if (qx) return like_x(q8::int4_mv(nibble_x<float>(x_in, K, "int4_mv"), w, sz, group), x_in);
 #if defined(__AVX512BF16__)
   const bool bf16 = x_in.scalar_type() == at::kBFloat16;
 #else
   const bool bf16 = false;  // bf16 x is converted to fp32 (a few KB) and takes the fp32 path
 #endif
-  const at::Tensor x = bf16 ? x_in.contiguous() : float_x(x_in, K, "int4_mv");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "int4_mv: x must be [M, ", K, "], got ",
-              x.sizes());
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K, "int4_mv: x must be [M, ", K, "], got ",
+              x_in.sizes());
+  const at::Tensor x = bf16 ? nibble_x<c10::BFloat16>(x_in, K, "int4_mv")
+                            : nibble_x<float>(x_in, K, "int4_mv");
   const int64_t M = x.size(0), groups = K / group;
   at::Tensor xsum = at::empty({M, groups}, x.options().dtype(at::kFloat));  // x summed per group
   float* xs = xsum.data_ptr<float>();

@@ -19,7 +19,8 @@
 //          pair sums <= 2 * 128 * 127 fit int16)
 //   int4: y[n] = sum_groups scale * sum_b d_b * sum_{k in b} q[k] nibble[k] + offset * sum_k x[k]
 //         (nibbles are unsigned already; pair sums <= 2 * 15 * 127; the offsets' term uses the
-//          exact x)
+//          exact x; x comes in the nibbles' order, lowbit.cpp's nibble_x, so each block of 32
+//          is the odd or the even columns of 64)
 //
 // Written with 256-bit integer instructions (AVX2), which every tier's build has.
 
@@ -153,7 +154,7 @@ struct Int8Kernel {
   }
 };
 
-// ---- int4 weights (lowbit.cpp's layout: 64 columns in 32 bytes, i low, i + 32 high) ----------
+// ---- int4 weights (lowbit.cpp's layout: the portable bytes, x in nibble order) --------------
 
 struct Int4Kernel {
   const int8_t* xq;

@@ -13,8 +13,9 @@ namespace MIXTRAL_NS::q8 {
 // Columns per activation block, each with its own fp32 scale (llama.cpp's Q8_0 block).
 constexpr int64_t kBlock = 32;
 
-// x [M, K] contiguous fp32 (K % 32 == 0), the weights as lowbit.cpp's int8_mv and
-// int4_mv take them (checked there) -> y [M, N] fp32
+// x [M, K] contiguous fp32 (K % 32 == 0; for int4 in the nibbles' order, lowbit.cpp's
+// nibble_x), the weights as lowbit.cpp's int8_mv and int4_mv take them (checked there)
+// -> y [M, N] fp32
 at::Tensor int8_mv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
 at::Tensor int4_mv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t group);
 

@@ -81,6 +81,14 @@ inline void bf16_pairs(const c10::BFloat16* p, vf& even, vf& odd) {
   odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
 }
 
+// (a0 b0 a1 b1 ...): the first L of a and b interleaved, then the rest
+inline void zip(vf a, vf b, vf& first, vf& second) {
+  const __m512i f = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i s = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  first = _mm512_permutex2var_ps(a, f, b);
+  second = _mm512_permutex2var_ps(a, s, b);
+}
+
 // L fp32 -> bf16, rounded to nearest even as c10::BFloat16 does (values finite)
 inline void store(c10::BFloat16* p, vf v) {
   __m512i b = _mm512_castps_si512(v);
@@ -121,6 +129,12 @@ inline void nibbles(const uint8_t* p, vf& lo, vf& hi) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
   hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+}
+
+inline void zip(vf a, vf b, vf& first, vf& second) {
+  const vf lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // per 128-bit half
+  first = _mm256_permute2f128_ps(lo, hi, 0x20);
+  second = _mm256_permute2f128_ps(lo, hi, 0x31);
 }
 
 inline void bf16_pairs(const c10::BFloat16* p, vf& even, vf& odd) {
