@@ -48,7 +48,10 @@ import sys
 import time
 from pathlib import Path
 
+from mixtral import threads
 from mixtral.cgroup import remove_left
+
+threads.set_policy(paging=True)  # as a command given --max-ram has it, before torch starts
 
 CHUNK = 16 * 2**20
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # torch and the model load lazily: `mixtral info` starts with
 def assemble(source: str | os.PathLike | None = None, *,
              dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
              max_ram: str | int | None = None, kv_cache_bytes: int = 0,
-             cache_policy: str | None = None, prefetch: bool = True,
+             cache_policy: str | None = None, prefetch: bool | None = None,
              quantize: int | None = None, group_size: int | None = None,
              lora: str | os.PathLike | None = None, plan: Plan | None = None,
              fast: bool = True, presets: bool = False,
@@ -80,7 +80,7 @@ def _source(source: str | os.PathLike | None, dtype: torch.dtype | None,
             device: torch.device | str, max_ram: str | int | None, kv_cache_bytes: int,
             plan: Plan | None, presets: bool, announce: Callable[[str], None] | None,
             progress: Progress | None = None, cache_policy: str | None = None,
-            prefetch: bool = True) -> Transformer:
+            prefetch: bool | None = None) -> Transformer:
     """The model as read or built, whole or (under a plan) this rank's part of it."""
     if source is None:  # max_ram does not apply: the default is small and in memory
         from mixtral.default_model import LABEL, load_default
@@ -184,7 +184,8 @@ def offload_arguments(p: argparse.ArgumentParser) -> None:
                    "expert's layer comes round)")
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction,
                    help="with --max-ram, read the experts the routers foresee in a background "
-                   "thread while others compute (default on)")
+                   "thread while others compute (default off: on this project's VM the reads "
+                   "slowed while computing and gained nothing; try it where the disk is local)")
 
 
 def from_args(args: argparse.Namespace,
@@ -226,7 +227,7 @@ def from_args(args: argparse.Namespace,
 
         return assemble(args.model, dtype=dtype, device=device, max_ram=args.max_ram,
                         kv_cache_bytes=kv_bytes, cache_policy=args.cache_policy,
-                        prefetch=args.prefetch is not False, lora=args.lora, plan=plan,
+                        prefetch=args.prefetch, lora=args.lora, plan=plan,
                         fast=not args.reference, announce=None if quiet else _announce,
                         progress=loading)
 

@@ -265,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
             drop_page_cache(args.model)
         model = assemble(args.model, dtype=None if offloaded else float_dtype,
                          device=args.device, max_ram=args.max_ram, quantize=bits, plan=plan,
-                         cache_policy=args.cache_policy, prefetch=args.prefetch is not False,
+                         cache_policy=args.cache_policy, prefetch=args.prefetch,
                          fast=not args.reference, presets=True)
         # on a terminal's stderr, never beside --json (whose line a script reads), rank 0 alone
         with bar(args.repeats * (args.prompt_len + args.batch * args.gen_len), "bench", "tok",

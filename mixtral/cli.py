@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from mixtral import command
+from mixtral import command, threads
 
 # name: (the module holding it, its one-line help), in the order `mixtral --help` lists them
 COMMANDS = {
@@ -42,6 +42,8 @@ commands that run a model use the built-in default: a small demo model, not an a
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--max-ram" or a.startswith("--max-ram=") for a in argv):
+        threads.set_policy(paging=True)  # before a command's module starts torch
     parser = command.Parser(prog="mixtral", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_version()

@@ -8,9 +8,9 @@ one reused from an evicted expert), with O_DIRECT where the file system has it (
 the page cache does not hold the file a second time. Experts run where they were read: our
 kernels read int4 as the file stores it and its scales are converted in place in one pass
 (mixtral.fast.page_in); on PyTorch's, it is packed at once (mixtral.quant.int4); nothing else
-is copied. With `prefetch`
-(the default) a background reader reads the experts the routers foresee while others compute
-(mixtral.prefetch); the numbers are the same either way, only when the bytes arrive changes.
+is copied. With `prefetch` (off by default: DEFAULT_PREFETCH) a background reader reads the
+experts the routers foresee while others compute (mixtral.prefetch); the numbers are the same
+either way, only when the bytes arrive changes.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ from mixtral.sizes import parse_size
 RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short contexts
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 DEFAULT_POLICY = "cycle"  # chosen on routing traces: benchmarks/cache_policy.py, RESULTS.md
+# Off by measurement (RESULTS.md, "Threads that stay awake across reads"): on this project's
+# KVM guest the disk read 15-18 % slower while both cores computed, so reading ahead gained
+# nothing, and with reads on the caller's thread the compute threads can spin across them.
+# Where reads cost the CPU nothing (a local NVMe disk) --prefetch may win; not measured here.
+DEFAULT_PREFETCH = False
 RECENT = 256  # uses: the window of the cache's recent hit rate (4 tokens of Mixtral)
 
 
@@ -277,11 +282,13 @@ def plan(info: CheckpointInfo, max_ram: int, kv_cache_bytes: int = 0) -> tuple[i
 def load_offloaded(path: str | os.PathLike, max_ram: int | str,
                    dtype: torch.dtype | str | None = None,
                    kv_cache_bytes: int = 0, policy: str = DEFAULT_POLICY,
-                   prefetch: bool = True) -> Transformer:
+                   prefetch: bool | None = None) -> Transformer:
     """A quantized checkpoint whose experts stay on disk until used (CPU); `max_ram` covers
     the resident weights, the experts cache, a runtime reserve and `kv_cache_bytes`; `policy`:
     the experts cache's (mixtral.cache_policy.POLICIES); `prefetch`: read the experts the
-    routers foresee in a background thread (mixtral.prefetch), False: only when used."""
+    routers foresee in a background thread (mixtral.prefetch), False: only when used (None:
+    DEFAULT_PREFETCH)."""
+    prefetch = DEFAULT_PREFETCH if prefetch is None else prefetch
     info = inspect(path)
     if info.quantization is None:
         raise CheckpointError(f"{path}: offloading reads quantized experts; make such a copy "

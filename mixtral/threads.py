@@ -21,6 +21,16 @@ speed; the adaptive thread count below does as well on a shared machine without 
 A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT always wins, and neither has any effect once
 torch has started (import mixtral first; the CLI does).
 
+Paging experts from disk (--max-ram) is the exception: the thread that runs the model blocks in
+a read (~5-10 ms an expert) between most computations, long enough for the other threads to
+fall asleep, and on this project's KVM guest waking them took 4-8 ms at each first parallel
+region after a read (a 3.7 MB sum: 0.2 ms with the threads awake, 4-8 ms without). So a
+command given --max-ram spins for ~200 ms instead (PAGING_SPINCOUNT; the CLI sets it before
+torch starts): with the experts read on the caller's thread, a token's compute fell from 360
+to 200 ms and its packing from 230 to 130 at 8 GiB, 0.43 -> 0.51 tok/s (RESULTS.md, "Threads
+that stay awake across reads"). mixtral.load(max_ram=...) in a program that started torch
+itself keeps whatever spin it has; set GOMP_SPINCOUNT=8000000 before torch for the same.
+
 The wait policy cannot change once OpenMP has started; the number of threads can. With
 MIXTRAL_THREADS=adaptive (the default; `mixtral serve --threads adaptive`) the engine asks
 `Adaptive` between steps, on the thread that runs the model, whether to change torch's thread
@@ -59,6 +69,7 @@ from mixtral import cpu_share
 log = logging.getLogger("mixtral.threads")
 
 SPINCOUNT = "10000"
+PAGING_SPINCOUNT = "8000000"  # ~200 ms of spinning on the Zen 5: a few experts' reads
 ENV = "MIXTRAL_THREADS"
 DEFAULT = "adaptive"  # by measurement: see the module's docstring
 # others' use of our cores, in cores, that costs a thread / that gives one back: two spinning
@@ -67,11 +78,18 @@ DOWN, UP = 0.5, 0.25
 _USER = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def set_policy() -> None:
+_ours = False  # GOMP_SPINCOUNT was set here, not by the user
+
+
+def set_policy(paging: bool = False) -> None:
     """Our default wait policy, unless the user chose one or torch has started already (its
-    OpenMP runtime read the environment then); mixtral/__init__.py calls it first."""
-    if "torch" not in sys.modules and not any(os.environ.get(name) for name in _USER):
-        os.environ["GOMP_SPINCOUNT"] = SPINCOUNT
+    OpenMP runtime read the environment then); mixtral/__init__.py calls it first, and the CLI
+    again with `paging` for a command given --max-ram (the longer spin, see above)."""
+    global _ours
+    if "torch" in sys.modules or (not _ours and any(os.environ.get(n) for n in _USER)):
+        return
+    os.environ["GOMP_SPINCOUNT"] = PAGING_SPINCOUNT if paging else SPINCOUNT
+    _ours = True
 
 
 def describe() -> str:
@@ -83,10 +101,11 @@ def _describe_wait() -> str:
     chosen = {n: os.environ[n] for n in _USER if os.environ.get(n)}
     if not chosen:
         return "GOMP's default spin (torch started before mixtral set GOMP_SPINCOUNT)"
-    ours = chosen == {"GOMP_SPINCOUNT": SPINCOUNT}
+    ours = chosen in ({"GOMP_SPINCOUNT": SPINCOUNT}, {"GOMP_SPINCOUNT": PAGING_SPINCOUNT})
+    paging = " for paging experts from disk" if chosen == {"GOMP_SPINCOUNT": PAGING_SPINCOUNT} \
+        else ""
     return (", ".join(f"{n}={v}" for n, v in chosen.items())
-            + (" (mixtral's default)" if ours
-               else " (set by the user)"))
+            + (f" (mixtral's default{paging})" if ours else " (set by the user)"))
 
 
 def _describe_count() -> str:

@@ -170,3 +170,28 @@ def test_openmp_wait_policy_is_set_before_torch_starts(env, first, want):
                          text=True, check=True).stdout.splitlines()
     assert out[0] == want
     assert ("mixtral's default" in out[1]) == (want == "10000 None")
+
+
+@pytest.mark.parametrize("env,argv,want", [
+    ({}, ["generate", "--max-ram", "8GiB"], "8000000"),  # paging: the longer spin
+    ({}, ["generate", "--max-ram=8GiB"], "8000000"),
+    ({}, ["generate", "--prompt", "hi"], "10000"),
+    ({"GOMP_SPINCOUNT": "500"}, ["generate", "--max-ram", "8GiB"], "500"),  # the user's wins
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, ["generate", "--max-ram", "8GiB"], "None"),
+])
+def test_paging_commands_spin_across_reads(env, argv, want):
+    """A command given --max-ram blocks in a read between computations: its OpenMP threads
+    spin ~200 ms (threads.PAGING_SPINCOUNT), set by the CLI before torch starts."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = ("import sys, os, mixtral.cli as c; from mixtral import threads\n"
+            "try:\n    c.main(sys.argv[1:] + ['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'))\n"
+            "print(threads.describe())")
+    out = subprocess.run([sys.executable, "-c", code, *argv], env={**clean, **env},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[-2] == want
+    assert ("paging experts" in out[-1]) == (want == "8000000")

@@ -55,6 +55,7 @@ def test_offloaded_equals_loaded(checkpoints, name):
     full = mixtral.load(path)
     off = mixtral.load(path, max_ram=budget)
     assert isinstance(off.layers[0].feed_forward.experts, OffloadedExperts)
+    assert off.expert_cache.reader is None  # no read-ahead unless asked (DEFAULT_PREFETCH)
     tokens = torch.randint(0, 32000, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(off(tokens), full(tokens))

@@ -84,7 +84,7 @@ def test_prefetch_on_and_off_give_the_same_logits_and_tokens(checkpoints, fast, 
 
 def test_a_wrong_guess_evicts_nothing_the_current_layer_uses(checkpoints):
     path = checkpoints / "q4"
-    model = load_offloaded(path, budget(path, 3), policy="lru")
+    model = load_offloaded(path, budget(path, 3), policy="lru", prefetch=True)
     cache = model.expert_cache
     cache.get(0, 0)
     cache.get(0, 1)
@@ -110,7 +110,7 @@ def test_guesses_evict_only_while_the_cache_mostly_misses(checkpoints):
     read 2.5x the experts a token), and may evict when it mostly misses (at 4 GiB: +9 %
     tok/s); the current layer's own choices may always evict, as their use would."""
     path = checkpoints / "q4"
-    cache = load_offloaded(path, budget(path, 3), policy="lru").expert_cache
+    cache = load_offloaded(path, budget(path, 3), policy="lru", prefetch=True).expert_cache
     assert cache.recent_hit_rate == 1.0
     cache.prefetch([(0, 0), (0, 1)], guesses=True)  # free room for both
     cache.get(0, 0)
@@ -142,7 +142,7 @@ def test_the_predictor_counts_what_the_next_router_chose(checkpoints):
     next layer then chose (benchmarks/prefetch_precision.py's measure), computed here again
     from the norms' outputs."""
     path = checkpoints / "q4"
-    model = load_offloaded(path, budget(path, 16))
+    model = load_offloaded(path, budget(path, 16), prefetch=True)
     seen = []
     hooks = [layer.ffn_norm.register_forward_hook(lambda m, a, out: seen.append(
         out.reshape(-1, out.shape[-1]).float())) for layer in model.layers]
@@ -164,7 +164,7 @@ def test_a_failed_read_ahead_ends_the_request_with_an_error(checkpoints, tmp_pat
     fails with the reader's error, the engine neither hangs nor stops serving."""
     for f in (checkpoints / "q4").iterdir():
         shutil.copy(f, tmp_path / f.name)
-    off = load_offloaded(tmp_path, budget(tmp_path, 6))
+    off = load_offloaded(tmp_path, budget(tmp_path, 6), prefetch=True)
     info = inspect(tmp_path)
     first_expert = min(e.start for n, e in info.entries.items() if ".experts." in n)
     for file in {e.file for e in info.entries.values()}:
@@ -219,7 +219,7 @@ def test_the_foresight_follows_norms_swapped_after_the_load(checkpoints):
     from mixtral.model import RMSNorm
 
     path = checkpoints / "q4"
-    model = load_offloaded(path, budget(path, 6))
+    model = load_offloaded(path, budget(path, 6), prefetch=True)
     for layer in model.layers:
         norm = RMSNorm(layer.ffn_norm.weight.shape[0], layer.ffn_norm.eps)
         norm.weight = layer.ffn_norm.weight

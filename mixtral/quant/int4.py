@@ -9,8 +9,9 @@ On disk, the same bytes on every machine (layout "portable"):
 Packing for a processor's kernel happens at load, on the machine that runs the model: PyTorch's
 int4 kernels get PyTorch's own packing function (`_convert_weight_to_int4pack_for_cpu`, whose
 layout differs between AVX-512, AVX2 and other CPUs, or the CUDA one); our kernels
-(mixtral.kernels) read the portable bytes as they are, on every tier. Files written by mixtral 0.1 with `--layout cpu64`
-(a shuffle of these bytes, fixed, whatever machine wrote it) are converted on load.
+(mixtral.kernels) read the portable bytes as they are, on every tier. Files written by
+mixtral 0.1 with `--layout cpu64` (a shuffle of these bytes, fixed, whatever machine wrote it)
+are converted on load.
 """
 
 from __future__ import annotations
