@@ -1,5 +1,6 @@
 """Foresight for offloaded experts (mixtral.offload): read the experts a token will need while
-the ones it needs now compute, and say where an offloaded token's time goes.
+the ones it needs now compute, and say where an offloaded token's time goes. Read-ahead runs
+with --prefetch only (mixtral.offload.DEFAULT_PREFETCH says why); the profile, always.
 
   Foresight  when layer l routes (a hook on its ffn_norm, whose output is what the router and
              the experts receive; put back at each forward if the norm was swapped), asks the
