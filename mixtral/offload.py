@@ -44,7 +44,7 @@ RUNTIME_RESERVE = 1 * 2**30  # Python, PyTorch, activations, KV cache of short c
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 DEFAULT_POLICY = "cycle"  # chosen on routing traces: benchmarks/cache_policy.py, RESULTS.md
 # Off by measurement (RESULTS.md, "Threads that stay awake across reads"): on this project's
-# KVM guest the disk read 15-18 % slower while both cores computed, so reading ahead gained
+# KVM guest the disk read 13-18 % slower while both cores computed, so reading ahead gained
 # nothing, and with reads on the caller's thread the compute threads can spin across them.
 # Where reads cost the CPU nothing (a local NVMe disk) --prefetch may win; not measured here.
 DEFAULT_PREFETCH = False
