@@ -83,10 +83,10 @@ def _source(source: str | os.PathLike | None, dtype: torch.dtype | None,
             prefetch: bool | None = None) -> Transformer:
     """The model as read or built, whole or (under a plan) this rank's part of it."""
     if source is None:  # max_ram does not apply: the default is small and in memory
-        from mixtral.default_model import LABEL, load_default
+        from mixtral.default_model import label, load_default
 
         if announce is not None:
-            announce(LABEL)
+            announce(label())
         model = load_default(dtype, device)
     elif presets and is_preset(source):
         model = random_preset(str(source), dtype, device)

@@ -12,18 +12,26 @@ from pathlib import Path
 
 import torch
 
-from mixtral.checkpoint import load
-from mixtral.config import preset
+from mixtral.checkpoint import inspect, load
+from mixtral.config import param_counts, preset
 from mixtral.model import Transformer
 
 SHIPPED = Path(__file__).parent / "data" / "default"
 HAS_SHIPPED = (SHIPPED / "model.safetensors").exists()
 NAME = "mixtral-default" if HAS_SHIPPED else "mixtral-tiny-random"
-LABEL = (f"{NAME}: the built-in default, a 15.6M-parameter Mixtral trained on 2 CPU cores by this "
-         f"project's pipeline (see {SHIPPED / 'MODEL_CARD.md'}): a demo of the system, not an "
-         "assistant; pass --model PATH for real weights") if HAS_SHIPPED else (
-    f"{NAME}: the built-in default is a tiny Mixtral with RANDOM weights (no trained default "
-    "model ships in this build), so its output is noise; pass --model PATH for real weights")
+
+
+def label() -> str:
+    """What a command using the default says of it (the shipped model's size from its config:
+    the card and the weights change together, this line with them)."""
+    if not HAS_SHIPPED:
+        return (f"{NAME}: the built-in default is a tiny Mixtral with RANDOM weights (no trained "
+                "default model ships in this build), so its output is noise; pass --model PATH "
+                "for real weights")
+    total = param_counts(inspect(SHIPPED).args)["total"]
+    return (f"{NAME}: the built-in default, a {total / 1e6:.1f}M-parameter Mixtral trained on 2 "
+            f"CPU cores by this project's pipeline (see {SHIPPED / 'MODEL_CARD.md'}): a demo of "
+            "the system, not an assistant; pass --model PATH for real weights")
 
 
 DESCRIPTION = ("small demo Mixtral trained by this project (see MODEL_CARD.md)" if HAS_SHIPPED

@@ -41,13 +41,13 @@ def test_info_checkpoint(capsys, hf_tiny_dir):
 
 
 def test_generate_default_model_is_labelled(capsys):
-    from mixtral.default_model import LABEL
+    from mixtral.default_model import label
 
     argv = ["generate", "--prompt", "Hello", "--max-tokens", "6", "--seed", "3", "--json",
             "--temperature", "1"]
     code, out, err = run(capsys, *argv)
     assert code == 0
-    assert LABEL in err
+    assert label() in err
     result = json.loads(out)
     assert result["usage"]["prompt_tokens"] == 2 and 1 <= result["usage"]["completion_tokens"] <= 6
     assert result["finish_reason"] in ("stop", "length")
@@ -146,3 +146,14 @@ def test_written_files_take_the_usual_mode(tiny_dir, tmp_path, umask):
                                        "tokenizer.model", "config.json", "model.safetensors"}
     assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == \
         {f.name: 0o666 & ~umask for f in files}
+
+
+def test_the_default_models_label_states_its_size():
+    """The label's parameter count is the loaded model's (it was a constant in the code)."""
+    from mixtral.default_model import HAS_SHIPPED, label, load_default
+
+    if not HAS_SHIPPED:
+        assert "RANDOM weights" in label()
+        return
+    total = sum(p.numel() for p in load_default().parameters())
+    assert f" {total / 1e6:.1f}M-parameter " in label()
