@@ -264,7 +264,8 @@ at::Tensor int8_mv(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
 }
 
 // x [M, K] (K % 64 == 0) in the order of int4 weights' nibbles: in each 64 columns, the odd
-// ones, then the even ones; as fp32, or as bf16 when `T` is (x then comes in bf16)
+// ones, then the even ones. T = float: as fp32 (bf16 x converted); T = c10::BFloat16: x is
+// bf16 already and stays so (the AVX512-BF16 kernel's input)
 template <typename T>
 at::Tensor nibble_x(const at::Tensor& x_in, int64_t K, const char* op) {
   const at::Tensor x = std::is_same_v<T, float> ? float_x(x_in, K, op) : x_in.contiguous();

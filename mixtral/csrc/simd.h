@@ -81,7 +81,7 @@ inline void bf16_pairs(const c10::BFloat16* p, vf& even, vf& odd) {
   odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
 }
 
-// (a0 b0 a1 b1 ...): the first L of a and b interleaved, then the rest
+// a and b interleaved (a0 b0 a1 b1 ...): its first L values in `first`, the next L in `second`
 inline void zip(vf a, vf b, vf& first, vf& second) {
   const __m512i f = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i s = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
