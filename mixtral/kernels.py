@@ -218,7 +218,7 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_c
                                     span, n_heads, n_kv_heads)
 
 
-# --- int4 layout ---------------------------------------------------------------------------------
+# --- int4 scales (the bytes need no conversion: the kernels read the portable ones) -------------
 
 def int4_scales(scales_and_zeros: Tensor, dtype: torch.dtype) -> Tensor:
     """The file's scales_and_zeros [..., K/g, N, 2] -> our sz [..., N, K/g, 2] fp32 in one
