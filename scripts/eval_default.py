@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import random
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -148,4 +147,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -35,6 +35,7 @@ import math
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,7 @@ def write_weights(checkpoint: Path, dst: Path) -> tuple[Any, int]:
                             f"{MAX_BYTES / 1e6:.0f} MB budget")
         dst.mkdir(parents=True, exist_ok=True)
         for f in files:
-            atomic_write(dst / f.name, lambda tmp, src=f: shutil.copyfile(src, tmp))
+            atomic_write(dst / f.name, partial(shutil.copyfile, f))
     return model.args, size
 
 
@@ -199,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for png in PICTURES:
         if (inputs.eval_folder / png).exists():
-            atomic_write(dst / png, lambda tmp, src=inputs.eval_folder / png:
-                         shutil.copyfile(src, tmp))
+            atomic_write(dst / png, partial(shutil.copyfile, inputs.eval_folder / png))
     atomic_write_text(dst / "MODEL_CARD.md", card(inputs, args, size))
     print(f"shipped {inputs.stage}: {inputs.checkpoint} -> {dst} ({size / 1e6:.1f} MB of "
           f"weights, bf16; {inputs.why})")
