@@ -40,9 +40,16 @@ commands that run a model use the built-in default: a small demo model, not an a
 `mixtral COMMAND --help` shows a command's options."""
 
 
+def _max_ram(arg: str) -> bool:
+    """Whether arg is --max-ram as argparse reads it: whole, with =VALUE, or a prefix that
+    no other --max-* flag shares (--max-r, --max-ra)."""
+    flag = arg.split("=", 1)[0]
+    return len(flag) > len("--max-") and "--max-ram".startswith(flag)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a == "--max-ram" or a.startswith("--max-ram=") for a in argv):
+    if any(_max_ram(a) for a in argv):
         threads.set_policy(paging=True)  # before a command's module starts torch
     parser = command.Parser(prog="mixtral", description=DESCRIPTION,
                             formatter_class=argparse.RawDescriptionHelpFormatter)

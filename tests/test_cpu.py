@@ -175,6 +175,9 @@ def test_openmp_wait_policy_is_set_before_torch_starts(env, first, want):
 @pytest.mark.parametrize("env,argv,want", [
     ({}, ["generate", "--max-ram", "8GiB"], "8000000"),  # paging: the longer spin
     ({}, ["generate", "--max-ram=8GiB"], "8000000"),
+    ({}, ["generate", "--max-r", "8GiB"], "8000000"),  # argparse takes an unambiguous prefix
+    ({}, ["generate", "--max-ra=8GiB"], "8000000"),
+    ({}, ["generate", "--max-tokens", "8"], "10000"),
     ({}, ["generate", "--prompt", "hi"], "10000"),
     ({"GOMP_SPINCOUNT": "500"}, ["generate", "--max-ram", "8GiB"], "500"),  # the user's wins
     ({"OMP_WAIT_POLICY": "PASSIVE"}, ["generate", "--max-ram", "8GiB"], "None"),
