@@ -38,3 +38,49 @@ def test_the_gate_names_the_checkpoints_without_induction():
               "uniform": {"corpus": probe(lambda t: torch.zeros(*t.shape, V), x)}}
     assert lacking(report, 0.5) == ["uniform"]
     assert lacking(report, 1.01) == []  # the uniform model's repeat equals its first showing
+
+
+def test_the_pilot_batches_losses_and_head_readout():
+    """scripts/curriculum/induction_pilot.py: the repeat is masked exactly; the loss with no
+    sampling is the full softmax's on those pieces, and the sampled one estimates it; reading
+    the heads leaves the model's attention as it was."""
+    import argparse
+    import random
+    from unittest.mock import patch
+
+    import induction_pilot as pilot
+    import torch.nn.functional as F
+
+    import mixtral.model as model_module
+
+    x, mask = pilot.batch(random.Random(0), 6, 32)
+    assert x.shape == mask.shape == (6, 33) and (x[:, 0] == 1).all()
+    for row, m in zip(x, mask, strict=True):
+        n = int(m.sum())
+        assert 8 <= n <= 15 and m[n + 1:2 * n + 1].all()  # the repeat follows the first showing
+        assert torch.equal(row[1:n + 1], row[n + 1:2 * n + 1])
+    torch.manual_seed(0)
+    model = pilot.build(argparse.Namespace(dim=64, layers=2, heads=2, seed=0, shared=1.0))
+    rows = model.tok_embeddings.weight
+    assert torch.allclose(rows.norm(dim=1), torch.ones(len(rows)))
+    assert model.output.weight is rows and not rows.requires_grad
+    with torch.no_grad():
+        full = pilot.loss_on_repeats(model, x, mask, 0)
+        logits = model(x[:, :-1])
+        want = F.cross_entropy(logits[mask[:, 1:]], x[:, 1:][mask[:, 1:]])
+        assert torch.allclose(full, want, atol=1e-5)
+        sampled = pilot.loss_on_repeats(model, x, mask, 4096)
+        assert abs(sampled.item() - full.item()) < 0.05  # near-uniform at init: a close estimate
+        model.norm.weight.fill_(30.0)  # far from uniform: the targets' own logits matter
+        full = pilot.loss_on_repeats(model, x, mask, 0)
+        rest = 32000 - len(torch.unique(x))  # drawing each of the rest once is the full softmax
+        with patch.object(pilot.torch, "randint", lambda n, size: torch.arange(n)):
+            exact = pilot.loss_on_repeats(model, x, mask, rest)
+        assert full.item() > 1 and torch.allclose(exact, full, atol=1e-4)
+        before = model(x[:, :-1])
+    sdpa = F.scaled_dot_product_attention
+    found = pilot.heads(model, pilot.probe_rows())
+    assert model_module.F.scaled_dot_product_attention is sdpa
+    assert len(found) == 4 and all(0 <= r[k] <= 1 for r in found for k in ("prev", "induct"))
+    with torch.no_grad():
+        assert torch.equal(model(x[:, :-1]), before)

@@ -29,7 +29,7 @@ from mixtral.quant.int8 import quantize as int8_quantize
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.data import DataError, pad_batch, sft_examples
 from mixtral.train.losses import dpo_loss, load_balancing_loss, router_z_loss
-from mixtral.train.run import TrainConfig, TrainingError, train
+from mixtral.train.run import TrainConfig, TrainingError, build_model, train
 
 SMALL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16,
          "hidden_dim": 96, "max_seq_len": 256}
@@ -253,6 +253,31 @@ def test_frozen_embeddings_and_the_final_norm_init(tmp_path, corpus):
     for bad in ({"embedding_lr_scale": -1.0}, {"final_norm_init": 0.0}):
         with pytest.raises(TrainingError, match=f"{next(iter(bad))} must be"):
             config(tmp_path / "d", corpus, **bad)
+
+
+def test_embedding_shared_adds_one_direction_to_every_row(tmp_path, corpus):
+    """embedding_shared gives every row of a preset's random embeddings one common direction of
+    that multiple of a row's norm, and changes nothing else in the init; a checkpoint init or a
+    negative value is refused."""
+    plain = build_model(config(tmp_path / "p", corpus, tie_embeddings=True))
+    shared = build_model(config(tmp_path / "s", corpus, tie_embeddings=True, embedding_shared=1.0))
+    rows0, rows = plain.tok_embeddings.weight, shared.tok_embeddings.weight  # [V, dim]
+    norm = 0.02 * rows.shape[1] ** 0.5  # a random row's expected norm
+    assert rows0.mean(0).norm() < 0.05 * norm  # no common part without it
+    common = rows.mean(0)
+    assert abs(common.norm().item() - norm) < 0.05 * norm
+    assert torch.allclose(rows - common, rows0 - rows0.mean(0), atol=1e-6)  # the same rows else
+    cosines = torch.nn.functional.cosine_similarity(rows, common[None], dim=1)
+    assert abs(cosines.mean().item() - 0.5 ** 0.5) < 0.05
+    assert shared.output.weight is shared.tok_embeddings.weight
+    others = {k: v for k, v in plain.state_dict().items() if "embed" not in k and "output" not in k}
+    assert others and all(torch.equal(v, shared.state_dict()[k]) for k, v in others.items())
+    init = train(config(tmp_path / "i", corpus, steps=1, tie_embeddings=True))
+    with pytest.raises(TrainingError, match="embedding_shared=1.0: init=.* is a checkpoint"):
+        build_model(config(tmp_path / "c", corpus, init=str(init), model={},
+                           tie_embeddings=True, embedding_shared=1.0))
+    with pytest.raises(TrainingError, match="embedding_shared must be at least 0"):
+        config(tmp_path / "d", corpus, embedding_shared=-1.0)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):

@@ -60,10 +60,11 @@ def build_model(cfg: TrainConfig) -> Transformer:
         if differ:
             raise TrainingError(f"model={differ}: init={cfg.init} is a checkpoint, whose shape "
                                 "cannot change (drop these settings, or start from a preset)")
-        if cfg.final_norm_init != 1.0:
-            raise TrainingError(f"final_norm_init={cfg.final_norm_init}: init={cfg.init} is a "
-                                "checkpoint, whose weights are kept (it sets a preset's random "
-                                "init only)")
+        for key, unset in (("final_norm_init", 1.0), ("embedding_shared", 0.0)):
+            if getattr(cfg, key) != unset:
+                raise TrainingError(f"{key}={getattr(cfg, key)}: init={cfg.init} is a "
+                                    "checkpoint, whose weights are kept (it sets a preset's "
+                                    "random init only)")
         if cfg.tie_embeddings and not torch.equal(model.output.weight, model.tok_embeddings.weight):
             raise TrainingError(f"tie_embeddings=true: init={cfg.init} has an output head that "
                                 "differs from its embeddings (start from a tied checkpoint or a "
@@ -74,9 +75,15 @@ def build_model(cfg: TrainConfig) -> Transformer:
                             f"checkpoint folder or a preset: {', '.join(PRESETS)})")
     else:
         model = Transformer(preset(cfg.init).with_(**cfg.model))
-        model.init_weights(std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        model.init_weights(std=0.02, generator=generator)
         with torch.no_grad():
             model.norm.weight.fill_(cfg.final_norm_init)
+            if cfg.embedding_shared:
+                rows = model.tok_embeddings.weight  # [V, dim]
+                shared = torch.randn(rows.shape[1], generator=generator)
+                rows += shared * (cfg.embedding_shared * 0.02 * rows.shape[1] ** 0.5
+                                  / shared.norm())
     if cfg.tie_embeddings:  # one Parameter from here on: one gradient, one optimizer state
         model.output.weight = model.tok_embeddings.weight
     return model
