@@ -78,6 +78,8 @@ def test_the_pilot_batches_losses_and_head_readout():
             exact = pilot.loss_on_repeats(model, x, mask, rest)
         assert full.item() > 1 and torch.allclose(exact, full, atol=1e-4)
         before = model(x[:, :-1])
+    r = pilot.measure(model, pilot.probe_rows())  # induction.py's probe, the model left training
+    assert model.training and set(r) == {"first", "repeat", "repeat_accuracy"}
     sdpa = F.scaled_dot_product_attention
     found = pilot.heads(model, pilot.probe_rows())
     assert model_module.F.scaled_dot_product_attention is sdpa

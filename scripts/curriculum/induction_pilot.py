@@ -12,9 +12,9 @@ pieces it copies; `--shared` mixes one common direction into every row (layer 0 
 attend by position: see TrainConfig.embedding_shared). `--sampled K` scores each repeat piece
 against every piece in the batch (each row's context, its real competition) plus K uniform
 draws from the rest standing for all of it (their logits shifted by log(rest / K)); 0 is the
-full 32000-way softmax. Every `--every` steps it prints the probe (64 rows [BOS, 24 pieces,
-again]: mean loss on both showings, greedy accuracy on the repeat), and at the end where each
-head attends on the probe: `prev` (the previous piece), `induct` (the piece after the earlier
+full 32000-way softmax. Every `--every` steps it prints induction.py's probe on 64 rows [BOS,
+24 pieces, again] (mean loss on both showings, greedy accuracy on the repeat), and at the end
+where each head attends on them: `prev` (the previous piece), `induct` (the piece after the earlier
 showing of the current one: an induction head), `bos`, `self`.
 
 Measured on 2 cores, 1 thread a run, 16 x 64 a step, ~0.2 s a step (2026-12-04): the defaults
@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from induction import probe
 
 import mixtral.model as model_module
 from mixtral.config import ModelArgs
@@ -108,15 +109,13 @@ def probe_rows() -> torch.Tensor:
     return torch.tensor(rows)  # [64, 49]
 
 
-@torch.no_grad()
-def probe(m: Transformer, x: torch.Tensor) -> dict[str, float]:
+def measure(m: Transformer, x: torch.Tensor) -> dict[str, float]:
+    """induction.py's probe (loss on each showing, the repeat's accuracy) in eval mode."""
     m.eval()
-    logp = torch.log_softmax(m(x)[:, :-1], -1)  # predicts x[:, 1:]
-    m.train()
-    nll = -logp.gather(2, x[:, 1:, None])[..., 0]
-    hits = logp.argmax(-1)[:, 24:] == x[:, 25:]
-    return {"first": nll[:, 1:24].mean().item(), "repeat": nll[:, 24:].mean().item(),
-            "accuracy": hits.float().mean().item()}
+    try:
+        return probe(m, x)
+    finally:
+        m.train()
 
 
 @torch.no_grad()
@@ -176,7 +175,7 @@ def main() -> None:
     rng, x_probe, curve, t0 = random.Random(a.seed), probe_rows(), [], time.time()
     for step in range(a.steps + 1):
         if step % a.every == 0 or step == a.steps:
-            r = {"step": step, **probe(m, x_probe), "seconds": round(time.time() - t0)}
+            r = {"step": step, **measure(m, x_probe), "seconds": round(time.time() - t0)}
             curve.append(r)
             print(json.dumps(r), flush=True)
         if step == a.steps:
