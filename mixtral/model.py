@@ -189,13 +189,16 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None,
                 cache: KVCache | None = None, *, last_only: bool = False,
-                return_router_logits: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+                return_router_logits: bool = False,
+                hidden: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """tokens [B, T] -> fp32 logits [B, T, V] ([B, 1, V] with last_only).
 
         positions [B, T] are each token's absolute position (default 0..T-1). With a cache, this
         call's keys/values are written at those positions and every query attends to the cached
         positions at or before its own, so one call can be a prefill, a decode step or a chunk.
         return_router_logits also returns each layer's router logits [N, E] (for training).
+        hidden returns the final normed states [B, T, D] in place of the logits (for a loss
+        that scores them against some of the output rows: train/losses.py).
         """
         B, T = tokens.shape
         if positions is None:
@@ -214,7 +217,8 @@ class Transformer(nn.Module):
             router_logits.append(logits)
         if last_only:
             h = h[:, -1:]
-        logits = self.output(self.norm(h)).float()  # [B, T, V]
+        h = self.norm(h)
+        logits = h if hidden else self.output(h).float()  # [B, T, V]
         return (logits, router_logits) if return_router_logits else logits
 
 

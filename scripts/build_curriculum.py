@@ -3,14 +3,16 @@
 safe prompt as mechanisms, with plain text in every stage, plus DPO pairs.
 
     python scripts/build_curriculum.py OUT_DIR [--corpus data/corpus] [--n 20000] [--seed 10]
-                                       [--context 1024] [--repeats 24000]
+                                       [--context 1024] [--repeats 24000] [--induction 80000]
 
 Writes OUT_DIR/<stage>/sft.jsonl for each stage of STAGES (train them in that order, each from
 the previous one's checkpoint: recipes/curriculum/): conversations {"task", "messages"} mixed
 with plain-text rows {"task": "text", "text"} that SFT trains on whole. Also writes
 OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}), OUT_DIR/tasks.json (counts per
-stage and task) and, for pretraining, OUT_DIR/repeats/{train,val}.jsonl: {"text"} documents
-of short spans shown over and over, on which the base learns to copy (recipes/default/). The
+stage and task); for the induction warm-up, OUT_DIR/induction/{train,val}.jsonl: token-id rows
+{"input_ids", "labels"} of whole-vocabulary spans shown twice (recipes/default/induction.yaml);
+and for pretraining, OUT_DIR/repeats/{train,val}.jsonl: {"text"} documents of short spans shown
+over and over, which keep the heads in use (recipes/default/pretrain.yaml). The
 corpus (scripts/build_corpus.py's output) gives the plain-text passages and the passkey filler;
 without it, the text task is left out (tasks.json says so) and the filler is the landmark
 protocol's. Only the training value lists are used (scripts/values/);
@@ -70,8 +72,22 @@ def write_repeats(out: Path, passages: list[str], n: int, seed: int) -> dict[str
     return sizes
 
 
+def write_induction(out: Path, n: int, seed: int) -> dict[str, int]:
+    """n induction rows (tasks.induction) into out/train.jsonl and n // 100 (at least 8) into
+    out/val.jsonl, from a random stream of their own."""
+    r = random.Random(seed + 2)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": n, "val": max(8, n // 100)}
+    for split, count in sizes.items():
+        with open(out / f"{split}.jsonl", "w") as f:
+            for _ in range(count):
+                ids, labels = tasks.induction(r)
+                f.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+    return sizes
+
+
 def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
-          repeats: int = 24000) -> dict:
+          repeats: int = 24000, induction: int = 80000) -> dict:
     r = random.Random(seed)
     passages, sentences = corpus_text(corpus)
     filler = sentences or list(landmark.FILLER)
@@ -114,6 +130,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
                                              ensure_ascii=False) + "\n")
             summary["stages"][stage] = dict(sorted(counts.items()))
     summary["repeats"] = write_repeats(out / "repeats", passages, repeats, seed)
+    summary["induction"] = write_induction(out / "induction", induction, seed)
     (out / "tasks.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -128,8 +145,10 @@ def main() -> None:
                    help="the model's context: passkey prompts fill up to it")
     p.add_argument("--repeats", type=int, default=24000,
                    help="pretraining documents of repeated spans (~240 tokens each)")
+    p.add_argument("--induction", type=int, default=80000,
+                   help="induction warm-up rows (65 token ids each)")
     a = p.parse_args()
-    print(json.dumps(build(a.out, a.corpus, a.n, a.seed, a.context, a.repeats)))
+    print(json.dumps(build(a.out, a.corpus, a.n, a.seed, a.context, a.repeats, a.induction)))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ if [ "$DRY" = 1 ]; then
          "pretrain/val text files (scripts/build_corpus.py's layout)" >&2
     exit 2
   fi
-  N=48 REPEATS=64  # conversations per curriculum stage, documents of repeated spans
+  N=48 REPEATS=64 INDUCTION=64  # conversations per curriculum stage, documents of repeated
+                                # spans, induction rows
   # every stage: 2 steps of 2 rows of 128 tokens; the warm-up: the tiny preset's shape
   SMALL=(steps=2 batch_size=2 seq_len=128 warmup=1 eval_every=1 eval_batches=1 save_every=2
          progress=false)
@@ -40,6 +41,7 @@ else
   RUNS="${RUNS:-runs/default}"
   DATA="${DATA:-data}"
   N=20000 REPEATS=16000  # ~3.9M tokens of repeats: ~14 % of the pretraining stream
+  INDUCTION=80000  # 16 a step: 5,000 steps of the warm-up without a row twice
   SMALL=() TINY=() EVAL_N=() PREF_N=() MAX_LEN=1024
 fi
 CORPUS="${CORPUS:-$DATA/corpus}"
@@ -56,7 +58,7 @@ train() {
 
 [ -s "$CORPUS/manifest.json" ] || [ "$DRY" = 1 ] || "$PY" scripts/build_corpus.py "$CORPUS"
 [ -s "$CUR/tasks.json" ] || "$PY" scripts/build_curriculum.py "$CUR" --corpus "$CORPUS" --n "$N" \
-  --repeats "$REPEATS"
+  --repeats "$REPEATS" --induction "$INDUCTION"
 
 # Induction first: from random weights, on spans shown over and over, until the repeats are
 # predicted (the probe gates it: on text alone no checkpoint ever learnt to copy). Then

@@ -66,7 +66,7 @@ def test_the_generators_read_only_their_own_split():
 
 
 def test_the_curriculum_writes_no_evaluation_value(tmp_path):
-    summary = build_curriculum(tmp_path, None, n=400, seed=3, context=1024)
+    summary = build_curriculum(tmp_path, None, n=400, seed=3, context=1024, induction=8)
     assert set(summary["stages"]) == {"copy", "skills", "final"}
     lines = [json.loads(line) for s in summary["stages"]
              for line in (tmp_path / s / "sft.jsonl").read_text().splitlines()]
@@ -92,7 +92,7 @@ def test_plain_text_is_in_every_stage(tmp_path):
     paragraph = "It was a bright cold day in April, and the clocks were striking. " * 5
     (corpus / "prose.txt").write_text(f"{paragraph}\n\n{paragraph.upper()}\n")
     summary = build_curriculum(tmp_path / "out", tmp_path / "corpus", n=200, seed=1,
-                               context=1024)
+                               context=1024, induction=8)
     assert summary["passages"] == 2 and not summary["note"]
     for stage in summary["stages"]:
         rows = [json.loads(line) for line in

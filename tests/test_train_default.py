@@ -47,7 +47,8 @@ def fake_corpus(root: Path) -> Path:
 
 def test_every_stage_trains_on_whole_passages_of_plain_text(tmp_path):
     corpus = fake_corpus(tmp_path / "corpus")
-    summary = build_curriculum(tmp_path / "out", corpus, n=300, seed=1, context=1024)
+    summary = build_curriculum(tmp_path / "out", corpus, n=300, seed=1, context=1024,
+                               induction=200)
     passages = {" ".join(p.split()) for p in
                 (corpus / "pretrain" / "train" / "prose.txt").read_text().split("\n\n")}
     tok = default_tokenizer()
@@ -65,6 +66,20 @@ def test_every_stage_trains_on_whole_passages_of_plain_text(tmp_path):
                 assert ids == tok.encode(row["text"], bos=True, eos=True) and all(mask[1:])
             else:
                 assert 0 < sum(mask) < len(ids) - 1  # the answer only
+
+
+    assert summary["induction"] == {"train": 200, "val": 8}
+    rows = sft_examples([tmp_path / "out" / "induction" / "train.jsonl"], tok, 64)
+    assert len(rows) == 200 and all(len(ids) == 65 and ids[0] == 1 for ids, _ in rows)
+    lengths = set()
+    for ids, mask in rows:  # the loss is on the span's repeat, and only there
+        n = sum(mask)
+        lengths.add(n)
+        assert mask == [0] * (n + 1) + [1] * n + [0] * (64 - 2 * n)
+        assert ids[1:n + 1] == ids[n + 1:2 * n + 1] and min(ids[1:]) >= 3
+    assert min(lengths) == 16 and max(lengths) == 31  # every span length of 16..31
+    pieces = {i for ids, _ in rows for i in ids[1:]}
+    assert len(pieces) > 5000 and max(pieces) > 31000  # the whole vocabulary
 
 
 def test_the_curriculum_recipes_chain_at_the_full_context():

@@ -78,6 +78,10 @@ class TrainConfig:
     # unseen whole-vocabulary spans at 0.84-0.99 by step 3,000 (two runs); without it, 0.04
     # (issue 17's pilots, which also sampled the softmax; recipes/default/induction.yaml)
     embedding_shared: float = 0.0
+    # train against part of the vocabulary (0: the full softmax): every piece of the batch
+    # plus this many drawn from the rest (train/losses.py, sampled_cross_entropy). Evaluation
+    # always uses the full softmax, so eval_ce stays comparable across runs.
+    sampled_softmax: int = 0
     resume: bool = True
     progress: bool = True
 
@@ -95,7 +99,8 @@ class TrainConfig:
 
 # the least value of each count (0 would divide by zero or train on nothing)
 _AT_LEAST = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "eval_every": 1,
-            "eval_batches": 1, "save_every": 1, "warmup": 0, "keep": 0, "lora_rank": 0}
+            "eval_batches": 1, "save_every": 1, "warmup": 0, "keep": 0, "lora_rank": 0,
+            "sampled_softmax": 0}
 
 
 def _check_ranges(cfg: TrainConfig, source: str) -> None:
@@ -122,6 +127,12 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
                             ("betas", all(0 <= b < 1 for b in cfg.betas), "within [0, 1)")):
         if not ok:
             raise wrong(f"{key} must be {wanted}, got {getattr(cfg, key)}")
+    if cfg.sampled_softmax and cfg.stage == "dpo":
+        raise wrong("sampled_softmax applies to pretrain and sft (DPO compares whole "
+                    "sequences' log-probabilities, which need the full softmax)")
+    if cfg.sampled_softmax and cfg.lora_base_bits:
+        raise wrong("sampled_softmax needs the output head in full precision; lora_base_bits "
+                    "quantizes it")
     if cfg.lora_base_bits not in (0, 8):
         raise wrong(f"lora_base_bits must be 0 (as loaded) or 8, got {cfg.lora_base_bits}")
     if cfg.lora_base_bits and not cfg.lora_rank:

@@ -102,10 +102,15 @@ class Batch:
     targets: Tensor  # [B, T] next tokens
     loss_mask: Tensor  # [B, T] 1 where the target counts
     token_mask: Tensor  # [B, T] 1 where the input is a real token (not padding)
+    key: int = 0  # seeds what the loss draws (sampled_softmax), so a resumed run draws the same
+
+
+def batch_key(seed: int, step: int, micro: int) -> int:
+    return seed * 1_000_003 + step * 1009 + micro
 
 
 def _generator(seed: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
+    return torch.Generator().manual_seed(batch_key(seed, step, micro))
 
 
 def pretrain_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, step: int,
@@ -117,21 +122,27 @@ def pretrain_batch(stream: Tensor, batch_size: int, seq_len: int, seed: int, ste
                            generator=_generator(seed, step, micro))
     windows = torch.stack([stream[s:s + seq_len + 1] for s in starts.tolist()]).long()
     ones = torch.ones(batch_size, seq_len, dtype=torch.bool)
-    return Batch(windows[:, :-1], windows[:, 1:], ones, ones)
+    return Batch(windows[:, :-1], windows[:, 1:], ones, ones, batch_key(seed, step, micro))
 
 
 # --- supervised fine-tuning ----------------------------------------------------------------------
 
 def sft_examples(paths: Sequence[str | Path], tokenizer: Tokenizer,
                  max_len: int) -> list[tuple[list[int], list[int]]]:
-    """JSONL lines -> (ids, loss mask) rows of at most max_len + 1 tokens. A line is either a
+    """JSONL lines -> (ids, loss mask) rows of at most max_len + 1 tokens. A line is a
     conversation, {"messages": [...]} ending with an assistant message (loss on the answers,
-    the rest cut off), or plain text, {"text": "..."} (loss on every token, as in pretraining,
+    the rest cut off); plain text, {"text": "..."} (loss on every token, as in pretraining,
     so that fine-tuning keeps text modelling alive; a long text becomes several rows, so none
-    of it is lost)."""
+    of it is lost); or token ids as Hugging Face writes them, {"input_ids": [...], "labels":
+    [...]} (a label is its input id where the loss counts, -100 where it does not; for
+    sequences that are not text, such as spans drawn from the whole vocabulary)."""
     out = []
     for path in _files(paths, (".jsonl",)):
         for n, obj in _jsonl(path):
+            if "input_ids" in obj:
+                ids, mask = _id_row(obj, tokenizer.vocab_size, f"{path}:{n}")
+                out.append((ids[:max_len + 1], mask[:max_len + 1]))
+                continue
             messages, text = obj.get("messages"), obj.get("text")
             if isinstance(messages, list) == isinstance(text, str):
                 raise DataError(f'{path}:{n}: expected {{"messages": [...]}} or '
@@ -148,6 +159,27 @@ def sft_examples(paths: Sequence[str | Path], tokenizer: Tokenizer,
                 raise DataError(f"{path}:{n}: {e}") from None
             out.append((ids[:max_len + 1], mask[:max_len + 1]))
     return out
+
+
+def _id_row(obj: dict[str, Any], vocab_size: int, where: str) -> tuple[list[int], list[int]]:
+    """A checked {"input_ids": [...], "labels": [...]} line -> (ids, loss mask)."""
+    ids, labels = obj.get("input_ids"), obj.get("labels")
+    if not (isinstance(ids, list) and isinstance(labels, list) and len(ids) == len(labels) >= 2
+            and all(type(i) is int for i in ids + labels)):
+        raise DataError(f'{where}: expected {{"input_ids": [...], "labels": [...]}}: two '
+                        "lists of integers of one length, at least 2")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise DataError(f"{where}: input id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+    wrong = next((j for j, (i, y) in enumerate(zip(ids, labels, strict=True))
+                  if y not in (i, -100)), None)
+    if wrong is not None:
+        raise DataError(f"{where}: labels[{wrong}] is {labels[wrong]}: a label is its input id "
+                        f"({ids[wrong]}) or -100 (no loss)")
+    if labels[0] != -100:
+        raise DataError(f"{where}: labels[0] must be -100: nothing comes before the first id "
+                        "to predict it")
+    return ids, [int(y != -100) for y in labels]
 
 
 def text_rows(ids: list[int], max_len: int) -> list[tuple[list[int], list[int]]]:

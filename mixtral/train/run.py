@@ -96,6 +96,9 @@ def train(cfg: TrainConfig) -> Path:
     if sharded and cfg.tie_embeddings:  # refused before any work
         raise TrainingError("tie_embeddings=true cannot be sharded (FSDP would split the shared "
                             "matrix twice): set fsdp=false")
+    if sharded and cfg.sampled_softmax:  # the loss reads the output rows outside forward
+        raise TrainingError("sampled_softmax cannot be sharded (the loss reads whole output "
+                            "rows, which FSDP splits): set fsdp=false")
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from mixtral.train.losses import (
     dpo_loss,
     load_balancing_loss,
     router_z_loss,
+    sampled_cross_entropy,
     sequence_logprobs,
 )
 
@@ -52,10 +53,19 @@ def make_task(cfg: TrainConfig, tokenizer: Tokenizer, model: Transformer,
 
 def _lm_loss(model: Transformer, batch: D.Batch, cfg: TrainConfig,
              aux_coef: float) -> tuple[Tensor, dict[str, float]]:
-    logits, router_logits = model(batch.tokens, return_router_logits=True)
-    ce = cross_entropy(logits, batch.targets, batch.loss_mask)
+    """Next-token loss plus the router's losses; with sampled_softmax, while training (not in
+    evaluation), the cross-entropy is over the batch's pieces and a sample of the rest, logged
+    as sampled_ce: an estimate of the full one (on average a little below it)."""
+    sampled = cfg.sampled_softmax > 0 and model.training
+    out, router_logits = model(batch.tokens, return_router_logits=True, hidden=sampled)
+    if sampled:
+        ce = sampled_cross_entropy(out, model.output.weight, batch.targets, batch.loss_mask,
+                                   batch.tokens, cfg.sampled_softmax,
+                                   torch.Generator().manual_seed(batch.key))
+    else:
+        ce = cross_entropy(out, batch.targets, batch.loss_mask)
     loss = ce
-    stats = {"ce": ce.item()}
+    stats = {"sampled_ce" if sampled else "ce": ce.item()}
     if aux_coef:
         aux = load_balancing_loss(router_logits, model.args.num_experts_per_tok, batch.token_mask)
         loss = loss + aux_coef * aux
@@ -106,7 +116,9 @@ class SFTTask:
     def batch(self, step: int, micro: int) -> D.Batch:
         c = self.cfg
         picks = D.sample_rows(len(self.rows), c.batch_size, c.seed, step, micro)
-        return D.pad_batch([self.rows[i] for i in picks])
+        batch = D.pad_batch([self.rows[i] for i in picks])
+        batch.key = D.batch_key(c.seed, step, micro)
+        return batch
 
     def loss(self, model: Transformer, batch: D.Batch) -> tuple[Tensor, dict[str, float]]:
         return _lm_loss(model, batch, self.cfg, self.aux_coef)

@@ -9,13 +9,14 @@ Rows are [BOS, span, span, noise] with spans of T/4..T/2-1 pieces drawn uniforml
 vocabulary; the loss is on the repeat only (the first showing cannot be predicted). The tied
 embedding rows are random, of unit norm and frozen, so whatever copies cannot depend on which
 pieces it copies; `--shared` mixes one common direction into every row (layer 0 needs one to
-attend by position: see TrainConfig.embedding_shared). `--sampled K` scores each repeat piece
-against every piece in the batch (each row's context, its real competition) plus K uniform
-draws from the rest standing for all of it (their logits shifted by log(rest / K)); 0 is the
-full 32000-way softmax. Every `--every` steps it prints induction.py's probe on 64 rows [BOS,
-24 pieces, again] (mean loss on both showings, greedy accuracy on the repeat), and at the end
-where each head attends on them: `prev` (the previous piece), `induct` (the piece after the earlier
-showing of the current one: an induction head), `bos`, `self`.
+attend by position: see TrainConfig.embedding_shared). `--sampled K` is the trainer's sampled
+softmax (train/losses.py: each repeat piece against every piece in the batch, each row's
+context and so its real competition, plus K draws from the rest standing for all of it); 0 is
+the full 32000-way softmax. (The runs quoted below drew the K with replacement; the trainer's
+function, used here since, draws without.) Every `--every` steps it prints induction.py's probe
+on 64 rows [BOS, 24 pieces, again] (mean loss on both showings, greedy accuracy on the repeat),
+and at the end where each head attends on them: `prev` (the previous piece), `induct` (the
+piece after the earlier showing of the current one: an induction head), `bos`, `self`.
 
 Measured on 2 cores, 1 thread a run, 16 x 64 a step, ~0.2 s a step (2026-12-04): the defaults
 formed the circuit between steps 2,500 and 3,000 (probe accuracy 0.15 -> 0.41 -> 0.84, repeat
@@ -32,6 +33,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +44,10 @@ from induction import probe
 import mixtral.model as model_module
 from mixtral.config import ModelArgs
 from mixtral.model import Transformer
+from mixtral.train.losses import sampled_cross_entropy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the curriculum's tasks
+from curriculum import tasks  # noqa: E402
 
 V = 32000
 
@@ -68,36 +74,21 @@ def build(a: argparse.Namespace) -> Transformer:
 
 
 def batch(rng: random.Random, n: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n rows [BOS, span, span, noise] of T + 1 pieces, and 1 where a piece is a repeat."""
-    xs, masks = [], []
-    for _ in range(n):
-        length = rng.randint(T // 4, T // 2 - 1)
-        span = [rng.randrange(3, V) for _ in range(length)]
-        x = [1, *span, *span] + [rng.randrange(3, V) for _ in range(T - 2 * length)]
-        xs.append(x)
-        masks.append([0] * (length + 1) + [1] * length + [0] * (T - 2 * length))
-    return torch.tensor(xs), torch.tensor(masks, dtype=torch.bool)
+    """n rows [BOS, span, span, noise] of T + 1 pieces (tasks.induction, the warm-up's data),
+    and 1 where a piece is a repeat."""
+    rows = [tasks.induction(rng, T, V) for _ in range(n)]
+    return (torch.tensor([ids for ids, _ in rows]),
+            torch.tensor([[y != -100 for y in labels] for _, labels in rows]))
 
 
 def loss_on_repeats(m: Transformer, x: torch.Tensor, mask: torch.Tensor, sampled: int
                     ) -> torch.Tensor:
-    head = m.output
-    m.output = torch.nn.Identity()  # type: ignore[assignment]  # the normed states, not logits
-    try:
-        h = m(x[:, :-1])  # [B, T, dim]
-    finally:
-        m.output = head
-    hs, targets = h[mask[:, 1:]], x[:, 1:][mask[:, 1:]]  # [M, dim], [M]
+    """The loss on the repeats: the trainer's sampled softmax (the batch's pieces and `sampled`
+    draws from the rest), or with 0 the full one."""
     if not sampled:
-        return F.cross_entropy(head(hs), targets)
-    seen = torch.unique(x)  # sorted: every piece of the batch, each row's context among them
-    rest = torch.ones(V, dtype=torch.bool)
-    rest[seen] = False
-    pool = rest.nonzero()[:, 0]
-    drawn = pool[torch.randint(len(pool), (sampled,))]
-    logits = hs @ head.weight[torch.cat([seen, drawn])].T  # [M, |seen| + K]
-    logits[:, len(seen):] += math.log(len(pool) / sampled)
-    return F.cross_entropy(logits, torch.searchsorted(seen, targets))
+        return F.cross_entropy(m(x[:, :-1])[mask[:, 1:]], x[:, 1:][mask[:, 1:]])
+    h = m(x[:, :-1], hidden=True)  # [B, T, dim]: the normed states, not logits
+    return sampled_cross_entropy(h, m.output.weight, x[:, 1:], mask[:, 1:], x, sampled)
 
 
 def probe_rows() -> torch.Tensor:

@@ -15,7 +15,13 @@
                   {"text": ...} row, not a chat), so that every fine-tuning stage keeps text
                   modelling alive.
 
-And one for pretraining, before any of these:
+And two for the stages before any of these:
+
+  induction       token ids, not text: [BOS, span, span, noise] with a span of pieces drawn
+                  uniformly from the whole vocabulary and the loss on its repeat only. The
+                  warm-up (recipes/default/induction.yaml) forms induction heads on these:
+                  issue 17's pilots found the loss on the unpredictable pieces, or spans of
+                  common pieces, left the heads unformed or copying by position.
 
   repeats         a document that is one short span shown over and over (corpus words or
                   pieces of the whole vocabulary): the data on which induction heads form.
@@ -200,6 +206,17 @@ def text(r: random.Random, passages: list[str]) -> str:
 
 
 SEPARATORS = [" ", "\n", " | ", ", ", " ; ", "\n\n"]
+
+
+def induction(r: random.Random, length: int = 64, vocab: int = 32000
+              ) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of length + 1 ids: [BOS, span, span, noise], a span of length/4 to
+    length/2 - 1 pieces drawn uniformly from ids 3.. of the vocabulary, then random pieces to
+    the end; labels are -100 (no loss) except on the repeat, the only part a model can predict."""
+    n = r.randint(length // 4, length // 2 - 1)
+    span = [r.randrange(3, vocab) for _ in range(n)]
+    ids = [1, *span, *span] + [r.randrange(3, vocab) for _ in range(length - 2 * n)]
+    return ids, [-100] * (n + 1) + span + [-100] * (length - 2 * n)
 
 
 def repeats(r: random.Random, words: list[str], tokens: int = 240) -> str:
