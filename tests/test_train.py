@@ -233,14 +233,17 @@ def test_frozen_embeddings_and_the_final_norm_init(tmp_path, corpus):
     assert torch.equal(wa["model.embed_tokens.weight"], w0["model.embed_tokens.weight"])
     assert torch.equal(wa["lm_head.weight"], w0["model.embed_tokens.weight"])
     assert not torch.equal(wa["model.norm.weight"], w0["model.norm.weight"])  # the rest trains
+    model = build_model(config(tmp_path / "g", corpus, **frozen))
+    assert not model.tok_embeddings.weight.requires_grad  # so its gradient is not clipped
+    assert model.output.weight is model.tok_embeddings.weight
     (tmp_path / "b" / "run").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "run" / "step-000004", tmp_path / "b" / "run" / "step-000004")
     (tmp_path / "b" / "run" / "latest").write_text("step-000004\n")
     resumed = train(config(tmp_path / "b", corpus, **frozen))
     wb = load_file(resumed / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    with pytest.raises(TrainingError, match="optimizer state has 3 parameter groups, this "
-                       r"run's settings make 2 \(embedding_lr_scale changed"):
+    with pytest.raises(TrainingError, match=r"parameter groups hold \[\d+, \d+\] parameters, "
+                       r"this run's settings make \[\d+, \d+\] \(embedding_lr_scale changed"):
         train(config(tmp_path / "b", corpus, **{**frozen, "steps": 9, "embedding_lr_scale": 1.0}))
     half = train(config(tmp_path / "h", corpus, steps=1, warmup=0, tie_embeddings=True,
                         final_norm_init=5.0, embedding_lr_scale=0.5))
