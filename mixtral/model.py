@@ -189,8 +189,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None,
                 cache: KVCache | None = None, *, last_only: bool = False,
-                return_router_logits: bool = False,
-                hidden: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+                return_router_logits: bool = False, hidden: bool = False,
+                only: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """tokens [B, T] -> fp32 logits [B, T, V] ([B, 1, V] with last_only).
 
         positions [B, T] are each token's absolute position (default 0..T-1). With a cache, this
@@ -198,7 +198,9 @@ class Transformer(nn.Module):
         positions at or before its own, so one call can be a prefill, a decode step or a chunk.
         return_router_logits also returns each layer's router logits [N, E] (for training).
         hidden returns the final normed states [B, T, D] in place of the logits (for a loss
-        that scores them against some of the output rows: train/losses.py).
+        that scores them against some of the output rows: train/losses.py). only, a boolean
+        [B, T] mask, keeps just those positions, flattened: [M, V] (or [M, D]); training needs
+        no logits where no loss counts, and the output head is most of a small model's cost.
         """
         B, T = tokens.shape
         if positions is None:
@@ -217,6 +219,8 @@ class Transformer(nn.Module):
             router_logits.append(logits)
         if last_only:
             h = h[:, -1:]
+        if only is not None:
+            h = h[only]  # [M, D]
         h = self.norm(h)
         logits = h if hidden else self.output(h).float()  # [B, T, V]
         return (logits, router_logits) if return_router_logits else logits

@@ -162,3 +162,27 @@ def test_full_loss_equals_sampled_one_with_every_piece_in_a_real_model(tmp_path)
     logits = model(batch.tokens)
     full = F.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask])
     assert "sampled_ce" in stats and torch.allclose(sampled, full, atol=1e-4)
+
+
+def test_logits_only_where_the_loss_counts_give_the_full_loss(tmp_path):
+    """The trainer scores only the positions whose loss counts (forward's `only`): the same
+    logits there as a full forward, and the same loss as the full logits' masked one."""
+    from mixtral.train.run import build_model
+    from mixtral.train.tasks import SFTTask
+
+    cfg = config(tmp_path)
+    model = build_model(cfg)
+    task = SFTTask(cfg, default_tokenizer(), 0.0)
+    batch = task.batch(0, 0)
+    counts = batch.loss_mask.bool()
+    assert 0 < counts.sum() < counts.numel()
+    with torch.no_grad():
+        full = model(batch.tokens)
+        assert torch.allclose(model(batch.tokens, only=counts), full[counts], atol=1e-5)
+        states = model(batch.tokens, hidden=True, only=counts)
+        assert torch.allclose(states @ model.output.weight.T, full[counts], atol=1e-4)
+        for training in (True, False):
+            model.train(training)
+            loss, stats = task.loss(model, batch)
+            assert torch.allclose(loss, cross_entropy(full, batch.targets, counts), atol=1e-5)
+            assert set(stats) == {"ce"}

@@ -21,8 +21,9 @@ from torch import Tensor
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean next-token loss. logits [B, T, V], targets [B, T]; mask [B, T] (1 = counts)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    """Mean next-token loss. logits [..., V], targets [...]; mask [...] (1 = counts)."""
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.flatten(),
+                             reduction="none")
     if mask is None:
         return losses.mean()
     mask = mask.flatten().to(losses.dtype)
@@ -38,8 +39,8 @@ def sampled_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask:
     uniformly without replacement from the rest, which stand for all of it: their logits are
     raised by log(rest / k), so the softmax's sum over the rest is estimated without bias. With
     k at least the rest, it is exactly cross_entropy of the full logits.
-    hidden [B, T, D] (the final normed states), weight [V, D] (the output rows), targets and
-    mask [B, T] (mask: 1 = counts; None: all), seen: piece ids of any shape."""
+    hidden [..., D] (the final normed states), weight [V, D] (the output rows), targets and
+    mask [...] (mask: 1 = counts; None: all), seen: piece ids of any shape."""
     seen = torch.unique(torch.cat([seen.flatten(), targets.flatten()]))  # sorted
     rest = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
     rest[seen] = False
@@ -48,7 +49,7 @@ def sampled_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, mask:
     counts = (torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.bool()).flatten()
     if not counts.any():
         return hidden.sum() * 0.0  # nothing counts: a zero that still has a graph
-    states = hidden.flatten(0, 1)[counts].float()  # [M, D]
+    states = hidden.reshape(-1, hidden.shape[-1])[counts].float()  # [M, D]
     logits = states @ weight[torch.cat([seen, drawn])].float().T  # [M, |seen| + k]
     shift = torch.zeros(logits.shape[1], device=logits.device)
     if len(drawn):

@@ -57,13 +57,17 @@ def _lm_loss(model: Transformer, batch: D.Batch, cfg: TrainConfig,
     evaluation), the cross-entropy is over the batch's pieces and a sample of the rest, logged
     as sampled_ce: an estimate of the full one (on average a little below it)."""
     sampled = cfg.sampled_softmax > 0 and model.training
-    out, router_logits = model(batch.tokens, return_router_logits=True, hidden=sampled)
-    if sampled:
-        ce = sampled_cross_entropy(out, model.output.weight, batch.targets, batch.loss_mask,
-                                   batch.tokens, cfg.sampled_softmax,
-                                   torch.Generator().manual_seed(batch.key))
+    counts = batch.loss_mask.bool()
+    out, router_logits = model(batch.tokens, return_router_logits=True, hidden=sampled,
+                               only=counts)  # [M, D] states or [M, V] logits: where loss counts
+    targets = batch.targets[counts]  # [M]
+    if not len(targets):
+        ce = out.sum() * 0.0  # nothing counts in this batch: a zero that keeps the graph
+    elif sampled:
+        ce = sampled_cross_entropy(out, model.output.weight, targets, None, batch.tokens,
+                                   cfg.sampled_softmax, torch.Generator().manual_seed(batch.key))
     else:
-        ce = cross_entropy(out, batch.targets, batch.loss_mask)
+        ce = cross_entropy(out, targets)
     loss = ce
     stats = {"sampled_ce" if sampled else "ce": ce.item()}
     if aux_coef:
