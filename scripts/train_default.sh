@@ -4,7 +4,7 @@
 # text in each), DPO (checked to start at ln 2), evaluation in and out of distribution. About 3
 # hours of training on 2 CPU cores (recipes/curriculum/README.md has the measured budget); every
 # stage resumes where it stopped, and a finished stage is not run again. It stops where the
-# induction probe finds no copying (today: after the warm-up; issue 17).
+# induction probe finds no copying.
 #   scripts/train_default.sh            # then: scripts/ship_default.py to package the result
 #   scripts/train_default.sh --dry-run  # every stage for 2 steps on a tiny model, evals on a
 #                                       # handful of cases (tests/test_train_default.py runs it)
@@ -60,16 +60,17 @@ train() {
 [ -s "$CUR/tasks.json" ] || "$PY" scripts/build_curriculum.py "$CUR" --corpus "$CORPUS" --n "$N" \
   --repeats "$REPEATS" --induction "$INDUCTION"
 
-# Induction first: from random weights, on spans shown over and over, until the repeats are
-# predicted (the probe gates it: on text alone no checkpoint ever learnt to copy). Then
-# pretraining from there, with those documents still in the mix so that the heads stay; the
+# Induction first: from random weights, on whole-vocabulary spans shown twice (token-id rows,
+# the loss on the repeat), until the repeats are predicted (the probe gates it: on text alone
+# no checkpoint ever learnt to copy). Then pretraining from there, with documents of repeated
+# spans in the mix so that the heads stay in use; the
 # curriculum starts from this base, not from an SFT model (an SFT pilot on the copy stage from
 # the shipped model forgot more than it learnt).
 D="$RUNS/eval"
 mkdir -p "$D/base"
 GATE=(--require 0.5); if [ "$DRY" = 1 ]; then GATE=(--spans 2 --length 8); fi  # 2 steps learn nothing
-WARM=$(train pretrain induction recipes/default/induction.yaml tiny "$CUR/repeats/train.jsonl" \
-  "eval_data=[$CUR/repeats/val.jsonl]" ${TINY[@]+"${TINY[@]}"})
+WARM=$(train sft induction recipes/default/induction.yaml tiny "$CUR/induction/train.jsonl" \
+  "eval_data=[$CUR/induction/val.jsonl]" ${TINY[@]+"${TINY[@]}"})
 "$PY" scripts/curriculum/induction.py "$WARM" --corpus "$CORPUS/pretrain/val" \
   --json "$D/induction-warmup.json" "${GATE[@]}"
 BASE=$(train pretrain pretrain recipes/default/pretrain.yaml "$WARM" \

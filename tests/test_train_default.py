@@ -86,7 +86,7 @@ def test_the_curriculum_recipes_chain_at_the_full_context():
     stages = ["copy", "skills", "final"]
     recipes = {s: yaml.safe_load((ROOT / "recipes" / "curriculum" / f"{s}.yaml").read_text())
                for s in [*stages, "dpo"]}
-    assert recipes["copy"]["init"] == "runs/default/pretrain/step-001300"  # the base, not SFT
+    assert recipes["copy"]["init"] == "runs/default/pretrain/step-001500"  # the base, not SFT
     for before, stage in zip(stages, [*stages[1:], "dpo"], strict=False):
         r = recipes[stage]
         assert r["init"] == f"runs/default/{before}/step-{recipes[before]['steps']:06d}"
