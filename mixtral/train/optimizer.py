@@ -2,13 +2,14 @@
 
 Matrices other than the embeddings decay; norms, biases and the embeddings do not. With
 `embedding_lr_scale` other than 1 the embeddings (with a tied head, the head too) are a third
-group whose lr is that multiple of the schedule's (0: frozen, exactly: AdamW moves nothing at
-lr 0). Why one would: Adam gives every row of a 32000-row table a full-size step along the
+group whose lr is that multiple of the schedule's; at 0 they are frozen (train/run.py takes
+them out of autograd, so they are in no group and their gradient is not clipped with the
+rest). Why one would: Adam gives every row of a 32000-row table a full-size step along the
 softmax's common push, even rows seen once in a thousand steps, so a small model's rare rows
 drift together and blur apart; a warm-up on random pieces learns a piece-agnostic copy on
-frozen random rows (issue 17's pilots). The groups' order is also the optimizer state's index
-order, which a checkpoint written by one process maps back to parameter names when a sharded
-run resumes it (train/state.py).
+frozen random rows, which the copy stage keeps only if they stay frozen (issue 17). The groups'
+order is also the optimizer state's index order, which a checkpoint written by one process
+maps back to parameter names when a sharded run resumes it (train/state.py).
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def build_model(cfg: TrainConfig) -> Transformer:
     if cfg.embedding_lr_scale == 0:
         # frozen: no gradient at all, not a gradient at lr 0, which would still count in the
         # clipped norm (a tied 32000-row matrix's gradient dominated it, shrinking every other
-        # step by up to 6x in issue 17's warm-up)
+        # step ~5x in issue 17's warm-up)
         model.tok_embeddings.weight.requires_grad_(False)
     return model
 

@@ -24,10 +24,10 @@ And two for the stages before any of these:
                   common pieces, left the heads unformed or copying by position.
 
   repeats         a document that is one short span shown over and over (corpus words or
-                  pieces of the whole vocabulary): the data on which induction heads form.
-                  Without it no checkpoint of the first curriculum run could copy (issue 17:
-                  natural text alone, 5M tokens of it, left the repeat of a span as hard to
-                  predict as its first showing, and no SFT stage taught copying on top).
+                  pieces of the whole vocabulary), mixed into pretraining so that the heads
+                  the warm-up formed stay in use (issue 17: natural text alone, 5M tokens of
+                  it, left the repeat of a span as hard to predict as its first showing; these
+                  documents alone, as a warm-up, formed no heads in 700 steps).
 """
 
 from __future__ import annotations
