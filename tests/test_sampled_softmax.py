@@ -140,8 +140,9 @@ def test_a_sampled_run_trains_evaluates_on_the_full_softmax_and_resumes(tmp_path
 
 
 def test_sampled_softmax_is_refused_where_it_cannot_apply(tmp_path):
-    for changes, error in (({"stage": "dpo"}, "applies to pretrain and sft"),
-                           ({"lora_rank": 4, "lora_base_bits": 8}, "full precision"),
+    for changes, error in (({"stage": "dpo"}, "pretrain and sft .*set sampled_softmax: 0"),
+                           ({"lora_rank": 4, "lora_base_bits": 8},
+                            "full precision .*set one of them to 0"),
                            ({}, "at least 0")):
         with pytest.raises(TrainingError, match=error):
             config(tmp_path, sampled_softmax=-1 if not changes else 8, **changes)

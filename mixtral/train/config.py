@@ -129,10 +129,11 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
             raise wrong(f"{key} must be {wanted}, got {getattr(cfg, key)}")
     if cfg.sampled_softmax and cfg.stage == "dpo":
         raise wrong("sampled_softmax applies to pretrain and sft (DPO compares whole "
-                    "sequences' log-probabilities, which need the full softmax)")
+                    "sequences' log-probabilities, which need the full softmax): set "
+                    "sampled_softmax: 0")
     if cfg.sampled_softmax and cfg.lora_base_bits:
-        raise wrong("sampled_softmax needs the output head in full precision; lora_base_bits "
-                    "quantizes it")
+        raise wrong("sampled_softmax needs the output head in full precision and "
+                    "lora_base_bits quantizes it: set one of them to 0")
     if cfg.lora_base_bits not in (0, 8):
         raise wrong(f"lora_base_bits must be 0 (as loaded) or 8, got {cfg.lora_base_bits}")
     if cfg.lora_base_bits and not cfg.lora_rank:

@@ -128,13 +128,13 @@ def resume_state(folder: Path, model: Transformer, opt: torch.optim.Optimizer,
     state = _trainer_state(folder / "trainer_state.pt")
     saved_opt = state.get("optimizer")
     saved = saved_opt.get("param_groups") if isinstance(saved_opt, dict) else None
+    had = [len(g.get("params", ())) for g in saved] if isinstance(saved, list) else None
     sizes = [len(g["params"]) for g in opt.param_groups]
-    if isinstance(saved, list) and [len(g.get("params", ())) for g in saved] != sizes:
+    if had is not None and had != sizes:
         # e.g. embedding_lr_scale set or unset since the run started
-        raise TrainingError(f"{folder}: its optimizer state's parameter groups hold "
-                            f"{[len(g.get('params', ())) for g in saved]} parameters, this "
-                            f"run's settings make {sizes} (embedding_lr_scale changed? resume "
-                            "with the run's settings, or start a new out)")
+        raise TrainingError(f"{folder}: its optimizer state's parameter groups hold {had} "
+                            f"parameters, this run's settings make {sizes} (embedding_lr_scale "
+                            "changed? resume with the run's settings, or start a new out)")
     if sharded or state.get("optimizer_by_name"):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
