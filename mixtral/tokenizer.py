@@ -40,6 +40,10 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return self._sp.special_ids
 
+    def pieces(self) -> list[str]:
+        """The vocabulary's pieces in id order (`\u2581` marks a piece that starts a word)."""
+        return list(self._sp.vocab())
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return self._sp.encode(text, bos=bos, eos=eos)
 

@@ -283,6 +283,31 @@ def test_embedding_shared_adds_one_direction_to_every_row(tmp_path, corpus):
         config(tmp_path / "d", corpus, embedding_shared=-1.0)
 
 
+def test_embedding_space_makes_twins_of_spaced_pieces(tmp_path, corpus):
+    """embedding_space gives `\u2581X` the row of `X` plus one space direction, adds that
+    direction to every other piece that starts a word, and leaves the rest of the rows as they
+    were; a checkpoint init is refused."""
+    from mixtral.tokenizer import default_tokenizer
+
+    pieces = default_tokenizer().pieces()
+    ids = {p: i for i, p in enumerate(pieces)}
+    plain = build_model(config(tmp_path / "p", corpus, tie_embeddings=True)).tok_embeddings
+    spaced = build_model(config(tmp_path / "s", corpus, tie_embeddings=True,
+                                embedding_space=0.5)).tok_embeddings
+    rows0, rows = plain.weight, spaced.weight  # [V, dim]
+    twin, lone, word = ids["\u2581Am"], ids["\u2581Kevin"], ids["Am"]
+    space = rows[twin] - rows[word]
+    assert abs(space.norm().item() - 0.5 * 0.02 * rows.shape[1] ** 0.5) < 1e-5
+    assert torch.allclose(rows[ids["\u2581the"]] - rows[ids["the"]], space, atol=1e-6)
+    assert torch.allclose(rows[lone], rows0[lone] + space, atol=1e-6)  # no twin: its own row
+    unspaced = [i for i, p in enumerate(pieces) if not p.startswith("\u2581")]
+    assert torch.equal(rows[unspaced], rows0[unspaced])
+    init = train(config(tmp_path / "i", corpus, steps=1, tie_embeddings=True))
+    with pytest.raises(TrainingError, match="embedding_space=0.5: init=.* is a checkpoint"):
+        build_model(config(tmp_path / "c", corpus, init=str(init), model={},
+                           tie_embeddings=True, embedding_space=0.5))
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
     import mixtral.train.tasks as tasks
 

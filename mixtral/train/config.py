@@ -78,6 +78,13 @@ class TrainConfig:
     # unseen whole-vocabulary spans at 0.84-0.99 by step 3,000 (two runs); without it, 0.04
     # (issue 17's pilots, which also sampled the softmax; recipes/default/induction.yaml)
     embedding_shared: float = 0.0
+    # the row of every piece that starts a word (`▁X`) becomes the row of its twin without the
+    # space (`X`, where the vocabulary has one) plus one "space" direction of this multiple of
+    # a row's norm (0: none; 32000-piece vocabulary only). A copy into a JSON string, after
+    # `"`, must drop the space the prompt's value began with (`name: Amelia` holds `▁Am`, the
+    # answer `"Amelia"` holds `Am`); with unrelated random rows that mapping would be learnt
+    # piece by piece and never reach pieces unseen in training, with twins it is one direction
+    embedding_space: float = 0.0
     # train against part of the vocabulary (0: the full softmax): every piece of the batch
     # plus this many drawn from the rest (train/losses.py, sampled_cross_entropy). Evaluation
     # always uses the full softmax, so eval_ce stays comparable across runs.
@@ -122,6 +129,8 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
                             ("final_norm_init", 0 < cfg.final_norm_init < math.inf,
                              "above 0 and finite"),
                             ("embedding_shared", 0 <= cfg.embedding_shared < math.inf,
+                             "at least 0 and finite"),
+                            ("embedding_space", 0 <= cfg.embedding_space < math.inf,
                              "at least 0 and finite"),
                             ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "within [0, 1]"),
                             ("betas", all(0 <= b < 1 for b in cfg.betas), "within [0, 1)")):

@@ -60,7 +60,8 @@ def build_model(cfg: TrainConfig) -> Transformer:
         if differ:
             raise TrainingError(f"model={differ}: init={cfg.init} is a checkpoint, whose shape "
                                 "cannot change (drop these settings, or start from a preset)")
-        for key, unset in (("final_norm_init", 1.0), ("embedding_shared", 0.0)):
+        for key, unset in (("final_norm_init", 1.0), ("embedding_shared", 0.0),
+                           ("embedding_space", 0.0)):
             if getattr(cfg, key) != unset:
                 raise TrainingError(f"{key}={getattr(cfg, key)}: init={cfg.init} is a "
                                     "checkpoint, whose weights are kept (it sets a preset's "
@@ -84,6 +85,8 @@ def build_model(cfg: TrainConfig) -> Transformer:
                 shared = torch.randn(rows.shape[1], generator=generator)
                 rows += shared * (cfg.embedding_shared * 0.02 * rows.shape[1] ** 0.5
                                   / shared.norm())
+            if cfg.embedding_space:
+                _space_twins(model.tok_embeddings.weight, cfg.embedding_space, generator)
     if cfg.tie_embeddings:  # one Parameter from here on: one gradient, one optimizer state
         model.output.weight = model.tok_embeddings.weight
     if cfg.embedding_lr_scale == 0:
@@ -92,6 +95,22 @@ def build_model(cfg: TrainConfig) -> Transformer:
         # step ~5x in issue 17's warm-up)
         model.tok_embeddings.weight.requires_grad_(False)
     return model
+
+
+def _space_twins(rows: torch.Tensor, scale: float, generator: torch.Generator) -> None:
+    """rows[▁X] = rows[X] + space for every twin pair of the tokenizer's pieces, and + space for
+    every other piece that starts a word (TrainConfig.embedding_space)."""
+    pieces = default_tokenizer().pieces()
+    if rows.shape[0] != len(pieces):
+        raise TrainingError(f"embedding_space needs the tokenizer's {len(pieces)}-piece "
+                            f"vocabulary, the model has {rows.shape[0]} rows")
+    ids = {p: i for i, p in enumerate(pieces)}
+    spaced = [i for i, p in enumerate(pieces) if p.startswith("\u2581") and len(p) > 1]
+    with_twin = [i for i in spaced if pieces[i][1:] in ids]
+    space = torch.randn(rows.shape[1], generator=generator)
+    space *= scale * 0.02 * rows.shape[1] ** 0.5 / space.norm()
+    rows[with_twin] = rows[[ids[pieces[i][1:]] for i in with_twin]]
+    rows[spaced] += space
 
 
 def train(cfg: TrainConfig) -> Path:
