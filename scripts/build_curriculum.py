@@ -7,7 +7,9 @@ safe prompt as mechanisms, with plain text in every stage, plus DPO pairs.
 
 Writes OUT_DIR/<stage>/sft.jsonl for each stage of STAGES (train them in that order, each from
 the previous one's checkpoint: recipes/curriculum/): conversations {"task", "messages"} mixed
-with plain-text rows {"task": "text", "text"} that SFT trains on whole. Also writes
+with plain-text rows {"task": "text", "text"} that SFT trains on whole. A JSON row also carries
+its ids ({"input_ids", "labels"}, which the trainer reads instead of its messages): the answer
+written as a copy of the prompt's pieces (curriculum/tasks.py, json_answer_ids). Also writes
 OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}), OUT_DIR/tasks.json (counts per
 stage and task); for the induction warm-up, OUT_DIR/induction/{train,val}.jsonl: token-id rows
 {"input_ids", "labels"} of whole-vocabulary spans shown twice (recipes/default/induction.yaml);
@@ -31,7 +33,9 @@ from pathlib import Path
 from curriculum import tasks
 from curriculum.tasks import Example
 
+from mixtral import chat
 from mixtral.eval import passkey as landmark
+from mixtral.tokenizer import default_tokenizer
 
 # task weights per stage: copying first, digit-by-digit sums before plain ones, text throughout
 STAGES: dict[str, dict[str, float]] = {
@@ -86,6 +90,16 @@ def write_induction(out: Path, n: int, seed: int) -> dict[str, int]:
     return sizes
 
 
+def _id_row(messages: list[dict[str, str]], answer: list[int] | None) -> dict[str, list[int]]:
+    """{"input_ids", "labels"} of the prompt and an answer given as ids (and `</s>`), which the
+    trainer reads in place of the row's messages; nothing when there is no answer."""
+    if answer is None:
+        return {}
+    prompt = chat.encode(messages)
+    answer = answer + [default_tokenizer().eos_id]
+    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+
 def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
           repeats: int = 24000, induction: int = 80000) -> dict:
     r = random.Random(seed)
@@ -122,8 +136,11 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
                                              ensure_ascii=False) + "\n")
                         continue
                     messages, answer, rejects = makers[name]()
-                    sft.write(json.dumps({"task": name, "messages": messages + [
-                        {"role": "assistant", "content": answer}]}, ensure_ascii=False) + "\n")
+                    row: dict[str, object] = {"task": name, "messages": messages + [
+                        {"role": "assistant", "content": answer}]}
+                    if name == "json":  # the answer as a copy of the prompt's pieces
+                        row |= _id_row(messages, tasks.json_answer_ids(json.loads(answer)))
+                    sft.write(json.dumps(row, ensure_ascii=False) + "\n")
                     for rejected, _ in rejects if stage == "final" else []:
                         dpo.write(json.dumps({"task": name, "messages": messages,
                                               "chosen": answer, "rejected": rejected},

@@ -185,3 +185,42 @@ def test_the_summary_and_the_cards_table():
     section = card_section({"model": "m", "minutes": 1.0, "command": "python x", "summary":
                             summary})
     assert section.startswith("## Held-out skills") and lines[2] in section
+
+
+def test_a_json_answer_is_a_copy_of_the_prompts_pieces(tmp_path):
+    """The curriculum writes a JSON answer as ids that copy the prompt's value pieces, the first
+    without its space (the JSON string opens with a quote), and that decode to the object; a
+    value whose first piece has no twin keeps the tokenizer's cut."""
+    from curriculum.tasks import json_answer_ids
+
+    tok = default_tokenizer()
+    pieces = tok.pieces()
+    values = {"name": "Amelia", "lastname": "Okafor", "address": "#12 Elm Row", "n": "7"}
+    ids = json_answer_ids(values)
+    assert ids is not None and tok.decode(ids) == json.dumps(values)
+    prompt = tok.encode("\n".join(f"{k}: {v}" for k, v in values.items()), bos=False)
+    assert _contains(ids, tok.encode("#12 Elm Row", bos=False)[-3:])  # inner spaces kept
+    for value in ("Amelia", "Okafor"):
+        spaced = tok.encode(value, bos=False)  # as in the prompt, after ": "
+        assert pieces[spaced[0]].startswith("\u2581") and _contains(prompt, spaced)
+        twin = pieces.index(pieces[spaced[0]][1:])
+        assert _contains(ids, [twin, *spaced[1:]]), value  # the copy, unspaced
+    assert not _contains(ids, tok.encode("7", bos=False))  # the bare space piece is dropped
+    kevin = tok.encode("Kevin", bos=False)
+    assert len(kevin) == 1 and pieces[kevin[0]][1:] not in pieces  # no twin: the tokenizer's
+    ids = json_answer_ids({"name": "Kevin"})
+    assert ids is not None and tok.decode(ids) == '{"name": "Kevin"}'
+    assert json_answer_ids({"quote": 'a "b"'}) is None  # JSON escapes it: no copy
+    summary = build_curriculum(tmp_path, None, n=60, seed=3, context=1024, induction=8)
+    rows = [json.loads(line) for line in (tmp_path / "copy" / "sft.jsonl").read_text()
+            .splitlines()]
+    rows = [row for row in rows if row["task"] == "json"]
+    assert len(rows) == summary["stages"]["copy"]["json"] > 0
+    for row in rows:
+        answer = [i for i, y in zip(row["input_ids"], row["labels"], strict=True) if y != -100]
+        assert answer[-1] == tok.eos_id
+        assert tok.decode(answer[:-1]) == row["messages"][-1]["content"]
+
+
+def _contains(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids)))

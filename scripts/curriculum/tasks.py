@@ -123,6 +123,54 @@ def json_object(r: random.Random) -> Example:
             [(json.dumps(wrong, ensure_ascii=False), True), (answer[:-1], True)])
 
 
+def _pieces(text: str) -> list[int]:
+    """Ids of `text` as it tokenizes after a line break: no leading space added."""
+    tok = default_tokenizer()
+    ids = tok.encode("\n" + text, bos=False)
+    return ids[ids.index(NEWLINE) + 1:]
+
+
+NEWLINE = 13  # the piece <0x0A>
+
+
+@cache
+def _unspaced() -> dict[int, int]:
+    """A piece that starts a word (`\u2581X`) -> its twin without the space (`X`); the bare
+    `\u2581` -> -1 (dropped)."""
+    pieces = default_tokenizer().pieces()
+    ids = {p: i for i, p in enumerate(pieces)}
+    twins = {i: ids[p[1:]] for i, p in enumerate(pieces) if p.startswith("\u2581") and p[1:] in ids}
+    return twins | {ids["\u2581"]: -1}
+
+
+def json_answer_ids(values: dict[str, str]) -> list[int] | None:
+    """The ids of json.dumps(values) written as a copy of the prompt's lines (`key: value`)
+    rather than as SentencePiece would cut the answer: each value keeps the pieces it has in
+    the prompt, its first piece without its space (`\u2581Am` -> `Am`: a JSON string opens with
+    `"`, not a space), so that the answer is a piece-by-piece copy the model can learn to make
+    for any value, not one re-spelling per value. The tokenizer's own cut of `"Okafor"`, `O
+    kaf or`, shares no first piece with the prompt's `\u2581Ok af or`, and no model can copy
+    its way there. A value whose first piece has no twin (`\u2581Kevin`: the vocabulary has no
+    `Kevin`) keeps the tokenizer's cut. None when JSON would escape a character."""
+    tok = default_tokenizer()
+    twins = _unspaced()
+    ids = tok.encode('{"', bos=False)
+    for n, (key, value) in enumerate(values.items()):
+        if json.dumps(key, ensure_ascii=False) != f'"{key}"' or \
+                json.dumps(value, ensure_ascii=False) != f'"{value}"':
+            return None
+        copied = tok.encode(value, bos=False)  # as in the prompt, after a space
+        if copied[0] in twins:
+            copied = ([twins[copied[0]]] if twins[copied[0]] >= 0 else []) + copied[1:]
+        else:  # no twin: only a model that can spell `\u2581Kevin` writes `K evin`
+            copied = _pieces(value)
+        ids += ([] if n == 0 else _pieces('", "')) + _pieces(key) + _pieces('": "') + copied
+    ids += _pieces('"}')
+    if tok.decode(ids) != json.dumps(values, ensure_ascii=False):
+        return None
+    return ids
+
+
 KEY_LINES = ["The pass key is {key}. Remember it. {key} is the pass key.",
              "Remember this number: {key}.", "The magic number is {key}."]
 QUESTIONS = ["What is the pass key?", "What number were you asked to remember?",
