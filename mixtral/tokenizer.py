@@ -18,6 +18,7 @@ class Tokenizer:
     def __init__(self, mistral: MistralTokenizer) -> None:
         self.mistral = mistral  # used by chat.py for the instruct encoding
         self._sp = mistral.instruct_tokenizer.tokenizer
+        self._twins: dict[int, int] | None = None
 
     @property
     def bos_id(self) -> int:
@@ -43,6 +44,17 @@ class Tokenizer:
     def pieces(self) -> list[str]:
         """The vocabulary's pieces in id order (`\u2581` marks a piece that starts a word)."""
         return list(self._sp.vocab())
+
+    def twins(self) -> dict[int, int]:
+        """Each piece that starts a word (`\u2581X`) -> its twin without the space (`X`), for
+        the pieces whose twin is in the vocabulary: the piece a copy of a word writes after a
+        quote, where no space comes before it."""
+        if self._twins is None:
+            pieces = self.pieces()
+            ids = {p: i for i, p in enumerate(pieces)}
+            self._twins = {i: ids[p[1:]] for i, p in enumerate(pieces)
+                           if p.startswith("\u2581") and p[1:] in ids}
+        return dict(self._twins)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return self._sp.encode(text, bos=bos, eos=eos)

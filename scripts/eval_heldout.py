@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from heldout.sets import Case, build, score
 
+from mixtral.tokenizer import default_tokenizer
+
 if TYPE_CHECKING:  # imported in main: scripts/ship_default.py reads the table without a client
     from mistralai.client import Mistral
 
@@ -106,6 +108,16 @@ def fields_copied(answer: str, expected: dict[str, str]) -> list[bool]:
     return [k in got and str(got[k]) == v for k, v in expected.items()]
 
 
+def copyable(value: str) -> bool:
+    """Can a copy write `value` after a quote, piece by piece? Yes when its first piece after a
+    space is the bare space (dropped) or has a twin without it (`\u2581Am` -> `Am`); no for
+    `\u2581Kevin`, which only a model that knows the spelling of its pieces can write as `K
+    evin` (recipes/curriculum/README.md)."""
+    tok = default_tokenizer()
+    first = tok.encode(value, bos=False)[0]
+    return first in tok.twins() or tok.pieces()[first] == "\u2581"
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     buckets: dict[tuple[str, str], list[bool]] = defaultdict(list)
     for row in rows:
@@ -113,8 +125,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if row["group"]:
             buckets[(row["set"], row["group"])].append(row["ok"])
         if isinstance(row["expected"], dict):  # which fields were copied, one by one
-            buckets[(row["set"], "fields copied")] += fields_copied(row["answer"],
-                                                                   row["expected"])
+            copied = fields_copied(row["answer"], row["expected"])
+            buckets[(row["set"], "fields copied")] += copied
+            for ok, value in zip(copied, row["expected"].values(), strict=True):
+                twin = "twin" if copyable(str(value)) else "no twin"
+                buckets[(row["set"], f"fields copied ({twin})")].append(ok)
     for dist in ("id", "ood"):
         buckets[(f"eos/{dist}", "")] = [row["finish"] == "stop" for row in rows
                                         if row["set"].endswith(f"/{dist}")]
@@ -167,7 +182,10 @@ In-distribution: inputs made by the generator the model was trained on
 (`scripts/values/`), with instructions, keys, field orders, separators, passkey filler and
 wording, sum phrasings and requests that the training data never has; "json-new-values" keeps
 the training instructions and keys and changes only the values (issue 17's probe); "fields
-copied" counts the fields whose value the answer's JSON holds exactly. Each cell: share (k/n;
+copied" counts the fields whose value the answer's JSON holds exactly, "(twin)" those whose
+value a piece-by-piece copy can write after the opening quote and "(no twin)" those whose first
+piece (`\u2581Kevin`) has no unspaced twin in the vocabulary, so that only a model that knows
+how its pieces are spelt can write them. Each cell: share (k/n;
 Wilson 95 % interval, in %); scoring rules in `scripts/heldout/sets.py`.
 
 {table(report['summary'])}

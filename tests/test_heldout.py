@@ -170,17 +170,24 @@ def test_the_summary_and_the_cards_table():
              "answer": '{"a": "1", "b": "3"}', "expected": {"a": "1", "b": "2"}},
             {"set": "json/ood", "group": "", "ok": False, "finish": "length", "answer": '{"a',
              "expected": {"a": "1"}},
+            {"set": "json/ood", "group": "", "ok": False, "finish": "stop",
+             "answer": '{"a": "Amelia", "b": "Kevn"}', "expected": {"a": "Amelia", "b": "Kevin"}},
             {"set": "passkey/ood", "group": "len=128", "ok": True, "finish": "stop",
              "answer": "7", "expected": "7"}]
     summary = summarize(rows)
     assert summary["json/id"] == {"k": 1, "n": 2, "share": 0.5,
                                   "ci95": [round(x, 4) for x in wilson(1, 2)]}
-    assert summary["eos/ood"]["k"] == 1 and summary["eos/ood"]["n"] == 2
+    assert summary["eos/ood"]["k"] == 2 and summary["eos/ood"]["n"] == 3
     assert summary["passkey/ood len=128"]["n"] == 1
     assert (summary["json/id fields copied"]["k"], summary["json/id fields copied"]["n"]) == (2, 3)
-    assert summary["json/ood fields copied"]["k"] == 0
+    ood = summary["json/ood fields copied"]
+    assert (ood["k"], ood["n"]) == (1, 3)
+    # "1" (the bare space is dropped) and "Amelia" (▁Am -> Am) a copy can write; "Kevin" not
+    assert summary["json/ood fields copied (twin)"] | {"ci95": 0} == {
+        "k": 1, "n": 2, "share": 0.5, "ci95": 0}
+    assert summary["json/ood fields copied (no twin)"]["n"] == 1
     lines = table(summary).splitlines()
-    assert "| json | 50 % (1/2; 9–91) | 0 % (0/1; 0–79) | ≥ 95 % |" in lines
+    assert "| json | 50 % (1/2; 9–91) | 0 % (0/2; 0–66) | ≥ 95 % |" in lines
     assert "| passkey len=128 | — | 100 % (1/1; 21–100) | ≥ 90 % |" in lines
     section = card_section({"model": "m", "minutes": 1.0, "command": "python x", "summary":
                             summary})

@@ -100,16 +100,16 @@ def build_model(cfg: TrainConfig) -> Transformer:
 def _space_twins(rows: torch.Tensor, scale: float, generator: torch.Generator) -> None:
     """rows[▁X] = rows[X] + space for every twin pair of the tokenizer's pieces, and + space for
     every other piece that starts a word (TrainConfig.embedding_space)."""
-    pieces = default_tokenizer().pieces()
+    tok = default_tokenizer()
+    pieces = tok.pieces()
     if rows.shape[0] != len(pieces):
         raise TrainingError(f"embedding_space needs the tokenizer's {len(pieces)}-piece "
                             f"vocabulary, the model has {rows.shape[0]} rows")
-    ids = {p: i for i, p in enumerate(pieces)}
     spaced = [i for i, p in enumerate(pieces) if p.startswith("\u2581") and len(p) > 1]
-    with_twin = [i for i in spaced if pieces[i][1:] in ids]
+    twins = tok.twins()
     space = torch.randn(rows.shape[1], generator=generator)
     space *= scale * 0.02 * rows.shape[1] ** 0.5 / space.norm()
-    rows[with_twin] = rows[[ids[pieces[i][1:]] for i in with_twin]]
+    rows[list(twins)] = rows[list(twins.values())]
     rows[spaced] += space
 
 

@@ -133,16 +133,6 @@ def _pieces(text: str) -> list[int]:
 NEWLINE = 13  # the piece <0x0A>
 
 
-@cache
-def _unspaced() -> dict[int, int]:
-    """A piece that starts a word (`\u2581X`) -> its twin without the space (`X`); the bare
-    `\u2581` -> -1 (dropped)."""
-    pieces = default_tokenizer().pieces()
-    ids = {p: i for i, p in enumerate(pieces)}
-    twins = {i: ids[p[1:]] for i, p in enumerate(pieces) if p.startswith("\u2581") and p[1:] in ids}
-    return twins | {ids["\u2581"]: -1}
-
-
 def json_answer_ids(values: dict[str, str]) -> list[int] | None:
     """The ids of json.dumps(values) written as a copy of the prompt's lines (`key: value`)
     rather than as SentencePiece would cut the answer: each value keeps the pieces it has in
@@ -153,7 +143,8 @@ def json_answer_ids(values: dict[str, str]) -> list[int] | None:
     its way there. A value whose first piece has no twin (`\u2581Kevin`: the vocabulary has no
     `Kevin`) keeps the tokenizer's cut. None when JSON would escape a character."""
     tok = default_tokenizer()
-    twins = _unspaced()
+    space = tok.pieces().index("\u2581")  # the bare space, before a digit: dropped
+    twins: dict[int, int | None] = {**tok.twins(), space: None}
     ids = tok.encode('{"', bos=False)
     for n, (key, value) in enumerate(values.items()):
         if json.dumps(key, ensure_ascii=False) != f'"{key}"' or \
@@ -161,7 +152,8 @@ def json_answer_ids(values: dict[str, str]) -> list[int] | None:
             return None
         copied = tok.encode(value, bos=False)  # as in the prompt, after a space
         if copied[0] in twins:
-            copied = ([twins[copied[0]]] if twins[copied[0]] >= 0 else []) + copied[1:]
+            first = twins[copied[0]]
+            copied = ([] if first is None else [first]) + copied[1:]
         else:  # no twin: only a model that can spell `\u2581Kevin` writes `K evin`
             copied = _pieces(value)
         ids += ([] if n == 0 else _pieces('", "')) + _pieces(key) + _pieces('": "') + copied
