@@ -114,8 +114,8 @@ def copyable(value: str) -> bool:
     `\u2581Kevin`, which only a model that knows the spelling of its pieces can write as `K
     evin` (recipes/curriculum/README.md)."""
     tok = default_tokenizer()
-    first = tok.encode(value, bos=False)[0]
-    return first in tok.twins() or tok.pieces()[first] == "\u2581"
+    ids = tok.encode(value, bos=False)
+    return not ids or ids[0] in tok.twins() or tok.pieces()[ids[0]] == "\u2581"
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

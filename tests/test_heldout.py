@@ -218,6 +218,7 @@ def test_a_json_answer_is_a_copy_of_the_prompts_pieces(tmp_path):
     ids = json_answer_ids({"name": "Kevin"})
     assert ids is not None and tok.decode(ids) == '{"name": "Kevin"}'
     assert json_answer_ids({"quote": 'a "b"'}) is None  # JSON escapes it: no copy
+    assert tok.decode(json_answer_ids({"empty": ""}) or []) == '{"empty": ""}'
     summary = build_curriculum(tmp_path, None, n=60, seed=3, context=1024, induction=8)
     rows = [json.loads(line) for line in (tmp_path / "copy" / "sft.jsonl").read_text()
             .splitlines()]

@@ -123,14 +123,14 @@ def json_object(r: random.Random) -> Example:
             [(json.dumps(wrong, ensure_ascii=False), True), (answer[:-1], True)])
 
 
+NEWLINE = 13  # the piece <0x0A>
+
+
 def _pieces(text: str) -> list[int]:
     """Ids of `text` as it tokenizes after a line break: no leading space added."""
     tok = default_tokenizer()
     ids = tok.encode("\n" + text, bos=False)
     return ids[ids.index(NEWLINE) + 1:]
-
-
-NEWLINE = 13  # the piece <0x0A>
 
 
 def json_answer_ids(values: dict[str, str]) -> list[int] | None:
@@ -151,7 +151,7 @@ def json_answer_ids(values: dict[str, str]) -> list[int] | None:
                 json.dumps(value, ensure_ascii=False) != f'"{value}"':
             return None
         copied = tok.encode(value, bos=False)  # as in the prompt, after a space
-        if copied[0] in twins:
+        if copied and copied[0] in twins:
             first = twins[copied[0]]
             copied = ([] if first is None else [first]) + copied[1:]
         else:  # no twin: only a model that can spell `\u2581Kevin` writes `K evin`
