@@ -8,8 +8,10 @@ mistral-common ships the exact file (`tokenizer.model.v1`, the same bytes as the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType
 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -18,7 +20,8 @@ class Tokenizer:
     def __init__(self, mistral: MistralTokenizer) -> None:
         self.mistral = mistral  # used by chat.py for the instruct encoding
         self._sp = mistral.instruct_tokenizer.tokenizer
-        self._twins: dict[int, int] | None = None
+        self._pieces: tuple[str, ...] | None = None  # both read once, on first use
+        self._twins: Mapping[int, int] | None = None
 
     @property
     def bos_id(self) -> int:
@@ -41,20 +44,22 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return self._sp.special_ids
 
-    def pieces(self) -> list[str]:
+    def pieces(self) -> tuple[str, ...]:
         """The vocabulary's pieces in id order (`\u2581` marks a piece that starts a word)."""
-        return list(self._sp.vocab())
+        if self._pieces is None:
+            self._pieces = tuple(self._sp.vocab())
+        return self._pieces
 
-    def twins(self) -> dict[int, int]:
+    def twins(self) -> Mapping[int, int]:
         """Each piece that starts a word (`\u2581X`) -> its twin without the space (`X`), for
         the pieces whose twin is in the vocabulary: the piece a copy of a word writes after a
         quote, where no space comes before it."""
         if self._twins is None:
             pieces = self.pieces()
             ids = {p: i for i, p in enumerate(pieces)}
-            self._twins = {i: ids[p[1:]] for i, p in enumerate(pieces)
-                           if p.startswith("\u2581") and p[1:] in ids}
-        return dict(self._twins)
+            self._twins = MappingProxyType({i: ids[p[1:]] for i, p in enumerate(pieces)
+                                            if p.startswith("\u2581") and p[1:] in ids})
+        return self._twins
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return self._sp.encode(text, bos=bos, eos=eos)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -338,12 +337,8 @@ def _check_vocabulary(path: Path, reader: GGUFReader) -> int | None:
     return len(tokens)
 
 
-@lru_cache(maxsize=1)
 def _mixtral_pieces() -> tuple[str, ...]:
-    import sentencepiece
-
     from mixtral.tokenizer import default_tokenizer
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(default_tokenizer().model_file))
-    return tuple(sp.id_to_piece(i) for i in range(sp.get_piece_size()))
+    return default_tokenizer().pieces()
 

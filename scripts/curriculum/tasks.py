@@ -143,17 +143,17 @@ def json_answer_ids(values: dict[str, str]) -> list[int] | None:
     its way there. A value whose first piece has no twin (`\u2581Kevin`: the vocabulary has no
     `Kevin`) keeps the tokenizer's cut. None when JSON would escape a character."""
     tok = default_tokenizer()
-    space = tok.pieces().index("\u2581")  # the bare space, before a digit: dropped
-    twins: dict[int, int | None] = {**tok.twins(), space: None}
+    pieces, twins = tok.pieces(), tok.twins()
     ids = tok.encode('{"', bos=False)
     for n, (key, value) in enumerate(values.items()):
         if json.dumps(key, ensure_ascii=False) != f'"{key}"' or \
                 json.dumps(value, ensure_ascii=False) != f'"{value}"':
             return None
         copied = tok.encode(value, bos=False)  # as in the prompt, after a space
-        if copied and copied[0] in twins:
-            first = twins[copied[0]]
-            copied = ([] if first is None else [first]) + copied[1:]
+        if copied and pieces[copied[0]] == "\u2581":  # the bare space, before a digit
+            copied = copied[1:]
+        elif copied and copied[0] in twins:
+            copied = [twins[copied[0]], *copied[1:]]
         else:  # no twin: only a model that can spell `\u2581Kevin` writes `K evin`
             copied = _pieces(value)
         ids += ([] if n == 0 else _pieces('", "')) + _pieces(key) + _pieces('": "') + copied
