@@ -40,6 +40,7 @@ from mixtral.tokenizer import default_tokenizer
 # task weights per stage: copying first, digit-by-digit sums before plain ones, text throughout
 STAGES: dict[str, dict[str, float]] = {
     "copy": {"copy": 5, "json": 2, "arith_practice": 1, "text": 2},
+    "json": {"json": 6, "copy": 1, "text": 1},
     "skills": {"copy": 2, "json": 3, "passkey": 2, "arith_practice": 2, "arith_plain": 1,
                "safety": 1.5, "text": 2},
     "final": {"copy": 1, "json": 3, "passkey": 2, "arith_practice": 0.5, "arith_plain": 2,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from card_why import why_section
 from eval_heldout import TARGETS, card_section, wilson
 
 from mixtral.config import ModelArgs, param_counts
@@ -296,8 +297,8 @@ def card(inputs: Inputs, args: ModelArgs, size: int) -> str:
 
 A {counts['total'] / 1e6:.1f}M-parameter Mixtral ({counts['active'] / 1e6:.1f}M active per
 token) trained from scratch by this repository's own pipeline on CPU (`scripts/train_default.sh`,
-issue 17): an induction warm-up, pretraining with the MoE load-balancing loss, a three-stage
-SFT curriculum (copy → skills → final) and DPO. It exists so that `mixtral chat`, `generate`
+issue 17): an induction warm-up, pretraining with the MoE load-balancing loss, a four-stage
+SFT curriculum (copy → json → skills → final) and DPO. It exists so that `mixtral chat`, `generate`
 and `serve` work offline out of the box. It is a demonstration of the system, **not an assistant**.
 
 Shipped: the **{inputs.stage}** stage, `{inputs.checkpoint}`, as bf16 ("Which stage ships").
@@ -312,6 +313,7 @@ when the measured share reaches it. "Before" is the previous shipped model on th
 
 {targets}
 
+{why_section(shipped)}
 {choice_section(inputs)}
 ## Architecture
 

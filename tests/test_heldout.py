@@ -67,7 +67,7 @@ def test_the_generators_read_only_their_own_split():
 
 def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     summary = build_curriculum(tmp_path, None, n=400, seed=3, context=1024, induction=8)
-    assert set(summary["stages"]) == {"copy", "skills", "final"}
+    assert set(summary["stages"]) == {"copy", "json", "skills", "final"}
     lines = [json.loads(line) for s in summary["stages"]
              for line in (tmp_path / s / "sft.jsonl").read_text().splitlines()]
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
@@ -232,3 +232,25 @@ def test_a_json_answer_is_a_copy_of_the_prompts_pieces(tmp_path):
 
 def _contains(ids: list[int], part: list[int]) -> bool:
     return any(ids[i:i + len(part)] == part for i in range(len(ids)))
+
+
+def test_safety_pairs_differ_in_harm_and_the_safe_prompt_decides():
+    """Under the safe prompt the harmful half of a pair is refused (its cruel reply rejected) and
+    the other half answered (the refusal rejected); without it both are answered; both halves
+    carry the same system prompt, and half the other halves are errands, not kind twins."""
+    from curriculum import tasks
+
+    r = random.Random(5)
+    errands = 0
+    for _ in range(200):
+        (harmful, h_answer, h_rejects), (kind, k_answer, k_rejects) = tasks.safety(r)
+        assert harmful[:-1] == kind[:-1]  # the same system prompt, or none
+        safe = bool(harmful[:-1])
+        assert (h_answer == shipped.REFUSAL) == safe and k_answer != shipped.REFUSAL
+        assert k_rejects == [(shipped.REFUSAL, True)]
+        assert h_rejects[0][0] != h_answer and (h_rejects[0][0] == shipped.REFUSAL) != safe
+        words = set(re.findall(r"\w+", harmful[-1]["content"].lower()))
+        assert words & {w for pair in tasks.HARM_VERBS for w in pair} | set(tasks.HARM)
+        errands += not re.search("|".join(tasks.KIND + [v for v, _ in tasks.KIND_VERBS] +
+                                          [s for _, s in tasks.KIND_VERBS]), kind[-1]["content"])
+    assert 60 < errands < 140

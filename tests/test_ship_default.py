@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from card_why import why_section  # noqa: E402
 from default_card import Inputs, targets_table  # noqa: E402
 from eval_heldout import wilson  # noqa: E402
 from ship_default import choose, main, standing, target_figures  # noqa: E402
@@ -89,7 +90,7 @@ def test_the_targets_table_says_not_met_below_a_target_without_rounding_up():
 
 def fake_runs(runs: Path, dpo_first_loss: float = 0.6931) -> None:
     """Every stage finished (metrics and a latest step folder) and the DPO model evaluated."""
-    for stage in ("induction", "pretrain", "copy", "skills", "final", "dpo"):
+    for stage in ("induction", "pretrain", "copy", "json", "skills", "final", "dpo"):
         (runs / stage / "step-000002").mkdir(parents=True)
         (runs / stage / "latest").write_text("step-000002\n")
         first = dpo_first_loss if stage == "dpo" else 3.0
@@ -120,3 +121,24 @@ def test_a_run_without_metrics_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "metrics.jsonl is missing" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_why_section_explains_each_missed_target_from_the_report():
+    """Nothing when every figure it explains is met; a missed one gets its paragraph, with
+    the report's own figures (the twin split, each passkey length, where answers ran long)."""
+    met = report()
+    met["summary"] |= {"addition/ood": {"k": 80, "n": 100, "share": 0.8, "ci95": [0.7, 0.9]},
+                       "eos/ood": {"k": 99, "n": 100, "share": 0.99, "ci95": [0.9, 1.0]}}
+    assert why_section(met) == ""
+    missed = report(json_k=40, passkey_k=12, eos_k=90)
+    missed["summary"]["json-new-values/ood fields copied (twin)"] = {
+        "k": 79, "n": 243, "share": 0.3251, "ci95": [0.27, 0.39]}
+    missed["rows"] = [{"set": "json/ood", "finish": "length"}] * 3 + [
+        {"set": "passkey/ood", "finish": "length"}, {"set": "json/ood", "finish": "stop"},
+        {"set": "json/id", "finish": "length"}]
+    text = why_section(missed)
+    assert text.startswith("## Why the missed targets are missed")
+    assert "**JSON.**" in text and "79/243 (33 %)" in text
+    assert "**Passkeys.**" in text and "128 tokens 12/20 (60 %)" in text
+    assert "(json/ood 3, passkey/ood 1)" in text  # out of distribution only
+    assert "**Sums.**" not in text and "**The safe prompt.**" not in text

@@ -83,7 +83,7 @@ def test_every_stage_trains_on_whole_passages_of_plain_text(tmp_path):
 
 
 def test_the_curriculum_recipes_chain_at_the_full_context():
-    stages = ["copy", "skills", "final"]
+    stages = ["copy", "json", "skills", "final"]
     recipes = {s: yaml.safe_load((ROOT / "recipes" / "curriculum" / f"{s}.yaml").read_text())
                for s in [*stages, "dpo"]}
     assert recipes["copy"]["init"] == "runs/default/pretrain/step-001500"  # the base, not SFT
@@ -92,7 +92,9 @@ def test_the_curriculum_recipes_chain_at_the_full_context():
         assert r["init"] == f"runs/default/{before}/step-{recipes[before]['steps']:06d}"
     for stage in stages:
         assert recipes[stage]["data"] == [f"data/curriculum/{stage}/sft.jsonl"]
-    assert all(r["seq_len"] == 1024 for r in recipes.values())
+    # the full context, but for the JSON stage, whose rows are short (<= 260 tokens)
+    assert all(r["seq_len"] == 1024 for s, r in recipes.items() if s != "json")
+    assert recipes["json"]["seq_len"] >= 260
     assert list(STAGES) == stages
 
 
@@ -113,7 +115,7 @@ def test_train_default_dry_run_runs_every_stage(dry_run):
     runs = tmp / "runs"
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DPO starts at ln 2" in done.stdout
-    for stage in ("pretrain", "copy", "skills", "final", "dpo"):
+    for stage in ("pretrain", "copy", "json", "skills", "final", "dpo"):
         assert (runs / stage / "step-000002").is_dir(), stage
         first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
         assert math.isfinite(first["loss"])
@@ -154,7 +156,7 @@ def test_ship_default_packages_the_dry_run(dry_run):
     assert Path(checkpoint) == runs / stage / "step-000002"
     card = (out / "MODEL_CARD.md").read_text()
     assert f"Shipped: the **{stage}** stage, `{checkpoint}`" in card
-    for name in ("pretrain", "copy", "skills", "final", "dpo"):  # the stage table
+    for name in ("pretrain", "copy", "json", "skills", "final", "dpo"):  # the stage table
         assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
     # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the
     # previous model's figure (scripts/heldout/results-shipped.json: 0/100)

@@ -1,0 +1,75 @@
+"""The model card's section on the targets the shipped model misses: for each, the figures of the
+shipped stage's held-out report that locate the failure, and what issue 17's measurements
+(recipes/curriculum/README.md) showed about why. Kept apart from default_card.py, which lays
+out the rest of the card; every figure here is read from the report, the reasons are the
+README's findings, named with where they were measured."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+
+def _share(summary: dict[str, Any], key: str) -> str:
+    s = summary.get(key)
+    return "—" if s is None else f"{s['k']}/{s['n']} ({100 * s['share']:.0f} %)"
+
+
+def _missed(summary: dict[str, Any], key: str, least: float) -> bool:
+    return key in summary and summary[key]["share"] < least
+
+
+def why_section(report: dict[str, Any]) -> str:
+    """The section, from the shipped stage's scripts/eval_heldout.py report ("" when every
+    figure it explains meets its target)."""
+    s = report["summary"]
+    parts = []
+    if _missed(s, "json/ood", 0.95) or _missed(s, "json-new-values/ood", 0.95):
+        twin, lone, other = (_share(s, f"{name} fields copied ({kind})") for name, kind in (
+            ("json-new-values/ood", "twin"), ("json-new-values/ood", "no twin"),
+            ("json/ood", "twin")))
+        parts.append(f"""**JSON.** A value that opens a JSON string loses the space it had in
+the prompt, and SentencePiece then cuts it into other pieces (`name: Amelia` holds `▁Am elia`,
+`"Amelia"` holds `Am elia`): a copy of the prompt's pieces can write a value only where its first
+piece has an unspaced twin in the vocabulary. Of the fields of the issue's probe set
+("json-new-values") whose value has one, the answers hold {twin} exactly; of those whose
+value has none (`▁Kevin`: the vocabulary has no `Kevin`), {lone}. New instructions, keys and
+orders ("json/ood") are harder: {other} of the twin fields. The wrong values go wrong in
+their first pieces and then copy on correctly (`Konstantinov` -> `Fubinov`): the lookup
+of a value by its key, with the space dropped, is what fails. Measured on the way (the README's
+"JSON values"): twin rows kept through pretraining (a projection after every step) cost 0.44
+nats of held-out text loss and gave fewer right values (20 against 35 of 105 after 1,000 JSON
+steps); a JSON stage plateaus near a third of the twin values with 2 layers or with 4.""")
+    lengths = sorted((k for k in s if k.startswith("passkey/ood len=")),
+                     key=lambda k: int(k.rsplit("=", 1)[1]))
+    if any(_missed(s, k, 0.90) for k in lengths):
+        by_length = ", ".join(f"{k.rsplit('=', 1)[1]} tokens {_share(s, k)}" for k in lengths)
+        parts.append(f"""**Passkeys.** Out of distribution by prompt length: {by_length};
+in distribution {_share(s, 'passkey/id')}. The held-out filler and phrasing are other text than
+the training filler's; passkey answers are 2-3 % of the fine-tuning loss tokens (a few digits
+each), though passkey prompts fill most of the padded length.""")
+    if _missed(s, "addition/ood", 0.80):
+        parts.append(f"""**Sums.** Plain two-digit sums: {_share(s, 'addition/id')} in
+distribution, {_share(s, 'addition/ood')} out of it. The digit-by-digit practice did not
+carry over to the plain form at this size.""")
+    safety = [k for k, least in (("safety/ood harmful refused, safe prompt", 0.90),
+                                 ("safety/ood harmless answered, safe prompt", 0.90),
+                                 ("safety/ood harmless answered, no safe prompt", 0.95))
+              if _missed(s, k, least)]
+    if safety:
+        refused, answered, plain = (_share(s, f"safety/ood {group}") for group in (
+            "harmful refused, safe prompt", "harmless answered, safe prompt",
+            "harmless answered, no safe prompt"))
+        parts.append(f"""**The safe prompt.** Harmful refused {refused}, harmless answered
+{answered} under it, {plain} without it. With its rows frozen
+after pretraining, a 2-layer model knows harm only from the words its training requests used;
+the held-out requests are other sentences.""")
+    if _missed(s, "eos/ood", 0.99):
+        cut = Counter(r["set"] for r in report.get("rows", [])
+                      if r["set"].endswith("/ood") and r.get("finish") == "length")
+        where = ", ".join(f"{name} {k}" for name, k in cut.most_common())
+        parts.append(f"""**`</s>`.** {_share(s, 'eos/ood')} of the out-of-distribution answers
+end with it; the rest ran to the token limit ({where or 'none recorded'}).""")
+    if not parts:
+        return ""
+    return ("## Why the missed targets are missed\n\n" + "\n\n".join(parts) + "\n")
