@@ -40,11 +40,11 @@ from mixtral.tokenizer import default_tokenizer
 # task weights per stage: copying first, digit-by-digit sums before plain ones, text throughout
 STAGES: dict[str, dict[str, float]] = {
     "copy": {"copy": 5, "json": 2, "arith_practice": 1, "text": 2},
-    "json": {"json": 6, "copy": 1, "text": 1},
+    "json": {"json": 9, "text": 1},
     "skills": {"copy": 2, "json": 3, "passkey": 2, "arith_practice": 2, "arith_plain": 1,
                "safety": 1.5, "text": 2},
     "final": {"copy": 1, "json": 3, "passkey": 2, "arith_practice": 0.5, "arith_plain": 2,
-              "safety": 2, "text": 2},
+              "safety": 2, "text": 2, "example": 0.15},
 }
 
 
@@ -118,7 +118,8 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
         "copy": lambda: tasks.copy(r), "json": lambda: tasks.json_object(r),
         "passkey": lambda: tasks.passkey(r, filler, max_chars),
         "arith_practice": lambda: tasks.arith_practice(r),
-        "arith_plain": lambda: tasks.arith_plain(r), "safety": safety}
+        "arith_plain": lambda: tasks.arith_plain(r), "safety": safety,
+        "example": lambda: tasks.source_example(r)}
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "
                      "left out and the passkey filler is the landmark protocol's"}
@@ -139,7 +140,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
                     messages, answer, rejects = makers[name]()
                     row: dict[str, object] = {"task": name, "messages": messages + [
                         {"role": "assistant", "content": answer}]}
-                    if name == "json":  # the answer as a copy of the prompt's pieces
+                    if name in ("json", "example"):  # the answer as a copy of the prompt's pieces
                         row |= _id_row(messages, tasks.json_answer_ids(json.loads(answer)))
                     sft.write(json.dumps(row, ensure_ascii=False) + "\n")
                     for rejected, _ in rejects if stage == "final" else []:

@@ -72,7 +72,7 @@ def test_the_curriculum_writes_no_evaluation_value(tmp_path):
              for line in (tmp_path / s / "sft.jsonl").read_text().splitlines()]
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert {row["task"] for row in lines} == {"copy", "json", "passkey", "arith_practice",
-                                              "arith_plain", "safety"}  # no corpus: no text
+                                              "arith_plain", "safety", "example"}  # no text
     text = json.dumps(lines, ensure_ascii=False)
     words = set(re.findall(r"\w+", text))
     # every evaluation name of 6+ letters, except those that are one piece of the vocabulary:
