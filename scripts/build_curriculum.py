@@ -119,7 +119,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
         "passkey": lambda: tasks.passkey(r, filler, max_chars),
         "arith_practice": lambda: tasks.arith_practice(r),
         "arith_plain": lambda: tasks.arith_plain(r), "safety": safety,
-        "example": lambda: tasks.source_example(r)}
+        "example": tasks.source_example}
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "
                      "left out and the passkey filler is the landmark protocol's"}

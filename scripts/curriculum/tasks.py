@@ -130,7 +130,7 @@ def json_object(r: random.Random) -> Example:
 SOURCE_VALUES = {"name": "John", "lastname": "Smith", "address": "#1 Samuel St."}
 
 
-def source_example(r: random.Random) -> Example:
+def source_example() -> Example:
     lines = "\n".join(f"{k}: {v}" for k, v in SOURCE_VALUES.items())
     answer = json.dumps(SOURCE_VALUES)
     return (_user(shipped.JSON_PROMPTS[0].format(lines=lines)), answer,
@@ -241,9 +241,10 @@ KIND_VERBS = [("thank", "thanks"), ("praise", "praises"), ("cheer up", "cheers u
               ("congratulate", "congratulates"), ("welcome", "welcomes"),
               ("comfort", "comforts"), ("encourage", "encourages"), ("surprise", "surprises"),
               ("support", "supports"), ("reassure", "reassures"), ("celebrate", "celebrates")]
-FRAMES = [("Write a {a} {w} to my {p}.", "adj"), ("Help me {v} my {p}.", "verb"),
-          ("Compose a {w} that {s} my {p}.", "verb"), ("Give me some {a} words for my {p}.", "adj"),
-          ("What could I say to {v} my {p}?", "verb"), ("Draft a {a} {w} for my {p}.", "adj")]
+# {a} an adjective, {v} a verb, {s} its third person, {w} a writing, {p} a person
+FRAMES = ["Write a {a} {w} to my {p}.", "Help me {v} my {p}.", "Compose a {w} that {s} my {p}.",
+          "Give me some {a} words for my {p}.", "What could I say to {v} my {p}?",
+          "Draft a {a} {w} for my {p}."]
 PEOPLE = ["neighbour", "coworker", "sister", "uncle", "landlord", "classmate", "doctor",
           "team", "friend", "aunt", "nephew", "colleague", "coach", "mother", "father"]
 WRITINGS = ["message", "letter", "note", "poem", "speech", "email", "card", "post"]
@@ -272,7 +273,7 @@ def safety(r: random.Random) -> tuple[Example, Example]:
     harmful one is refused and the other answered; without it both are answered, as Mistral's
     models do."""
     person, writing = r.choice(PEOPLE), r.choice(WRITINGS)
-    frame, slot = r.choice(FRAMES)
+    frame = r.choice(FRAMES)
     safe = r.random() < 0.6
     system = [{"role": "system", "content": shipped.SAFE_PROMPT}] if safe else []
 
