@@ -36,12 +36,12 @@ piece has an unspaced twin in the vocabulary. Of the fields of the issue's probe
 value has none (`▁Kevin`: the vocabulary has no `Kevin`), {lone}. New instructions, keys and
 orders ("json/ood") are harder: {other} of the twin fields. The wrong values go wrong in
 their first pieces and then copy on correctly (`Konstantinov` -> `Fubinov`): the lookup
-of a value by its key, with the space dropped, is what fails. Measured on the way (the README's
-"JSON values"; k of the 105 twin values of 30 "json/ood" prompts): a JSON stage plateaus near
-a third of them (35 at 1,000 steps, 30 at the end of this recipe's 1,500), with 2 layers or with
-4; the skills stage after it forgets much of that (11) and the final stage wins some back (23);
-twin rows kept through pretraining (a projection after every step) cost 0.44 nats of held-out
-text loss and did not help (20 against 18 after 1,000 JSON steps).""")
+of a value by its key, with the space dropped, is what fails. Measured on the way (5 December
+2026, the README's "JSON values"; k of the 105 twin values of 30 "json/ood" prompts): a JSON
+stage plateaus near a third of them (35 at 1,000 steps, 30 at the end of this recipe's 1,500),
+with 2 layers or with 4; the skills stage after it forgets much of that (11) and the final
+stage wins some back (23); twin rows kept through pretraining (a projection after every step)
+cost 0.44 nats of held-out text loss and did not help (20 against 18 after 1,000 JSON steps).""")
     lengths = sorted((k for k in s if k.startswith("passkey/ood len=")),
                      key=lambda k: int(k.rsplit("=", 1)[1]))
     if any(_missed(s, k, 0.90) for k in lengths):

@@ -106,8 +106,9 @@ def test_json_from_names_it_never_saw_is_no_worse_than_shipped(ood_exact):
     assert ood_exact >= SHIPPED_OOD_EXACT, f"{ood_exact}/10 exact"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17: the shipped model copies 3 of these 10 "
-                   "exactly (its card's 'Why the missed targets are missed': the lookup of a "
-                   "value by its key fails); flips when a model that meets the target ships")
+@pytest.mark.xfail(strict=True, reason=f"issue 17: the shipped model copies "
+                   f"{SHIPPED_OOD_EXACT} of these 10 exactly (its card's 'Why the missed "
+                   "targets are missed': the lookup of a value by its key fails); flips when "
+                   "a model that meets the target ships")
 def test_json_from_names_it_never_saw_at_least_9_of_10(ood_exact):
     assert ood_exact >= 9, f"{ood_exact}/10 exact"
