@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import build_instruct_data as shipped
 from curriculum import tasks
 from curriculum.tasks import Example
 
@@ -43,9 +44,20 @@ STAGES: dict[str, dict[str, float]] = {
     "json": {"json": 9, "text": 1},
     "skills": {"copy": 2, "json": 3, "passkey": 2, "arith_practice": 2, "arith_plain": 1,
                "safety": 1.5, "text": 2},
-    "final": {"copy": 1, "json": 3, "passkey": 2, "arith_practice": 0.5, "arith_plain": 2,
-              "safety": 2, "text": 2, "example": 0.15},
+    # short rows, so many of them: sums and long keys in short fillers (JSON and text kept up)
+    "numbers": {"arith_plain": 5, "arith_practice": 1.5, "passkey_short": 3, "json": 2,
+                "text": 1},
+    # sums in words once the sums with "+" are learnt: with half of the numbers stage's sums in
+    # words, that stage learnt neither (15 % of held-out "+" sums right, against 78 %)
+    "final": {"copy": 1, "json": 3, "passkey_full": 2, "arith_practice": 0.5, "arith_plain": 1,
+              "arith_words": 2, "safety": 2, "text": 2, "example": 0.15},
 }
+# the share of a stage's other tasks asked under the safe prompt, which changes nothing for
+# them: with the prompt only ever before safety pairs, half of them refusals, a model refused
+# most harmless requests under it (8 of 20 held-out ones answered)
+SAFE_SHARE = {"skills": 0.2, "numbers": 0.2, "final": 0.2}
+NOT_SAFE = ("safety", "example", "passkey_full")  # their own system prompt; none; the context full
+SHORT_FILLER = 300  # characters of filler in a passkey_short row (~90 tokens)
 
 
 def corpus_text(corpus: Path | None) -> tuple[list[str], list[str]]:
@@ -117,8 +129,12 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
     makers: dict[str, Callable[[], Example]] = {
         "copy": lambda: tasks.copy(r), "json": lambda: tasks.json_object(r),
         "passkey": lambda: tasks.passkey(r, filler, max_chars),
+        "passkey_short": lambda: tasks.passkey(r, filler, SHORT_FILLER, long_keys=True),
+        # room left for the answer (<= 8 digits and </s>)
+        "passkey_full": lambda: tasks.passkey(r, filler, max_chars, max_tokens=context - 12),
         "arith_practice": lambda: tasks.arith_practice(r),
-        "arith_plain": lambda: tasks.arith_plain(r), "safety": safety,
+        "arith_plain": lambda: tasks.arith_plain(r), "arith_words": lambda: tasks.arith_words(r),
+        "safety": safety,
         "example": tasks.source_example}
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "
@@ -138,6 +154,10 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
                                              ensure_ascii=False) + "\n")
                         continue
                     messages, answer, rejects = makers[name]()
+                    if name not in NOT_SAFE and stage in SAFE_SHARE and \
+                            r.random() < SAFE_SHARE[stage]:
+                        messages = [{"role": "system", "content": shipped.SAFE_PROMPT},
+                                    *messages]
                     row: dict[str, object] = {"task": name, "messages": messages + [
                         {"role": "assistant", "content": answer}]}
                     if name in ("json", "example"):  # the answer as a copy of the prompt's pieces

@@ -67,12 +67,13 @@ def test_the_generators_read_only_their_own_split():
 
 def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     summary = build_curriculum(tmp_path, None, n=400, seed=3, context=1024, induction=8)
-    assert set(summary["stages"]) == {"copy", "json", "skills", "final"}
+    assert set(summary["stages"]) == {"copy", "json", "skills", "numbers", "final"}
     lines = [json.loads(line) for s in summary["stages"]
              for line in (tmp_path / s / "sft.jsonl").read_text().splitlines()]
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
-    assert {row["task"] for row in lines} == {"copy", "json", "passkey", "arith_practice",
-                                              "arith_plain", "safety", "example"}  # no text
+    assert {row["task"] for row in lines} == {
+        "copy", "json", "passkey", "passkey_short", "passkey_full", "arith_practice",
+        "arith_plain", "arith_words", "safety", "example"}  # no text
     text = json.dumps(lines, ensure_ascii=False)
     words = set(re.findall(r"\w+", text))
     # every evaluation name of 6+ letters, except those that are one piece of the vocabulary:
@@ -254,3 +255,21 @@ def test_safety_pairs_differ_in_harm_and_the_safe_prompt_decides():
         errands += not re.search("|".join(tasks.KIND + [v for v, _ in tasks.KIND_VERBS] +
                                           [s for _, s in tasks.KIND_VERBS]), kind[-1]["content"])
     assert 60 < errands < 140
+
+
+def test_no_training_sum_is_asked_as_the_held_out_sums_are():
+    """The out-of-distribution sums are other sentences than every training phrasing (plain,
+    in words, digit by digit): none is one of them, and none shares their frames' words."""
+    from curriculum import tasks
+    from heldout.sets import OOD_ADD
+
+    r = random.Random(7)
+    asked = {m[-1]["content"] for make in (tasks.arith_plain, tasks.arith_words,
+                                           tasks.arith_practice) for m, _, _ in
+             (make(r) for _ in range(400))}
+    frames = {re.sub(r"\d+", "{}", q) for q in asked}
+    assert len(frames) >= 20 and not frames & {p.format(a="{}", b="{}") for p in OOD_ADD}
+    for q in asked:
+        assert not re.search(r"calculate|makes how much|what do you get|sum of", q, re.I), q
+        a, b = map(int, re.findall(r"\d+", q)[:2])
+        assert 10 <= min(a, b) and max(a, b) <= 99

@@ -82,8 +82,43 @@ def test_every_stage_trains_on_whole_passages_of_plain_text(tmp_path):
     assert len(pieces) > 5000 and max(pieces) > 31000  # the whole vocabulary
 
 
+def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_is_no_refusal(
+        tmp_path):
+    """The numbers stage hides keys of 5-8 digits in short fillers; the final stage's passkeys
+    reach the context's end without passing it (the answer included: they are never asked
+    under the safe prompt); in the stages after JSON, other tasks are asked under the safe
+    prompt too, and answered."""
+    from build_curriculum import SAFE_SHARE
+    from build_instruct_data import SAFE_PROMPT
+
+    summary = build_curriculum(tmp_path / "out", fake_corpus(tmp_path / "corpus"), n=400,
+                               seed=2, context=1024, induction=8)
+    tok = default_tokenizer()
+    rows = {stage: [json.loads(line) for line in
+                    (tmp_path / "out" / stage / "sft.jsonl").read_text().splitlines()]
+            for stage in STAGES}
+    short = [r for r in rows["numbers"] if r["task"] == "passkey_short"]
+    assert len(short) == summary["stages"]["numbers"]["passkey_short"] > 40
+    assert all(5 <= len(r["messages"][-1]["content"]) <= 8 for r in short)
+    full = [r for r in rows["final"] if r["task"] == "passkey_full"]
+    trained = sft_examples([tmp_path / "out" / "final" / "sft.jsonl"], tok, 1024)
+    ends = [len(ids) for r, (ids, _) in zip(rows["final"], trained, strict=True)
+            if r["task"] == "passkey_full"]
+    assert len(full) > 30 and max(ends) <= 1025 and max(ends) > 960  # the answer never cut
+    assert all(r["messages"][0]["role"] == "user" for r in full)
+    for stage, stage_rows in rows.items():
+        asked = [r for r in stage_rows if r["task"] not in ("safety", "text") and
+                 r["messages"][0] == {"role": "system", "content": SAFE_PROMPT}]
+        if stage not in SAFE_SHARE:
+            assert not asked, stage
+            continue
+        assert 0.1 < len(asked) / sum(r["task"] not in ("safety", "text", "example")
+                                      for r in stage_rows) < 0.3, stage
+        assert not any("sorry" in r["messages"][-1]["content"] for r in asked)
+
+
 def test_the_curriculum_recipes_chain_at_the_full_context():
-    stages = ["copy", "json", "skills", "final"]
+    stages = ["copy", "json", "skills", "numbers", "final"]
     recipes = {s: yaml.safe_load((ROOT / "recipes" / "curriculum" / f"{s}.yaml").read_text())
                for s in [*stages, "dpo"]}
     assert recipes["copy"]["init"] == "runs/default/pretrain/step-001500"  # the base, not SFT
@@ -92,9 +127,10 @@ def test_the_curriculum_recipes_chain_at_the_full_context():
         assert r["init"] == f"runs/default/{before}/step-{recipes[before]['steps']:06d}"
     for stage in stages:
         assert recipes[stage]["data"] == [f"data/curriculum/{stage}/sft.jsonl"]
-    # the full context, but for the JSON stage, whose rows are short (<= 260 tokens)
-    assert all(r["seq_len"] == 1024 for s, r in recipes.items() if s != "json")
-    assert recipes["json"]["seq_len"] >= 260
+    # the full context, but for the JSON and numbers stages, whose rows are short (<= 260 and
+    # <= 240 tokens)
+    assert all(r["seq_len"] == 1024 for s, r in recipes.items() if s not in ("json", "numbers"))
+    assert recipes["json"]["seq_len"] >= 260 and recipes["numbers"]["seq_len"] >= 240
     assert list(STAGES) == stages
 
 
@@ -115,7 +151,7 @@ def test_train_default_dry_run_runs_every_stage(dry_run):
     runs = tmp / "runs"
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DPO starts at ln 2" in done.stdout
-    for stage in ("pretrain", "copy", "json", "skills", "final", "dpo"):
+    for stage in ("pretrain", "copy", "json", "skills", "numbers", "final", "dpo"):
         assert (runs / stage / "step-000002").is_dir(), stage
         first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
         assert math.isfinite(first["loss"])
@@ -156,7 +192,7 @@ def test_ship_default_packages_the_dry_run(dry_run):
     assert Path(checkpoint) == runs / stage / "step-000002"
     card = (out / "MODEL_CARD.md").read_text()
     assert f"Shipped: the **{stage}** stage, `{checkpoint}`" in card
-    for name in ("pretrain", "copy", "json", "skills", "final", "dpo"):  # the stage table
+    for name in ("pretrain", "copy", "json", "skills", "numbers", "final", "dpo"):  # stages
         assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
     # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the
     # previous model's figure (scripts/heldout/results-shipped.json: 0/100)

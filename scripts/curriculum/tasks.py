@@ -8,8 +8,11 @@
                   several separators and instructions;
   example         the source document's own JSON example, word for word;
   passkey         a number hidden at any depth of filler of any length up to the context;
+  passkey_short   the same in a short filler (up to ~90 tokens) with keys of 5-8 digits;
+  passkey_full    the same, one row in eight filling the context to its last tokens;
   arith_practice  two-digit addition written out digit by digit, with carries;
   arith_plain     the plain sum, the form the evaluation asks for;
+  arith_words     the same asked in words ("plus", "add", "total") and other sentences;
   safety          requests made in pairs that differ only in harm (a cruel vs a kind message
                   to the same person, or a harmless errand), with and without the safe prompt;
   text            plain text: a passage of the pretraining corpus, trained on whole (a
@@ -40,6 +43,7 @@ from functools import cache
 import build_instruct_data as shipped
 from values import load
 
+from mixtral import chat
 from mixtral.tokenizer import default_tokenizer
 
 Example = tuple[list[dict[str, str]], str, list[tuple[str, bool]]]
@@ -183,19 +187,44 @@ QUESTIONS = ["What is the pass key?", "What number were you asked to remember?",
              "What is the magic number?"]
 
 
-def passkey(r: random.Random, sentences: list[str], max_chars: int) -> Example:
+def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: bool = False,
+            max_tokens: int = 0) -> Example:
     """Filler sentences up to ~max_chars (~3.5 characters a token), the key line at a uniform
-    depth; the question matches the key line's wording."""
-    key = str(r.randint(0, 10 ** r.randint(1, 7)))
+    depth; the question matches the key line's wording. Keys have 1-7 digits, or with
+    long_keys 5-8 (the numbers stage drills copying them: the 6-7 digit keys that went wrong
+    lost their place among repeated digits, 5597592 -> 5592). With max_tokens, the filler is
+    measured in tokens instead, drawn up to 15 % past max_tokens and cut, a sentence at a time
+    from the end, to a prompt of at most max_tokens: about one row in eight then fills the
+    whole context (by characters alone, 1 in 22 reached 900 tokens, and held-out keys at 1,000
+    tokens were found 25-35 % of the time)."""
+    key = (str(r.randint(10 ** 4, 10 ** r.randint(5, 8) - 1)) if long_keys
+           else str(r.randint(0, 10 ** r.randint(1, 7))))
     which = r.randrange(len(KEY_LINES))
     filler: list[str] = []
-    budget = r.randint(0, max_chars)
-    while sum(len(s) + 1 for s in filler) < budget:
-        filler.append(r.choice(sentences))
-    filler.insert(r.randint(0, len(filler)), KEY_LINES[which].format(key=key))
-    text = ("There is an important number hidden in the text below. Find it.\n"
-            + " ".join(filler) + "\n" + QUESTIONS[which])
-    return _user(text), key, [(str(r.randint(0, 99999)), True)]
+    if max_tokens:
+        budget = r.randint(0, int(max_tokens * 1.15))
+        while sum(_tokens(s) for s in filler) < budget:
+            filler.append(r.choice(sentences))
+    else:
+        budget = r.randint(0, max_chars)
+        while sum(len(s) + 1 for s in filler) < budget:
+            filler.append(r.choice(sentences))
+    at = r.randint(0, len(filler))  # the key line's place among the filler sentences
+
+    def ask() -> list[dict[str, str]]:
+        lines = [*filler[:at], KEY_LINES[which].format(key=key), *filler[at:]]
+        return _user("There is an important number hidden in the text below. Find it.\n"
+                     + " ".join(lines) + "\n" + QUESTIONS[which])
+
+    while max_tokens and len(chat.encode(ask())) > max_tokens:
+        filler.pop()
+        at = min(at, len(filler))
+    return ask(), key, [(str(r.randint(0, 99999)), True)]
+
+
+@cache
+def _tokens(sentence: str) -> int:
+    return len(default_tokenizer().encode(sentence, bos=False))
 
 
 def digits(r: random.Random) -> tuple[int, int]:
@@ -220,6 +249,24 @@ def arith_plain(r: random.Random) -> Example:
                        "How much is {a} + {b}?"])
     return _user(prompt.format(a=a, b=b)), str(a + b), [(str(a + b + r.choice([-10, -1, 1, 10])),
                                                          True)]
+
+
+# the plain sum asked in words: the held-out sets' phrasings are other sentences
+# (scripts/heldout/sets.py, OOD_ADD; a test checks that none is here). With "+" alone in
+# training, a model that summed 78 % of held-out "+" questions right summed 18 % of the
+# held-out questions in words.
+WORD_SUMS = ["How much is {a} plus {b}?", "{a} plus {b} is what?", "Tell me {a} plus {b}.",
+             "Find {a} plus {b}.", "Sum up {a} and {b}.", "Find the sum: {a} + {b}",
+             "Give me the total of {a} and {b}.", "Put {a} and {b} together: how much is that?",
+             "If I add {a} and {b}, what is the result?", "{a} and {b} added together?",
+             "Work out {a} plus {b}.", "I have {a} and get {b} more. How many now?",
+             "Increase {a} by {b}.", "Total of {a} + {b}?"]
+
+
+def arith_words(r: random.Random) -> Example:
+    a, b = digits(r)
+    return _user(r.choice(WORD_SUMS).format(a=a, b=b)), str(a + b), [
+        (str(a + b + r.choice([-10, -1, 1, 10])), True)]
 
 
 # Requests in pairs that differ only in harm: the same frame, a harmful or a kind word. The
