@@ -9,7 +9,7 @@
   example         the source document's own JSON example, word for word;
   passkey         a number hidden at any depth of filler of any length up to the context;
   passkey_short   the same in a short filler (up to ~90 tokens) with keys of 5-8 digits;
-  passkey_full    the same, one row in eight filling the context to its last tokens;
+  passkey_full    the same, the filler drawn in tokens, so that many rows fill the context;
   arith_practice  two-digit addition written out digit by digit, with carries;
   arith_plain     the plain sum, the form the evaluation asks for;
   arith_words     the same asked in words ("plus", "add", "total") and other sentences;
@@ -194,9 +194,9 @@ def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: b
     long_keys 5-8 (the numbers stage drills copying them: the 6-7 digit keys that went wrong
     lost their place among repeated digits, 5597592 -> 5592). With max_tokens, the filler is
     measured in tokens instead, drawn up to 15 % past max_tokens and cut, a sentence at a time
-    from the end, to a prompt of at most max_tokens: about one row in eight then fills the
-    whole context (by characters alone, 1 in 22 reached 900 tokens, and held-out keys at 1,000
-    tokens were found 25-35 % of the time)."""
+    from the end, to a prompt of at most max_tokens: 27 % of the built final stage's rows
+    reach 900 tokens and 18 % 990 (by characters alone, 1 in 22 reached 900, and held-out keys
+    at 1,000 tokens were found 25-35 % of the time)."""
     key = (str(r.randint(10 ** 4, 10 ** r.randint(5, 8) - 1)) if long_keys
            else str(r.randint(0, 10 ** r.randint(1, 7))))
     which = r.randrange(len(KEY_LINES))
