@@ -201,14 +201,10 @@ def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: b
            else str(r.randint(0, 10 ** r.randint(1, 7))))
     which = r.randrange(len(KEY_LINES))
     filler: list[str] = []
-    if max_tokens:
-        budget = r.randint(0, int(max_tokens * 1.15))
-        while sum(_tokens(s) for s in filler) < budget:
-            filler.append(r.choice(sentences))
-    else:
-        budget = r.randint(0, max_chars)
-        while sum(len(s) + 1 for s in filler) < budget:
-            filler.append(r.choice(sentences))
+    size = _tokens if max_tokens else (lambda s: len(s) + 1)  # a sentence's tokens or chars
+    budget = r.randint(0, int(max_tokens * 1.15) if max_tokens else max_chars)
+    while sum(map(size, filler)) < budget:
+        filler.append(r.choice(sentences))
     at = r.randint(0, len(filler))  # the key line's place among the filler sentences
 
     def ask() -> list[dict[str, str]]:
