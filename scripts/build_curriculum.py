@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import build_instruct_data as shipped
+from curriculum import safety as requests
 from curriculum import tasks
 from curriculum.tasks import Example
 
@@ -50,13 +51,14 @@ STAGES: dict[str, dict[str, float]] = {
     # sums in words once the sums with "+" are learnt: with half of the numbers stage's sums in
     # words, that stage learnt neither (15 % of held-out "+" sums right, against 78 %)
     "final": {"copy": 1, "json": 3, "passkey_full": 2, "arith_practice": 0.5, "arith_plain": 1,
-              "arith_words": 2, "safety": 2, "text": 2, "example": 0.15},
+              "arith_words": 2, "safety": 1, "harm": 2, "text": 2, "example": 0.15},
 }
 # the share of a stage's other tasks asked under the safe prompt, which changes nothing for
 # them: with the prompt only ever before safety pairs, half of them refusals, a model refused
 # most harmless requests under it (8 of 20 held-out ones answered)
 SAFE_SHARE = {"skills": 0.2, "numbers": 0.2, "final": 0.2}
-NOT_SAFE = ("safety", "example", "passkey_full")  # their own system prompt; none; the context full
+# their own system prompt; none; the context full
+NOT_SAFE = ("safety", "harm", "example", "passkey_full")
 SHORT_FILLER = 300  # characters of filler in a passkey_short row (~90 tokens)
 
 
@@ -119,12 +121,13 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
     passages, sentences = corpus_text(corpus)
     filler = sentences or list(landmark.FILLER)
     max_chars = int((context - 96) * 3.5)  # ~3.5 characters a token, room for the question
-    pending: list[Example] = []  # a safety pair's second half
+    pairs = {"safety": requests.safety, "harm": requests.harm}
+    pending: dict[str, list[Example]] = {name: [] for name in pairs}  # a pair's second half
 
-    def safety() -> Example:
-        if not pending:
-            pending.extend(tasks.safety(r))
-        return pending.pop(0)
+    def pair(name: str) -> Example:
+        if not pending[name]:
+            pending[name].extend(pairs[name](r))
+        return pending[name].pop(0)
 
     makers: dict[str, Callable[[], Example]] = {
         "copy": lambda: tasks.copy(r), "json": lambda: tasks.json_object(r),
@@ -134,7 +137,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
         "passkey_full": lambda: tasks.passkey(r, filler, max_chars, max_tokens=context - 12),
         "arith_practice": lambda: tasks.arith_practice(r),
         "arith_plain": lambda: tasks.arith_plain(r), "arith_words": lambda: tasks.arith_words(r),
-        "safety": safety,
+        "safety": lambda: pair("safety"), "harm": lambda: pair("harm"),
         "example": tasks.source_example}
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "

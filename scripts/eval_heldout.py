@@ -200,7 +200,7 @@ def main() -> None:
                    "checkpoint's)")
     p.add_argument("--n", type=int, default=100, help="cases in each JSON and addition set")
     p.add_argument("--per-cell", type=int, default=4,
-                   help="passkey keys per length x depth; x5 per safety group")
+                   help="passkey keys per length x depth; x10 per safety group")
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--json", type=Path, help="write the full report here")

@@ -73,7 +73,7 @@ def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert {row["task"] for row in lines} == {
         "copy", "json", "passkey", "passkey_short", "passkey_full", "arith_practice",
-        "arith_plain", "arith_words", "safety", "example"}  # no text
+        "arith_plain", "arith_words", "safety", "harm", "example"}  # no text
     text = json.dumps(lines, ensure_ascii=False)
     words = set(re.findall(r"\w+", text))
     # every evaluation name of 6+ letters, except those that are one piece of the vocabulary:
@@ -121,7 +121,7 @@ def test_the_sets_are_seeded_and_complete():
         counts[c.set] = counts.get(c.set, 0) + 1
     assert counts == {"json/id": 2, "json-new-values/ood": 2, "json/ood": 2, "addition/id": 2,
                       "addition/ood": 2, "passkey/id": 25, "passkey/ood": 25,
-                      "safety/id": 20, "safety/ood": 20}
+                      "safety/id": 40, "safety/ood": 40}
     for c in a:
         if c.set.startswith("passkey"):
             assert c.tags["tokens"] <= int(c.group.removeprefix("len="))
@@ -239,22 +239,75 @@ def test_safety_pairs_differ_in_harm_and_the_safe_prompt_decides():
     """Under the safe prompt the harmful half of a pair is refused (its cruel reply rejected) and
     the other half answered (the refusal rejected); without it both are answered; both halves
     carry the same system prompt, and half the other halves are errands, not kind twins."""
-    from curriculum import tasks
+    from curriculum import safety
 
     r = random.Random(5)
     errands = 0
     for _ in range(200):
-        (harmful, h_answer, h_rejects), (kind, k_answer, k_rejects) = tasks.safety(r)
+        (harmful, h_answer, h_rejects), (kind, k_answer, k_rejects) = safety.safety(r)
         assert harmful[:-1] == kind[:-1]  # the same system prompt, or none
         safe = bool(harmful[:-1])
         assert (h_answer == shipped.REFUSAL) == safe and k_answer != shipped.REFUSAL
         assert k_rejects == [(shipped.REFUSAL, True)]
         assert h_rejects[0][0] != h_answer and (h_rejects[0][0] == shipped.REFUSAL) != safe
         words = set(re.findall(r"\w+", harmful[-1]["content"].lower()))
-        assert words & {w for pair in tasks.HARM_VERBS for w in pair} | set(tasks.HARM)
-        errands += not re.search("|".join(tasks.KIND + [v for v, _ in tasks.KIND_VERBS] +
-                                          [s for _, s in tasks.KIND_VERBS]), kind[-1]["content"])
+        assert words & {w for pair in safety.HARM_VERBS for w in pair} | set(safety.HARM)
+        errands += not re.search("|".join(safety.KIND + [v for v, _ in safety.KIND_VERBS] +
+                                          [s for _, s in safety.KIND_VERBS]), kind[-1]["content"])
     assert 60 < errands < 140
+
+
+def test_broad_pairs_share_all_but_the_act_and_acts_are_asked_only_under_the_safe_prompt():
+    """`harm`: the harmful request is refused under the safe prompt (a compliant reply rejected)
+    and answered without it only when it is a writing; its twin and the third request are
+    answered, with no refusal word; an act's twin differs from it in the act alone."""
+    from curriculum import safety
+
+    r = random.Random(8)
+    pairs = [(b.format(my="my", p=p), g.format(my="my", p=p)) for p in safety.PEOPLE
+             for b, g in safety.ACTS_ON_PEOPLE + safety.ACTS_ON_THINGS]
+    twins = unsafe = 0
+    for _ in range(600):
+        (harmful, h_answer, h_rejects), *others = safety.harm(r)
+        safe = bool(harmful[:-1])
+        assert (h_answer == shipped.REFUSAL) == safe and h_rejects[0][0] != h_answer
+        for messages, answer, rejects in others:
+            assert messages[:-1] == harmful[:-1]
+            assert answer != shipped.REFUSAL and not score(Case("", [], "refused"), answer)
+            assert rejects == [(shipped.REFUSAL, True)]
+        ask, twin = harmful[-1]["content"], others[0][0][-1]["content"]
+        acts = [(b, g) for b, g in pairs if b in ask]
+        if acts:
+            assert safe, ask
+            twins += any(twin == ask.replace(b, g) for b, g in acts)
+        unsafe += not safe
+    assert twins > 300 and 30 < unsafe < 150
+
+
+def test_no_held_out_request_shares_three_words_with_a_broad_training_one():
+    """The broad pairs were written without reading the held-out requests; a run of three words
+    in common (a frame, or a word list's phrase) would make a held-out request half a training
+    one. (The narrow pairs' six frames predate the check and share a few, e.g. "compose a poem".)"""
+    from curriculum import safety
+
+    def runs(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"[a-z']+", text.lower())
+        return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+
+    r = random.Random(6)
+    asked = {half[0][-1]["content"] for _ in range(4000) for half in safety.harm(r)}
+    assert len(asked) > 3000
+    seen = set().union(*map(runs, asked))
+    assert not [q for q in OOD_HARMFUL + OOD_HARMLESS if runs(q) & seen]
+
+
+def test_a_safety_groups_cases_are_distinct_requests():
+    cases = [c for c in build(n=2, seed=11, per_cell=4) if c.set == "safety/ood"]
+    groups = {c.group for c in cases}
+    assert len(groups) == 4 and len(set(OOD_HARMFUL)) == len(OOD_HARMFUL) >= 40
+    for group in groups:
+        asked = [c.messages[-1]["content"] for c in cases if c.group == group]
+        assert len(asked) == len(set(asked)) == 40
 
 
 def test_no_training_sum_is_asked_as_the_held_out_sums_are():

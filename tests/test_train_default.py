@@ -107,12 +107,12 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
     assert len(full) > 30 and max(ends) <= 1025 and max(ends) > 960  # the answer never cut
     assert all(r["messages"][0]["role"] == "user" for r in full)
     for stage, stage_rows in rows.items():
-        asked = [r for r in stage_rows if r["task"] not in ("safety", "text") and
+        asked = [r for r in stage_rows if r["task"] not in ("safety", "harm", "text") and
                  r["messages"][0] == {"role": "system", "content": SAFE_PROMPT}]
         if stage not in SAFE_SHARE:
             assert not asked, stage
             continue
-        assert 0.1 < len(asked) / sum(r["task"] not in ("safety", "text", "example")
+        assert 0.1 < len(asked) / sum(r["task"] not in ("safety", "harm", "text", "example")
                                       for r in stage_rows) < 0.3, stage
         assert not any("sorry" in r["messages"][-1]["content"] for r in asked)
 

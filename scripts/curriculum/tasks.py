@@ -13,8 +13,8 @@
   arith_practice  two-digit addition written out digit by digit, with carries;
   arith_plain     the plain sum, the form the evaluation asks for;
   arith_words     the same asked in words ("plus", "add", "total") and other sentences;
-  safety          requests made in pairs that differ only in harm (a cruel vs a kind message
-                  to the same person, or a harmless errand), with and without the safe prompt;
+  safety, harm    requests in pairs that differ only in harm, with and without the safe
+                  prompt (curriculum/safety.py);
   text            plain text: a passage of the pretraining corpus, trained on whole (a
                   {"text": ...} row, not a chat), so that every fine-tuning stage keeps text
                   modelling alive.
@@ -263,78 +263,6 @@ def arith_words(r: random.Random) -> Example:
     a, b = digits(r)
     return _user(r.choice(WORD_SUMS).format(a=a, b=b)), str(a + b), [
         (str(a + b + r.choice([-10, -1, 1, 10])), True)]
-
-
-# Requests in pairs that differ only in harm: the same frame, a harmful or a kind word. The
-# words and frames are the training generator's own; the held-out sets (scripts/heldout/) are
-# other sentences (a 2-layer model with frozen rows only knows harm from the words it was shown,
-# so the lists are broad: one frame and six adjectives taught a model to refuse every request
-# under the safe prompt, 0 of 20 held-out harmless ones answered).
-HARM = ["cruel", "insulting", "humiliating", "hateful", "nasty", "spiteful", "mean", "vicious",
-        "rude", "degrading", "demeaning", "bullying", "abusive", "scornful"]
-KIND = ["kind", "friendly", "warm", "encouraging", "polite", "cheerful", "gentle", "thoughtful",
-        "caring", "grateful", "supportive", "sweet", "heartfelt", "generous"]
-# (verb, its third person) for "Help me ... my X" and "a note that ... my X"
-HARM_VERBS = [("insult", "insults"), ("bully", "bullies"), ("belittle", "belittles"),
-              ("shame", "shames"), ("ridicule", "ridicules"), ("scare", "scares"),
-              ("harass", "harasses"), ("demean", "demeans"), ("offend", "offends"),
-              ("embarrass", "embarrasses"), ("intimidate", "intimidates"),
-              ("upset", "upsets"), ("torment", "torments"), ("frighten", "frightens")]
-KIND_VERBS = [("thank", "thanks"), ("praise", "praises"), ("cheer up", "cheers up"),
-              ("congratulate", "congratulates"), ("welcome", "welcomes"),
-              ("comfort", "comforts"), ("encourage", "encourages"), ("surprise", "surprises"),
-              ("support", "supports"), ("reassure", "reassures"), ("celebrate", "celebrates")]
-# {a} an adjective, {v} a verb, {s} its third person, {w} a writing, {p} a person
-FRAMES = ["Write a {a} {w} to my {p}.", "Help me {v} my {p}.", "Compose a {w} that {s} my {p}.",
-          "Give me some {a} words for my {p}.", "What could I say to {v} my {p}?",
-          "Draft a {a} {w} for my {p}."]
-PEOPLE = ["neighbour", "coworker", "sister", "uncle", "landlord", "classmate", "doctor",
-          "team", "friend", "aunt", "nephew", "colleague", "coach", "mother", "father"]
-WRITINGS = ["message", "letter", "note", "poem", "speech", "email", "card", "post"]
-KIND_REPLIES = ["Dear {p}, thank you for everything you do. I hope your day is wonderful!",
-                "Hello {p}! I really appreciate you. Have a lovely week.",
-                "To my {p}: you make things better for everyone around you. Thank you!"]
-CRUEL_REPLIES = ["Dear {p}, you are a useless bore.", "To my {p}: nobody likes you.",
-                 "Hey {p}, you ruin everything."]
-# harmless requests of other kinds, answered with or without the safe prompt
-ERRANDS = [("Recommend a {x} for a {t}.", ["book", "film", "board game", "recipe", "walk"],
-            ["quiet evening", "long journey", "sunny day", "weekend", "cold night"],
-            "A {x} for a {t}: pick one you have never tried, keep it simple, and enjoy it!"),
-           ("Tell me a fun fact about {x}.", ["the sea", "the moon", "owls", "bees", "volcanoes",
-            "rivers", "trains", "clouds"], [""], "Here is one about {x}: there is always more "
-            "to learn, and people find something new every year."),
-           ("Help me plan a {x} for my {t}.", ["picnic", "small party", "day out", "dinner"],
-            PEOPLE, "Pick a day your {t} is free, choose a place you both like, and keep the "
-            "{x} relaxed and fun!"),
-           ("How can I make my {x} nicer?", ["garden", "desk", "kitchen", "room", "balcony"],
-            [""], "Clear a little space, add something green, and keep your {x} tidy. Enjoy!")]
-
-
-def safety(r: random.Random) -> tuple[Example, Example]:
-    """A pair under the same system prompt (safe or not): a harmful request, then the same
-    frame with a kind word (or, half the time, a harmless errand). Under the safe prompt the
-    harmful one is refused and the other answered; without it both are answered, as Mistral's
-    models do."""
-    person, writing = r.choice(PEOPLE), r.choice(WRITINGS)
-    frame = r.choice(FRAMES)
-    safe = r.random() < 0.6
-    system = [{"role": "system", "content": shipped.SAFE_PROMPT}] if safe else []
-
-    def request(words: list[str], verbs: list[tuple[str, str]]) -> str:
-        verb, third = r.choice(verbs)
-        return frame.format(a=r.choice(words), w=writing, p=person, v=verb, s=third)
-
-    cruel = r.choice(CRUEL_REPLIES).format(p=person)
-    harmful = (system + _user(request(HARM, HARM_VERBS)),
-               shipped.REFUSAL if safe else cruel,
-               [(cruel, True)] if safe else [(shipped.REFUSAL, True)])
-    if r.random() < 0.5:
-        kind = request(KIND, KIND_VERBS), r.choice(KIND_REPLIES).format(p=person)
-    else:
-        ask, xs, ts, reply = r.choice(ERRANDS)
-        x, t = r.choice(xs), r.choice(ts)
-        kind = ask.format(x=x, t=t), reply.format(x=x, t=t)
-    return harmful, (system + _user(kind[0]), kind[1], [(shipped.REFUSAL, True)])
 
 
 def text(r: random.Random, passages: list[str]) -> str:
