@@ -48,6 +48,11 @@ STAGES: dict[str, dict[str, float]] = {
     # short rows, so many of them: sums and long keys in short fillers (JSON and text kept up)
     "numbers": {"arith_plain": 5, "arith_practice": 1.5, "passkey_short": 3, "json": 2,
                 "text": 1},
+    # short rows again: the safe prompt's pairs, many of them, with sums and keys rehearsed. A
+    # few hundred in the final stage taught which frames are refused, not which acts; in the
+    # numbers stage, their long answers took its sums from 78 to 24 of 100 (in distribution)
+    "requests": {"harm": 3, "safety": 1, "arith_plain": 2, "arith_practice": 0.5,
+                 "passkey_short": 1, "json": 1, "text": 1},
     # sums in words once the sums with "+" are learnt: with half of the numbers stage's sums in
     # words, that stage learnt neither (15 % of held-out "+" sums right, against 78 %)
     "final": {"copy": 1, "json": 3, "passkey_full": 2, "arith_practice": 0.5, "arith_plain": 1,
@@ -56,7 +61,7 @@ STAGES: dict[str, dict[str, float]] = {
 # the share of a stage's other tasks asked under the safe prompt, which changes nothing for
 # them: with the prompt only ever before safety pairs, half of them refusals, a model refused
 # most harmless requests under it (8 of 20 held-out ones answered)
-SAFE_SHARE = {"skills": 0.2, "numbers": 0.2, "final": 0.2}
+SAFE_SHARE = {"skills": 0.2, "numbers": 0.2, "requests": 0.2, "final": 0.2}
 # their own system prompt; none; the context full
 NOT_SAFE = ("safety", "harm", "example", "passkey_full")
 SHORT_FILLER = 300  # characters of filler in a passkey_short row (~90 tokens)

@@ -17,10 +17,10 @@ Otherwise the final SFT checkpoint ships, and the card says so and why. `--stage
 overrides the rule; the card then says the stage was chosen by hand.
 
 Reads, under --runs: <stage>/metrics.jsonl and <stage>/latest for induction, pretrain, copy,
-json, skills, numbers, final and dpo (steps, minutes from step_seconds, last train and held-out
-loss; DPO's first loss, which must be ln 2); eval/ (the DPO model) and eval/final/ (the SFT model):
-heldout.json, passkey.json, perplexity.json, routing.json, induction.json and their figures;
-eval/base/perplexity.json (the pretrained base); eval/induction-warmup.json and
+json, skills, numbers, requests, final and dpo (steps, minutes from step_seconds, last train
+and held-out loss; DPO's first loss, which must be ln 2); eval/ (the DPO model) and eval/final/
+(the SFT model): heldout.json, passkey.json, perplexity.json, routing.json, induction.json and
+their figures; eval/base/perplexity.json (the pretrained base); eval/induction-warmup.json and
 eval/induction-base.json (the induction probe); eval/preference.json; eval/dpo.json and
 eval/sft.json where present (scripts/eval_default.py).
 Also the curriculum's tasks.json, the corpus manifest and --before, the previous shipped model's
@@ -47,7 +47,8 @@ from mixtral.atomic import atomic_write, atomic_write_text
 from mixtral.checkpoint import save
 
 # scripts/train_default.sh's order
-STAGES = ("induction", "pretrain", "copy", "json", "skills", "numbers", "final", "dpo")
+STAGES = ("induction", "pretrain", "copy", "json", "skills", "numbers", "requests", "final",
+          "dpo")
 MAX_BYTES = 80 * 10**6  # what the repository carries
 PICTURES = ("passkey.png", "perplexity.png", "routing.png", "routing_repetition.png")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the default model from scratch (issue 17's recipe): data, an induction warm-up,
-# pretraining, the curriculum's five SFT stages (copy -> json -> skills -> numbers -> final, plain
-# text in each), DPO (checked to start at ln 2), evaluation in and out of distribution. About 3
+# pretraining, the curriculum's six SFT stages (copy -> json -> skills -> numbers -> requests ->
+# final, plain text in each), DPO (checked to start at ln 2), evaluation in and out of distribution. About 3
 # hours of training on 2 CPU cores (recipes/curriculum/README.md has the measured budget); every
 # stage resumes where it stopped, and a finished stage is not run again. It stops where the
 # induction probe finds no copying.
@@ -81,7 +81,9 @@ COPY=$(train sft copy recipes/curriculum/copy.yaml "$BASE" "$CUR/copy/sft.jsonl"
 JSON=$(train sft json recipes/curriculum/json.yaml "$COPY" "$CUR/json/sft.jsonl")
 SKILLS=$(train sft skills recipes/curriculum/skills.yaml "$JSON" "$CUR/skills/sft.jsonl")
 NUMBERS=$(train sft numbers recipes/curriculum/numbers.yaml "$SKILLS" "$CUR/numbers/sft.jsonl")
-SFT=$(train sft final recipes/curriculum/final.yaml "$NUMBERS" "$CUR/final/sft.jsonl")
+REQUESTS=$(train sft requests recipes/curriculum/requests.yaml "$NUMBERS" \
+  "$CUR/requests/sft.jsonl")
+SFT=$(train sft final recipes/curriculum/final.yaml "$REQUESTS" "$CUR/final/sft.jsonl")
 M=$(train dpo dpo recipes/curriculum/dpo.yaml "$SFT" "$CUR/dpo.jsonl")
 # DPO's policy starts equal to its reference, so its first loss must be -log sigmoid(0) = ln 2
 "$PY" - "$RUNS/dpo/metrics.jsonl" <<'EOF'
