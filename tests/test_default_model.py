@@ -98,9 +98,9 @@ def ood_exact() -> int:
     return exact
 
 
-# the shipped model's count (its card: json-new-values 24/100; the model before it wrote 3 of
-# these 10 and 22 of the 100: ten records are a coarse floor)
-SHIPPED_OOD_EXACT = 2
+# the shipped model's count (its card: json-new-values 22/100; the model before it wrote 2 of
+# these 10 and 24 of the 100: ten records are a coarse floor)
+SHIPPED_OOD_EXACT = 3
 
 
 def test_json_from_names_it_never_saw_is_no_worse_than_shipped(ood_exact):
