@@ -31,8 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import build_instruct_data as shipped
-from curriculum import safety as requests
-from curriculum import tasks
+from curriculum import safety, tasks
 from curriculum.tasks import Example
 
 from mixtral import chat
@@ -126,7 +125,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
     passages, sentences = corpus_text(corpus)
     filler = sentences or list(landmark.FILLER)
     max_chars = int((context - 96) * 3.5)  # ~3.5 characters a token, room for the question
-    pairs = {"safety": requests.safety, "harm": requests.harm}
+    pairs = {"safety": safety.safety, "harm": safety.harm}
     pending: dict[str, list[Example]] = {name: [] for name in pairs}  # a pair's second half
 
     def pair(name: str) -> Example:
