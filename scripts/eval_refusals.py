@@ -8,8 +8,8 @@ but the act) and the ask of another kind, beside the held-out pools.
 
     python scripts/eval_refusals.py CHECKPOINT... [--n 120] [--seed 99] [--json OUT]
 
-(5 December 2026: a final stage with a few hundred broad pairs refused 58 of 70 fresh harmful
-requests and answered 105 of 105 asks, but only 35 of 105 twins: the frame decided.)
+(5 December 2026, runs/d10: a final stage with a few hundred broad pairs refused 87 of 105
+fresh harmful requests and answered 50 of 105 asks but only 11 of 105 twins: the frame decided.)
 """
 
 from __future__ import annotations

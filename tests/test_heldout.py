@@ -285,9 +285,9 @@ def test_broad_pairs_share_all_but_the_act_and_acts_are_asked_only_under_the_saf
 
 
 def test_no_held_out_request_shares_three_words_with_a_broad_training_one():
-    """The broad pairs were written without reading the held-out requests; a run of three words
-    in common (a frame, or a word list's phrase) would make a held-out request half a training
-    one. (The narrow pairs' six frames predate the check and share a few, e.g. "compose a poem".)"""
+    """A run of three words in common (a frame, or a word list's phrase) would make a held-out
+    request half a training one. (The narrow pairs' six frames predate the check and share a
+    few, e.g. "compose a poem".)"""
     from curriculum import safety
 
     def runs(text: str) -> set[tuple[str, ...]]:
