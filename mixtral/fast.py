@@ -299,6 +299,8 @@ def optimize(model: Transformer) -> Transformer:
     model.norm = fast_norm(model.norm)
     model.output = swap(model.output)  # type: ignore[assignment]
     fp32 = _fp32_compute(model)
+    if fp32:  # the model card names the weights' dtype, not the wider one they compute in
+        model.weights_dtype = model.dtype
     cache = getattr(model, "expert_cache", None)
     if cache is not None:  # offloaded experts (mixtral.offload): each one paged in goes fast too
         plain = cache.page_in

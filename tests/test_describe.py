@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiers_up_to_machine
 
 from mixtral import kernels
 from mixtral.config import param_counts
@@ -20,15 +21,19 @@ def facts(model, quantization=None, offload=None) -> dict:
             "dtype": "bfloat16", "quantization": quantization, "offload": offload}
 
 
-def test_a_float_model_is_its_counts_and_dtype():
+@pytest.mark.parametrize("isa", tiers_up_to_machine(), indirect=True)
+def test_a_float_model_is_its_counts_and_dtype(isa):
+    """The weights' dtype at every tier, also where a bf16 model computes in fp32 (below
+    AVX-512: mixtral.fast widens its embeddings and norms)."""
     model = random_tiny(torch.bfloat16)
     assert describe(model) == facts(model)
     assert describe(optimize(model)) == facts(model)  # fast float modules are not quantized
 
 
+@pytest.mark.parametrize("isa", tiers_up_to_machine(), indirect=True)
 @pytest.mark.parametrize("fast", [False, True])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantization_names_format_group_and_kernels(bits, fast):
+def test_quantization_names_format_group_and_kernels(bits, fast, isa):
     model = random_tiny(torch.bfloat16)
     quantize_model(model, bits)
     group = default_group_size(model.args) if bits == 4 else None

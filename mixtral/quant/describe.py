@@ -27,7 +27,8 @@ def describe(model: Runner) -> dict[str, Any]:
     counts = param_counts(model.args)
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
     return {"parameters": counts["total"], "active_parameters": counts["active"],
-            "dtype": str(model.dtype).removeprefix("torch."),
+            # a bf16 model on a CPU without native bf16 computes in fp32 (mixtral.fast)
+            "dtype": str(getattr(model, "weights_dtype", model.dtype)).removeprefix("torch."),
             "quantization": _quantization(modules),
             "offload": _offload(model)}
 
