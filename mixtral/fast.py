@@ -300,7 +300,7 @@ def optimize(model: Transformer) -> Transformer:
     model.output = swap(model.output)  # type: ignore[assignment]
     fp32 = _fp32_compute(model)
     if fp32:  # the model card names the weights' dtype, not the wider one they compute in
-        model.weights_dtype = model.dtype
+        model.weights_dtype = model.dtype  # type: ignore[assignment]
     cache = getattr(model, "expert_cache", None)
     if cache is not None:  # offloaded experts (mixtral.offload): each one paged in goes fast too
         plain = cache.page_in
