@@ -83,8 +83,8 @@ def main():
     for k, v in cand.items():
         print(f"| {k} | {v[0]:.1f} GB/s | {v[1]:.1f} | {v[2]:.1f} | {v[3]} |")
     for key in ("gemm4096_fp32_GFLOPs", "gemm4096_bf16_GFLOPs", "gemm1024_bf16_GFLOPs",
-                "gemv16384_fp32_GFLOPs",
-                "gemv16384_bf16_GFLOPs", "gemv_expert3584x1024_fp32_GFLOPs_incache",
+                "gemv16384_fp32_GFLOPs", "gemv16384_bf16_GFLOPs",
+                "gemv_expert3584x1024_fp32_GFLOPs_incache",
                 "gemv_expert3584x1024_bf16_GFLOPs_incache"):
         vals = [r[key]["median"] for r in rf if key in r]
         if vals:

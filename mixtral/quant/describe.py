@@ -1,6 +1,6 @@
 """`describe(model)`: what a loaded model is, read off its modules: its parameters (all, and
-those one token uses), its dtype, its weight-only quantization (format, group size, whose
-kernels run it) and, when its experts are offloaded, the experts cache's budget and policy.
+those one token uses), its weights' dtype, its weight-only quantization (format, group size,
+whose kernels run it) and, when its experts are offloaded, the experts cache's budget and policy.
 
 The model card (mixtral/server/routes.py) shows it; it lives here because only the
 quantization code knows which module is which format. What the modules say is what runs: a
