@@ -95,36 +95,45 @@ void attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
     }
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(A));
+  // Each key/value head's G query heads together: a cached row is read from memory once for
+  // all of them (then from L1), where one head at a time read it G times. Per head the
+  // arithmetic and its order are unchanged, so the result is bit for bit the same.
   at::parallel_for(0, B * K, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(span), acc(A);
+    std::vector<float> scores(G * span), acc(G * A), top(G), total(G);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / K, kh = t % K;
       const T* kb = kc + rp[b] * ks0 + kh * ks1;
       const T* vb = vc + rp[b] * vs0 + kh * vs1;
+      const float* qk = q.data() + (b * H + kh * G) * A;  // the group's G query heads
+      std::fill(top.begin(), top.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t s = 0; s < span; ++s) {
+        const bool seen = !mp || mp[b * span + s];
+        for (int64_t g = 0; g < G; ++g) {
+          float& score = scores[g * span + s];
+          score = seen ? dot(qk + g * A, kb + s * ks2, A) * scale
+                       : -std::numeric_limits<float>::infinity();
+          top[g] = std::max(top[g], score);
+        }
+      }
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kh * G + g;
-        const float* qh = q.data() + (b * H + h) * A;
-        float top = -std::numeric_limits<float>::infinity();
+        float* sg = scores.data() + g * span;
+        total[g] = 0.f;
         for (int64_t s = 0; s < span; ++s) {
-          if (mp && !mp[b * span + s]) {
-            scores[s] = -std::numeric_limits<float>::infinity();
-            continue;
-          }
-          scores[s] = dot(qh, kb + s * ks2, A) * scale;
-          top = std::max(top, scores[s]);
+          sg[s] = std::isinf(sg[s]) ? 0.f : std::exp(sg[s] - top[g]);
+          total[g] += sg[s];
         }
-        float total = 0.f;
-        for (int64_t s = 0; s < span; ++s) {
-          scores[s] = std::isinf(scores[s]) ? 0.f : std::exp(scores[s] - top);
-          total += scores[s];
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s = 0; s < span; ++s) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * span + s];
+          if (p == 0.f) continue;
+          axpy(p / total[g], vb + s * vs2, acc.data() + g * A, A);
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t s = 0; s < span; ++s) {
-          if (scores[s] == 0.f) continue;
-          axpy(scores[s] / total, vb + s * vs2, acc.data(), A);
-        }
-        T* oh = o + b * H * A + h * A;
-        for (int64_t a = 0; a < A; ++a) oh[a] = static_cast<T>(acc[a]);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* oh = o + b * H * A + (kh * G + g) * A;
+        for (int64_t a = 0; a < A; ++a) oh[a] = static_cast<T>(acc[g * A + a]);
       }
     }
   });
