@@ -74,9 +74,10 @@ def devil_deb(path: Path, n_entries: int) -> None:
 WORDNET_NOUN = (
     "  1 This software and database is being provided to you, the LICENSEE, by Princeton\n"
     "00001740 03 n 01 entity 0 000 | that which is perceived; \"an entity exists\"\n"
-    "00002137 04 n 02 abstraction 0 abstract_entity 0 000 | a general concept; "
+    "00002137 04 n 02 abstraction 0 abstract_entity 0 001 @ 00001740 n 0000 | a general concept; "
     "\"the abstraction of the idea\"; \"an abstract entity\"\n"
 )
+WORDNET_VERB = "01323976 35 v 01 kill 0 001 @ 01617192 v 0000 02 + 08 00 + 09 00 | cause to die\n"
 
 
 def build(out: Path, work: Path, *sources: str) -> subprocess.CompletedProcess[str]:
@@ -94,7 +95,8 @@ def test_tiny_build_is_deterministic_and_complete(tmp_path):
     work = tmp_path / "work"
     devil_deb(work / "debian" / "dict-devil" / "dict-devil.deb", 150)
     write_deb(work / "debian" / "wordnet-base" / "wordnet-base.deb", "1:3.0-37",
-              {"usr/share/wordnet/data.noun": WORDNET_NOUN.encode()})
+              {"usr/share/wordnet/data.noun": WORDNET_NOUN.encode(),
+               "usr/share/wordnet/data.verb": WORDNET_VERB.encode()})
     out = tmp_path / "out"
     runs = []
     for _ in range(2):  # the same output path both times: the manifest records the command
@@ -123,11 +125,14 @@ def test_tiny_build_is_deterministic_and_complete(tmp_path):
     definitions = [json.loads(line) for line in files["definitions.jsonl"].decode().splitlines()]
     assert definitions == [
         {"word": "entity", "pos": "noun", "gloss": "that which is perceived",
-         "example": "an entity exists", "synset": "00001740-n"},
+         "example": "an entity exists", "synset": "00001740-n", "hypernyms": []},
         {"word": "abstraction", "pos": "noun", "gloss": "a general concept",
-         "example": "the abstraction of the idea", "synset": "00002137-n"},
+         "example": "the abstraction of the idea", "synset": "00002137-n",
+         "hypernyms": ["00001740-n"]},
         {"word": "abstract entity", "pos": "noun", "gloss": "a general concept",
-         "example": "an abstract entity", "synset": "00002137-n"},
+         "example": "an abstract entity", "synset": "00002137-n", "hypernyms": ["00001740-n"]},
+        {"word": "kill", "pos": "verb", "gloss": "cause to die", "synset": "01323976-v",
+         "hypernyms": ["01617192-v"], "frames": [8, 9]},
     ]
     wordnet = (files["pretrain/train/wordnet.txt"] + files["pretrain/val/wordnet.txt"]).decode()
     assert "entity (noun): that which is perceived; \"an entity exists\"" in wordnet

@@ -71,15 +71,19 @@ def build_parallel(builder: Builder, out: Path) -> dict[str, Any]:
 
 
 def build_definitions(builder: Builder, out: Path) -> dict[str, Any]:
-    """One JSON line per (word, synset); the example prefers one that uses the word."""
+    """One JSON line per (word, synset); the example prefers one that uses the word; the
+    synset's hypernyms (and a verb's sentence frames) let a script walk WordNet's tree."""
     rows = []
     for s in builder.wordnet():
         for word in s.words:
-            row: dict[str, str] = {"word": word, "pos": WORDNET_POS[s.pos], "gloss": s.definition}
+            row: dict[str, Any] = {"word": word, "pos": WORDNET_POS[s.pos], "gloss": s.definition}
             using = [e for e in s.examples if word.lower() in e.lower()]
             if using or s.examples:
                 row["example"] = (using or s.examples)[0]
             row["synset"] = f"{s.offset}-{s.pos}"
+            row["hypernyms"] = s.hypernyms
+            if s.pos == "v":
+                row["frames"] = s.frames
             rows.append(json.dumps(row, ensure_ascii=False))
     path = out / "definitions.jsonl"
     record = write_text(path, "".join(row + "\n" for row in rows))

@@ -22,6 +22,9 @@ class Synset:
     definition: str
     examples: list[str]
     gloss: str
+    hypernyms: list[str]  # "offset-pos" of the synsets one level up ("@" and "@i" pointers)
+    frames: list[int]  # a verb's sentence frames (8: "Somebody ----s something", 9: "...
+    # somebody"), for any of its words
 
 
 WORDNET_POS = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
@@ -56,10 +59,18 @@ def parse_wordnet(pkg: Fetched) -> list[Synset]:
                 count = int(fields[3], 16)
                 words = [w.replace("_", " ") for w in fields[4 : 4 + 2 * count : 2]]
                 words = [re.sub(r"\([a-z]+\)$", "", w) for w in words]
+                at = 4 + 2 * count
+                pointers = [fields[at + 1 + 4 * i : at + 5 + 4 * i] for i in range(int(fields[at]))]
+                hypernyms = [f"{off}-{pos}" for sym, off, pos, _ in pointers if sym in ("@", "@i")]
+                at += 1 + 4 * len(pointers)
+                # a verb's frames: f_cnt, then "+ f_num w_num" each (w_num 00: every word)
+                frames = sorted({int(fields[at + 2 + 3 * i]) for i in range(int(fields[at]))}
+                                if fields[2] == "v" else ())
                 gloss = clean_text(gloss)
                 definition, examples = parse_gloss(gloss)
                 synsets.append(
-                    Synset(fields[0], fields[2], int(fields[1]), words, definition, examples, gloss)
+                    Synset(fields[0], fields[2], int(fields[1]), words, definition, examples, gloss,
+                           hypernyms, frames)
                 )
             except (IndexError, ValueError) as exc:
                 raise SourceError(f"{name}: bad line {line[:60]!r}: {exc}") from exc
