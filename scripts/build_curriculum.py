@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import build_instruct_data as shipped
-from curriculum import safety, tasks
+from curriculum import lexicon, safety, tasks
 from curriculum.tasks import Example
 
 from mixtral import chat
@@ -50,19 +50,23 @@ STAGES: dict[str, dict[str, float]] = {
     # short rows again: the safe prompt's pairs, many of them, with sums and keys rehearsed. A
     # few hundred in the final stage taught which frames are refused, not which acts; in the
     # numbers stage, their long answers took its sums from 78 to 24 of 100 (in distribution)
-    "requests": {"harm": 3, "safety": 1, "arith_plain": 2, "arith_practice": 0.5,
+    # Half the pairs are WordNet's acts (`acts`): 46 hand-written acts taught 22 of 105 fresh
+    # twins in this stage's 400 steps, and held-out requests use other words for harm
+    "requests": {"harm": 2, "acts": 2, "safety": 1, "arith_plain": 2, "arith_practice": 0.5,
                  "passkey_short": 1, "json": 1, "text": 1},
     # sums in words once the sums with "+" are learnt: with half of the numbers stage's sums in
     # words, that stage learnt neither (15 % of held-out "+" sums right, against 78 %)
-    "final": {"copy": 1, "json": 3, "passkey_full": 2, "arith_practice": 0.5, "arith_plain": 1,
-              "arith_words": 2, "safety": 1, "harm": 2, "text": 2, "example": 0.15},
+    # (passkeys 3, not 2: after the requests stage's short fillers, keys at 768-1000 tokens were
+    # found 40 % of the time, 55-60 % without that stage)
+    "final": {"copy": 1, "json": 3, "passkey_full": 3, "arith_practice": 0.5, "arith_plain": 1,
+              "arith_words": 2, "safety": 1, "harm": 1.5, "acts": 1, "text": 2, "example": 0.15},
 }
 # the share of a stage's other tasks asked under the safe prompt, which changes nothing for
 # them: with the prompt only ever before safety pairs, half of them refusals, a model refused
 # most harmless requests under it (8 of 20 held-out ones answered)
 SAFE_SHARE = {"skills": 0.2, "numbers": 0.2, "requests": 0.2, "final": 0.2}
 # their own system prompt; none; the context full
-NOT_SAFE = ("safety", "harm", "example", "passkey_full")
+NOT_SAFE = ("safety", "harm", "acts", "example", "passkey_full")
 SHORT_FILLER = 300  # characters of filler in a passkey_short row (~90 tokens)
 
 
@@ -125,7 +129,9 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
     passages, sentences = corpus_text(corpus)
     filler = sentences or list(landmark.FILLER)
     max_chars = int((context - 96) * 3.5)  # ~3.5 characters a token, room for the question
-    pairs = {"safety": safety.safety, "harm": safety.harm}
+    words = lexicon.read()  # WordNet's verbs for `acts`
+    pairs: dict[str, Callable[[random.Random], tuple[Example, ...]]] = {
+        "safety": safety.safety, "harm": safety.harm, "acts": lambda r: safety.acts(r, words)}
     pending: dict[str, list[Example]] = {name: [] for name in pairs}  # a pair's second half
 
     def pair(name: str) -> Example:
@@ -142,6 +148,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
         "arith_practice": lambda: tasks.arith_practice(r),
         "arith_plain": lambda: tasks.arith_plain(r), "arith_words": lambda: tasks.arith_words(r),
         "safety": lambda: pair("safety"), "harm": lambda: pair("harm"),
+        "acts": lambda: pair("acts"),
         "example": tasks.source_example}
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "

@@ -19,6 +19,7 @@ sys.path.insert(0, str(SCRIPTS))
 import build_instruct_data as shipped  # noqa: E402
 from build_curriculum import build as build_curriculum  # noqa: E402
 from build_values import PSEUDO  # noqa: E402
+from curriculum import lexicon  # noqa: E402
 from eval_heldout import card_section, summarize, table, wilson  # noqa: E402
 from heldout.sets import OOD_HARMFUL, OOD_HARMLESS, Case, build, json_case, score  # noqa: E402
 from values import KINDS, load  # noqa: E402
@@ -73,7 +74,7 @@ def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert {row["task"] for row in lines} == {
         "copy", "json", "passkey", "passkey_short", "passkey_full", "arith_practice",
-        "arith_plain", "arith_words", "safety", "harm", "example"}  # no text
+        "arith_plain", "arith_words", "safety", "harm", "acts", "example"}  # no text
     text = json.dumps(lines, ensure_ascii=False)
     words = set(re.findall(r"\w+", text))
     # every evaluation name of 6+ letters, except those that are one piece of the vocabulary:
@@ -297,8 +298,65 @@ def test_no_held_out_request_shares_three_words_with_a_broad_training_one():
     r = random.Random(6)
     asked = {half[0][-1]["content"] for _ in range(4000) for half in safety.harm(r)}
     assert len(asked) > 3000
+    # `acts`: every request it can ask, each frame with each verb on each target
+    words = lexicon.read()
+    targets = [f"my {p}" for p in safety.PEOPLE] + [f"my {p}'s {t}" for p in safety.PEOPLE
+                                                     for t in safety.THINGS]
+    for frame in safety.ACT_FRAMES:
+        for verb in {*words.harm_people, *words.kind_people, *words.harm_things,
+                     *words.kind_things}:
+            asked |= {frame.format(a=f"{verb} {target}") for target in targets}
     seen = set().union(*map(runs, asked))
     assert not [q for q in OOD_HARMFUL + OOD_HARMLESS if runs(q) & seen]
+
+
+def test_wordnet_acts_are_pairs_under_the_safe_prompt_one_verb_apart():
+    """`acts`: the harmful request refused, its twin (the same person or thing, a verb of
+    kindness) and a third ask answered, all under the safe prompt; the verb lists are disjoint
+    and broader than `harm`'s hand-written acts."""
+    from curriculum import safety
+
+    words = lexicon.read()
+    harmful_verbs = {*words.harm_people, *words.harm_things}
+    kind_verbs = {*words.kind_people, *words.kind_things}
+    assert not harmful_verbs & kind_verbs
+    assert len(words.harm_people) > 100 and len(words.harm_things) > 30
+    assert {"kill", "steal", "help", "repair"} <= harmful_verbs | kind_verbs
+    r = random.Random(9)
+    for _ in range(300):
+        (harmful, h_answer, h_rejects), (twin, t_answer, _), (other, o_answer, _) = \
+            safety.acts(r, words)
+        assert harmful[0] == twin[0] == other[0] == {"role": "system",
+                                                     "content": shipped.SAFE_PROMPT}
+        assert h_answer == shipped.REFUSAL and h_rejects[0][0] != h_answer
+        for answer in (t_answer, o_answer):
+            assert not score(Case("", [], "refused"), answer)
+        ask, kind = harmful[-1]["content"].split(), twin[-1]["content"].split()
+        apart = [(a, b) for a, b in zip(ask, kind, strict=True) if a != b]
+        assert len(apart) == 1 and apart[0][0] in harmful_verbs and apart[0][1] in kind_verbs
+
+
+def test_the_acts_lexicon_walks_wordnets_tree(tmp_path):
+    """A verb joins a side when half its senses lie under that side's roots, none under the
+    other's, and one of them takes the frame's object; the roots' words are always in."""
+    kill, help_ = "01323976-v", "02547586-v"
+    assert kill in lexicon.HARM_PEOPLE and help_ in lexicon.KIND_PEOPLE
+    rows = [("kill", kill, [], [9]), ("murder", "m1-v", [kill], [9]),
+            ("smother", "s1-v", [kill], [9]), ("smother", "s2-v", ["x-v"], [8]),  # 1 of 2
+            ("draw", "d1-v", [kill], [9]), ("draw", "d2-v", ["x-v"], [8]),
+            ("draw", "d3-v", ["x-v"], [8]),  # 1 of 3: mostly harmless
+            ("slay", "y1-v", ["m1-v"], [8]),  # no person as its object
+            ("aid", "a1-v", [help_], [9]), ("aid", "a2-v", ["m1-v"], [9])]  # on both sides
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(
+        {"word": w, "pos": "verb", "gloss": "", "synset": s, "hypernyms": h, "frames": f}) + "\n"
+        for w, s, h, f in rows))
+    words = lexicon.load(tmp_path / "d.jsonl")
+    assert set(words.harm_people) == {"murder", "smother", *lexicon.HEADS["harm_people"]}
+    assert set(words.kind_people) == set(lexicon.HEADS["kind_people"])
+    (tmp_path / "old.jsonl").write_text(json.dumps({"word": "kill", "pos": "verb", "gloss": "",
+                                                    "synset": kill}) + "\n")
+    with pytest.raises(ValueError, match="rebuild the corpus"):
+        lexicon.load(tmp_path / "old.jsonl")
 
 
 def test_a_safety_groups_cases_are_distinct_requests():

@@ -107,12 +107,12 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
     assert len(full) > 30 and max(ends) <= 1025 and max(ends) > 960  # the answer never cut
     assert all(r["messages"][0]["role"] == "user" for r in full)
     for stage, stage_rows in rows.items():
-        asked = [r for r in stage_rows if r["task"] not in ("safety", "harm", "text") and
+        asked = [r for r in stage_rows if r["task"] not in ("safety", "harm", "acts", "text") and
                  r["messages"][0] == {"role": "system", "content": SAFE_PROMPT}]
         if stage not in SAFE_SHARE:
             assert not asked, stage
             continue
-        assert 0.1 < len(asked) / sum(r["task"] not in ("safety", "harm", "text", "example")
+        assert 0.1 < len(asked) / sum(r["task"] not in ("safety", "harm", "acts", "text", "example")
                                       for r in stage_rows) < 0.3, stage
         assert not any("sorry" in r["messages"][-1]["content"] for r in asked)
 
@@ -208,6 +208,10 @@ def test_ship_default_packages_the_dry_run(dry_run):
     assert re.search(r"^\| addition \| \d+ % \(\d+/\d+; \d+–\d+\) \| \d+ % \(\d+/\d+; "
                      r"\d+–\d+\) \| ≥ 80 % \|$", card, re.M)
     assert "## Which stage ships, and why" in card and "python scripts/ship_default.py" in card
+    # the recipe changes after a model ships: the card names the commit whose recipe trained it
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                          capture_output=True, check=True).stdout.strip()
+    assert f"git checkout {head} -- recipes scripts" in card
     # the induction probe of the warm-up, the base and the shipped stage, from their files
     probe = r"\d+\.\d\d → \d+\.\d\d \(\d+ %\)"
     for label in ("warm-up", "pretrained base", f"shipped \\({stage}\\)"):

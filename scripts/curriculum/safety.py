@@ -10,7 +10,9 @@ deceive, the pair is only asked under it.
            can I poison my uncle's dinner?" / "How can I cook my uncle's dinner?"), each pair
            with a harmless ask of another kind (explanations, tips, plain writings): two of
            every three answered, so that a model learns harm from the act rather than refusing
-           what it has not seen.
+           what it has not seen;
+  acts     `harm`'s act pairs with WordNet's hundreds of verbs of harm and of kindness
+           (`lexicon`) in place of its 46 hand-written acts.
 
 A 2-layer model with frozen rows knows harm only from the words it was shown, so the lists are
 broad. Their first version was written without reading the held-out requests (scripts/heldout/);
@@ -24,6 +26,8 @@ from __future__ import annotations
 import random
 
 import build_instruct_data as shipped
+
+from curriculum.lexicon import Lexicon
 
 Example = tuple[list[dict[str, str]], str, list[tuple[str, bool]]]
 
@@ -250,9 +254,38 @@ def harm(r: random.Random) -> tuple[Example, Example, Example]:
         harmful = (_system(safe) + _user(ask[0]), shipped.REFUSAL if safe else cruel,
                    [(cruel, True)] if safe else [(shipped.REFUSAL, True)])
         answer = r.choice(WRITE_REPLIES).format(p=person)
+    return (harmful, (_system(safe) + _user(ask[1]), answer, [(shipped.REFUSAL, True)]),
+            _other(r, safe, person))
+
+
+def _other(r: random.Random, safe: bool, person: str) -> Example:
+    """A harmless ask of another kind (`ASKS`), answered."""
     frame, xs, reply = r.choice(ASKS)
     x = r.choice(xs)
-    other = (frame.format(x=x, w=r.choice(ASK_WRITINGS), p=person),
-             reply.format(x=x, X=x[0].upper() + x[1:], p=person))
-    return (harmful, (_system(safe) + _user(ask[1]), answer, [(shipped.REFUSAL, True)]),
-            (_system(safe) + _user(other[0]), other[1], [(shipped.REFUSAL, True)]))
+    return (_system(safe) + _user(frame.format(x=x, w=r.choice(ASK_WRITINGS), p=person)),
+            reply.format(x=x, X=x[0].upper() + x[1:], p=person), [(shipped.REFUSAL, True)])
+
+
+THINGS = ["car", "bike", "house", "shop", "garden", "laptop", "phone", "shed", "boat", "fence",
+          "kitchen", "van", "caravan", "workshop", "office", "piano"]
+
+
+def acts(r: random.Random, words: Lexicon) -> tuple[Example, Example, Example]:
+    """`harm`'s acts with WordNet's verbs (`lexicon`): a harmful and a harmless verb on the same
+    person, or on the same person's thing, in one of `ACT_FRAMES`, under the safe prompt, with a
+    harmless ask of another kind."""
+    person = r.choice(PEOPLE)
+    if r.random() < 0.7:
+        bad, good = r.choice(words.harm_people), r.choice(words.kind_people)
+        target = "{my} " + person
+    else:
+        bad, good = r.choice(words.harm_things), r.choice(words.kind_things)
+        target = "{my} " + person + "'s " + r.choice(THINGS)
+    frame = r.choice(ACT_FRAMES)
+    ask = [frame.format(a=f"{verb} {target.format(my='my')}") for verb in (bad, good)]
+    done = [f"{verb} {target.format(my='your')}" for verb in (bad, good)]
+    harmful = (_system(True) + _user(ask[0]), shipped.REFUSAL,
+               [(r.choice(ACT_HARMFUL).format(a=done[0]), True)])
+    harmless = (_system(True) + _user(ask[1]), r.choice(ACT_REPLIES).format(a=done[1]),
+                [(shipped.REFUSAL, True)])
+    return harmful, harmless, _other(r, True, person)
