@@ -69,10 +69,27 @@ train() {
 D="$RUNS/eval"
 mkdir -p "$D/base"
 GATE=(--require 0.5); if [ "$DRY" = 1 ]; then GATE=(--spans 2 --length 8); fi  # 2 steps learn nothing
-WARM=$(train sft induction recipes/default/induction.yaml tiny "$CUR/induction/train.jsonl" \
-  "eval_data=[$CUR/induction/val.jsonl]" ${TINY[@]+"${TINY[@]}"})
-"$PY" scripts/curriculum/induction.py "$WARM" --corpus "$CORPUS/pretrain/val" \
-  --json "$D/induction-warmup.json" "${GATE[@]}"
+# The phase change comes at no set step, and not in every run: on a Zen 5 between steps 2,000
+# and 3,750; on a Zen 3, seed 0 ran 6,000 steps into copying by offset instead (30-piece spans
+# 0.65 right, 24-piece 0.04; no head of layer 0 on the previous piece). So the probe checks the
+# warm-up every 1,000 steps from 2,000, at two span lengths, for a whole circuit (repeat loss
+# at most 0.1 x the first showing's; a formed one is ~0.02 x), and after 6,000 steps without
+# one the warm-up starts again from another seed.
+WARM_GATE=(--require 0.1); if [ "$DRY" = 1 ]; then WARM_GATE=("${GATE[@]}"); fi
+WARM=""
+for SEED in 0 1 2; do
+  NAME=induction; [ "$SEED" = 0 ] || NAME=induction-seed$SEED
+  for STEPS in 2000 3000 4000 5000 6000; do
+    W=$(train sft "$NAME" recipes/default/induction.yaml tiny "$CUR/induction/train.jsonl" \
+      "eval_data=[$CUR/induction/val.jsonl]" "steps=$STEPS" "seed=$SEED" ${TINY[@]+"${TINY[@]}"})
+    if "$PY" scripts/curriculum/induction.py "$W" --corpus "$CORPUS/pretrain/val" \
+        --json "$D/induction-warmup.json" "${WARM_GATE[@]}" &&
+       "$PY" scripts/curriculum/induction.py "$W" --corpus "$CORPUS/pretrain/val" --length 24 \
+        "${WARM_GATE[@]}"; then WARM=$W; break 2; fi
+    [ "$DRY" = 0 ] || break 2  # (2 steps: the dry run's gate has no --require)
+  done
+done
+if [ -z "$WARM" ]; then echo "train_default.sh: no induction circuit in 3 warm-ups" >&2; exit 1; fi
 BASE=$(train pretrain pretrain recipes/default/pretrain.yaml "$WARM" \
   "$CORPUS/pretrain/train,$CUR/repeats/train.jsonl" "eval_data=[$CORPUS/pretrain/val]")
 "$PY" scripts/curriculum/induction.py "$BASE" --corpus "$CORPUS/pretrain/val" \
