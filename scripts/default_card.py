@@ -49,6 +49,7 @@ class Inputs:
     manifest: dict[str, Any]
     eval_root: Path                  # runs/default/eval: the DPO model's; final/: SFT's
     induction: dict[str, dict[str, Any]]  # label -> scripts/curriculum/induction.py's figures
+    commit: str = ""  # the repository's commit when it shipped: the recipe that trained it
 
     @property
     def eval_folder(self) -> Path:
@@ -293,6 +294,9 @@ def card(inputs: Inputs, args: ModelArgs, size: int) -> str:
     verdict = ("It meets every target." if not missed else
                f"**Not met: {'; '.join(missed)}.**")
     before = inputs.before
+    # the recipe changes after a model ships: name the commit whose recipe trained this one
+    checkout = (f"git checkout {inputs.commit} -- recipes scripts  # the recipe that trained it\n"
+                if inputs.commit else "")
     return f"""# mixtral-default: the project's small default model
 
 A {counts['total'] / 1e6:.1f}M-parameter Mixtral ({counts['active'] / 1e6:.1f}M active per
@@ -341,7 +345,7 @@ and wrongly. Use `--model PATH` with real Mixtral weights for real work.
 ## Reproduce
 
 ```sh
-scripts/train_default.sh          # corpus, curriculum, every stage (induction ... dpo), evals
+{checkout}scripts/train_default.sh  # corpus, curriculum, every stage (induction ... dpo), evals
 scripts/eval_stage.sh {inputs.stages['dpo']['checkpoint']} {inputs.eval_root}
 scripts/eval_stage.sh {inputs.stages['final']['checkpoint']} {inputs.eval_root / 'final'}
 {inputs.heldout['final']['command']}

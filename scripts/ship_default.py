@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import tempfile
 from functools import partial
@@ -45,6 +46,8 @@ from eval_heldout import TARGETS
 import mixtral
 from mixtral.atomic import atomic_write, atomic_write_text
 from mixtral.checkpoint import save
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # scripts/train_default.sh's order
 STAGES = ("induction", "pretrain", "copy", "json", "skills", "numbers", "requests", "final",
@@ -144,6 +147,15 @@ def write_weights(checkpoint: Path, dst: Path) -> tuple[Any, int]:
     return model.args, size
 
 
+def git_commit() -> str:
+    """The repository's commit (short; commit the recipe before shipping); "" outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                              capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def gather(a: argparse.Namespace) -> Inputs:
     runs = Path(a.runs)
     stages = {s: stage_summary(runs / s) for s in STAGES}
@@ -176,6 +188,7 @@ def gather(a: argparse.Namespace) -> Inputs:
         manifest=read_json(Path(a.corpus) / "manifest.json",
                            "scripts/build_corpus.py writes it"),
         eval_root=ev,
+        commit=git_commit(),
         induction={label: next(iter(read_json(path, how).values())) for label, path in (
             ("warm-up", ev / "induction-warmup.json"), ("pretrained base",
              ev / "induction-base.json"), (f"shipped ({stage})", folder / "induction.json"))})
