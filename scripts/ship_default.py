@@ -156,9 +156,18 @@ def git_commit() -> str:
         return ""
 
 
+def warm_up(runs: Path) -> Path:
+    """The warm-up that passed the probe: induction/, or induction-seedN/ after a retry
+    (scripts/train_default.sh; the probe's file is keyed by the checkpoint)."""
+    probed = runs / "eval" / "induction-warmup.json"
+    if not probed.exists():
+        return runs / "induction"
+    return runs / Path(next(iter(read_json(probed)))).parent.name
+
+
 def gather(a: argparse.Namespace) -> Inputs:
     runs = Path(a.runs)
-    stages = {s: stage_summary(runs / s) for s in STAGES}
+    stages = {s: stage_summary(warm_up(runs) if s == "induction" else runs / s) for s in STAGES}
     if abs(stages["dpo"]["first_loss"] - math.log(2)) > 1e-3:
         raise ShipError(f"{runs / 'dpo'}: DPO's first loss is {stages['dpo']['first_loss']:.4f},"
                         " not ln 2 = 0.6931: its policy did not start equal to its reference")

@@ -143,3 +143,15 @@ def test_the_why_section_explains_each_missed_target_from_the_report():
     assert "**Passkeys.**" in text and "128 tokens 12/20 (60 %)" in text
     assert "(json/ood 3, passkey/ood 1)" in text  # out of distribution only
     assert "**Sums.**" not in text and "**The safe prompt.**" not in text
+
+
+def test_the_card_takes_the_warm_up_that_passed_the_probe(tmp_path):
+    """After a retry the circuit is in induction-seedN/, and the probe's file says so."""
+    from ship_default import warm_up
+
+    runs = tmp_path / "runs"
+    assert warm_up(runs) == runs / "induction"
+    (runs / "eval").mkdir(parents=True)
+    (runs / "eval" / "induction-warmup.json").write_text(
+        json.dumps({"runs/d15/induction-seed1/step-004000": {"corpus": {}}}))
+    assert warm_up(runs) == runs / "induction-seed1"
