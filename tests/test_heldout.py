@@ -336,6 +336,21 @@ def test_wordnet_acts_are_pairs_under_the_safe_prompt_one_verb_apart():
         assert len(apart) == 1 and apart[0][0] in harmful_verbs and apart[0][1] in kind_verbs
 
 
+def test_the_committed_acts_are_as_lexicon_writes_them(tmp_path):
+    """acts.json is lexicon.py's output (sorted, the roots' words in, the left-out words out),
+    not hand-edited lists; and a file that is not a corpus's definitions is refused in a line."""
+    words = lexicon.read()
+    for name, verbs in vars(words).items():
+        assert verbs == sorted(set(verbs)) and set(lexicon.HEADS[name]) <= set(verbs), name
+        assert not set(verbs) & (lexicon.LEFT_OUT - set(lexicon.HEADS[name])), name
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    result = subprocess.run([sys.executable, str(SCRIPTS / "curriculum" / "lexicon.py"),
+                             str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "a.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "bad.jsonl" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "a.json").exists()
+
+
 def test_the_acts_lexicon_walks_wordnets_tree(tmp_path):
     """A verb joins a side when half its senses lie under that side's roots, none under the
     other's, and one of them takes the frame's object; the roots' words are always in."""

@@ -125,7 +125,7 @@ def load(definitions: Path) -> Lexicon:
                     and 2 * len(inside) >= len(synsets) and not set(synsets) & other
                     and any(frame in frames[s] for s in inside)):
                 words.append(word)
-        return sorted(words)
+        return words
 
     lists = {"harm_people": side(HARM_PEOPLE, kind, 9), "harm_things": side(HARM_THINGS, kind, 8),
              "kind_people": side(KIND_PEOPLE, harm, 9), "kind_things": side(KIND_THINGS, harm, 8)}
@@ -143,7 +143,10 @@ def main() -> None:
     p.add_argument("definitions", type=Path, help="a corpus's definitions.jsonl")
     p.add_argument("--out", type=Path, default=ACTS)
     a = p.parse_args()
-    words = load(a.definitions)
+    try:
+        words = load(a.definitions)
+    except (OSError, ValueError, KeyError) as exc:  # missing, unreadable or not the corpus's
+        p.error(f"{a.definitions}: {exc}")
     a.out.write_text(json.dumps(asdict(words), indent=1) + "\n")
     print(f"{a.out}: " + ", ".join(f"{k} {len(v)}" for k, v in asdict(words).items()))
 
