@@ -32,6 +32,19 @@ def test_a_copier_has_induction_and_a_uniform_model_has_none():
         assert abs(uniform[showing] - math.log(V)) < 1e-3
 
 
+def test_a_path_that_is_no_checkpoint_is_named_in_one_line(tmp_path):
+    import subprocess
+    corpus = tmp_path / "val"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Some plain text to take token frequencies from.\n")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "curriculum" / "induction.py"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "step-002000"),
+                        "--corpus", str(corpus)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "step-002000" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_the_gate_names_the_checkpoints_without_induction():
     x = spans(range(3, V), n=4, length=10, seed=1)
     report = {"copier": {"corpus": probe(copier, x)},

@@ -83,7 +83,11 @@ def main() -> None:
     pools = {"corpus": corpus, "vocab": range(3, tok.vocab_size)}
     report = {}
     for path in a.checkpoints:
-        model = mixtral.load(path, dtype="float32")
+        try:
+            model = mixtral.load(path, dtype="float32")
+        except ValueError as e:  # CheckpointError: a path that is not a checkpoint
+            print(f"induction.py: {e}", file=sys.stderr)
+            sys.exit(2)
         report[path] = {name: probe(model, spans(pool, a.spans, a.length, a.seed))
                         for name, pool in pools.items()}
         print(path, json.dumps(report[path]))
