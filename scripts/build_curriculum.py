@@ -148,7 +148,7 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
         "arith_practice": lambda: tasks.arith_practice(r),
         "arith_plain": lambda: tasks.arith_plain(r), "arith_words": lambda: tasks.arith_words(r),
         "safety": lambda: pair("safety"), "harm": lambda: pair("harm"),
-        "acts": lambda: pair("acts"), "words": lambda: tasks.json_words(r),
+        "acts": lambda: pair("acts"),
         "example": tasks.source_example}
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "
@@ -176,8 +176,6 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
                         {"role": "assistant", "content": answer}]}
                     if name in ("json", "example"):  # the answer as a copy of the prompt's pieces
                         row |= _id_row(messages, tasks.json_answer_ids(json.loads(answer)))
-                    if name == "words":
-                        row |= _id_row(messages, tasks.json_list_ids(json.loads(answer)))
                     sft.write(json.dumps(row, ensure_ascii=False) + "\n")
                     for rejected, _ in rejects if stage == "final" else []:
                         dpo.write(json.dumps({"task": name, "messages": messages,

@@ -232,33 +232,6 @@ def test_a_json_answer_is_a_copy_of_the_prompts_pieces(tmp_path):
         assert tok.decode(answer[:-1]) == row["messages"][-1]["content"]
 
 
-def test_a_json_list_of_words_drills_each_first_piece_unspaced():
-    """The words drill lists word-start pieces of the whole vocabulary; its answer writes each
-    as json_answer_ids writes a value's first piece: the twin when there is one, else the
-    tokenizer's own cut; the ids decode to the list."""
-    from curriculum import tasks
-
-    tok = default_tokenizer()
-    pieces, twins = tok.pieces(), tok.twins()
-    assert len(tasks.word_pieces()) > 15000
-    assert all(pieces[i].startswith("\u2581") and pieces[i][1:].isalpha()
-               for i in tasks.word_pieces())
-    messages, answer, rejects = tasks.json_words(random.Random(4))
-    words = json.loads(answer)
-    assert 16 <= len(words) <= 40 and rejects == []
-    assert all(w in messages[-1]["content"] for w in words)
-    ids = tasks.json_list_ids(words)
-    assert ids is not None and tok.decode(ids) == answer
-    for w in words:
-        spaced = tok.encode(w, bos=False)
-        assert len(spaced) == 1 and spaced[0] in tasks.word_pieces()
-        first = [twins[spaced[0]]] if spaced[0] in twins else \
-            tok.encode("\n" + w, bos=False)[2:]  # the cut after a line break: no space
-        end = pieces.index('"]' if w == words[-1] else '",')  # the word's pieces end there
-        assert _contains(ids, first + [end]), w
-    assert tasks.json_list_ids(['a "b"']) is None
-
-
 def _contains(ids: list[int], part: list[int]) -> bool:
     return any(ids[i:i + len(part)] == part for i in range(len(ids)))
 

@@ -190,43 +190,6 @@ def json_answer_ids(values: dict[str, str]) -> list[int] | None:
     return ids
 
 
-def json_list_ids(words: list[str]) -> list[int] | None:
-    """json.dumps(words) written as json_answer_ids writes a value: each word as a copy of its
-    pieces after a space, the first one unspaced. None when JSON would escape a character."""
-    tok = default_tokenizer()
-    if not all(_plain(w) for w in words):
-        return None
-    ids = tok.encode('["', bos=False)
-    for n, word in enumerate(words):
-        ids += ([] if n == 0 else _pieces('", "')) + _value_ids(word)
-    ids += _pieces('"]')
-    return ids if tok.decode(ids) == json.dumps(words, ensure_ascii=False) else None
-
-
-@cache
-def word_pieces() -> list[int]:
-    """The word-start pieces that are a whole word of letters (`\u2581Kevin`, `\u2581yoga`):
-    15,425 of the vocabulary's, 5,024 of them with an unspaced twin."""
-    return [i for i, p in enumerate(default_tokenizer().pieces())
-            if p.startswith("\u2581") and len(p) > 1 and p[1:].isalpha()]
-
-
-WORDS_PROMPTS = ["Write these words as a JSON list of strings: {words}",
-                 "Make a JSON array of the words {words}", "{words}\nAs a JSON list:",
-                 "Put each of these words in a JSON list, in order: {words}"]
-
-
-def json_words(r: random.Random) -> Example:
-    """A JSON list of 16-40 words, each one word-start piece of the whole vocabulary: the
-    answer writes each without its space (json_list_ids), so the stage drills the first piece
-    of every JSON value, the one piece a value's copy cannot take from the prompt as it is
-    (`\u2581Kevin` -> `K evin`, `\u2581Amelia`'s `\u2581Am` -> `Am`), over the vocabulary."""
-    pieces = default_tokenizer().pieces()
-    words = [pieces[i][1:] for i in r.sample(word_pieces(), r.randint(16, 40))]
-    prompt = r.choice(WORDS_PROMPTS).format(words=r.choice([" ", ", "]).join(words))
-    return _user(prompt), json.dumps(words, ensure_ascii=False), []
-
-
 KEY_LINES = ["The pass key is {key}. Remember it. {key} is the pass key.",
              "Remember this number: {key}.", "The magic number is {key}."]
 QUESTIONS = ["What is the pass key?", "What number were you asked to remember?",
