@@ -151,9 +151,10 @@ def stage_table(inputs: Inputs) -> str:
     return f"""## Training ({total:.0f} minutes of training steps)
 
 Minutes are the sum of the logged step times (`step_seconds` in each stage's metrics.jsonl),
-on the machine that ran `scripts/train_default.sh`; each stage starts from the previous one's
-final checkpoint (`recipes/default/induction.yaml` and `pretrain.yaml`, then
-`recipes/curriculum/`).
+on the machine that ran `scripts/train_default.sh`, as they ran: where another job shared its
+cores, its steps took up to ~2.7x as long (recipes/curriculum/README.md's budget is measured
+alone). Each stage starts from the previous one's final checkpoint
+(`recipes/default/induction.yaml` and `pretrain.yaml`, then `recipes/curriculum/`).
 
 | stage | steps | minutes | first loss | final train loss | final held-out loss | checkpoint |
 |---|---|---|---|---|---|---|
