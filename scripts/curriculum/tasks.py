@@ -151,23 +151,6 @@ def _pieces(text: str) -> list[int]:
     return ids[ids.index(NEWLINE) + 1:]
 
 
-def _value_ids(value: str) -> list[int]:
-    """A JSON string's content as a copy of the value's pieces after a space (json_answer_ids)."""
-    tok = default_tokenizer()
-    pieces, twins = tok.pieces(), tok.twins()
-    copied = tok.encode(value, bos=False)  # as in the prompt, after a space
-    if copied and pieces[copied[0]] == "\u2581":  # the bare space, before a digit
-        return copied[1:]
-    if copied and copied[0] in twins:
-        return [twins[copied[0]], *copied[1:]]
-    return _pieces(value)  # no twin: only a model that can spell `\u2581Kevin` writes `K evin`
-
-
-def _plain(text: str) -> bool:
-    """Whether JSON writes `text` as itself between quotes (no escapes)."""
-    return json.dumps(text, ensure_ascii=False) == f'"{text}"'
-
-
 def json_answer_ids(values: dict[str, str]) -> list[int] | None:
     """The ids of json.dumps(values) written as a copy of the prompt's lines (`key: value`)
     rather than as SentencePiece would cut the answer: each value keeps the pieces it has in
@@ -178,12 +161,20 @@ def json_answer_ids(values: dict[str, str]) -> list[int] | None:
     its way there. A value whose first piece has no twin (`\u2581Kevin`: the vocabulary has no
     `Kevin`) keeps the tokenizer's cut. None when JSON would escape a character."""
     tok = default_tokenizer()
+    pieces, twins = tok.pieces(), tok.twins()
     ids = tok.encode('{"', bos=False)
     for n, (key, value) in enumerate(values.items()):
-        if not (_plain(key) and _plain(value)):
+        if json.dumps(key, ensure_ascii=False) != f'"{key}"' or \
+                json.dumps(value, ensure_ascii=False) != f'"{value}"':
             return None
-        ids += ([] if n == 0 else _pieces('", "')) + _pieces(key) + _pieces('": "') + \
-            _value_ids(value)
+        copied = tok.encode(value, bos=False)  # as in the prompt, after a space
+        if copied and pieces[copied[0]] == "\u2581":  # the bare space, before a digit
+            copied = copied[1:]
+        elif copied and copied[0] in twins:
+            copied = [twins[copied[0]], *copied[1:]]
+        else:  # no twin: only a model that can spell `\u2581Kevin` writes `K evin`
+            copied = _pieces(value)
+        ids += ([] if n == 0 else _pieces('", "')) + _pieces(key) + _pieces('": "') + copied
     ids += _pieces('"}')
     if tok.decode(ids) != json.dumps(values, ensure_ascii=False):
         return None
