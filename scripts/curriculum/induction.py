@@ -73,6 +73,7 @@ def main() -> None:
                    help="fail unless repeat <= R x first on corpus pieces, for every checkpoint")
     a = p.parse_args()
     import mixtral
+    from mixtral.checkfile import CheckpointError
     from mixtral.tokenizer import default_tokenizer
 
     files = sorted(Path(a.corpus).glob("*.txt"))
@@ -85,7 +86,7 @@ def main() -> None:
     for path in a.checkpoints:
         try:
             model = mixtral.load(path, dtype="float32")
-        except ValueError as e:  # CheckpointError: a path that is not a checkpoint
+        except CheckpointError as e:  # not a checkpoint: one line, not a traceback
             print(f"induction.py: {e}", file=sys.stderr)
             sys.exit(2)
         report[path] = {name: probe(model, spans(pool, a.spans, a.length, a.seed))
