@@ -80,6 +80,9 @@ WARM=""
 for SEED in 0 1 2; do
   NAME=induction; [ "$SEED" = 0 ] || NAME=induction-seed$SEED
   for STEPS in 2000 3000 4000 5000 6000; do
+    # a resumed warm-up already past this probe point (its checkpoint may be pruned) goes on
+    DONE=$(sed -n 's/^step-0*//p' "$RUNS/$NAME/latest" 2>/dev/null || true)
+    if [ "${DONE:-0}" -gt "$STEPS" ]; then continue; fi
     W=$(train sft "$NAME" recipes/default/induction.yaml tiny "$CUR/induction/train.jsonl" \
       "eval_data=[$CUR/induction/val.jsonl]" "steps=$STEPS" "seed=$SEED" ${TINY[@]+"${TINY[@]}"})
     if "$PY" scripts/curriculum/induction.py "$W" --corpus "$CORPUS/pretrain/val" \

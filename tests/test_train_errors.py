@@ -161,3 +161,27 @@ def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path):
                     '{"step": 3, "loss": 1.4}\n{"step": 4, "lo')
     MetricsLog(path, start=2, enabled=True)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+
+
+def test_fewer_steps_than_a_run_holds_returns_a_kept_step_or_says_why(tmp_path, capsys):
+    """Asking a finished run for an earlier step: the checkpoint if it was kept, else one line
+    naming the step the run holds (it used to train nothing and print a folder that does not
+    exist)."""
+    recipe = recipe_file(tmp_path, steps=4, save_every=2, keep=0)
+    assert main(["train", "pretrain", "--config", str(recipe)]) == 0
+    capsys.readouterr()
+    kept = sorted(p.name for p in (tmp_path / "run").glob("step-*"))
+    assert kept == ["step-000004"]
+    assert main(["train", "pretrain", "--config", str(recipe), "steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds step 4, past steps=2" in err
+    assert "step-000002 was not kept: ask for steps=4 or more" in err
+    assert main(["train", "pretrain", "--config", str(recipe), "steps=4"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("step-000004")
+    other = tmp_path / "kept"
+    other.mkdir()
+    recipe = recipe_file(other, steps=4, save_every=2, keep=2)
+    assert main(["train", "pretrain", "--config", str(recipe)]) == 0
+    assert main(["train", "pretrain", "--config", str(recipe), "steps=2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("kept/run/step-000002")
+    assert (other / "run" / "latest").read_text().strip() == "step-000004"  # left as it was

@@ -126,6 +126,15 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    resume_from = latest(out) if cfg.resume else None
+    done = int(resume_from.name.removeprefix("step-")) if resume_from is not None else 0
+    if done > cfg.steps:  # a longer run is already here: its step `steps` may not have been kept
+        asked = out / f"step-{cfg.steps:06d}"
+        if asked.is_dir():
+            return asked
+        raise TrainingError(f"{out} already holds step {done}, past steps={cfg.steps}, and "
+                            f"{asked.name} was not kept: ask for steps={done} or more, or "
+                            "give another out=")
     model = build_model(cfg)
     if cfg.lora_base_bits:
         quantize_model(model, cfg.lora_base_bits)
@@ -133,7 +142,6 @@ def train(cfg: TrainConfig) -> Path:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets))
     aux_coef = model.args.router_aux_loss_coef if cfg.aux_coef is None else cfg.aux_coef
     task = make_task(cfg, default_tokenizer(), model, aux_coef)
-    resume_from = latest(out) if cfg.resume else None
     if resume_from is not None:
         resume_weights(resume_from, model)
     if sharded:
