@@ -44,6 +44,11 @@ STAGES: dict[str, dict[str, float]] = {
     "json": {"json": 9, "text": 1},
     "skills": {"copy": 2, "json": 3, "passkey": 2, "arith_practice": 2, "arith_plain": 1,
                "safety": 1.5, "text": 2},
+    # plain sums, nearly alone, so that most answer pieces in a batch are a sum's: in the
+    # numbers stage (2 rows in 5 sums, the rest's longer answers and text filling the loss) the
+    # ones digit formed in one run of five. Text 1 row in 10 (64 tokens of it): without it the
+    # text perplexity went 158 -> 662 (recipes/curriculum/README.md, "A stage of sums")
+    "sums": {"arith_plain": 9, "text": 1},
     # short rows, so many of them: sums and long keys in short fillers (JSON and text kept up)
     "numbers": {"arith_plain": 5, "arith_practice": 1.5, "passkey_short": 3, "json": 2,
                 "text": 1},

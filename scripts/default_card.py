@@ -302,10 +302,10 @@ def card(inputs: Inputs, args: ModelArgs, size: int) -> str:
 
 A {counts['total'] / 1e6:.1f}M-parameter Mixtral ({counts['active'] / 1e6:.1f}M active per
 token) trained from scratch by this repository's own pipeline on CPU (`scripts/train_default.sh`,
-issue 17): an induction warm-up, pretraining with the MoE load-balancing loss, a five-stage
-SFT curriculum (copy → json → skills → numbers → final) and DPO. It exists so that `mixtral
-chat`, `generate` and `serve` work offline out of the box. It is a demonstration of the
-system, **not an assistant**.
+issue 17): an induction warm-up, pretraining with the MoE load-balancing loss, a seven-stage
+SFT curriculum (copy → json → skills → sums → numbers → requests → final) and DPO. It exists
+so that `mixtral chat`, `generate` and `serve` work offline out of the box. It is a
+demonstration of the system, **not an assistant**.
 
 Shipped: the **{inputs.stage}** stage, `{inputs.checkpoint}`, as bf16 ("Which stage ships").
 

@@ -17,7 +17,7 @@ Otherwise the final SFT checkpoint ships, and the card says so and why. `--stage
 overrides the rule; the card then says the stage was chosen by hand.
 
 Reads, under --runs: <stage>/metrics.jsonl and <stage>/latest for induction, pretrain, copy,
-json, skills, numbers, requests, final and dpo (steps, minutes from step_seconds, last train
+json, skills, sums, numbers, requests, final and dpo (steps, minutes from step_seconds, last train
 and held-out loss; DPO's first loss, which must be ln 2); eval/ (the DPO model) and eval/final/
 (the SFT model): heldout.json, passkey.json, perplexity.json, routing.json, induction.json and
 their figures; eval/base/perplexity.json (the pretrained base); eval/induction-warmup.json and
@@ -50,8 +50,8 @@ from mixtral.checkpoint import save
 ROOT = Path(__file__).resolve().parents[1]
 
 # scripts/train_default.sh's order
-STAGES = ("induction", "pretrain", "copy", "json", "skills", "numbers", "requests", "final",
-          "dpo")
+STAGES = ("induction", "pretrain", "copy", "json", "skills", "sums", "numbers", "requests",
+          "final", "dpo")
 MAX_BYTES = 80 * 10**6  # what the repository carries
 PICTURES = ("passkey.png", "perplexity.png", "routing.png", "routing_repetition.png")
 

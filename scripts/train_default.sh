@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the default model from scratch (issue 17's recipe): data, an induction warm-up,
-# pretraining, the curriculum's six SFT stages (copy -> json -> skills -> numbers -> requests ->
-# final, plain text in each), DPO (checked to start at ln 2), evaluation in and out of
-# distribution. About 3 hours of training on 2 CPU cores (recipes/curriculum/README.md has the
+# pretraining, the curriculum's seven SFT stages (copy -> json -> skills -> sums -> numbers ->
+# requests -> final, plain text in each but sums), DPO (checked to start at ln 2), evaluation
+# in and out of distribution. About 3 hours of training on 2 CPU cores (recipes/curriculum/README.md has the
 # measured budget); every stage resumes where it stopped, and a finished stage is not run again.
 # It stops where the induction probe finds no copying.
 #   scripts/train_default.sh            # then: scripts/ship_default.py to package the result
@@ -100,7 +100,8 @@ BASE=$(train pretrain pretrain recipes/default/pretrain.yaml "$WARM" \
 COPY=$(train sft copy recipes/curriculum/copy.yaml "$BASE" "$CUR/copy/sft.jsonl")
 JSON=$(train sft json recipes/curriculum/json.yaml "$COPY" "$CUR/json/sft.jsonl")
 SKILLS=$(train sft skills recipes/curriculum/skills.yaml "$JSON" "$CUR/skills/sft.jsonl")
-NUMBERS=$(train sft numbers recipes/curriculum/numbers.yaml "$SKILLS" "$CUR/numbers/sft.jsonl")
+SUMS=$(train sft sums recipes/curriculum/sums.yaml "$SKILLS" "$CUR/sums/sft.jsonl")
+NUMBERS=$(train sft numbers recipes/curriculum/numbers.yaml "$SUMS" "$CUR/numbers/sft.jsonl")
 REQUESTS=$(train sft requests recipes/curriculum/requests.yaml "$NUMBERS" \
   "$CUR/requests/sft.jsonl")
 SFT=$(train sft final recipes/curriculum/final.yaml "$REQUESTS" "$CUR/final/sft.jsonl")

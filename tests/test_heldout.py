@@ -68,7 +68,8 @@ def test_the_generators_read_only_their_own_split():
 
 def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     summary = build_curriculum(tmp_path, None, n=400, seed=3, context=1024, induction=8)
-    assert set(summary["stages"]) == {"copy", "json", "skills", "numbers", "requests", "final"}
+    assert set(summary["stages"]) == {"copy", "json", "skills", "sums", "numbers", "requests",
+                                      "final"}
     lines = [json.loads(line) for s in summary["stages"]
              for line in (tmp_path / s / "sft.jsonl").read_text().splitlines()]
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]

@@ -90,8 +90,8 @@ def test_the_targets_table_says_not_met_below_a_target_without_rounding_up():
 
 def fake_runs(runs: Path, dpo_first_loss: float = 0.6931) -> None:
     """Every stage finished (metrics and a latest step folder) and the DPO model evaluated."""
-    for stage in ("induction", "pretrain", "copy", "json", "skills", "numbers", "requests",
-                  "final", "dpo"):
+    for stage in ("induction", "pretrain", "copy", "json", "skills", "sums", "numbers",
+                  "requests", "final", "dpo"):
         (runs / stage / "step-000002").mkdir(parents=True)
         (runs / stage / "latest").write_text("step-000002\n")
         first = dpo_first_loss if stage == "dpo" else 3.0

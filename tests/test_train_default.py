@@ -118,7 +118,7 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
 
 
 def test_the_curriculum_recipes_chain_at_the_full_context():
-    stages = ["copy", "json", "skills", "numbers", "requests", "final"]
+    stages = ["copy", "json", "skills", "sums", "numbers", "requests", "final"]
     recipes = {s: yaml.safe_load((ROOT / "recipes" / "curriculum" / f"{s}.yaml").read_text())
                for s in [*stages, "dpo"]}
     assert recipes["copy"]["init"] == "runs/default/pretrain/step-001500"  # the base, not SFT
@@ -127,12 +127,13 @@ def test_the_curriculum_recipes_chain_at_the_full_context():
         assert r["init"] == f"runs/default/{before}/step-{recipes[before]['steps']:06d}"
     for stage in stages:
         assert recipes[stage]["data"] == [f"data/curriculum/{stage}/sft.jsonl"]
-    # the full context, but for the JSON, numbers and requests stages, whose rows are short
-    # (<= 260, 240 and 240 tokens)
-    short = ("json", "numbers", "requests")
+    # the full context, but for the JSON, sums, numbers and requests stages, whose rows are
+    # short (<= 260, 40, 240 and 240 tokens)
+    short = ("json", "sums", "numbers", "requests")
     assert all(r["seq_len"] == 1024 for s, r in recipes.items() if s not in short)
     assert recipes["json"]["seq_len"] >= 260
     assert recipes["numbers"]["seq_len"] >= 240 and recipes["requests"]["seq_len"] >= 240
+    assert recipes["sums"]["seq_len"] >= 40
     assert list(STAGES) == stages
 
 
@@ -153,7 +154,8 @@ def test_train_default_dry_run_runs_every_stage(dry_run):
     runs = tmp / "runs"
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DPO starts at ln 2" in done.stdout
-    for stage in ("pretrain", "copy", "json", "skills", "numbers", "requests", "final", "dpo"):
+    for stage in ("pretrain", "copy", "json", "skills", "sums", "numbers", "requests", "final",
+                  "dpo"):
         assert (runs / stage / "step-000002").is_dir(), stage
         first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
         assert math.isfinite(first["loss"])
@@ -194,7 +196,7 @@ def test_ship_default_packages_the_dry_run(dry_run):
     assert Path(checkpoint) == runs / stage / "step-000002"
     card = (out / "MODEL_CARD.md").read_text()
     assert f"Shipped: the **{stage}** stage, `{checkpoint}`" in card
-    for name in ("pretrain", "copy", "json", "skills", "numbers", "requests", "final",
+    for name in ("pretrain", "copy", "json", "skills", "sums", "numbers", "requests", "final",
                  "dpo"):  # stages
         assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
     # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the

@@ -108,7 +108,7 @@ def main() -> None:
     stages = {"induction": (warmup["steps"], a.pretrain_step * warmup["batch_size"]
                             / pretrain["batch_size"], warmup["seq_len"]),
               "pretrain": (pretrain["steps"], a.pretrain_step, pretrain["seq_len"])}
-    for name in ("copy", "json", "skills", "numbers", "requests", "final", "dpo"):
+    for name in ("copy", "json", "skills", "sums", "numbers", "requests", "final", "dpo"):
         recipe = yaml.safe_load((RECIPES / "curriculum" / f"{name}.yaml").read_text())
         B, T = recipe["batch_size"], recipe["seq_len"]
         if name == "dpo":  # 2B rows, plus the frozen reference's forward (a third of a step)
