@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build the default model from scratch (issue 17's recipe): data, an induction warm-up,
 # pretraining, the curriculum's seven SFT stages (copy -> json -> skills -> sums -> numbers ->
-# requests -> final, plain text in each but sums), DPO (checked to start at ln 2), evaluation
-# in and out of distribution. About 3 hours of training on 2 CPU cores (recipes/curriculum/README.md has the
-# measured budget); every stage resumes where it stopped, and a finished stage is not run again.
-# It stops where the induction probe finds no copying.
+# requests -> final, plain text in each), DPO (checked to start at ln 2), evaluation in and
+# out of distribution. About 3 hours of training on 2 CPU cores (recipes/curriculum/README.md
+# has the measured budget); every stage resumes where it stopped, and a finished stage is not
+# run again. It stops where the induction probe finds no copying.
 #   scripts/train_default.sh            # then: scripts/ship_default.py to package the result
 #   scripts/train_default.sh --dry-run  # every stage for 2 steps on a tiny model, evals on a
 #                                       # handful of cases (tests/test_train_default.py runs it)
