@@ -47,7 +47,8 @@ def fake_corpus(root: Path) -> Path:
 
 def test_every_stage_trains_on_whole_passages_of_plain_text(tmp_path):
     corpus = fake_corpus(tmp_path / "corpus")
-    summary = build_curriculum(tmp_path / "out", corpus, n=300, seed=1, context=1024,
+    # 600 rows a stage: at 300, one draw gave the numbers stage (text 1 row in 12.5) 16
+    summary = build_curriculum(tmp_path / "out", corpus, n=600, seed=1, context=1024,
                                induction=200)
     passages = {" ".join(p.split()) for p in
                 (corpus / "pretrain" / "train" / "prose.txt").read_text().split("\n\n")}
@@ -100,6 +101,12 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
     short = [r for r in rows["numbers"] if r["task"] == "passkey_short"]
     assert len(short) == summary["stages"]["numbers"]["passkey_short"] > 40
     assert all(5 <= len(r["messages"][-1]["content"]) <= 8 for r in short)
+    # about half the keys go on into other punctuation and words, not a full stop: the answer
+    # is still the key alone, so a copy must stop where the key ends
+    after = [r["messages"][-2]["content"].split(r["messages"][-1]["content"], 1)[1][:1]
+             for r in short]
+    assert 0.3 < sum(c != "." for c in after) / len(short) < 0.7
+    assert {c for c in after if c != "."} >= {",", ";", ":", "!"}
     full = [r for r in rows["final"] if r["task"] == "passkey_full"]
     trained = sft_examples([tmp_path / "out" / "final" / "sft.jsonl"], tok, 1024)
     ends = [len(ids) for r, (ids, _) in zip(rows["final"], trained, strict=True)

@@ -185,6 +185,11 @@ KEY_LINES = ["The pass key is {key}. Remember it. {key} is the pass key.",
              "Remember this number: {key}.", "The magic number is {key}."]
 QUESTIONS = ["What is the pass key?", "What number were you asked to remember?",
              "What is the magic number?"]
+# what follows the key in half of the key lines, then a filler sentence: with a full stop after
+# every training key, the model stopped after a copied key only where a "." followed it, and
+# held-out notes that went on after the key ("... is 5597592; keep ...") had the copy run on
+# (`5597592; 155`: 53 of 100 held-out keys, 90 of which were found)
+KEY_TAILS = [",", ";", ":", " -", "!", " and", " so", " but", " which", " as"]
 
 
 def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: bool = False,
@@ -200,6 +205,11 @@ def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: b
     key = (str(r.randint(10 ** 4, 10 ** r.randint(5, 8) - 1)) if long_keys
            else str(r.randint(0, 10 ** r.randint(1, 7))))
     which = r.randrange(len(KEY_LINES))
+    line = KEY_LINES[which].format(key=key)
+    if r.random() < 0.5:
+        more = r.choice(sentences)
+        line = line.replace(f"{key}.", f"{key}{r.choice(KEY_TAILS)} {more[:1].lower()}{more[1:]}",
+                            1)
     filler: list[str] = []
     size = _tokens if max_tokens else (lambda s: len(s) + 1)  # a sentence's tokens or chars
     budget = r.randint(0, int(max_tokens * 1.15) if max_tokens else max_chars)
@@ -208,7 +218,7 @@ def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: b
     at = r.randint(0, len(filler))  # the key line's place among the filler sentences
 
     def ask() -> list[dict[str, str]]:
-        lines = [*filler[:at], KEY_LINES[which].format(key=key), *filler[at:]]
+        lines = [*filler[:at], line, *filler[at:]]
         return _user("There is an important number hidden in the text below. Find it.\n"
                      + " ".join(lines) + "\n" + QUESTIONS[which])
 
