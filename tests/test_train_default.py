@@ -107,6 +107,8 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
              for r in short]
     assert 0.3 < sum(c != "." for c in after) / len(short) < 0.7
     assert {c for c in after if c != "."} >= {",", ";", ":", "!"}
+    from curriculum.tasks import KEY_LINES
+    assert all("{key}." in line for line in KEY_LINES)  # what the tails replace
     full = [r for r in rows["final"] if r["task"] == "passkey_full"]
     trained = sft_examples([tmp_path / "out" / "final" / "sft.jsonl"], tok, 1024)
     ends = [len(ids) for r, (ids, _) in zip(rows["final"], trained, strict=True)

@@ -181,6 +181,7 @@ def json_answer_ids(values: dict[str, str]) -> list[int] | None:
     return ids
 
 
+# (each has the key before a full stop: KEY_TAILS replaces the first)
 KEY_LINES = ["The pass key is {key}. Remember it. {key} is the pass key.",
              "Remember this number: {key}.", "The magic number is {key}."]
 QUESTIONS = ["What is the pass key?", "What number were you asked to remember?",
