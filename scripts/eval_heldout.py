@@ -64,14 +64,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(model: str | None, dtype: str | None, port: int, batch: int) -> subprocess.Popen:
+def serve(model: str | None, dtype: str | None, port: int, batch: int,
+          wait: float = 600) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mixtral", "serve", "--port", str(port),
            "--max-batch", str(batch), "--max-queue", str(4 * batch)]
     cmd += ["--model", model] if model else []
     cmd += ["--dtype", dtype] if dtype else []
     log = tempfile.NamedTemporaryFile(prefix="eval-heldout-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"mixtral serve exited; its log: {log.name}")
@@ -82,7 +83,9 @@ def serve(model: str | None, dtype: str | None, port: int, batch: int) -> subpro
             pass
         time.sleep(0.5)
     proc.terminate()
-    raise SystemExit("mixtral serve did not become ready in 300 s")
+    proc.wait(30)
+    raise SystemExit(f"mixtral serve did not become ready in {wait:.0f} s (--start-timeout); "
+                     f"its log: {log.name}")
 
 
 def ask(client: Mistral, model: str, case: Case) -> dict[str, Any]:
@@ -204,6 +207,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--start-timeout", type=float, default=600, metavar="SECONDS",
+                   help="how long the server may take to start (a busy machine is slow)")
     p.add_argument("--only", action="append", default=[], metavar="SKILL",
                    help="measure only this skill (json, passkey, addition, safety; repeatable)")
     a = p.parse_args()
@@ -213,7 +218,7 @@ def main() -> None:
              if not a.only or c.set.split("/")[0].split("-")[0] in a.only]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # and the server goes too
     port = free_port()
-    proc = serve(a.model, a.dtype, port, a.concurrency)
+    proc = serve(a.model, a.dtype, port, a.concurrency, a.start_timeout)
     started = time.monotonic()
     try:
         client = Mistral(api_key=os.environ.get("MIXTRAL_API_KEY", "none"),

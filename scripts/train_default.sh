@@ -63,12 +63,13 @@ train() {
 # Induction first: from random weights, on whole-vocabulary spans shown twice (token-id rows,
 # the loss on the repeat), until the repeats are predicted (the probe gates it: on text alone
 # no checkpoint ever learnt to copy). Then pretraining from there, with documents of repeated
-# spans in the mix so that the heads stay in use; the
-# curriculum starts from this base, not from an SFT model (an SFT pilot on the copy stage from
-# the shipped model forgot more than it learnt).
+# spans in the mix so that the heads stay in use; the curriculum starts from this base, not
+# from an SFT model (an SFT pilot on the copy stage from the shipped model forgot more than it
+# learnt).
 D="$RUNS/eval"
 mkdir -p "$D/base"
-GATE=(--require 0.5); if [ "$DRY" = 1 ]; then GATE=(--spans 2 --length 8); fi  # 2 steps learn nothing
+# (the dry run's 2 steps learn nothing: its gate requires nothing)
+GATE=(--require 0.5); if [ "$DRY" = 1 ]; then GATE=(--spans 2 --length 8); fi
 # The phase change comes at no set step, and not in every run: on a Zen 5 between steps 2,000
 # and 3,750; on a Zen 3, seed 0 ran 6,000 steps into copying by offset instead (30-piece spans
 # 0.65 right, 24-piece 0.04; no head of layer 0 on the previous piece). So the probe checks the

@@ -400,3 +400,13 @@ def test_no_training_sum_is_asked_as_the_held_out_sums_are():
         assert not re.search(r"calculate|makes how much|what do you get|sum of", q, re.I), q
         a, b = map(int, re.findall(r"\d+", q)[:2])
         assert 10 <= min(a, b) and max(a, b) <= 99
+
+
+def test_a_server_that_does_not_start_in_time_is_named_not_waited_for():
+    # a busy machine starts a server slowly: the wait is an option, and running out of it says
+    # which option and where the server's log is (and ends the server)
+    from eval_heldout import serve
+
+    with pytest.raises(SystemExit, match=r"did not become ready in 0 s \(--start-timeout\); "
+                                         r"its log: .*eval-heldout-serve-"):
+        serve(None, None, 1, 1, wait=0)
