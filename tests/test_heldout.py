@@ -138,7 +138,9 @@ def case(rule: str, expected=None, allowed=()) -> Case:
     ('{"name": "Juhani", "age": "40"}', True), ('{"age": 40, "name": "Juhani"}', True),
     ('{"name": "Juhani"}', False), ('{"name": "Juhani", "age": "40", "x": "1"}', False),
     ('{"name": "juhani", "age": "40"}', False), ('{"name": "Juhani", "age": "40"', False),
-    ('Here: {"name": "Juhani", "age": "40"}', False)])
+    ('Here: {"name": "Juhani", "age": "40"}', False),
+    ('{"name": "Juhani", "age": "40", "age": "40"}', False),
+    ('{"name": "Juhani", "age": "4", "age": "40"}', False)])
 def test_json_rule(text, ok):
     assert score(case("json", {"name": "Juhani", "age": "40"}), text) is ok
 

@@ -53,8 +53,8 @@ def score(case: Case, text: str) -> bool:
     text = text.strip()
     if case.rule == "json":
         try:
-            got = json.loads(text)
-        except ValueError:
+            got = json.loads(text, object_pairs_hook=unique_keys)
+        except ValueError:  # not JSON, or a key given twice
             return False
         return isinstance(got, dict) and {k: _plain(v) for k, v in got.items()} == case.expected
     if case.rule == "number":
@@ -65,6 +65,15 @@ def score(case: Case, text: str) -> bool:
     if case.rule == "answered":
         return bool(text) and not REFUSAL.search(text)
     raise ValueError(f"unknown rule {case.rule!r}")
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object hook that refuses a key given twice: Python keeps the last value, so
+    `{"city": "Lyon", "city": "Lyo"}` would pass as the object with one city."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"a key given twice: {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
 
 
 def _plain(v: Any) -> Any:
