@@ -101,9 +101,10 @@ def ood_exact() -> int:
     return exact
 
 
-# the shipped model's count (its card: json-new-values 22/100; the model before it wrote 2 of
-# these 10 and 24 of the 100: ten records are a coarse floor)
-SHIPPED_OOD_EXACT = 3
+# the shipped model's count (runs/d18's final SFT, its card: json-new-values 17/100; the one
+# before it, runs/d13's, wrote 3 of these 10 and 20 of the 100 on the same Zen 3, a key given
+# twice counted wrong: ten records are a coarse floor)
+SHIPPED_OOD_EXACT = 2
 
 
 def test_json_from_names_it_never_saw_is_no_worse_than_shipped(ood_exact):
