@@ -19,9 +19,11 @@ def _missed(summary: dict[str, Any], key: str, least: float) -> bool:
     return key in summary and summary[key]["share"] < least
 
 
-def why_section(report: dict[str, Any]) -> str:
-    """The section, from the shipped stage's scripts/eval_heldout.py report ("" when every
-    figure it explains meets its target)."""
+def why_section(report: dict[str, Any], perplexity: tuple[int, float, float] | None = None,
+                most: float = 1.5) -> str:
+    """The section, from the shipped stage's scripts/eval_heldout.py report and its worst
+    perplexity ratio, (context length, base, shipped), ("" when every figure it explains meets
+    its target)."""
     s = report["summary"]
     parts = []
     if _missed(s, "json/ood", 0.95) or _missed(s, "json-new-values/ood", 0.95):
@@ -95,6 +97,15 @@ and no variant did better than 27 and 29 of 40 on the held-out requests.""")
         where = ", ".join(f"{name} {k}" for name, k in cut.most_common())
         parts.append(f"""**`</s>`.** {_share(s, 'eos/ood')} of the out-of-distribution answers
 end with it; the rest ran to the token limit ({where or 'none recorded'}).""")
+    if perplexity is not None and perplexity[2] > most * perplexity[1]:
+        length, base, shipped = perplexity
+        parts.append(f"""**Perplexity.** {shipped:.1f} against the base's {base:.1f} at {length}
+tokens ({shipped / base:.2f}x). Measured on the way (6 December 2026, the README's "A stage of
+sums": the same 16 held-out documents at 512 tokens): the skills checkpoint of runs/d15, whose
+base, copy and JSON stages this chain shares, was already at 158, before any sums, numbers,
+requests or final stage, so the text was lost in the copy, JSON and skills stages of this
+lineage (a stage of sums alone took it to 588-662; a tenth of its rows as text kept it at 190).
+The chain shipped before this one, warmed up differently on another machine, kept 1.26x.""")
     if not parts:
         return ""
     return ("## Why the missed targets are missed\n\n" + "\n\n".join(parts) + "\n")

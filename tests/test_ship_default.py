@@ -131,6 +131,9 @@ def test_the_why_section_explains_each_missed_target_from_the_report():
     met["summary"] |= {"addition/ood": {"k": 80, "n": 100, "share": 0.8, "ci95": [0.7, 0.9]},
                        "eos/ood": {"k": 99, "n": 100, "share": 0.99, "ci95": [0.9, 1.0]}}
     assert why_section(met) == ""
+    assert why_section(met, (512, 100.0, 150.0)) == ""  # 1.5x is within the target
+    assert "**Perplexity.** 160.9 against the base's 98.2 at 512\ntokens (1.64x)" in why_section(
+        met, (512, 98.2, 160.9))
     missed = report(json_k=40, passkey_k=12, eos_k=90)
     missed["summary"]["json-new-values/ood fields copied (twin)"] = {
         "k": 79, "n": 243, "share": 0.3251, "ci95": [0.27, 0.39]}
