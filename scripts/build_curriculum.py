@@ -49,22 +49,24 @@ STAGES: dict[str, dict[str, float]] = {
     # ones digit formed in one run of five. Text 1 row in 10 (64 tokens of it): without it the
     # text perplexity went 158 -> 662 (recipes/curriculum/README.md, "A stage of sums")
     "sums": {"arith_plain": 9, "text": 1},
-    # short rows, so many of them: sums and long keys in short fillers (JSON and text kept up)
-    "numbers": {"arith_plain": 5, "arith_practice": 1.5, "passkey_short": 3, "json": 2,
-                "text": 1},
+    # short rows, so many of them: sums and long keys in short fillers (JSON and text kept up).
+    # No digit-by-digit practice after the sums stage: rehearsed here, its "Add {a} and {b}
+    # digit by digit." took held-out "Add 80 and 65." from a plain sum (7 of 21 after the sums
+    # stage) to the practice's steps (0 of 21 to the end; the other phrasings 69 of 79)
+    "numbers": {"arith_plain": 5, "passkey_short": 3, "json": 2, "text": 1},
     # short rows again: the safe prompt's pairs, many of them, with sums and keys rehearsed. A
     # few hundred in the final stage taught which frames are refused, not which acts; in the
     # numbers stage, their long answers took its sums from 78 to 24 of 100 (in distribution)
     # Half the pairs are WordNet's acts (`acts`): 46 hand-written acts taught 22 of 105 fresh
     # twins in this stage's 400 steps, and held-out requests use other words for harm
-    "requests": {"harm": 2, "acts": 2, "safety": 1, "arith_plain": 2, "arith_practice": 0.5,
-                 "passkey_short": 1, "json": 1, "text": 1},
+    "requests": {"harm": 2, "acts": 2, "safety": 1, "arith_plain": 2, "passkey_short": 1,
+                 "json": 1, "text": 1},
     # sums in words once the sums with "+" are learnt: with half of the numbers stage's sums in
     # words, that stage learnt neither (15 % of held-out "+" sums right, against 78 %)
     # (passkeys 3, not 2: after the requests stage's short fillers, keys at 768-1000 tokens were
     # found 40 % of the time, 55-60 % without that stage)
-    "final": {"copy": 1, "json": 3, "passkey_full": 3, "arith_practice": 0.5, "arith_plain": 1,
-              "arith_words": 2, "safety": 1, "harm": 1.5, "acts": 1, "text": 2, "example": 0.15},
+    "final": {"copy": 1, "json": 3, "passkey_full": 3, "arith_plain": 1, "arith_words": 2,
+              "safety": 1, "harm": 1.5, "acts": 1, "text": 2, "example": 0.15},
 }
 # the share of a stage's other tasks asked under the safe prompt, which changes nothing for
 # them: with the prompt only ever before safety pairs, half of them refusals, a model refused
