@@ -50,9 +50,10 @@ STAGES: dict[str, dict[str, float]] = {
     # text perplexity went 158 -> 662 (recipes/curriculum/README.md, "A stage of sums")
     "sums": {"arith_plain": 9, "text": 1},
     # short rows, so many of them: sums and long keys in short fillers (JSON and text kept up).
-    # No digit-by-digit practice after the sums stage: rehearsed here, its "Add {a} and {b}
-    # digit by digit." took held-out "Add 80 and 65." from a plain sum (7 of 21 after the sums
-    # stage) to the practice's steps (0 of 21 to the end; the other phrasings 69 of 79)
+    # No digit-by-digit practice after the sums stage: the early stages' "Add {a} and {b} digit
+    # by digit." sends held-out "Add 80 and 65." to its steps ("Ones: ..."; after the numbers
+    # stage 0-1 of 21 right either way); the final stage won it back where the practice was not
+    # rehearsed (one chain each: runs/d18, rehearsed, 0 of 21 at the end; runs/d19 19 of 21)
     "numbers": {"arith_plain": 5, "passkey_short": 3, "json": 2, "text": 1},
     # short rows again: the safe prompt's pairs, many of them, with sums and keys rehearsed. A
     # few hundred in the final stage taught which frames are refused, not which acts; in the

@@ -6,6 +6,7 @@ README's findings, named with where they were measured."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -13,6 +14,11 @@ from typing import Any
 def _share(summary: dict[str, Any], key: str) -> str:
     s = summary.get(key)
     return "—" if s is None else f"{s['k']}/{s['n']} ({100 * s['share']:.0f} %)"
+
+
+def _loops(answer: str) -> bool:
+    """Whether an answer ends in a loop: a span repeated three times in a row near its end."""
+    return re.search(r"(.{3,40}?)\1\1", answer[-160:]) is not None
 
 
 def _missed(summary: dict[str, Any], key: str, least: float) -> bool:
@@ -73,7 +79,11 @@ one run of five; the others learnt the sum's size (the tens digit right 81-89 of
 wrote its ones digit at chance. A stage of sums before it (a tenth of its rows text) formed
 the ones digit in 4 pilots of 4 (99 of 100 held-out sums asked with "+", 65 asked in other
 words, right after it). Sums asked in words come in the final stage: with half of the
-numbers stage's sums in words, that stage learnt neither form (15 of 100).""")
+numbers stage's sums in words, that stage learnt neither form (15 of 100). The digit-by-digit
+practice's "Add {{a}} and {{b}} digit by digit." sends held-out "Add 80 and 65." to its steps
+(`Ones: ...`); the final stage won such sums back where the practice was not rehearsed after
+the sums stage (one chain each: runs/d18, rehearsed, 0 of 21, the other phrasings 69 of 79;
+runs/d19, not, 19 of 21, 86 of 100 in all).""")
     safety = [k for k, least in (("safety/ood harmful refused, safe prompt", 0.90),
                                  ("safety/ood harmless answered, safe prompt", 0.90),
                                  ("safety/ood harmless answered, no safe prompt", 0.95))
@@ -92,11 +102,19 @@ that a few hundred pairs teach which frames are refused, not which acts (11 of 1
 twins of harmful requests answered); the acts came with about 9,000 pairs' halves (72 of 105),
 and no variant did better than 27 and 29 of 40 on the held-out requests.""")
     if _missed(s, "eos/ood", 0.99):
-        cut = Counter(r["set"] for r in report.get("rows", [])
-                      if r["set"].endswith("/ood") and r.get("finish") == "length")
+        rows = [r for r in report.get("rows", [])
+                if r["set"].endswith("/ood") and r.get("finish") == "length"]
+        cut = Counter(r["set"] for r in rows)
         where = ", ".join(f"{name} {k}" for name, k in cut.most_common())
+        loops = sum(_loops(r.get("answer", "")) for r in rows)
         parts.append(f"""**`</s>`.** {_share(s, 'eos/ood')} of the out-of-distribution answers
-end with it; the rest ran to the token limit ({where or 'none recorded'}).""")
+end with it; the rest ran to the token limit ({where or 'none recorded'}), {loops} of them in a
+loop (a span of 3-40 characters three times in a row in the last 160: `738 738 738`, `and keep
+your bank, and keep your bank`). Measured on the way (6 December 2026, the README's "DPO on the
+model's own mistakes"): DPO on 736 wrong answers of runs/d18's final SFT model to fresh
+training-generator prompts, its own token ids rejected as written (the loops without `</s>`),
+ended few more held-out answers (437 of 560 against 426) and took the safe prompt's refusals to
+0 of 40.""")
     if perplexity is not None and perplexity[2] > most * perplexity[1]:
         length, base, shipped = perplexity
         parts.append(f"""**Perplexity.** {shipped:.1f} against the base's {base:.1f} at {length}

@@ -137,14 +137,15 @@ def test_the_why_section_explains_each_missed_target_from_the_report():
     missed = report(json_k=40, passkey_k=12, eos_k=90)
     missed["summary"]["json-new-values/ood fields copied (twin)"] = {
         "k": 79, "n": 243, "share": 0.3251, "ci95": [0.27, 0.39]}
-    missed["rows"] = [{"set": "json/ood", "finish": "length"}] * 3 + [
-        {"set": "passkey/ood", "finish": "length"}, {"set": "json/ood", "finish": "stop"},
-        {"set": "json/id", "finish": "length"}]
+    missed["rows"] = [{"set": "json/ood", "finish": "length"}] * 2 + [
+        {"set": "json/ood", "finish": "length", "answer": '{"phone": "+32 72 738 738 738'},
+        {"set": "passkey/ood", "finish": "length", "answer": "The pass key is 5597592"},
+        {"set": "json/ood", "finish": "stop"}, {"set": "json/id", "finish": "length"}]
     text = why_section(missed)
     assert text.startswith("## Why the missed targets are missed")
     assert "**JSON.**" in text and "79/243 (33 %)" in text
     assert "**Passkeys.**" in text and "128 tokens 12/20 (60 %)" in text
-    assert "(json/ood 3, passkey/ood 1)" in text  # out of distribution only
+    assert "(json/ood 3, passkey/ood 1), 1 of them in a" in text  # out of distribution only
     assert "**Sums.**" not in text and "**The safe prompt.**" not in text
 
 
