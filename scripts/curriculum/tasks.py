@@ -245,7 +245,9 @@ def arith_practice(r: random.Random) -> Example:
     steps = (f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10}, carry {ones // 10}. "
              f"Tens: {a // 10} + {b // 10} + {ones // 10} = {tens}, write {tens}. "
              f"So {a} + {b} = {a + b}.")
-    prompt = r.choice(["Add {a} and {b} digit by digit.", "Work out {a} + {b} step by step."])
+    # the cue opens the request: "Add {a} and {b} digit by digit." began as a plain request
+    # does, and sent held-out "Add 80 and 65." to these steps (recipes/curriculum/README.md)
+    prompt = r.choice(["Digit by digit: {a} + {b}", "Step by step: {a} + {b}"])
     return _user(prompt.format(a=a, b=b)), steps, [(steps.replace(str(a + b), str(a + b + 10)),
                                                     True)]
 
