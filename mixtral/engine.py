@@ -7,17 +7,23 @@ worker admits waiting jobs into free slots, runs one prefill chunk of at most `p
 prompt tokens (so a long prompt never stalls the others for long), then one decode step for every
 sequence that has a token to feed, as a single batch with per-row positions. A job can be
 cancelled at any time — waiting or running — and its slot is free before the next step.
-Each sequence samples with its own `Sampler` (settings and seed), so batching changes no
-request's tokens.
+Each sequence samples with its own `Sampler` (settings and seed), so batching shares no
+sampling state. (The arithmetic of a row can still move in its last bits with the batch, as
+kernels differ by shape: a decoding row beside 1-3 others measured bit for bit the same on an
+avx512_bf16 CPU, and within ~5e-6 of its logits in fp32 on the avx2 tier.)
 
 A prompt's prefill starts at its first token whose KV is not to be had already (prompt
 caching): when its turn comes (every older prompt is in the cache by then), it copies the
 longest prefix it shares with a running sequence's cache row or with the `PrefixCache` of
 finished ones (prefix_cache.py; `prefix_cache` bytes, 0: none), and a prompt identical to a
-running one's takes that one's last logits too, so the n choices of a request (queued
-together, consecutive ids) run one prefill between them and decode as rows of one batch. KV of
-a position depends only on the tokens up to it, so a copy is what the prefill would write —
-the same tokens, greedy or seeded. `Job.cached_tokens` says how many prompt tokens were reused.
+running one's, or to a finished one's whose prompt logits the prefix cache kept, takes those
+logits too: the n choices of a request (queued together, consecutive ids) run one prefill
+between them and decode as rows of one batch, and a retry runs no forward pass. KV of a
+position depends only on the tokens up to it, so a copy is what the prefill would write, up
+to the last bits where the copy was computed otherwise (a chat turn's answer was decoded one
+row at a time; in bf16 with native bf16 that moves logits by up to ~0.1, enough to change a
+seeded token now and then); a retry of the very same prompt gets its first run's numbers.
+`Job.cached_tokens` says how many prompt tokens were reused.
 A job that asks for its prompt's own logprobs (`Job.prompt_logprobs`) reuses nothing: copied KV
 brings no logits, and it needs every position's (prefill.PromptLogprobs); so a scoring request
 runs its prefill whole, even with `max_tokens` 0, and its twins can still share it.
@@ -227,7 +233,10 @@ class Engine:
 
     def _finish(self, r: Running, error: BaseException | None = None) -> None:
         if error is None and self.prefixes.budget:  # a cancelled job's prefix is as good
-            self.prefixes.store(r.cached(), self.cache.k[:, r.slot], self.cache.v[:, r.slot])
+            # its prompt logits, where its prefill computed them (not a twin's or kept ones)
+            own = r.logits if r.job.cached_tokens < len(r.job.prompt) else None
+            self.prefixes.store(r.cached(), self.cache.k[:, r.slot], self.cache.v[:, r.slot],
+                                None if own is None else (len(r.job.prompt), own, r.copied))
         with self._lock:
             self._slots[r.slot] = None
         done(r.job, error)
@@ -271,7 +280,8 @@ class Engine:
     def _start(self, r: Running) -> None:
         """Copy into r's row the longest prefix of its prompt with KV at hand: in a running
         sequence's row or in the prefix cache. The last prompt token still runs (its logits
-        pick the first token), unless a running twin has the very same prompt in."""
+        pick the first token), unless a running twin has the very same prompt in or the prefix
+        cache kept that prompt's logits."""
         r.started = True
         if not self.kv_copies or r.scores is not None:  # scored: every position's logits
             return
@@ -285,17 +295,23 @@ class Engine:
                 break
             if (n := common_prefix(prompt, d.cached(), len(prompt) - 1)) > reuse:
                 reuse, donor = n, d
-        hit = self.prefixes.lookup(prompt, len(prompt) - 1)
+        # the very prompt with its logits kept (prefix_cache.py: a retry), else all but its last
+        # token, which runs to give the logits
+        hit = self.prefixes.lookup(prompt, len(prompt))
+        if hit.tokens < len(prompt) or hit.logits is None:
+            hit = self.prefixes.lookup(prompt, len(prompt) - 1)
+        logits = donor.logits if donor is not None and reuse == len(prompt) else None
         if hit.tokens > reuse:
             self.prefixes.copy(hit, k[:, r.slot], v[:, r.slot])
-            reuse = hit.tokens
+            reuse, logits = hit.tokens, hit.logits if hit.tokens == len(prompt) else None
+            r.copied = reuse
         elif donor is not None:
             k[:, r.slot, :, :reuse].copy_(k[:, donor.slot, :, :reuse])
             v[:, r.slot, :, :reuse].copy_(v[:, donor.slot, :, :reuse])
         r.prefilled = r.job.cached_tokens = reuse
-        if donor is not None and reuse == len(prompt):
-            assert donor.logits is not None
-            self._choose(r, donor.logits.clone())
+        if logits is not None:
+            r.logits = logits.clone()  # for a twin of this one
+            self._choose(r, logits.clone())
 
     def _chunk(self, r: Running) -> None:
         start = r.prefilled

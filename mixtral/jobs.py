@@ -56,6 +56,7 @@ class Running:
     pending: int | None = None  # the last sampled token, not yet fed to the model
     started: bool = False  # its prefill has begun (and looked for KV to reuse)
     logits: torch.Tensor | None = None  # after the whole prompt, for a twin prompt to sample
+    copied: int = 0  # prompt positions copied from the prefix cache
     scores: PromptLogprobs | None = None  # with job.prompt_logprobs, gathered by its prefill
     out: list[int] = field(default_factory=list)  # the generated ids
     fed: int = 0  # of which are in the cache

@@ -9,6 +9,13 @@ vLLM's automatic prefix caching, but with the tokens themselves as keys (no hash
 collision can ever hand a request another prompt's KV). Requests that share a system prompt or
 a few-shot preamble and then diverge share its blocks; the turns of a chat extend one path.
 
+A request's prompt logits are kept too, on the block where its prompt ends, when its prompt
+was prefilled here from the first position: a later request with the very same prompt (a
+retry, a regenerate, a seeded replay) then runs no forward pass at all and samples the logits
+the first one did. Re-running only the last prompt token instead would compute it as a
+decoding step does (one row: other kernels than a prompt's chunk), which in bf16 on a CPU with
+native bf16 (avx512_bf16) moves logits by up to ~0.1 and so changes seeded samples.
+
 A sequence's last block is usually partial; it is kept as a leaf of fewer tokens (replaced by
 the full block when a longer sequence stores it), and a lookup uses any block partly: a prompt
 that shares 100 of a block's 64+36 tokens reuses exactly 100 positions. Reuse is therefore
@@ -51,10 +58,12 @@ class _Block:
     v: Tensor
     parent: _Block | None
     children: dict[tuple[int, ...], _Block] = field(default_factory=dict)
+    ends: dict[int, Tensor] = field(default_factory=dict)  # n -> logits of a prompt ending
+                                                           # at this block's n-th token
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + sum(t.nbytes for t in self.ends.values())
 
 
 @dataclass
@@ -66,6 +75,11 @@ class Hit:
     @property
     def tokens(self) -> int:
         return sum(n for _, n in self.path)
+
+    @property
+    def logits(self) -> Tensor | None:
+        """The logits kept for a prompt of exactly the hit's tokens, if any."""
+        return self.path[-1][0].ends.get(self.path[-1][1]) if self.path else None
 
 
 class PrefixCache:
@@ -106,24 +120,39 @@ class PrefixCache:
             at += n
         self._touch([b for b, _ in hit.path])
 
-    def store(self, ids: Sequence[int], k: Tensor, v: Tensor) -> None:
+    def store(self, ids: Sequence[int], k: Tensor, v: Tensor,
+              prompt: tuple[int, Tensor, int] | None = None) -> None:
         """Keep copies of the KV of positions 0..len(ids)-1 (one sequence's rows k, v
         [layers, K, S, A], holding ids), sharing the blocks already held; then evict down to
-        the budget."""
+        the budget. `prompt` (its length, the logits the sequence's prefill computed after it,
+        how many of its positions were copied from here): the logits are kept where the prompt
+        ends if every block up to there holds the KV they were computed from, i.e. is this
+        store's own copy or lies within the copied positions (a block held before that came
+        from another computation, which may differ in its last bits)."""
         per_token = 2 * k[:, :, :1].nbytes
         ids = ids[:self.budget // per_token] if per_token else ids  # more would be evicted
-        path, node, B = [], self.root, self.block
+        path, node, B, own = [], self.root, self.block, []
         for at in range(0, len(ids), B):
             tokens = tuple(ids[at:at + B])
             child = node.children.get(tokens)
             if child is None and len(tokens) < B and any(
                     t[:len(tokens)] == tokens for t in node.children):
                 break  # a partial tail that a held block already covers
+            own.append(child is None)
             if child is None:
                 child = self._add(node, tokens, k[:, :, at:at + len(tokens)],
                                   v[:, :, at:at + len(tokens)])
             path.append(child)
             node = child
+        if prompt is not None:
+            n, logits, copied = prompt
+            last = (n - 1) // B  # the block holding the prompt's last token
+            # (and only in room left free: they never push KV out)
+            if 0 < n <= sum(len(b.tokens) for b in path) and all(
+                    own[i] or i * B + len(path[i].tokens) <= copied for i in range(last + 1)) \
+                    and self.used + logits.nbytes <= self.budget:
+                path[last].ends[n - last * B] = logits.clone()
+                self.used += logits.nbytes
         self._touch(path)
         while self.used > self.budget:
             self._drop(next(iter(self._lru)))  # the least recent block, always a leaf

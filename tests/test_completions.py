@@ -56,15 +56,15 @@ def test_a_repeated_prompt_reports_its_cached_tokens(openai_client, server):
     assert first.usage.prompt_tokens_details.cached_tokens <= 1  # BOS, as every prompt has
     again = openai_client.completions.create(model="mistral-small", prompt=prompt,
                                              max_tokens=2, seed=1)
-    # all but the last prompt token (its logits pick the first token) came from the cache
-    assert again.usage.prompt_tokens_details.cached_tokens == n - 1
+    # all of it: the first run's KV and its prompt logits (which pick the first token)
+    assert again.usage.prompt_tokens_details.cached_tokens == n
     assert again.choices[0].text == first.choices[0].text
     chunks = list(openai_client.completions.create(
         model="mistral-small", prompt=[prompt, prompt], max_tokens=2, seed=1, stream=True,
         stream_options={"include_usage": True}))
     # the first as before; the second, the same prompt running beside it, takes all n (and the
     # first's last logits: one prefill for both)
-    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) + n
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == n + n
 
 
 def test_the_prompt_is_raw_text_with_bos(api, server):
