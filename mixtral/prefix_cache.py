@@ -9,12 +9,13 @@ vLLM's automatic prefix caching, but with the tokens themselves as keys (no hash
 collision can ever hand a request another prompt's KV). Requests that share a system prompt or
 a few-shot preamble and then diverge share its blocks; the turns of a chat extend one path.
 
-A request's prompt logits are kept too, on the block where its prompt ends, when its prompt
-was prefilled here from the first position: a later request with the very same prompt (a
-retry, a regenerate, a seeded replay) then runs no forward pass at all and samples the logits
-the first one did. Re-running only the last prompt token instead would compute it as a
-decoding step does (one row: other kernels than a prompt's chunk), which in bf16 on a CPU with
-native bf16 (avx512_bf16) moves logits by up to ~0.1 and so changes seeded samples.
+A request's prompt logits are kept too, on the block where its prompt ends, when the blocks up
+to there hold the very KV those logits were computed from (see `store`): a later request with
+the very same prompt (a retry, a regenerate, a seeded replay) then runs no forward pass at all
+and samples the logits the first one did. Re-running only the last prompt token instead would
+compute it as a decoding step does (one row: other kernels than a prompt's chunk), which in
+bf16 on a CPU with native bf16 (avx512_bf16) moves logits by up to ~0.1 and so changes seeded
+samples.
 
 A sequence's last block is usually partial; it is kept as a leaf of fewer tokens (replaced by
 the full block when a longer sequence stores it), and a lookup uses any block partly: a prompt
@@ -147,11 +148,12 @@ class PrefixCache:
         if prompt is not None:
             n, logits, copied = prompt
             last = (n - 1) // B  # the block holding the prompt's last token
-            # (and only in room left free: they never push KV out)
-            if 0 < n <= sum(len(b.tokens) for b in path) and all(
-                    own[i] or i * B + len(path[i].tokens) <= copied for i in range(last + 1)) \
-                    and self.used + logits.nbytes <= self.budget:
-                path[last].ends[n - last * B] = logits.clone()
+            end = n - last * B  # the prompt's end in it
+            theirs = 0 < n <= sum(len(b.tokens) for b in path) and all(
+                own[i] or i * B + len(path[i].tokens) <= copied for i in range(last + 1))
+            # only in room left free (logits never push KV out), and once
+            if theirs and self.used + logits.nbytes <= self.budget and end not in path[last].ends:
+                path[last].ends[end] = logits.clone()
                 self.used += logits.nbytes
         self._touch(path)
         while self.used > self.budget:

@@ -143,6 +143,10 @@ def test_prompt_logits_are_kept_only_with_the_kv_they_came_from():
     hit = cache.lookup(list(range(6)), 6)
     assert hit.tokens == 6 and torch.equal(hit.logits, logits)
     assert cache.lookup(list(range(5)), 5).logits is None  # no prompt ended there
+    cache.store(list(range(10)), *kv(10), (8, logits, 8))  # a prompt of 8 that copied its KV
+    used = cache.used
+    cache.store(list(range(10)), *kv(10), (8, logits, 8))  # and again: nothing new to hold
+    assert cache.used == used and torch.equal(cache.lookup(list(range(8)), 8).logits, logits)
     # a prompt sharing a held block it did not copy: that block's KV is another computation's
     other = [0, 1, 2, 3, 9, 9]
     cache.store(other, *kv(6, 0.5), (6, logits, 0))
