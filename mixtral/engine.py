@@ -12,17 +12,9 @@ sampling state. (The arithmetic of a row can still move in its last bits with th
 kernels differ by shape: a decoding row beside 1-3 others measured bit for bit the same on an
 avx512_bf16 CPU, and within ~5e-6 of its logits in fp32 on the avx2 tier.)
 
-A prompt's prefill starts at its first token whose KV is not to be had already (prompt
-caching): when its turn comes (every older prompt is in the cache by then), it copies the
-longest prefix it shares with a running sequence's cache row or with the `PrefixCache` of
-finished ones (prefix_cache.py; `prefix_cache` bytes, 0: none), and a prompt identical to a
-running one's, or to a finished one's whose prompt logits the prefix cache kept, takes those
-logits too: the n choices of a request (queued together, consecutive ids) run one prefill
-between them and decode as rows of one batch, and a retry runs no forward pass. KV of a
-position depends only on the tokens up to it, so a copy is what the prefill would write, up
-to the last bits where the copy was computed otherwise (a chat turn's answer was decoded one
-row at a time; in bf16 with native bf16 that moves logits by up to ~0.1, enough to change a
-seeded token now and then); a retry of the very same prompt gets its first run's numbers.
+A prompt's prefill starts at its first token whose KV is not to be had already, in a running
+sequence's cache row or in the `PrefixCache` of finished ones (`prefix_cache` bytes, 0: none); a
+twin of a running prompt, or a retry of a finished one, runs no forward pass (reuse.py).
 `Job.cached_tokens` says how many prompt tokens were reused.
 A job that asks for its prompt's own logprobs (`Job.prompt_logprobs`) reuses nothing: copied KV
 brings no logits, and it needs every position's (prefill.PromptLogprobs); so a scoring request
@@ -57,7 +49,8 @@ from mixtral.generate import GenerationParams, Sampler, TokenConstraint, max_new
 from mixtral.jobs import EngineDown, Job, QueueFull, Running, done
 from mixtral.model import Runner
 from mixtral.prefill import PromptLogprobs, prefill
-from mixtral.prefix_cache import PrefixCache, common_prefix
+from mixtral.prefix_cache import PrefixCache
+from mixtral.reuse import reuse
 from mixtral.sampling import check_seed
 
 log = logging.getLogger("mixtral.engine")
@@ -278,40 +271,18 @@ class Engine:
                 return
 
     def _start(self, r: Running) -> None:
-        """Copy into r's row the longest prefix of its prompt with KV at hand: in a running
-        sequence's row or in the prefix cache. The last prompt token still runs (its logits
-        pick the first token), unless a running twin has the very same prompt in or the prefix
-        cache kept that prompt's logits."""
+        """Copy into r's row the longest prefix of its prompt with KV at hand (reuse.py); with
+        a whole prompt's logits, sample its first token at once."""
         r.started = True
         if not self.kv_copies or r.scores is not None:  # scored: every position's logits
             return
-        prompt, k, v = r.job.prompt, self.cache.k, self.cache.v
-        reuse, donor = 0, None
-        for d in self._active():
-            if d is r or not d.prefilled:
-                continue
-            if d.logits is not None and d.job.prompt == prompt:
-                reuse, donor = len(prompt), d
-                break
-            if (n := common_prefix(prompt, d.cached(), len(prompt) - 1)) > reuse:
-                reuse, donor = n, d
-        # the very prompt with its logits kept (prefix_cache.py: a retry), else all but its last
-        # token, which runs to give the logits
-        hit = self.prefixes.lookup(prompt, len(prompt))
-        if hit.tokens < len(prompt) or hit.logits is None:
-            hit = self.prefixes.lookup(prompt, len(prompt) - 1)
-        logits = donor.logits if donor is not None and reuse == len(prompt) else None
-        if hit.tokens > reuse:
-            self.prefixes.copy(hit, k[:, r.slot], v[:, r.slot])
-            reuse, logits = hit.tokens, hit.logits if hit.tokens == len(prompt) else None
-            r.copied = reuse
-        elif donor is not None:
-            k[:, r.slot, :, :reuse].copy_(k[:, donor.slot, :, :reuse])
-            v[:, r.slot, :, :reuse].copy_(v[:, donor.slot, :, :reuse])
-        r.prefilled = r.job.cached_tokens = reuse
-        if logits is not None:
-            r.logits = logits.clone()  # for a twin of this one
-            self._choose(r, logits.clone())
+        got = reuse(r.job.prompt, r.slot, (d for d in self._active() if d is not r),
+                    self.prefixes, self.cache.k, self.cache.v)
+        r.prefilled = r.job.cached_tokens = got.tokens
+        r.copied = got.copied
+        if got.logits is not None:
+            r.logits = got.logits.clone()  # for a twin of this one
+            self._choose(r, got.logits.clone())
 
     def _chunk(self, r: Running) -> None:
         start = r.prefilled
