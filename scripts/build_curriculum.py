@@ -66,15 +66,19 @@ STAGES: dict[str, dict[str, float]] = {
     # words, that stage learnt neither (15 % of held-out "+" sums right, against 78 %)
     # (passkeys 3, not 2: after the requests stage's short fillers, keys at 768-1000 tokens were
     # found 40 % of the time, 55-60 % without that stage)
-    "final": {"copy": 1, "json": 3, "passkey_full": 3, "arith_plain": 1, "arith_words": 2,
-              "safety": 1, "harm": 1.5, "acts": 1, "text": 2, "example": 0.15},
+    # Half its keys have the numbers stage's 5-8 digits (`passkey_long`), half of those drawn
+    # from 2-4 digits: with keys of 1-7 digits alone, held-out 7-digit keys at 128 tokens went
+    # 36 of 40 after the numbers stage, 30 after the requests stage, 27 after this one
+    # (runs/d20); with long keys, 27 (runs/d21); with long keys of few digits, 37 (runs/d22)
+    "final": {"copy": 1, "json": 3, "passkey_full": 1.5, "passkey_long": 1.5, "arith_plain": 1,
+              "arith_words": 2, "safety": 1, "harm": 1.5, "acts": 1, "text": 2, "example": 0.15},
 }
 # the share of a stage's other tasks asked under the safe prompt, which changes nothing for
 # them: with the prompt only ever before safety pairs, half of them refusals, a model refused
 # most harmless requests under it (8 of 20 held-out ones answered)
 SAFE_SHARE = {"skills": 0.2, "numbers": 0.2, "requests": 0.2, "final": 0.2}
 # their own system prompt; none; the context full
-NOT_SAFE = ("safety", "harm", "acts", "example", "passkey_full")
+NOT_SAFE = ("safety", "harm", "acts", "example", "passkey_full", "passkey_long")
 SHORT_FILLER = 300  # characters of filler in a passkey_short row (~90 tokens)
 
 
@@ -150,9 +154,15 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
     makers: dict[str, Callable[[], Example]] = {
         "copy": lambda: tasks.copy(r), "json": lambda: tasks.json_object(r),
         "passkey": lambda: tasks.passkey(r, filler, max_chars),
-        "passkey_short": lambda: tasks.passkey(r, filler, SHORT_FILLER, long_keys=True),
+        # from the numbers stage on, the keys' phrasings are varied (the skills stage's are not)
+        "passkey_short": lambda: tasks.passkey(r, filler, SHORT_FILLER, long_keys=True,
+                                               varied=True),
         # room left for the answer (<= 8 digits and </s>)
-        "passkey_full": lambda: tasks.passkey(r, filler, max_chars, max_tokens=context - 12),
+        "passkey_full": lambda: tasks.passkey(r, filler, max_chars, max_tokens=context - 12,
+                                              varied=True),
+        "passkey_long": lambda: tasks.passkey(r, filler, max_chars, long_keys=True,
+                                              max_tokens=context - 12, few_digits=True,
+                                              varied=True),
         "arith_practice": lambda: tasks.arith_practice(r),
         "arith_plain": lambda: tasks.arith_plain(r), "arith_words": lambda: tasks.arith_words(r),
         "safety": lambda: pair("safety"), "harm": lambda: pair("harm"),

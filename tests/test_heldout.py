@@ -66,6 +66,14 @@ def test_the_generators_read_only_their_own_split():
         assert 'load("train")' not in path.read_text(), path
 
 
+def test_the_training_keys_are_not_asked_in_the_held_out_words():
+    from curriculum.tasks import KEY_NOUNS, TASK_LINES, VARIED_LINES, VARIED_QUESTIONS
+    words = {w.lower() for text in KEY_NOUNS + TASK_LINES + VARIED_LINES + VARIED_QUESTIONS
+             for w in re.findall(r"[A-Za-z]+", text)}
+    # the held-out frame: "Note: the secret code is ...; keep it in mind." and its question
+    assert not words & {"note", "notes", "secret", "code", "mind", "given", "which"}
+
+
 def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     summary = build_curriculum(tmp_path, None, n=400, seed=3, context=1024, induction=8)
     assert set(summary["stages"]) == {"copy", "json", "skills", "sums", "numbers", "requests",
@@ -74,8 +82,9 @@ def test_the_curriculum_writes_no_evaluation_value(tmp_path):
              for line in (tmp_path / s / "sft.jsonl").read_text().splitlines()]
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert {row["task"] for row in lines} == {
-        "copy", "json", "passkey", "passkey_short", "passkey_full", "arith_practice",
-        "arith_plain", "arith_words", "safety", "harm", "acts", "example"}  # no text
+        "copy", "json", "passkey", "passkey_short", "passkey_full", "passkey_long",
+        "arith_practice", "arith_plain", "arith_words", "safety", "harm", "acts",
+        "example"}  # no text
     text = json.dumps(lines, ensure_ascii=False)
     words = set(re.findall(r"\w+", text))
     # every evaluation name of 6+ letters, except those that are one piece of the vocabulary:

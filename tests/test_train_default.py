@@ -107,14 +107,23 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
              for r in short]
     assert 0.3 < sum(c != "." for c in after) / len(short) < 0.7
     assert {c for c in after if c != "."} >= {",", ";", ":", "!"}
-    from curriculum.tasks import KEY_LINES
-    assert all("{key}." in line for line in KEY_LINES)  # what the tails replace
-    full = [r for r in rows["final"] if r["task"] == "passkey_full"]
+    from curriculum.tasks import KEY_LINES, QUESTIONS, VARIED_LINES
+    assert all("{key}." in line for line in KEY_LINES + VARIED_LINES)  # what the tails replace
+    # from the numbers stage on the keys are asked in many phrasings, in the skills stage in 3
+    asked = {stage: {r["messages"][-2]["content"].rsplit("\n", 1)[1] for r in stage_rows
+                     if r["task"].startswith("passkey")} for stage, stage_rows in rows.items()}
+    assert asked["skills"] <= set(QUESTIONS) and len(asked["numbers"]) > 20
     trained = sft_examples([tmp_path / "out" / "final" / "sft.jsonl"], tok, 1024)
-    ends = [len(ids) for r, (ids, _) in zip(rows["final"], trained, strict=True)
-            if r["task"] == "passkey_full"]
-    assert len(full) > 30 and max(ends) <= 1025 and max(ends) > 960  # the answer never cut
-    assert all(r["messages"][0]["role"] == "user" for r in full)
+    for task in ("passkey_full", "passkey_long"):  # keys of 1-7 digits, and of 5-8
+        full = [r for r in rows["final"] if r["task"] == task]
+        ends = [len(ids) for r, (ids, _) in zip(rows["final"], trained, strict=True)
+                if r["task"] == task]
+        assert len(full) > 20 and max(ends) <= 1025 and max(ends) > 960  # the answer never cut
+        assert all(r["messages"][0]["role"] == "user" for r in full)
+        keys = [r["messages"][-1]["content"] for r in full]
+        assert max(map(len, keys)) <= 8 and (min(map(len, keys)) >= 5) == (task == "passkey_long")
+    # half the long keys from 2-4 digits: 3 or fewer distinct in ~48 % of them (uniform: ~11 %)
+    assert sum(len(set(k)) <= 3 for k in keys) / len(keys) > 0.3
     for stage, stage_rows in rows.items():
         asked = [r for r in stage_rows if r["task"] not in ("safety", "harm", "acts", "text") and
                  r["messages"][0] == {"role": "system", "content": SAFE_PROMPT}]

@@ -8,8 +8,10 @@
                   several separators and instructions;
   example         the source document's own JSON example, word for word;
   passkey         a number hidden at any depth of filler of any length up to the context;
-  passkey_short   the same in a short filler (up to ~90 tokens) with keys of 5-8 digits;
+  passkey_short   the same in a short filler (up to ~90 tokens) with keys of 5-8 digits,
+                  asked in many phrasings (as are the two below);
   passkey_full    the same, the filler drawn in tokens, so that many rows fill the context;
+  passkey_long    passkey_full with keys of 5-8 digits, half of them of 2-4 distinct digits;
   arith_practice  two-digit addition written out digit by digit, with carries;
   arith_plain     the plain sum, the form the evaluation asks for;
   arith_words     the same asked in words ("plus", "add", "total") and other sentences;
@@ -191,10 +193,30 @@ QUESTIONS = ["What is the pass key?", "What number were you asked to remember?",
 # held-out notes that went on after the key ("... is 5597592; keep ...") had the copy run on
 # (`5597592; 155`: 53 of 100 held-out keys, 90 of which were found)
 KEY_TAILS = [",", ";", ":", " -", "!", " and", " so", " but", " which", " as"]
+# the varied phrasings (from the numbers stage on): with the three above alone, runs/d20's final
+# model found 7-digit keys at 128 tokens 37 times in 40 in their words, 27 in another frame's
+# (none of these words is the held-out set's: no "code", "note", "secret" or "given")
+KEY_NOUNS = ["pass key", "magic number", "PIN", "access number", "account number",
+             "lucky number", "ticket number", "room number", "order number", "reference number",
+             "serial number", "combination", "password", "locker number", "extension"]
+VARIED_LINES = ["The {noun} is {key}.", "Remember this {noun}: {key}.", "My {noun} is {key}.",
+                "Here is the {noun}: {key}.", "Please remember that the {noun} is {key}.",
+                "Your {noun} will be {key}.", "For the record, the {noun} is {key}.",
+                "The {noun} is {key}. Remember it. {key} is the {noun}.",
+                "Do not forget the {noun}. It is {key}.", "They set the {noun} to {key}."]
+VARIED_QUESTIONS = ["What is the {noun}?", "What was the {noun}?", "Tell me the {noun}.",
+                    "What {noun} does the text mention?", "Find the {noun} in the text.",
+                    "What number were you asked to remember?", "What is the hidden number?",
+                    "Repeat the {noun}.", "What is the {noun} in the text above?"]
+TASK_LINES = ["There is an important number hidden in the text below. Find it.",
+              "Somewhere in this text is a number you will be asked for.",
+              "The passage below contains one number that matters. Look for it.",
+              "Find the number hidden in the following text.", "",
+              "Below is a long text. Pay attention to any number in it."]
 
 
 def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: bool = False,
-            max_tokens: int = 0) -> Example:
+            max_tokens: int = 0, few_digits: bool = False, varied: bool = False) -> Example:
     """Filler sentences up to ~max_chars (~3.5 characters a token), the key line at a uniform
     depth; the question matches the key line's wording. Keys have 1-7 digits, or with
     long_keys 5-8 (the numbers stage drills copying them: the 6-7 digit keys that went wrong
@@ -202,11 +224,24 @@ def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: b
     measured in tokens instead, drawn up to 15 % past max_tokens and cut, a sentence at a time
     from the end, to a prompt of at most max_tokens: 27 % of the built final stage's rows
     reach 900 tokens and 18 % 990 (by characters alone, 1 in 22 reached 900, and held-out keys
-    at 1,000 tokens were found 25-35 % of the time)."""
+    at 1,000 tokens were found 25-35 % of the time). With few_digits, half the (long) keys
+    are drawn from 2-4 digits, so that nearly every digit repeats: a copy that goes by the last
+    digit alone loses its place in them (7660653 -> 766053). With varied, the task, the key's
+    line and the question are drawn from many phrasings (the key's name shared by line and
+    question), not one of three fixed triples."""
     key = (str(r.randint(10 ** 4, 10 ** r.randint(5, 8) - 1)) if long_keys
            else str(r.randint(0, 10 ** r.randint(1, 7))))
+    if few_digits and r.random() < 0.5:
+        alphabet = r.sample("0123456789", r.randint(2, 4))
+        key = r.choice([d for d in alphabet if d != "0"]) + "".join(
+            r.choice(alphabet) for _ in range(r.randint(4, 7)))
     which = r.randrange(len(KEY_LINES))
-    line = KEY_LINES[which].format(key=key)
+    line, question = KEY_LINES[which].format(key=key), QUESTIONS[which]
+    task = TASK_LINES[0]
+    if varied:
+        noun = r.choice(KEY_NOUNS)
+        line = r.choice(VARIED_LINES).format(key=key, noun=noun)
+        question, task = r.choice(VARIED_QUESTIONS).format(noun=noun), r.choice(TASK_LINES)
     if r.random() < 0.5:
         more = r.choice(sentences)
         line = line.replace(f"{key}.", f"{key}{r.choice(KEY_TAILS)} {more[:1].lower()}{more[1:]}",
@@ -220,8 +255,7 @@ def passkey(r: random.Random, sentences: list[str], max_chars: int, long_keys: b
 
     def ask() -> list[dict[str, str]]:
         lines = [*filler[:at], line, *filler[at:]]
-        return _user("There is an important number hidden in the text below. Find it.\n"
-                     + " ".join(lines) + "\n" + QUESTIONS[which])
+        return _user((task and task + "\n") + " ".join(lines) + "\n" + question)
 
     while max_tokens and len(chat.encode(ask())) > max_tokens:
         filler.pop()
