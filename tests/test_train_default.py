@@ -110,9 +110,9 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
     from curriculum.tasks import KEY_LINES, QUESTIONS, VARIED_LINES
     assert all("{key}." in line for line in KEY_LINES + VARIED_LINES)  # what the tails replace
     # from the numbers stage on the keys are asked in many phrasings, in the skills stage in 3
-    asked = {stage: {r["messages"][-2]["content"].rsplit("\n", 1)[1] for r in stage_rows
-                     if r["task"].startswith("passkey")} for stage, stage_rows in rows.items()}
-    assert asked["skills"] <= set(QUESTIONS) and len(asked["numbers"]) > 20
+    questions = {stage: {r["messages"][-2]["content"].rsplit("\n", 1)[1] for r in stage_rows
+                         if r["task"].startswith("passkey")} for stage, stage_rows in rows.items()}
+    assert questions["skills"] <= set(QUESTIONS) and len(questions["numbers"]) > 20
     trained = sft_examples([tmp_path / "out" / "final" / "sft.jsonl"], tok, 1024)
     for task in ("passkey_full", "passkey_long"):  # keys of 1-7 digits, and of 5-8
         full = [r for r in rows["final"] if r["task"] == task]
