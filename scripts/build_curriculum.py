@@ -5,9 +5,10 @@ safe prompt as mechanisms, with plain text in every stage, plus DPO pairs.
     python scripts/build_curriculum.py OUT_DIR [--corpus data/corpus] [--n 20000] [--seed 10]
                                        [--context 1024] [--repeats 24000] [--induction 80000]
 
-Writes OUT_DIR/<stage>/sft.jsonl for each stage of STAGES (train them in that order, each from
-the previous one's checkpoint: recipes/curriculum/): conversations {"task", "messages"} mixed
-with plain-text rows {"task": "text", "text"} that SFT trains on whole. A JSON row also carries
+Writes OUT_DIR/<stage>/sft.jsonl for each SFT stage (curriculum.SFT_STAGES, the order they
+train in, each from the previous one's checkpoint: recipes/curriculum/), its tasks mixed by
+STAGES: conversations {"task", "messages"} and plain-text rows {"task": "text", "text"} that
+SFT trains on whole. A JSON row also carries
 its ids ({"input_ids", "labels"}, which the trainer reads instead of its messages): the answer
 written as a copy of the prompt's pieces (curriculum/tasks.py, json_answer_ids). Also writes
 OUT_DIR/dpo.jsonl ({"messages", "chosen", "rejected"}), OUT_DIR/tasks.json (counts per
@@ -31,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import build_instruct_data as shipped
-from curriculum import lexicon, safety, tasks
+from curriculum import SFT_STAGES, lexicon, safety, tasks
 from curriculum.tasks import Example
 
 from mixtral import chat
@@ -173,7 +174,8 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
                      "left out and the passkey filler is the landmark protocol's"}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "dpo.jsonl", "w") as dpo:
-        for stage, weights in STAGES.items():
+        for stage in SFT_STAGES:
+            weights = STAGES[stage]
             names = [t for t in weights if t != "text" or passages]
             counts: Counter[str] = Counter()
             (out / stage).mkdir(exist_ok=True)

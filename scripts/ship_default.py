@@ -40,6 +40,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from curriculum import ORDER
 from default_card import Inputs, card
 from eval_heldout import TARGETS
 
@@ -49,9 +50,6 @@ from mixtral.checkpoint import save
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# scripts/train_default.sh's order
-STAGES = ("induction", "pretrain", "copy", "json", "skills", "sums", "numbers", "requests",
-          "final", "dpo")
 MAX_BYTES = 80 * 10**6  # what the repository carries
 PICTURES = ("passkey.png", "perplexity.png", "routing.png", "routing_repetition.png")
 
@@ -167,7 +165,7 @@ def warm_up(runs: Path) -> Path:
 
 def gather(a: argparse.Namespace) -> Inputs:
     runs = Path(a.runs)
-    stages = {s: stage_summary(warm_up(runs) if s == "induction" else runs / s) for s in STAGES}
+    stages = {s: stage_summary(warm_up(runs) if s == "induction" else runs / s) for s in ORDER}
     if abs(stages["dpo"]["first_loss"] - math.log(2)) > 1e-3:
         raise ShipError(f"{runs / 'dpo'}: DPO's first loss is {stages['dpo']['first_loss']:.4f},"
                         " not ln 2 = 0.6931: its policy did not start equal to its reference")

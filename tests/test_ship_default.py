@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from card_why import why_section  # noqa: E402
+from curriculum import ORDER  # noqa: E402
 from default_card import Inputs, targets_table  # noqa: E402
 from eval_heldout import wilson  # noqa: E402
 from ship_default import choose, main, standing, target_figures  # noqa: E402
@@ -90,8 +91,7 @@ def test_the_targets_table_says_not_met_below_a_target_without_rounding_up():
 
 def fake_runs(runs: Path, dpo_first_loss: float = 0.6931) -> None:
     """Every stage finished (metrics and a latest step folder) and the DPO model evaluated."""
-    for stage in ("induction", "pretrain", "copy", "json", "skills", "sums", "numbers",
-                  "requests", "final", "dpo"):
+    for stage in ORDER:
         (runs / stage / "step-000002").mkdir(parents=True)
         (runs / stage / "latest").write_text("step-000002\n")
         first = dpo_first_loss if stage == "dpo" else 3.0

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from build_curriculum import STAGES  # noqa: E402
 from build_curriculum import build as build_curriculum  # noqa: E402
+from curriculum import ORDER, SFT_STAGES  # noqa: E402
 
 PARAGRAPH = ("It was a bright cold day in April, and the clocks were striking thirteen. Winston "
              "Smith slipped quickly through the glass doors of Victory Mansions. ")
@@ -135,8 +136,14 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
         assert not any("sorry" in r["messages"][-1]["content"] for r in asked)
 
 
+def test_train_default_trains_the_stages_in_their_one_order():
+    script = (ROOT / "scripts" / "train_default.sh").read_text()
+    assert tuple(re.findall(r"recipes/(?:default|curriculum)/(\w+)\.yaml", script)) == ORDER
+    assert list(STAGES) == list(SFT_STAGES)  # each SFT stage has its mix, none more
+
+
 def test_the_curriculum_recipes_chain_at_the_full_context():
-    stages = ["copy", "json", "skills", "sums", "numbers", "requests", "final"]
+    stages = list(SFT_STAGES)
     recipes = {s: yaml.safe_load((ROOT / "recipes" / "curriculum" / f"{s}.yaml").read_text())
                for s in [*stages, "dpo"]}
     assert recipes["copy"]["init"] == "runs/default/pretrain/step-001500"  # the base, not SFT
@@ -152,7 +159,6 @@ def test_the_curriculum_recipes_chain_at_the_full_context():
     assert recipes["json"]["seq_len"] >= 260
     assert recipes["numbers"]["seq_len"] >= 240 and recipes["requests"]["seq_len"] >= 240
     assert recipes["sums"]["seq_len"] >= 40
-    assert list(STAGES) == stages
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +178,7 @@ def test_train_default_dry_run_runs_every_stage(dry_run):
     runs = tmp / "runs"
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DPO starts at ln 2" in done.stdout
-    for stage in ("pretrain", "copy", "json", "skills", "sums", "numbers", "requests", "final",
-                  "dpo"):
+    for stage in ORDER[1:]:  # all but the warm-up, whose name may carry a retry's seed
         assert (runs / stage / "step-000002").is_dir(), stage
         first = json.loads((runs / stage / "metrics.jsonl").read_text().splitlines()[0])
         assert math.isfinite(first["loss"])
@@ -214,8 +219,7 @@ def test_ship_default_packages_the_dry_run(dry_run):
     assert Path(checkpoint) == runs / stage / "step-000002"
     card = (out / "MODEL_CARD.md").read_text()
     assert f"Shipped: the **{stage}** stage, `{checkpoint}`" in card
-    for name in ("pretrain", "copy", "json", "skills", "sums", "numbers", "requests", "final",
-                 "dpo"):  # stages
+    for name in ORDER[1:]:  # stages
         assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
     # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the
     # previous model's figure (scripts/heldout/results-shipped.json: 0/100)

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from curriculum import ORDER  # noqa: E402
 from mixtral.config import preset
 from mixtral.model import Transformer
 from mixtral.tokenizer import default_tokenizer
@@ -108,7 +111,7 @@ def main() -> None:
     stages = {"induction": (warmup["steps"], a.pretrain_step * warmup["batch_size"]
                             / pretrain["batch_size"], warmup["seq_len"]),
               "pretrain": (pretrain["steps"], a.pretrain_step, pretrain["seq_len"])}
-    for name in ("copy", "json", "skills", "sums", "numbers", "requests", "final", "dpo"):
+    for name in ORDER[2:]:  # the curriculum's stages, after the warm-up and pretraining
         recipe = yaml.safe_load((RECIPES / "curriculum" / f"{name}.yaml").read_text())
         B, T = recipe["batch_size"], recipe["seq_len"]
         if name == "dpo":  # 2B rows, plus the frozen reference's forward (a third of a step)
