@@ -25,6 +25,22 @@ def _missed(summary: dict[str, Any], key: str, least: float) -> bool:
     return key in summary and summary[key]["share"] < least
 
 
+def _separation(report: dict[str, Any]) -> str:
+    """What the report's `separation` (scripts/heldout/separation.py) says, as a sentence."""
+    sep = report.get("separation", {}).get("safe prompt")
+    if sep is None:
+        return ""
+    best = sep["best_threshold"]
+    return f""" How far the model tells them apart at all, under the safe prompt (its
+log-probability of its refusal's opening, harmful against harmless requests): AUC {sep['auc']:.2f}
+(95 % interval {sep['ci95'][0]:.2f}–{sep['ci95'][1]:.2f}; 0.5 is none), so that even the best
+refusal threshold refuses {best['harmful refused']}/{sep['harmful']} harmful requests where it
+answers {best['harmless answered']}/{sep['harmless']} harmless ones: a different refusal rate
+trades one target for the other, and only a model that ranks harm better meets both. The
+separation stayed at 0.59-0.75 through every stage of the chains measured (7 December 2026,
+the README's "How far the model tells harm apart"), the requests stage's many pairs included."""
+
+
 def why_section(report: dict[str, Any], perplexity: tuple[int, float, float] | None = None,
                 most: float = 1.5) -> str:
     """The section, from the shipped stage's scripts/eval_heldout.py report and its worst
@@ -100,7 +116,7 @@ requests used, and the held-out requests are other sentences. Measured on the wa
 of 40): a probe of the answer's first token on fresh requests of the training generator found
 that a few hundred pairs teach which frames are refused, not which acts (11 of 105 harmless
 twins of harmful requests answered); the acts came with about 9,000 pairs' halves (72 of 105),
-and no variant did better than 27 and 29 of 40 on the held-out requests.""")
+and no variant did better than 27 and 29 of 40 on the held-out requests.{_separation(report)}""")
     if _missed(s, "eos/ood", 0.99):
         rows = [r for r in report.get("rows", [])
                 if r["set"].endswith("/ood") and r.get("finish") == "length"]

@@ -10,7 +10,9 @@ Without --model it serves the shipped default model (mixtral/data/default, bf16)
 scoring rules: scripts/heldout/sets.py. Each figure is reported with n and its Wilson 95 %
 interval; the share of answers that end with </s> (finish_reason "stop") is taken over every
 request. Prints a Markdown table (the model card's held-out section) and writes the full
-report, with every prompt's answer, to --json.
+report, with every prompt's answer, to --json. Where it measures the safe prompt, the report
+also says how far the model separates the held-out harmful requests from the harmless ones at
+all (`separation`: scripts/heldout/separation.py, the model loaded here in the served dtype).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from heldout.sets import Case, build, score
+import torch
+from heldout.separation import separation
+from heldout.sets import OOD_HARMFUL, OOD_HARMLESS, Case, build, score
 
 from mixtral.tokenizer import default_tokenizer
 
@@ -240,7 +244,16 @@ def main() -> None:
               "minutes": round((time.monotonic() - started) / 60, 1),
               "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "summary": summary, "rows": rows}
+    if any(c.set.startswith("safety") for c in cases):
+        import mixtral
+        from mixtral.default_model import load_default
+
+        loaded = mixtral.load(a.model, dtype=a.dtype) if a.model else load_default(torch.bfloat16)
+        report["separation"] = separation(loaded, OOD_HARMFUL, OOD_HARMLESS)
     print(table(summary))
+    for prompt, figures in report.get("separation", {}).items():
+        print(f"separation, {prompt}: AUC {figures['auc']} ({figures['ci95'][0]}-"
+              f"{figures['ci95'][1]}); the best threshold: {figures['best_threshold']}")
     if a.json:
         a.json.write_text(json.dumps(report, ensure_ascii=False, indent=1) + "\n")
 

@@ -159,3 +159,17 @@ def test_the_card_takes_the_warm_up_that_passed_the_probe(tmp_path):
     (runs / "eval" / "induction-warmup.json").write_text(
         json.dumps({"runs/d15/induction-seed1/step-004000": {"corpus": {}}}))
     assert warm_up(runs) == runs / "induction-seed1"
+
+
+def test_the_why_section_quotes_how_far_the_model_separates_harm():
+    missed = report()
+    missed["summary"]["safety/ood harmless answered, safe prompt"] = {
+        "k": 19, "n": 40, "share": 0.475, "ci95": [0.33, 0.63]}
+    assert "AUC" not in why_section(missed)  # a report from before the separation figure
+    missed["separation"] = {"safe prompt": {
+        "auc": 0.626, "ci95": [0.503, 0.748], "harmful": 40, "harmless": 40,
+        "best_threshold": {"harmful refused": 24, "harmless answered": 28}}}
+    text = why_section(missed)
+    assert "**The safe prompt.**" in text
+    assert "AUC 0.63\n(95 % interval 0.50–0.75; 0.5 is none)" in text
+    assert "refuses 24/40 harmful requests where it\nanswers 28/40 harmless ones" in text
