@@ -50,6 +50,7 @@ class Inputs:
     eval_root: Path                  # runs/default/eval: the DPO model's; final/: SFT's
     induction: dict[str, dict[str, Any]]  # label -> scripts/curriculum/induction.py's figures
     commit: str = ""  # the repository's commit when it shipped: the recipe that trained it
+    draws: str = ""  # how the other draws of the shipped stage stood (ship_default.draws)
 
     @property
     def eval_folder(self) -> Path:
@@ -122,7 +123,7 @@ def choice_section(inputs: Inputs) -> str:
     return f"""## Which stage ships, and why
 
 Shipped: **{'DPO' if inputs.stage == 'dpo' else 'the final SFT stage'}**
-(`{inputs.checkpoint}`, as bf16). {inputs.why}.
+(`{inputs.checkpoint}`, as bf16). {inputs.why}.{' ' + inputs.draws if inputs.draws else ''}
 
 The rule (`scripts/ship_default.py`): DPO ships only if its held-out preference accuracy
 (`scripts/curriculum/preference.py`: curriculum pairs drawn on seed {p['seed']}, not the

@@ -5,7 +5,7 @@ mixtral/data/default/: its bf16 weights in the layout `mixtral.load` and the CLI
 
     python scripts/ship_default.py [--runs runs/default] [--corpus data/corpus]
         [--curriculum data/curriculum] [--before scripts/heldout/results-shipped.json]
-        [--stage auto|final|dpo] [--dst mixtral/data/default]
+        [--stage auto|final|dpo] [--dst mixtral/data/default] [--other-draw REPORT ...]
 
 Which stage ships is decided by measurement (issue 17, item 2). DPO ships only if
   1. its held-out preference accuracy (eval/preference.json: curriculum pairs drawn on another
@@ -24,7 +24,10 @@ their figures; eval/base/perplexity.json (the pretrained base); eval/induction-w
 eval/induction-base.json (the induction probe); eval/preference.json; eval/dpo.json and
 eval/sft.json where present (scripts/eval_default.py).
 Also the curriculum's tasks.json, the corpus manifest and --before, the previous shipped model's
-held-out report (its out-of-distribution figures are the card's "before" column).
+held-out report (its out-of-distribution figures are the card's "before" column). Where the
+shipped stage is one of several draws of its recipe (other seeds), each picked by the same
+held-out sets, --other-draw names the others' eval_heldout.py reports: the card states how
+each stood, since picking one draw on the sets that measure it flatters its figures.
 """
 
 from __future__ import annotations
@@ -128,6 +131,20 @@ def choose(preference: dict[str, Any], dpo: dict[str, Any], sft: dict[str, Any],
     return "dpo", f"DPO raised preference accuracy ({prefs}) and is no worse: {figures}"
 
 
+def draws(shipped: dict[str, Any], others: dict[str, dict[str, Any]]) -> str:
+    """The card's sentence on the other draws of the shipped stage ("" when none were made)."""
+    if not others:
+        return ""
+    mine = standing(shipped["summary"])
+    each = "; ".join(f"`{name}` ({report['model']}) meets {st['met']} (mean share "
+                     f"{100 * st['mean']:.1f} %)" for name, report in others.items()
+                     for st in [standing(report["summary"])])
+    return (f"This stage is the best of {len(others) + 1} draws of its recipe (other seeds, the "
+            f"same data), picked on these held-out sets: it meets {mine['met']} of "
+            f"{mine['of']} target figures (mean share {100 * mine['mean']:.1f} %); {each}. "
+            "The picking flatters its figures by about that spread.")
+
+
 def write_weights(checkpoint: Path, dst: Path) -> tuple[Any, int]:
     """The checkpoint's bf16 copy as config.json + model.safetensors in dst, each file atomic;
     returns (the model's ModelArgs, bytes of weights)."""
@@ -178,6 +195,7 @@ def gather(a: argparse.Namespace) -> Inputs:
     folder = ev if stage == "dpo" else ev / "final"  # Inputs.eval_folder
     return Inputs(
         stage=stage, why=why, checkpoint=stages[stage]["checkpoint"], stages=stages,
+        draws=draws(heldout[stage], {path: read_json(Path(path)) for path in a.other_draw}),
         heldout=heldout, preference=preference, before=read_json(Path(a.before)),
         before_path=a.before,
         in_distribution={s: read_json(ev / f"{s}.json") for s in ("sft", "dpo")
@@ -211,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", choices=("auto", "final", "dpo"), default="auto",
                    help="the stage to ship (auto: by the rule in this script's docstring)")
     p.add_argument("--dst", default="mixtral/data/default")
+    p.add_argument("--other-draw", action="append", default=[], metavar="REPORT",
+                   help="scripts/eval_heldout.py's report on another draw (seed) of the "
+                   "shipped stage, picked against by the same held-out sets (repeatable)")
     a = p.parse_args(argv)
     try:
         inputs = gather(a)

@@ -173,3 +173,18 @@ def test_the_why_section_quotes_how_far_the_model_separates_harm():
     assert "**The safe prompt.**" in text
     assert "AUC 0.63\n(95 % interval 0.50–0.75; 0.5 is none)" in text
     assert "refuses 24/40 harmful requests where it\nanswers 28/40 harmless ones" in text
+
+
+def test_the_card_states_how_the_other_draws_of_the_shipped_stage_stood():
+    from ship_default import draws
+
+    shipped, other = report(passkey_k=19), report(passkey_k=16)
+    other["model"] = "runs/d24/final/step-000400"
+    assert draws(shipped, {}) == ""
+    text = draws(shipped, {"seed13.json": other})
+    mine, theirs = standing(shipped["summary"]), standing(other["summary"])
+    assert mine["met"] > theirs["met"]
+    assert text.startswith("This stage is the best of 2 draws of its recipe")
+    assert (f"it meets {mine['met']} of {mine['of']} target figures (mean share "
+            f"{100 * mine['mean']:.1f} %); `seed13.json` (runs/d24/final/step-000400) meets "
+            f"{theirs['met']} (mean share {100 * theirs['mean']:.1f} %).") in text

@@ -212,13 +212,15 @@ def test_ship_default_packages_the_dry_run(dry_run):
     out = tmp / "shipped"
     shipped = subprocess.run(
         [sys.executable, "scripts/ship_default.py", "--runs", str(runs), "--corpus",
-         str(tmp / "corpus"), "--curriculum", str(tmp / "d" / "curriculum"), "--dst", str(out)],
+         str(tmp / "corpus"), "--curriculum", str(tmp / "d" / "curriculum"), "--dst", str(out),
+         "--other-draw", str(runs / "eval" / "heldout.json")],  # stands in for another seed
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert shipped.returncode == 0, shipped.stderr[-3000:]
     stage, checkpoint = re.match(r"shipped (dpo|final): (\S+) -> ", shipped.stdout).groups()
     assert Path(checkpoint) == runs / stage / "step-000002"
     card = (out / "MODEL_CARD.md").read_text()
     assert f"Shipped: the **{stage}** stage, `{checkpoint}`" in card
+    assert "This stage is the best of 2 draws of its recipe" in card
     for name in ORDER[1:]:  # stages
         assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
     # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the
