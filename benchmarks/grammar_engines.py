@@ -16,12 +16,17 @@ import gc
 import json
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import jsonschema
 import mistral_common
 import sentencepiece as spm
 import torch
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # declared in its stub only
 
 torch.set_num_threads(1)
 
@@ -52,7 +57,7 @@ SCHEMA_BOUNDED = {
 }
 ANY_OBJECT = {"type": "object"}
 
-GRAMMARS = {
+GRAMMARS: dict[str, tuple[str, dict[str, Any]]] = {
     # name: (kind, schema used for validation)
     "json_object": ("object", ANY_OBJECT),
     "schema": ("schema", SCHEMA),
@@ -64,12 +69,12 @@ GRAMMARS = {
 
 
 # --------------------------------------------------------------------------- vocab
-def load_sp_vocab():
+def load_sp_vocab() -> tuple[spm.SentencePieceProcessor, list[bytes | None]]:
     """Return (sp, token_bytes) where token_bytes[i] is the raw bytes of piece i,
     or None for special/control pieces (unk, <s>, </s>)."""
     sp = spm.SentencePieceProcessor(model_file=str(SP_PATH))
     assert sp.get_piece_size() == V
-    toks = []
+    toks: list[bytes | None] = []
     for i in range(V):
         p = sp.id_to_piece(i)
         if sp.is_control(i) or sp.is_unknown(i):
@@ -83,7 +88,7 @@ def load_sp_vocab():
     return sp, toks
 
 
-def sp_encode_no_prefix(sp, s: str):
+def sp_encode_no_prefix(sp: spm.SentencePieceProcessor, s: str) -> list[int]:
     """SentencePiece encode WITHOUT the dummy-prefix '▁' that Mixtral's model adds to
     every encode() call (even when s already starts with a space: ' {' -> ['▁', '▁{']).
     llguidance calls this to tokenize grammar literals mid-stream, so the extra '▁'
@@ -104,10 +109,29 @@ def sp_encode_no_prefix(sp, s: str):
 
 
 # --------------------------------------------------------------------------- engines
+class Engine(Protocol):
+    """What the benchmark needs of each library's adapter (the classes below); the compiled
+    grammars and matchers are the libraries' own objects."""
+
+    name: str
+    tok_build_s: float
+
+    def compile(self, kind: str, schema: dict[str, Any]) -> Any: ...
+
+    def matcher(self, compiled: Any) -> Any: ...
+
+    def fill(self, m: Any, bm: torch.Tensor) -> None: ...
+
+    def advance(self, m: Any, t: int) -> bool: ...
+
+    def done(self, m: Any) -> bool: ...
+
+
 class LLGuidanceEngine:
     name = "llguidance"
 
-    def __init__(self, sp, toks, flexible_ws=True):
+    def __init__(self, sp: spm.SentencePieceProcessor, toks: list[bytes | None],
+                 flexible_ws: bool = True) -> None:
         import llguidance
         import llguidance.torch as llt
 
@@ -122,7 +146,7 @@ class LLGuidanceEngine:
                       for i, t in enumerate(toks)]
             special_token_ids = [UNK, BOS, EOS]
 
-            def __call__(self, s):
+            def __call__(self, s: str | bytes) -> list[int]:
                 if isinstance(s, bytes):
                     s = s.decode("utf-8", errors="replace")
                 return sp_encode_no_prefix(sp, s)
@@ -132,9 +156,9 @@ class LLGuidanceEngine:
                                           eos_token=EOS)
         self.tok_build_s = time.perf_counter() - t0
 
-    def compile(self, kind, schema):
-        opts = None if self.flexible_ws else {"whitespace_flexible": False,
-                                              "item_separator": ", ", "key_separator": ": "}
+    def compile(self, kind: str, schema: dict[str, Any]) -> Any:
+        opts: JsonCompileOptions | None = None if self.flexible_ws else {
+            "whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
         if kind == "schema_lead":
             sch = dict(schema, **({"x-guidance": opts} if opts else {}))
             g = self.llg.LLMatcher.grammar_from_lark('start: " "? obj\nobj: %json '
@@ -146,24 +170,25 @@ class LLGuidanceEngine:
             raise RuntimeError(m.get_error())
         return g
 
-    def matcher(self, compiled):
+    def matcher(self, compiled: Any) -> Any:
         return self.llg.LLMatcher(self.tok, compiled)
 
-    def fill(self, m, bm):
+    def fill(self, m: Any, bm: torch.Tensor) -> None:
         self.llt.fill_next_token_bitmask(m, bm)
 
-    def advance(self, m, t):
+    def advance(self, m: Any, t: int) -> bool:
         ok = m.consume_token(t)
         return ok and not m.is_error()
 
-    def done(self, m):
+    def done(self, m: Any) -> bool:
         return m.is_stopped()
 
 
 class XGrammarEngine:
     name = "xgrammar"
 
-    def __init__(self, sp, toks, flexible_ws=True):
+    def __init__(self, sp: spm.SentencePieceProcessor, toks: list[bytes | None],
+                 flexible_ws: bool = True) -> None:
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -175,7 +200,7 @@ class XGrammarEngine:
                                       stop_token_ids=[EOS], add_prefix_space=True)
         self.tok_build_s = time.perf_counter() - t0
 
-    def compile(self, kind, schema):
+    def compile(self, kind: str, schema: dict[str, Any]) -> Any:
         # fresh compiler with cache disabled so repeated compiles are really measured
         c = self.xgr.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         kw = {} if self.flexible_ws else {"any_whitespace": False, "separators": (", ", ": ")}
@@ -186,29 +211,30 @@ class XGrammarEngine:
                                                xg.from_json_schema(json.dumps(schema), **kw)))
         return c.compile_json_schema(schema, **kw)
 
-    def matcher(self, compiled):
+    def matcher(self, compiled: Any) -> Any:
         return self.xgr.GrammarMatcher(compiled)
 
-    def fill(self, m, bm):
+    def fill(self, m: Any, bm: torch.Tensor) -> None:
         m.fill_next_token_bitmask(bm)
 
-    def advance(self, m, t):
+    def advance(self, m: Any, t: int) -> bool:
         return m.accept_token(t)
 
-    def done(self, m):
+    def done(self, m: Any) -> bool:
         return m.is_terminated()
 
 
 class OutlinesCoreEngine:
     name = "outlines-core"
 
-    def __init__(self, sp, toks, flexible_ws=True):
+    def __init__(self, sp: spm.SentencePieceProcessor, toks: list[bytes | None],
+                 flexible_ws: bool = True) -> None:
         import outlines_core as oc
 
         self.oc = oc
         self.flexible_ws = flexible_ws
         t0 = time.perf_counter()
-        m = {}
+        m: dict[bytes, list[int]] = {}
         for i, t in enumerate(toks):
             if t is None:
                 continue
@@ -216,48 +242,49 @@ class OutlinesCoreEngine:
         self.vocab = oc.Vocabulary(EOS, m)
         self.tok_build_s = time.perf_counter() - t0
 
-    def compile(self, kind, schema):
+    def compile(self, kind: str, schema: dict[str, Any]) -> Any:
         # outlines-core is regex-only: {"type":"object"} becomes a depth-bounded regex
         regex = self.oc.json_schema.build_regex_from_schema(json.dumps(schema))
         if kind == "schema_lead":
             regex = "[ ]?" + regex
         return self.oc.Index(regex, self.vocab)
 
-    def matcher(self, compiled):
+    def matcher(self, compiled: Any) -> Any:
         return self.oc.Guide(compiled)
 
-    def fill(self, m, bm):
+    def fill(self, m: Any, bm: torch.Tensor) -> None:
         m.write_mask_into(bm.data_ptr(), bm.numel(), 4)
 
-    def advance(self, m, t):
+    def advance(self, m: Any, t: int) -> bool:
         if t == EOS:
             return m.is_finished()
         m.advance(t, return_tokens=False)
         return True
 
-    def done(self, m):
+    def done(self, m: Any) -> bool:
         return False  # outlines-core never forces a stop; EOS is sampled when allowed
 
 
-ENGINES = {"llguidance": LLGuidanceEngine, "xgrammar": XGrammarEngine,
-           "outlines-core": OutlinesCoreEngine}
+ENGINES: dict[str, Callable[..., Engine]] = {
+    "llguidance": LLGuidanceEngine, "xgrammar": XGrammarEngine,
+    "outlines-core": OutlinesCoreEngine}
 
 # --------------------------------------------------------------------------- helpers
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
-def apply_bitmask_(logits, bm):
+def apply_bitmask_(logits: torch.Tensor, bm: torch.Tensor) -> torch.Tensor:
     """bm: int32 [1, ceil(V/32)], bit j of word w => token 32*w+j allowed."""
     allowed = ((bm[0].unsqueeze(-1) >> _SHIFTS) & 1).bool().view(-1)[: logits.shape[-1]]
     logits.masked_fill_(~allowed, float("-inf"))
     return allowed
 
 
-def allowed_ids(bm):
+def allowed_ids(bm: torch.Tensor) -> list[int]:
     return ((bm[0].unsqueeze(-1) >> _SHIFTS) & 1).bool().view(-1)[:V].nonzero().flatten().tolist()
 
 
-def pct(xs, p):
+def pct(xs: Sequence[float], p: float) -> float:
     xs = sorted(xs)
     if not xs:
         return float("nan")
@@ -267,15 +294,18 @@ def pct(xs, p):
     return xs[f] + (xs[c] - xs[f]) * (k - f)
 
 
-def decode(toks, ids):
-    return b"".join(toks[i] for i in ids if toks[i] is not None)
+def decode(toks: list[bytes | None], ids: list[int]) -> bytes:
+    return b"".join(cast(bytes, toks[i]) for i in ids if toks[i] is not None)
 
 
-def run_one(eng, compiled, toks, seed, budget):
+def run_one(eng: Engine, compiled: Any, toks: list[bytes | None], seed: int, budget: int
+            ) -> tuple[list[int], str, list[int], list[int]]:
     g = torch.Generator().manual_seed(seed)
     m = eng.matcher(compiled)
     bm = torch.full((1, (V + 31) // 32), -1, dtype=torch.int32)
-    out, t_eng, t_apply = [], [], []
+    out: list[int] = []
+    t_eng: list[int] = []
+    t_apply: list[int] = []
     status = "budget"
     for _ in range(budget):
         if eng.done(m):
@@ -303,17 +333,18 @@ def run_one(eng, compiled, toks, seed, budget):
     return out, status, t_eng, t_apply
 
 
-def leading_space_probe(eng, compiled, sp, toks):
+def leading_space_probe(eng: Engine, compiled: Any, sp: spm.SentencePieceProcessor,
+                        toks: list[bytes | None]) -> dict[str, Any]:
     """Which first tokens are allowed, and does the grammar accept the canonical
     SentencePiece tokenization (with dummy-prefix '▁') of a valid document?"""
     m = eng.matcher(compiled)
     bm = torch.full((1, (V + 31) // 32), -1, dtype=torch.int32)
     eng.fill(m, bm)
     first = allowed_ids(bm)
-    first_strs = sorted({toks[i].decode("utf-8", "replace") if toks[i] is not None
+    first_strs = sorted({cast(bytes, toks[i]).decode("utf-8", "replace") if toks[i] is not None
                          else sp.id_to_piece(i) for i in first})
     doc = '{"name": "Bob", "age": 42, "tags": ["x"]}'
-    res = {}
+    res: dict[str, dict[str, Any]] = {}
     for label, ids in (("sp.encode (▁ prefix)", sp.encode(doc)),
                        ("no ▁ prefix", sp_encode_no_prefix(sp, doc))):
         m = eng.matcher(compiled)
@@ -328,12 +359,12 @@ def leading_space_probe(eng, compiled, sp, toks):
         res[label] = {"first_piece": sp.id_to_piece(ids[0]), "accepted_tokens": n,
                       "total_tokens": len(ids) + 1, "full_accept": n == len(ids) + 1}
     return {"n_first_allowed": len(first), "first_allowed_sample": first_strs[:12],
-            "space_first_allowed": any(toks[i] is not None and toks[i][:1].isspace()
+            "space_first_allowed": any(toks[i] is not None and cast(bytes, toks[i])[:1].isspace()
                                        for i in first),
             "tokenization": res}
 
 
-def validate(text, schema):
+def validate(text: str, schema: dict[str, Any]) -> tuple[bool, bool, str]:
     try:
         obj = json.loads(text)
     except Exception as e:
@@ -345,12 +376,13 @@ def validate(text, schema):
         return True, False, f"schema: {e.message}"[:80]
 
 
-def bench_apply_kernels(n=200):
+def bench_apply_kernels(n: int = 200) -> dict[str, dict[str, object]]:
     """Cost of applying a 32000-token bitmask to fp32 logits on CPU (1 thread)."""
     g = torch.Generator().manual_seed(0)
     bm = torch.randint(-2**31, 2**31 - 1, (1, (V + 31) // 32), dtype=torch.int32, generator=g)
     base = torch.randn(1, V, generator=g)
-    cands = {"generic torch (bench.py apply_bitmask_)": lambda x: apply_bitmask_(x[0], bm)}
+    cands: dict[str, Callable[[torch.Tensor], object]] = {
+        "generic torch (bench.py apply_bitmask_)": lambda x: apply_bitmask_(x[0], bm)}
     try:
         import xgrammar as xgr
         cands["xgrammar.apply_token_bitmask_inplace (cpu)"] = (
@@ -365,7 +397,7 @@ def bench_apply_kernels(n=200):
         pass
     ref = base.clone()
     apply_bitmask_(ref[0], bm)
-    out = {}
+    out: dict[str, dict[str, object]] = {}
     for k, f in cands.items():
         try:
             logits = base.clone()
@@ -386,11 +418,12 @@ def bench_apply_kernels(n=200):
 
 
 # --------------------------------------------------------------------------- main
-def bench_lib(lib, sp, toks, args, flexible_ws):
+def bench_lib(lib: str, sp: spm.SentencePieceProcessor, toks: list[bytes | None],
+              args: argparse.Namespace, flexible_ws: bool) -> dict[str, Any]:
     eng = ENGINES[lib](sp, toks, flexible_ws=flexible_ws)
-    r = {"tokenizer_build_s": eng.tok_build_s, "grammars": {}}
+    r: dict[str, Any] = {"tokenizer_build_s": eng.tok_build_s, "grammars": {}}
     for gname, (kind, schema) in GRAMMARS.items():
-        gr = {}
+        gr: dict[str, Any] = {}
         # compile time (median of N fresh compiles) + first mask latency
         ct = []
         for _ in range(args.compile_reps):
@@ -407,6 +440,7 @@ def bench_lib(lib, sp, toks, args, flexible_ws):
         gr["compile_ms_first"] = ct[0] * 1e3
         gr["leading_space"] = leading_space_probe(eng, compiled, sp, toks)
 
+        statuses: dict[str, int]
         eng_all, app_all, tot_ns, ntoks = [], [], 0, 0
         statuses, parse_ok, schema_ok, errs, lens = {}, 0, 0, [], []
         for seed in range(args.runs):
@@ -421,8 +455,8 @@ def bench_lib(lib, sp, toks, args, flexible_ws):
             if status in ("eos", "stopped"):
                 try:
                     text = decode(toks, out).decode("utf-8")
-                except UnicodeDecodeError as e:
-                    errs.append(f"utf8: {e}"[:80])
+                except UnicodeDecodeError as exc:
+                    errs.append(f"utf8: {exc}"[:80])
                     continue
                 p, s, e = validate(text, schema)
                 parse_ok += p
@@ -456,7 +490,7 @@ def bench_lib(lib, sp, toks, args, flexible_ws):
     return r
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--timing-runs", type=int, default=20)
@@ -468,7 +502,8 @@ def main():
     args = ap.parse_args()
 
     sp, toks = load_sp_vocab()
-    results = {"versions": {}, "torch": torch.__version__, "args": vars(args), "libs": {}}
+    results: dict[str, Any] = {"versions": {}, "torch": torch.__version__, "args": vars(args),
+                               "libs": {}}
     from importlib.metadata import version
     for lib in args.libs.split(","):
         try:

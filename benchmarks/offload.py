@@ -47,9 +47,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from mixtral import threads
 from mixtral.cgroup import remove_left
+
+if TYPE_CHECKING:
+    from mixtral.offload import ExpertCache
 
 threads.set_policy(paging=True)  # as a command given --max-ram has it, before torch starts
 
@@ -110,7 +114,7 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
     start = time.perf_counter()
     m = assemble(model, max_ram=budget, cache_policy=policy, prefetch=prefetch != "off")
     load_s = time.perf_counter() - start
-    cache = m.expert_cache  # type: ignore[attr-defined]
+    cache = cast("ExpertCache", m.expert_cache)  # set by mixtral.offload.load_offloaded
     cache.store.direct = direct
     if not pool:
         cache.store.POOL = 0
@@ -136,18 +140,18 @@ def measure(model: str, budget: str, prompt_len: int, gen_len: int, skip: int,
     uses = c1.hits + c1.misses - c0.hits - c0.misses
     waited, prefetched, used = (b - a for a, b in zip(x0, x1, strict=True))
     foresight = cache.foresight
-    out = {
+    out: dict[str, Any] = {
         "budget": budget, "memory_limit": None, "load_s": round(load_s, 1),
         "prompt_len": prompt_len, "gen_len": gen_len, "measured_tokens": n,
         "decode_tok_s": round(n / (t1 - t0), 3),
         "decode_disk_read_bytes_per_token": None if c0.read_bytes is None else
-        round((c1.read_bytes - c0.read_bytes) / n),
+        round((cast(int, c1.read_bytes) - c0.read_bytes) / n),  # both from /proc/self/io
         "decode_expert_hit_rate": round((c1.hits - c0.hits) / uses, 4),
         "store_bytes_per_token": None, "peak_rss_gib": round(peak_rss_gib(), 2),
         "cache_experts": len(cache._held), "policy": cache.policy.name, "prefetch": prefetch,
         "reads": "direct" if direct else "buffered", "pool": pool,
         "prefetch_precision": None if foresight is None or foresight.precision() is None
-        else round(foresight.precision(), 4),
+        else round(cast(float, foresight.precision()), 4),
         "waited_per_token": round(waited / n, 2),
         "prefetched_per_token": round(prefetched / n, 2),
         "prefetch_used": round(used / prefetched, 4) if prefetched else None,

@@ -19,18 +19,19 @@ import argparse
 import collections
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 
 from mixtral.assemble import assemble
-from mixtral.model import MoeLayer
+from mixtral.model import MoeLayer, Transformer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @torch.inference_mode()
-def measure(model: torch.nn.Module, ids: list[int]) -> dict[str, float]:
-    moes = [layer.feed_forward for layer in model.layers]  # type: ignore[attr-defined]
+def measure(model: Transformer, ids: list[int]) -> dict[str, float | dict[int, float]]:
+    moes = [cast(MoeLayer, layer.feed_forward) for layer in model.layers]  # checked next
     assert all(isinstance(m, MoeLayer) for m in moes), "run with the reference modules"
     seen: list[torch.Tensor] = []
     hooks = [m.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(
@@ -50,10 +51,10 @@ def measure(model: torch.nn.Module, ids: list[int]) -> dict[str, float]:
         first.append((right > 0).float())
     ahead = {}  # layer l + d's router on layer l's input, for every distance d
     for d in range(1, len(moes)):
-        right = [(torch.topk(moes[layer + d].gate(seen[layer]).float(), k).indices[:, :, None]
-                  == chosen[layer + d][:, None, :]).any(-1).float().mean(-1)
-                 for layer in range(len(moes) - d)]
-        ahead[d] = round(torch.cat(right).mean().item(), 4)
+        rights = [(torch.topk(moes[layer + d].gate(seen[layer]).float(), k).indices[:, :, None]
+                   == chosen[layer + d][:, None, :]).any(-1).float().mean(-1)
+                  for layer in range(len(moes) - d)]
+        ahead[d] = round(torch.cat(rights).mean().item(), 4)
     uses = collections.Counter((layer, int(e)) for layer, c in enumerate(chosen)
                                for e in c.flatten())
     n_experts = len(moes) * moes[0].gate.out_features

@@ -28,12 +28,14 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from mixtral.assemble import assemble
 from mixtral.engine import Engine, Job
 from mixtral.generate import GenerationParams
+from mixtral.model import Transformer
 
 
 def ids(n: int, seed: int, vocab: int) -> list[int]:
@@ -52,7 +54,10 @@ def timed(engine: Engine, prompt: list[int], params: list[GenerationParams]
         out[i].append(t)
         stamps.append(time.perf_counter())
 
-    jobs = [engine.job(prompt, p, lambda t, i=i: token(i, t), lambda e: None)
+    def on_token(i: int) -> Callable[[int], None]:  # job i's
+        return lambda t: token(i, t)
+
+    jobs = [engine.job(prompt, p, on_token(i), lambda e: None)
             for i, p in enumerate(params)]
     start, cpu = time.perf_counter(), time.process_time()
     engine.enqueue(jobs)
@@ -60,13 +65,13 @@ def timed(engine: Engine, prompt: list[int], params: list[GenerationParams]
     return stamps[0] - start, stamps[-1] - start, out, jobs, time.process_time() - cpu
 
 
-def engine(model: torch.nn.Module, context: int, prefix_cache: int, shared: bool = True
+def engine(model: Transformer, context: int, prefix_cache: int, shared: bool = True
            ) -> Engine:
     return Engine(model, max_batch=4, max_seq_len=context, thread=False,
                   prefix_cache=prefix_cache, kv_copies=shared)
 
 
-def chat(model, a: argparse.Namespace) -> dict[str, object]:
+def chat(model: Transformer, a: argparse.Namespace) -> dict[str, object]:
     vocab, context = model.args.vocab_size, a.system + a.turns * (a.user + a.answer) + 8
     params = GenerationParams(max_tokens=a.answer, min_tokens=a.answer)
     cached = engine(model, context, 2**30)
@@ -94,7 +99,7 @@ def chat(model, a: argparse.Namespace) -> dict[str, object]:
             "first_token_differing_from_cold": same, "turns": turns}
 
 
-def choices(model, a: argparse.Namespace) -> dict[str, object]:
+def choices(model: Transformer, a: argparse.Namespace) -> dict[str, object]:
     prompt = [1] + ids(a.prompt - 1, 7, model.args.vocab_size)
     runs = {"n1": (1, True), "n4": (4, True), "n4_unshared": (4, False)}
     wall: dict[str, list[float]] = {k: [] for k in runs}

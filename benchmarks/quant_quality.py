@@ -76,8 +76,8 @@ def main() -> None:
           f"windows of {a.window}\n")
     print("| weights | perplexity | mean KL vs bf16 (nats/token) | max KL | top-1 = bf16's |")
     print("|---|---|---|---|---|")
-    for name, ppl, kl, kl_max, agree, _ in rows:
-        print(f"| {name} | {ppl:.3f} | {kl:.5f} | {kl_max:.4f} | {100 * agree:.2f} % |")
+    for name, ppl, kl_mean, kl_max, agree, _ in rows:
+        print(f"| {name} | {ppl:.3f} | {kl_mean:.5f} | {kl_max:.4f} | {100 * agree:.2f} % |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -35,6 +36,11 @@ from mixtral.cache import KVCache  # noqa: E402
 from mixtral.engine import Engine  # noqa: E402
 from mixtral.fast import describe_paths  # noqa: E402
 from mixtral.generate import GenerationParams  # noqa: E402
+
+
+def stamper(stamps: list[float]) -> Callable[[int], None]:
+    """An engine job's on_token that notes in `stamps` when each token came."""
+    return lambda _t: stamps.append(time.perf_counter())
 
 
 def main() -> None:
@@ -92,8 +98,7 @@ def main() -> None:
         params = GenerationParams(max_tokens=n_new, min_tokens=n_new)
         with common.CpuMeter() as cm:
             for i in range(batch):
-                engine.submit(ids[i], params, lambda _t, s=stamps[i]: s.append(time.perf_counter()),
-                              lambda _e: None)
+                engine.submit(ids[i], params, stamper(stamps[i]), lambda _e: None)
             engine.run(until_idle=True)
         engine.stop()
         assert all(len(s) == n_new for s in stamps)

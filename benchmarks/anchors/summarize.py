@@ -20,9 +20,11 @@ import json
 import os
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
 
 
-def gguf_bytes(path, n_exp, k):
+def gguf_bytes(path: str, n_exp: int, k: int) -> tuple[int, int]:
     from gguf import GGUFReader
     r = GGUFReader(path)
     dense = exp = 0
@@ -37,7 +39,7 @@ def gguf_bytes(path, n_exp, k):
     return dense, exp
 
 
-def hf_bytes(info, bytes_per):
+def hf_bytes(info: dict[str, Any], bytes_per: int) -> tuple[int, int]:
     c = info["config"]
     H, F, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     E = c["num_local_experts"]
@@ -46,7 +48,7 @@ def hf_bytes(info, bytes_per):
     return dense, exp
 
 
-def fmt(xs, nd=1):
+def fmt(xs: list[float], nd: int = 1) -> str:
     if not xs:
         return "–"
     m = statistics.median(xs)
@@ -55,7 +57,7 @@ def fmt(xs, nd=1):
     return f"{m:.{nd}f} ({min(xs):.{nd}f}–{max(xs):.{nd}f})"
 
 
-def main():
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default=os.environ.get("BENCH_OUT", "/tmp/bench-results"))
     ap.add_argument("--models", default=os.environ.get("BENCH_MODELS", "/tmp/bench-models"))
@@ -70,31 +72,33 @@ def main():
 
     rf = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.results, "roofline*.json")))]
     rf = [r for r in rf if not r.get("smoke")]  # machine_roofline.py --smoke: tiny sizes
-    cand = {}
-    for key in ("bw_numpy_copy_GBps", "bw_torch_copy_GBps", "bw_torch_read_GBps",
-                "gemv16384_fp32_weight_GBps", "linear_b1_16384_fp32_weight_GBps"):
-        vals = [r[key]["median"] for r in rf if key in r]
+    cand: dict[str, tuple[float, float, float, int]] = {}
+    for stat in ("bw_numpy_copy_GBps", "bw_torch_copy_GBps", "bw_torch_read_GBps",
+                 "gemv16384_fp32_weight_GBps", "linear_b1_16384_fp32_weight_GBps"):
+        vals = [r[stat]["median"] for r in rf if stat in r]
         if vals:
-            cand[key] = (statistics.median(vals), max(vals), min(vals), len(vals))
+            cand[stat] = (statistics.median(vals), max(vals), min(vals), len(vals))
     bw = max(v[1] for v in cand.values())
     print("## Roofline inputs\n")
     print("| memory rate (2 cores unless noted) | median of runs | best run | worst run | runs |\n"
           "|---|---|---|---|---|")
     for k, v in cand.items():
         print(f"| {k} | {v[0]:.1f} GB/s | {v[1]:.1f} | {v[2]:.1f} | {v[3]} |")
-    for key in ("gemm4096_fp32_GFLOPs", "gemm4096_bf16_GFLOPs", "gemm1024_bf16_GFLOPs",
-                "gemv16384_fp32_GFLOPs", "gemv16384_bf16_GFLOPs",
-                "gemv_expert3584x1024_fp32_GFLOPs_incache",
-                "gemv_expert3584x1024_bf16_GFLOPs_incache"):
-        vals = [r[key]["median"] for r in rf if key in r]
+    for stat in ("gemm4096_fp32_GFLOPs", "gemm4096_bf16_GFLOPs", "gemm1024_bf16_GFLOPs",
+                 "gemv16384_fp32_GFLOPs", "gemv16384_bf16_GFLOPs",
+                 "gemv_expert3584x1024_fp32_GFLOPs_incache",
+                 "gemv_expert3584x1024_bf16_GFLOPs_incache"):
+        vals = [r[stat]["median"] for r in rf if stat in r]
         if vals:
-            print(f"| {key} | {statistics.median(vals):.1f} GFLOP/s | {max(vals):.1f} "
+            print(f"| {stat} | {statistics.median(vals):.1f} GFLOP/s | {max(vals):.1f} "
                   f"| {min(vals):.1f} | {len(vals)} |")
     print(f"\nBW used for the roofline = {bw:.1f} GB/s (best of the above).\n")
 
     recs = [json.loads(line) for line in open(os.path.join(a.results, "results.jsonl"))]
-    groups = defaultdict(lambda: defaultdict(list))
-    peaks = defaultdict(dict)
+    # (engine, dtype, threads) -> metric -> records; -> tag -> peak RSS
+    groups: defaultdict[tuple[str, str, int], defaultdict[str, list[dict[str, Any]]]] = (
+        defaultdict(lambda: defaultdict(list)))
+    peaks: defaultdict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
     for r in recs:
         key = (r["engine"], r["dtype"], r.get("threads", 2))
         groups[key][r["metric"]].append(r)
@@ -122,7 +126,7 @@ def main():
                          roof8=8 * bw / b8_bytes * 1e9,
                          detail=g[next(iter(g))][0]["engine_detail"]))
 
-    def table(title, keep):
+    def table(title: str, keep: Callable[[dict[str, Any]], bool]) -> None:
         print(f"## {title}\n")
         print("| engine | threads | dtype / quant | prefill 512 tok/s | decode tok/s b=1 "
               "| decode tok/s b=8 (total) | peak RSS GiB | active weight bytes/token (b=1) "
