@@ -107,7 +107,7 @@ def main() -> None:
     rows = []
     order = ["fp32", "bf16", "int8", "int4", "bench-f32", "bench-f16", "bench-q8_0", "bench-q4_0",
              "bench-q4_k_m"]
-    engines = ["mixtral", "hf", "llamacpp"]
+    engines = ["mixtral", "hf", "llama.cpp"]  # the engine names the bench_*.py records carry
     for key in sorted(groups, key=lambda k: (-k[2], engines.index(k[0]) if k[0] in engines else 9,
                                              order.index(k[1]) if k[1] in order else 99)):
         eng, dt, thr = key
