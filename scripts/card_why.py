@@ -36,9 +36,11 @@ log-probability of its refusal's opening, harmful against harmless requests): AU
 (95 % interval {sep['ci95'][0]:.2f}–{sep['ci95'][1]:.2f}; 0.5 is none), so that even the best
 refusal threshold refuses {best['harmful refused']}/{sep['harmful']} harmful requests where it
 answers {best['harmless answered']}/{sep['harmless']} harmless ones: a different refusal rate
-trades one target for the other, and only a model that ranks harm better meets both. The
-separation stayed at 0.59-0.75 through every stage of the chains measured (7 December 2026,
-the README's "How far the model tells harm apart"), the requests stage's many pairs included."""
+trades one target for the other, and only a model that ranks harm better meets both. With the
+rows frozen, the separation stayed at 0.59-0.75 through every stage of the chains measured, the
+requests stage's many pairs included; rows that kept learning from the requests stage on took
+it to 0.78 and lost the JSON copy (2 of 100 new values; 7 December 2026, the README's "How far
+the model tells harm apart")."""
 
 
 def why_section(report: dict[str, Any], perplexity: tuple[int, float, float] | None = None,
