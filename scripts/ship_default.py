@@ -15,6 +15,8 @@ Which stage ships is decided by measurement (issue 17, item 2). DPO ships only i
      least as many targets, and its mean share over those figures is at least SFT's.
 Otherwise the final SFT checkpoint ships, and the card says so and why. `--stage final|dpo`
 overrides the rule; the card then says the stage was chosen by hand.
+Whether the packaged model replaces the one shipped is another rule, `scripts/ship_gate.py`'s
+(on held-out sets of a seed the candidate was not picked on).
 
 Reads, under --runs: <stage>/metrics.jsonl and <stage>/latest for induction, pretrain, copy,
 json, skills, sums, numbers, requests, final and dpo (steps, minutes from step_seconds, last train
