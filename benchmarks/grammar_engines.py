@@ -25,6 +25,8 @@ import mistral_common
 import sentencepiece as spm
 import torch
 
+from mixtral.command import positive
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions  # declared in its stub only
 
@@ -492,10 +494,10 @@ def bench_lib(lib: str, sp: spm.SentencePieceProcessor, toks: list[bytes | None]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--timing-runs", type=int, default=20)
-    ap.add_argument("--budget", type=int, default=300)
-    ap.add_argument("--compile-reps", type=int, default=5)
+    ap.add_argument("--runs", type=positive, default=50)
+    ap.add_argument("--timing-runs", type=positive, default=20)
+    ap.add_argument("--budget", type=positive, default=300)
+    ap.add_argument("--compile-reps", type=positive, default=5)
     ap.add_argument("--libs", default="llguidance,xgrammar,outlines-core")
     ap.add_argument("--ws", default="flex,compact")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results.json")))

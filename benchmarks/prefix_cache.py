@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from mixtral.assemble import assemble
+from mixtral.command import positive
 from mixtral.engine import Engine, Job
 from mixtral.generate import GenerationParams
 from mixtral.model import Transformer
@@ -129,15 +130,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="bench", help="a preset or a checkpoint (default bench)")
     p.add_argument("--quant", default="bf16", choices=["fp32", "bf16", "int8", "int4"])
-    p.add_argument("--turns", type=int, default=10)
-    p.add_argument("--system", type=int, default=256, help="system prompt tokens")
-    p.add_argument("--user", type=int, default=48, help="tokens per user message")
-    p.add_argument("--answer", type=int, default=32, help="tokens per answer")
-    p.add_argument("--prompt", type=int, default=512, help="the n test's prompt tokens")
-    p.add_argument("--gen", type=int, default=64, help="the n test's generated tokens")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--turns", type=positive, default=10)
+    p.add_argument("--system", type=positive, default=256, help="system prompt tokens")
+    p.add_argument("--user", type=positive, default=48, help="tokens per user message")
+    p.add_argument("--answer", type=positive, default=32, help="tokens per answer")
+    p.add_argument("--prompt", type=positive, default=512, help="the n test's prompt tokens")
+    p.add_argument("--gen", type=positive, default=64, help="the n test's generated tokens")
+    p.add_argument("--repeats", type=positive, default=2)
     p.add_argument("--only", choices=["chat", "n"], help="run one of the two")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive, help="torch threads (default: torch's)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -99,6 +99,20 @@ def test_bad_flag(answers: dict, script: Path) -> None:
     assert "Traceback" not in a["text"]
 
 
+# counts that would leave nothing measured: these scripts once ran on and died on a median of
+# nothing (a NameError after minutes of setup), and grammar_engines.py wrote its results file
+@pytest.mark.parametrize("script,flag", [("prefix_cache.py", "--turns"),
+                                         ("prefix_cache.py", "--repeats"),
+                                         ("grammar_engines.py", "--compile-reps"),
+                                         ("grammar_engines.py", "--timing-runs")])
+def test_a_count_of_zero_is_refused_by_name(script: str, flag: str, tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, str(BENCHMARKS / script), flag, "0"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"argument {flag}: expected a whole number above 0, got '0'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("script", SHELL, ids=lambda p: str(p.relative_to(BENCHMARKS)))
 def test_shell_parses(script: Path) -> None:
     r = run("bash", "-n", script)
