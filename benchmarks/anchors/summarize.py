@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 
-def gguf_bytes(path: str, n_exp: int, k: int) -> tuple[int, int]:
+def gguf_bytes(path: str) -> tuple[int, int]:
+    """(bytes every token reads: the dense tensors and one embedding row; the experts' bytes)."""
     from gguf import GGUFReader
     r = GGUFReader(path)
     dense = exp = 0
@@ -117,7 +118,7 @@ def main() -> None:
         elif eng == "hf":
             dense, exp = hf_bytes(info, {"fp32": 4, "bf16": 2}[dt])
         else:
-            dense, exp = gguf_bytes(os.path.join(a.models, "gguf", dt + ".gguf"), E, K)
+            dense, exp = gguf_bytes(os.path.join(a.models, "gguf", dt + ".gguf"))
         b1_bytes = dense + exp * K / E
         b8_bytes = dense + exp * distinct8 / E
         g = groups[key]
