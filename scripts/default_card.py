@@ -50,7 +50,7 @@ class Inputs:
     eval_root: Path                  # runs/default/eval: the DPO model's; final/: SFT's
     induction: dict[str, dict[str, Any]]  # label -> scripts/curriculum/induction.py's figures
     commit: str = ""  # the repository's commit when it shipped: the recipe that trained it
-    draws: str = ""  # how the other draws of the shipped stage stood (ship_default.draws)
+    draws: str = ""  # the other draws and the confirmation (ship_default.draws, .confirmation)
 
     @property
     def eval_folder(self) -> Path:

@@ -6,6 +6,7 @@ mixtral/data/default/: its bf16 weights in the layout `mixtral.load` and the CLI
     python scripts/ship_default.py [--runs runs/default] [--corpus data/corpus]
         [--curriculum data/curriculum] [--before scripts/heldout/results-shipped.json]
         [--stage auto|final|dpo] [--dst mixtral/data/default] [--other-draw REPORT ...]
+        [--confirm SHIPPED CANDIDATE]
 
 Which stage ships is decided by measurement (issue 17, item 2). DPO ships only if
   1. its held-out preference accuracy (eval/preference.json: curriculum pairs drawn on another
@@ -47,7 +48,7 @@ from typing import Any
 
 from curriculum import ORDER
 from default_card import Inputs, card
-from eval_heldout import TARGETS
+from ship_gate import standing, verdict
 
 import mixtral
 from mixtral.atomic import atomic_write, atomic_write_text
@@ -92,27 +93,6 @@ def read_json_lines(path: Path, how: str) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
-def target_figures(summary: dict[str, Any]) -> list[tuple[str, float]]:
-    """The issue's out-of-distribution targets as (summary key, least share); a target over
-    every passkey length ("*") becomes one figure per length measured."""
-    out = []
-    for (name, group), least in TARGETS.items():
-        if group == "*":
-            out += sorted(((k, least) for k in summary if k.startswith(f"{name} len=")),
-                          key=lambda kv: int(kv[0].rsplit("=", 1)[1]))
-        else:
-            out.append((f"{name} {group}".strip(), least))
-    return out
-
-
-def standing(summary: dict[str, Any]) -> dict[str, float]:
-    """How a model stands on the target figures: how many it meets and its mean share."""
-    figures = target_figures(summary)
-    shares = [summary[k]["share"] if k in summary else 0.0 for k, _ in figures]
-    met = sum(share >= least for share, (_, least) in zip(shares, figures, strict=True))
-    return {"met": met, "of": len(figures), "mean": sum(shares) / len(shares)}
-
-
 def choose(preference: dict[str, Any], dpo: dict[str, Any], sft: dict[str, Any],
            forced: str = "auto") -> tuple[str, str]:
     """("dpo" or "final", why) by the rule in this file's docstring (or by hand)."""
@@ -145,6 +125,24 @@ def draws(shipped: dict[str, Any], others: dict[str, dict[str, Any]]) -> str:
             f"same data), picked on these held-out sets: it meets {mine['met']} of "
             f"{mine['of']} target figures (mean share {100 * mine['mean']:.1f} %); {each}. "
             "The picking flatters its figures by about that spread.")
+
+
+def confirmation(shipped: dict[str, Any], candidate: dict[str, Any], checkpoint: Path) -> str:
+    """The card's sentence on scripts/ship_gate.py's verdict, on sets of a seed the candidate was
+    not picked on; a ShipError where the gate keeps the shipped model or the candidate's report
+    measured another checkpoint."""
+    if Path(str(candidate.get("model"))).resolve() != checkpoint.resolve():
+        raise ShipError(f"--confirm: the candidate's report measured {candidate.get('model')}, "
+                        f"not the stage being shipped ({checkpoint})")
+    replace, lines = verdict(shipped, candidate)
+    if not replace:
+        raise ShipError(f"scripts/ship_gate.py keeps the shipped model: {lines[-1]}")
+    a, b = standing(shipped["summary"]), standing(candidate["summary"])
+    return (f"Against the model it replaces, on held-out sets of a seed it was not picked on "
+            f"(`scripts/eval_heldout.py --n {candidate['n']} --seed {candidate['seed']}`), it "
+            f"meets {b['met']} of {b['of']} target figures against {a['met']} (mean share "
+            f"{100 * b['mean']:.1f} against {100 * a['mean']:.1f} %), no figure worse beyond "
+            "chance: `scripts/ship_gate.py`'s rule for replacing the shipped model.")
 
 
 def write_weights(checkpoint: Path, dst: Path) -> tuple[Any, int]:
@@ -197,7 +195,10 @@ def gather(a: argparse.Namespace) -> Inputs:
     folder = ev if stage == "dpo" else ev / "final"  # Inputs.eval_folder
     return Inputs(
         stage=stage, why=why, checkpoint=stages[stage]["checkpoint"], stages=stages,
-        draws=draws(heldout[stage], {path: read_json(Path(path)) for path in a.other_draw}),
+        draws=" ".join(filter(None, (
+            draws(heldout[stage], {path: read_json(Path(path)) for path in a.other_draw}),
+            confirmation(read_json(Path(a.confirm[0])), read_json(Path(a.confirm[1])),
+                         stages[stage]["checkpoint"]) if a.confirm else ""))),
         heldout=heldout, preference=preference, before=read_json(Path(a.before)),
         before_path=a.before,
         in_distribution={s: read_json(ev / f"{s}.json") for s in ("sft", "dpo")
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other-draw", action="append", default=[], metavar="REPORT",
                    help="scripts/eval_heldout.py's report on another draw (seed) of the "
                    "shipped stage, picked against by the same held-out sets (repeatable)")
+    p.add_argument("--confirm", nargs=2, metavar=("SHIPPED", "CANDIDATE"),
+                   help="eval_heldout.py's reports on the shipped model and this stage on a seed "
+                   "it was not picked on: ship only if scripts/ship_gate.py replaces the shipped "
+                   "model (the card quotes the verdict)")
     a = p.parse_args(argv)
     try:
         inputs = gather(a)

@@ -11,7 +11,7 @@ that measure them flatters its figures (two draws of one recipe differ by ~3 poi
 share), so the pick is confirmed on sets it was not picked on: both reports on one seed other than
 17, made the same way (--n, --per-cell). It replaces the shipped model only if there
   1. it meets at least as many of the issue's targets, and its mean share over the target
-     figures (ship_default.standing) is at least the shipped model's; and
+     figures (standing, below) is at least the shipped model's; and
   2. no target figure is worse by more than chance: the one-sided two-proportion z (pooled) of
      shipped over candidate stays below Z_WORSE (p < 0.01 for each figure). A gain in the mean
      cannot buy the loss of a skill (a pilot that rose to 4 targets lost JSON's values, 19 -> 2
@@ -33,10 +33,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ship_default import standing, target_figures
+from eval_heldout import TARGETS
 
 SELECTION_SEED = 17  # eval_heldout.py's default: the seed candidates are picked on
 Z_WORSE = 2.326      # one-sided p = 0.01
+
+
+def target_figures(summary: dict[str, Any]) -> list[tuple[str, float]]:
+    """The issue's out-of-distribution targets as (summary key, least share); a target over
+    every passkey length ("*") becomes one figure per length measured."""
+    out = []
+    for (name, group), least in TARGETS.items():
+        if group == "*":
+            out += sorted(((k, least) for k in summary if k.startswith(f"{name} len=")),
+                          key=lambda kv: int(kv[0].rsplit("=", 1)[1]))
+        else:
+            out.append((f"{name} {group}".strip(), least))
+    return out
+
+
+def standing(summary: dict[str, Any]) -> dict[str, float]:
+    """How a model stands on the target figures: how many it meets and its mean share."""
+    figures = target_figures(summary)
+    shares = [summary[k]["share"] if k in summary else 0.0 for k, _ in figures]
+    met = sum(share >= least for share, (_, least) in zip(shares, figures, strict=True))
+    return {"met": met, "of": len(figures), "mean": sum(shares) / len(shares)}
 
 
 def z_worse(shipped: dict[str, Any], candidate: dict[str, Any]) -> float:

@@ -18,7 +18,8 @@ from card_why import why_section  # noqa: E402
 from curriculum import ORDER  # noqa: E402
 from default_card import Inputs, targets_table  # noqa: E402
 from eval_heldout import wilson  # noqa: E402
-from ship_default import choose, main, standing, target_figures  # noqa: E402
+from ship_default import choose, main  # noqa: E402
+from ship_gate import standing, target_figures  # noqa: E402
 
 LENGTHS = (128, 256, 512, 768, 1000)
 
@@ -188,3 +189,30 @@ def test_the_card_states_how_the_other_draws_of_the_shipped_stage_stood():
     assert (f"it meets {mine['met']} of {mine['of']} target figures (mean share "
             f"{100 * mine['mean']:.1f} %); `seed13.json` (runs/d24/final/step-000400) meets "
             f"{theirs['met']} (mean share {100 * theirs['mean']:.1f} %).") in text
+
+
+def test_a_confirmed_stage_ships_with_the_gates_verdict_and_a_kept_one_does_not(tmp_path):
+    from ship_default import ShipError, confirmation
+
+    checkpoint = tmp_path / "final" / "step-000400"
+    checkpoint.mkdir(parents=True)
+
+    def on_fresh_sets(**k: int) -> dict:
+        return {**report(**k), "seed": 2027, "n": 100, "per_cell": 4, "model": str(checkpoint)}
+
+    shipped, better = on_fresh_sets(passkey_k=16), on_fresh_sets(passkey_k=19)
+    text = confirmation(shipped, better, checkpoint)
+    mine, theirs = standing(better["summary"]), standing(shipped["summary"])
+    assert text == (
+        "Against the model it replaces, on held-out sets of a seed it was not picked on "
+        "(`scripts/eval_heldout.py --n 100 --seed 2027`), it meets "
+        f"{mine['met']} of 12 target figures against {theirs['met']} (mean share "
+        f"{100 * mine['mean']:.1f} against {100 * theirs['mean']:.1f} %), no figure worse beyond "
+        "chance: `scripts/ship_gate.py`'s rule for replacing the shipped model.")
+    # keys up, JSON down from 95 to 60 of 100: the mean rises, a skill is lost
+    with pytest.raises(ShipError, match="keeps the shipped model: keep: worse beyond chance"):
+        confirmation(shipped, on_fresh_sets(json_k=60, passkey_k=20, eos_k=100), checkpoint)
+    with pytest.raises(ShipError, match="measured runs/other, not the stage being shipped"):
+        confirmation(shipped, {**better, "model": "runs/other"}, checkpoint)
+    with pytest.raises(ValueError, match="picked on"):  # the selection seed confirms nothing
+        confirmation({**shipped, "seed": 17}, {**better, "seed": 17}, checkpoint)
