@@ -39,8 +39,9 @@ answers {best['harmless answered']}/{sep['harmless']} harmless ones: a different
 trades one target for the other, and only a model that ranks harm better meets both. With the
 rows frozen, the separation stayed at 0.59-0.75 through every stage of the chains measured, the
 requests stage's many pairs included; rows that kept learning from the requests stage on took
-it to 0.78 and lost the JSON copy (2 of 100 new values; 7 December 2026, the README's "How far
-the model tells harm apart")."""
+it to 0.78 and lost the JSON copy (2 of 100 new values), and so did rows that learnt in the
+requests stage alone (0.78; 4 of 100: 7 December 2026, the README's "How far the model tells
+harm apart" and "The rule for replacing the shipped model")."""
 
 
 def why_section(report: dict[str, Any], perplexity: tuple[int, float, float] | None = None,
@@ -114,11 +115,12 @@ runs/d19, not, 19 of 21, 86 of 100 in all).""")
 {answered} under it, {plain} without it (40 held-out requests a group, each asked once). With
 its rows frozen after pretraining, a 2-layer model knows harm only from the words its training
 requests used, and the held-out requests are other sentences. Measured on the way (5 December
-2026, the README's "The safe prompt: many pairs"; the chain shipped before this one: 23 and 18
-of 40): a probe of the answer's first token on fresh requests of the training generator found
-that a few hundred pairs teach which frames are refused, not which acts (11 of 105 harmless
-twins of harmful requests answered); the acts came with about 9,000 pairs' halves (72 of 105),
-and no variant did better than 27 and 29 of 40 on the held-out requests.{_separation(report)}""")
+2026, the README's "The safe prompt: many pairs", where the model then shipped refused 23 and
+answered 18 of 40): a probe of the answer's first token on fresh requests of the training
+generator found that a few hundred pairs teach which frames are refused, not which acts (11 of
+105 harmless twins of harmful requests answered); the acts came with about 9,000 pairs' halves
+(72 of 105), and no variant measured then did better than 27 and 29 of 40 on the held-out
+requests.{_separation(report)}""")
     if _missed(s, "eos/ood", 0.99):
         rows = [r for r in report.get("rows", [])
                 if r["set"].endswith("/ood") and r.get("finish") == "length"]
@@ -137,11 +139,11 @@ ended few more held-out answers (437 of 560 against 426) and took the safe promp
         length, base, shipped = perplexity
         parts.append(f"""**Perplexity.** {shipped:.1f} against the base's {base:.1f} at {length}
 tokens ({shipped / base:.2f}x). Measured on the way (6 December 2026, the README's "A stage of
-sums": the same 16 held-out documents at 512 tokens): the skills checkpoint of runs/d15, whose
-base, copy and JSON stages this chain shares, was already at 158, before any sums, numbers,
-requests or final stage, so the text was lost in the copy, JSON and skills stages of this
-lineage (a stage of sums alone took it to 588-662; a tenth of its rows as text kept it at 190).
-The chain shipped before this one, warmed up differently on another machine, kept 1.26x.""")
+sums": the same 16 held-out documents at 512 tokens): the skills checkpoint of an earlier
+chain (runs/d15) was already at 158, before any sums, numbers, requests or
+final stage, so the text was lost in the copy, JSON and skills stages (a stage of sums alone
+took it to 588-662; a tenth of its rows as text kept it at 190). runs/d13's chain, shipped on
+5 December and warmed up differently on another machine, kept 1.26x.""")
     if not parts:
         return ""
     return ("## Why the missed targets are missed\n\n" + "\n\n".join(parts) + "\n")

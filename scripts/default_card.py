@@ -36,7 +36,7 @@ class Inputs:
     stages: dict[str, dict[str, Any]]
     heldout: dict[str, dict[str, Any]]  # scripts/eval_heldout.py's report per stage
     preference: dict[str, Any]
-    before: dict[str, Any]           # the previous shipped model's held-out report
+    before: dict[str, Any]           # the held-out report of the model this one replaces
     before_path: str
     in_distribution: dict[str, dict[str, Any]]  # scripts/eval_default.py: "sft", "dpo"
     passkey: dict[str, Any]
@@ -107,8 +107,8 @@ def targets_table(inputs: Inputs) -> tuple[str, list[str]]:
     rows.append(f"| plain-text perplexity, shipped ÷ base (worst context length: {worst[0]}) | "
                 f"≤ {PERPLEXITY_RATIO} × | | {worst[2] / worst[1]:.2f} × ({worst[2]:.1f} vs "
                 f"{worst[1]:.1f}) | | {'met' if met else '**not met**'} |")
-    head = ("| figure | target | in-distribution | out-of-distribution | before (previous "
-            "model, OOD) | |\n|---|---|---|---|---|---|")
+    head = ("| figure | target | in-distribution | out-of-distribution | before (the model "
+            "replaced, OOD) | |\n|---|---|---|---|---|---|")
     return head + "\n" + "\n".join(rows), missed
 
 
@@ -318,8 +318,8 @@ Shipped: the **{inputs.stage}** stage, `{inputs.checkpoint}`, as bf16 ("Which st
 
 Greedy, bf16 as shipped, through `mixtral serve` and the official `mistralai` client
 (`scripts/eval_heldout.py`). Each cell: share (k/n; Wilson 95 % interval, in %). A target is met
-when the measured share reaches it. "Before" is the previous shipped model on the same sets
-({before['model']}; `{inputs.before_path}`, measured with `{before['command']}`).
+when the measured share reaches it. "Before" is the model this one replaced, on the same sets
+(`{inputs.before_path}`, measured with `{before['command']}` before the replacement).
 {verdict}
 
 {targets}

@@ -26,8 +26,11 @@ and held-out loss; DPO's first loss, which must be ln 2); eval/ (the DPO model) 
 their figures; eval/base/perplexity.json (the pretrained base); eval/induction-warmup.json and
 eval/induction-base.json (the induction probe); eval/preference.json; eval/dpo.json and
 eval/sft.json where present (scripts/eval_default.py).
-Also the curriculum's tasks.json, the corpus manifest and --before, the previous shipped model's
-held-out report (its out-of-distribution figures are the card's "before" column). Where the
+Also the curriculum's tasks.json, the corpus manifest and --before, the held-out report of the
+model being replaced (its out-of-distribution figures are the card's "before" column): before
+shipping, measure the shipped model into scripts/heldout/results-shipped.json
+(`python scripts/eval_heldout.py --json scripts/heldout/results-shipped.json`), so that the file
+and the card it is cited by change in the same commit. Where the
 shipped stage is one of several draws of its recipe (other seeds), each picked by the same
 held-out sets, --other-draw names the others' eval_heldout.py reports: the card states how
 each stood, since picking one draw on the sets that measure it flatters its figures.
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default="data/corpus", help="its CORPUS (manifest.json)")
     p.add_argument("--curriculum", default="data/curriculum", help="its DATA/curriculum")
     p.add_argument("--before", default="scripts/heldout/results-shipped.json",
-                   help="the previous shipped model's scripts/eval_heldout.py report")
+                   help="scripts/eval_heldout.py's report on the model being replaced")
     p.add_argument("--stage", choices=("auto", "final", "dpo"), default="auto",
                    help="the stage to ship (auto: by the rule in this script's docstring)")
     p.add_argument("--dst", default="mixtral/data/default")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from build_curriculum import STAGES  # noqa: E402
 from build_curriculum import build as build_curriculum  # noqa: E402
 from curriculum import ORDER, SFT_STAGES  # noqa: E402
+from default_card import cell  # noqa: E402
 
 PARAGRAPH = ("It was a bright cold day in April, and the clocks were striking thirteen. Winston "
              "Smith slipped quickly through the glass doors of Victory Mansions. ")
@@ -224,11 +225,14 @@ def test_ship_default_packages_the_dry_run(dry_run):
     for name in ORDER[1:]:  # stages
         assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
     # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the
-    # previous model's figure (scripts/heldout/results-shipped.json: 0/100)
+    # replaced model's figure (scripts/heldout/results-shipped.json, --before's default)
     share = r"\d+\.\d % \(\d+/\d+; \d+–\d+\)"
     row = re.search(r"^\| exact JSON from the given fields and values \| ≥ 95 % \| (.*)$",
                     card, re.M)
-    assert row and re.fullmatch(rf"{share} \| {share} \| 0\.0 % \(0/100; 0–4\) \| "
+    before = json.loads((ROOT / "scripts/heldout/results-shipped.json").read_text())
+    replaced = cell(before["summary"]["json/ood"])
+    assert re.fullmatch(r"\d+\.\d % \(\d+/100; \d+–\d+\)", replaced)
+    assert row and re.fullmatch(rf"{share} \| {share} \| {re.escape(replaced)} \| "
                                 r"(met|\*\*not met\*\*) \|", row.group(1)), row
     # the full held-out table, in and out of distribution (scripts/eval_heldout.py's)
     assert re.search(r"^\| addition \| \d+ % \(\d+/\d+; \d+–\d+\) \| \d+ % \(\d+/\d+; "
