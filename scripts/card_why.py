@@ -83,7 +83,7 @@ held-out keys at 128 tokens right after it but wore long-range retrieval away (2
 512-1,000 tokens), which the final stage wins back; training prompts drawn by characters
 reached 900 tokens in 1 row of 22, so the final stage's are drawn by tokens, to the context's
 end. The requests stage's short rows cost long keys again: after it, a final stage of 200
-steps found 58 of 100 held-out keys, one of 300 steps 63 (70 in the chain shipped before).
+steps found 58 of 100 held-out keys, one of 300 steps 63 (70 in the chain then shipped).
 Keys that run on (6 December 2026, the README's "Keys that run on"): the held-out note goes on
 after the key (`5597592; keep it in mind`) where every training key line had a full stop, and
 of one chain's 100 answers 90 held the key but 53 went on after it (`5597592; 155`); half the
