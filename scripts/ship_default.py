@@ -130,6 +130,10 @@ def draws(shipped: dict[str, Any], others: dict[str, dict[str, Any]]) -> str:
             "The picking flatters its figures by about that spread.")
 
 
+UNCONFIRMED = ("It was not measured against the model it replaces on held-out sets of a seed it "
+               "was not picked on (`scripts/ship_gate.py`; `ship_default.py --confirm`).")
+
+
 def confirmation(shipped: dict[str, Any], candidate: dict[str, Any], checkpoint: Path) -> str:
     """The card's sentence on scripts/ship_gate.py's verdict, on sets of a seed the candidate was
     not picked on; a ShipError where the gate keeps the shipped model or the candidate's report
@@ -201,7 +205,7 @@ def gather(a: argparse.Namespace) -> Inputs:
         draws=" ".join(filter(None, (
             draws(heldout[stage], {path: read_json(Path(path)) for path in a.other_draw}),
             confirmation(read_json(Path(a.confirm[0])), read_json(Path(a.confirm[1])),
-                         stages[stage]["checkpoint"]) if a.confirm else ""))),
+                         stages[stage]["checkpoint"]) if a.confirm else UNCONFIRMED))),
         heldout=heldout, preference=preference, before=read_json(Path(a.before)),
         before_path=a.before,
         in_distribution={s: read_json(ev / f"{s}.json") for s in ("sft", "dpo")

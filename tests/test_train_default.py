@@ -29,6 +29,7 @@ from build_curriculum import STAGES  # noqa: E402
 from build_curriculum import build as build_curriculum  # noqa: E402
 from curriculum import ORDER, SFT_STAGES  # noqa: E402
 from default_card import cell  # noqa: E402
+from ship_default import UNCONFIRMED  # noqa: E402
 
 PARAGRAPH = ("It was a bright cold day in April, and the clocks were striking thirteen. Winston "
              "Smith slipped quickly through the glass doors of Victory Mansions. ")
@@ -222,6 +223,7 @@ def test_ship_default_packages_the_dry_run(dry_run):
     card = (out / "MODEL_CARD.md").read_text()
     assert f"Shipped: the **{stage}** stage, `{checkpoint}`" in card
     assert "This stage is the best of 2 draws of its recipe" in card
+    assert UNCONFIRMED in card  # no --confirm: the card says the replacement was not confirmed
     for name in ORDER[1:]:  # stages
         assert re.search(rf"^\| {name} \| 2 \| \d+\.\d \| ", card, re.M), name
     # the targets: in- and out-of-distribution shares with k/n and a Wilson interval, and the
