@@ -9,13 +9,13 @@ any candidate is measured by it, and its verdict on two `scripts/eval_heldout.py
 Candidates are picked on the held-out sets' usual seed (17); picking one of several on the sets
 that measure them flatters its figures (two draws of one recipe differ by ~3 points of mean
 share), so the pick is confirmed on sets it was not picked on: both reports on one seed other than
-17, made the same way (--n, --per-cell). It replaces the shipped model only if there
+17, made the same way (--n, --per-cell). It replaces the shipped model only if
   1. it meets at least as many of the issue's targets, and its mean share over the target
      figures (standing, below) is at least the shipped model's; and
   2. no target figure is worse by more than chance: the one-sided two-proportion z (pooled) of
      shipped over candidate stays below Z_WORSE (p < 0.01 for each figure). A gain in the mean
-     cannot buy the loss of a skill (a pilot that rose to 4 targets lost JSON's values, 19 -> 2
-     of 100).
+     cannot buy the loss of a skill (runs/p-rows met 4 targets to the shipped model's 3 and
+     wrote 2 of 100 new JSON values to its 17).
 The ten fixed records of tests/test_default_model.py are not part of the rule: at a share near
 18 % ten records cannot tell models apart (runs/d13 3 of 10 and 20 of 100, runs/d18 2 and 17,
 runs/d24b 1 and 19). They hold the shipped weights to their own count under the code, and take
