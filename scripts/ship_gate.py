@@ -120,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         reports.append(report)
     try:
         replace, lines = verdict(*reports)
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
         print(f"ship_gate: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError) as e:  # a figure without its k and n
+        print(f"ship_gate: a report's figures are not eval_heldout.py's ({e} missing or "
+              "malformed); measure both with scripts/eval_heldout.py", file=sys.stderr)
         return 2
     print("\n".join(lines))
     return 0 if replace else 1

@@ -91,3 +91,8 @@ def test_the_cli_exits_0_to_replace_1_to_keep_2_on_bad_input(tmp_path, capsys):
     assert main([str(tmp_path / "list.json"), str(paths["shipped"])]) == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and "missing.json" in err and "no summary" in err
+    broken = report()
+    del broken["summary"]["eos/ood"]["k"]
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    assert main([str(paths["shipped"]), str(tmp_path / "broken.json")]) == 2
+    assert "not eval_heldout.py's ('k' missing" in capsys.readouterr().err
