@@ -66,6 +66,14 @@ class TrainConfig:
     tie_embeddings: bool = False
     # the embeddings' lr as a multiple of lr (0: frozen; train/optimizer.py says why)
     embedding_lr_scale: float = 1.0
+    # which rows a step moves while they learn: "all", or "seen": only the pieces in the step's
+    # input. A tied head gives every row the softmax's push, which Adam makes a full-size step
+    # for rows the data never shows (train/optimizer.py); a row never seen in a run stays put
+    embedding_rows: str = "all"
+    # "tied": each word-start piece and its unspaced twin (`\u2581Am`, `Am`: the step a JSON
+    # copy takes after a quote) move as one, both by the sum of their gradients, so learning
+    # rows keeps the difference between them (to rounding); "free": each on its own
+    embedding_twins: str = "free"
     # the final norm's weight at a preset's random init: with std-0.02 rows (norm ~0.23 at dim
     # 128) a tied head can give a piece at most ~2.6 nats over the rest until it grows; 5 lifts
     # that cap from the first step (issue 17's pilots). A checkpoint init keeps its own.
@@ -121,6 +129,16 @@ def _check_ranges(cfg: TrainConfig, source: str) -> None:
         raise wrong(f"stage must be pretrain, sft or dpo, got {cfg.stage!r}")
     if cfg.autocast not in ("none", "bf16"):
         raise wrong(f"autocast must be none or bf16, got {cfg.autocast!r}")
+    for key, values in (("embedding_rows", ("all", "seen")), ("embedding_twins", ("free", "tied"))):
+        if getattr(cfg, key) not in values:
+            raise wrong(f"{key} must be {' or '.join(values)}, got {getattr(cfg, key)!r}")
+    shaped = (cfg.embedding_rows, cfg.embedding_twins) != ("all", "free")
+    for frozen, why in ((cfg.embedding_lr_scale == 0, "embedding_lr_scale is 0"),
+                        (cfg.lora_rank > 0, "LoRA (lora_rank > 0) trains adapters only")):
+        if shaped and frozen:
+            raise wrong(f"embedding_rows={cfg.embedding_rows} and embedding_twins="
+                        f"{cfg.embedding_twins} shape how learning embedding rows move, but "
+                        f"{why}: the rows are frozen (drop these settings)")
     for key, ok, wanted in (("lr", cfg.lr > 0, "above 0"),
                             ("grad_clip", cfg.grad_clip > 0, "above 0"),
                             ("weight_decay", cfg.weight_decay >= 0, "at least 0"),

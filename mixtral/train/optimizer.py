@@ -10,6 +10,12 @@ drift together and blur apart; a warm-up on random pieces learns a piece-agnosti
 frozen random rows, which the copy stage keeps only if they stay frozen (issue 17). The groups'
 order is also the optimizer state's index order, which a checkpoint written by one process
 maps back to parameter names when a sharded run resumes it (train/state.py).
+
+`RowGrad` shapes the learning rows' gradient before it is clipped: with embedding_rows "seen"
+only the rows of pieces in the step's batch keep theirs (the softmax's push on the rest is
+dropped, so a row never seen in a run never moves; one seen earlier still coasts on Adam's
+momentum), and with embedding_twins "tied" a word-start piece and its unspaced twin share the
+sum of their gradients, so that equal updates keep the difference between their rows.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
 from mixtral.model import Transformer
-from mixtral.train.config import TrainConfig
+from mixtral.tokenizer import default_tokenizer
+from mixtral.train.config import TrainConfig, TrainingError
+from mixtral.train.data import Batch
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -63,3 +73,58 @@ def _param_groups(model: Transformer, cfg: TrainConfig) -> list[tuple[Named, flo
                     cfg.embedding_lr_scale)]
     return [g for g in groups if g[0]]
 
+
+
+class RowGrad:
+    """TrainConfig.embedding_rows and embedding_twins on a step's embedding gradient: `see`
+    each micro-batch, then `apply` once to the summed gradient."""
+
+    def __init__(self, cfg: TrainConfig, rows: int) -> None:
+        self.seen = torch.zeros(rows, dtype=torch.bool) if cfg.embedding_rows == "seen" else None
+        self.group = _twin_groups(rows) if cfg.embedding_twins == "tied" else None
+
+    @staticmethod
+    def of(cfg: TrainConfig, model: Transformer) -> RowGrad | None:
+        if (cfg.embedding_rows, cfg.embedding_twins) == ("all", "free"):
+            return None
+        return RowGrad(cfg, model.tok_embeddings.weight.shape[0])
+
+    def see(self, batch: Batch) -> None:
+        if self.seen is not None:  # the inputs, and the targets that are scored (`</s>`)
+            self.seen[batch.tokens[batch.token_mask.bool()]] = True
+            self.seen[batch.targets[batch.loss_mask.bool()]] = True
+
+    def apply(self, grad: Tensor | None, world: int = 1) -> None:
+        """Shape `grad` ([V, dim], the embeddings' gradient, already averaged over ranks) in
+        place, and forget what was seen."""
+        if self.seen is not None:
+            if world > 1:  # a row any rank saw learns on every rank
+                seen = self.seen.to(torch.uint8)
+                dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+                self.seen = seen.bool()
+            if grad is not None:
+                grad[~self.seen] = 0
+            self.seen.zero_()
+        if self.group is not None and grad is not None:
+            sums = torch.zeros_like(grad).index_add_(0, self.group, grad)  # [groups <= V, dim]
+            grad.copy_(sums[self.group])
+
+
+def _twin_groups(rows: int) -> Tensor:
+    """Each row's group: a word-start piece and its twin without the space are one group
+    (`\u2581\u2581` -> `\u2581`, so chains join too); every other piece is a group alone."""
+    tok = default_tokenizer()
+    if rows != len(tok.pieces()):
+        raise TrainingError(f"embedding_twins=tied needs the tokenizer's {len(tok.pieces())}-"
+                            f"piece vocabulary, the model has {rows} rows")
+    parent = list(range(rows))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for spaced, bare in tok.twins().items():
+        parent[root(spaced)] = root(bare)
+    return torch.tensor([root(i) for i in range(rows)])

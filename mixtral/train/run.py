@@ -38,7 +38,7 @@ from mixtral.quant import quantize_model
 from mixtral.tokenizer import default_tokenizer
 from mixtral.train.config import TrainConfig, TrainingError
 from mixtral.train.logs import MetricsLog, Progress
-from mixtral.train.optimizer import lr_at, optimizer, set_lr
+from mixtral.train.optimizer import RowGrad, lr_at, optimizer, set_lr
 from mixtral.train.state import (
     check_weights,
     intact,
@@ -120,6 +120,10 @@ def train(cfg: TrainConfig) -> Path:
     if sharded and cfg.tie_embeddings:  # refused before any work
         raise TrainingError("tie_embeddings=true cannot be sharded (FSDP would split the shared "
                             "matrix twice): set fsdp=false")
+    if sharded and (cfg.embedding_rows, cfg.embedding_twins) != ("all", "free"):
+        raise TrainingError(f"embedding_rows={cfg.embedding_rows} and embedding_twins="
+                            f"{cfg.embedding_twins} cannot be sharded (they shape whole rows' "
+                            "gradient, which FSDP splits): set fsdp=false")
     if sharded and cfg.sampled_softmax:  # the loss reads the output rows outside forward
         raise TrainingError("sampled_softmax cannot be sharded (the loss reads whole output "
                             "rows, which FSDP splits): set fsdp=false")
@@ -147,6 +151,7 @@ def train(cfg: TrainConfig) -> Path:
     if sharded:
         _fully_shard(model)
     opt = optimizer(model, cfg)
+    rowgrad = RowGrad.of(cfg, model)
     start = resume_state(resume_from, model, opt, sharded) if resume_from is not None else 0
     log = MetricsLog(out / "metrics.jsonl", start, rank == 0)
     bar = Progress(cfg, start, rank == 0)
@@ -158,6 +163,8 @@ def train(cfg: TrainConfig) -> Path:
         totals: dict[str, float] = {}
         for m in range(cfg.grad_accum):
             batch = task.batch(step, m * world + rank)
+            if rowgrad is not None:
+                rowgrad.see(batch)
             with _autocast(cfg):
                 loss, stats = task.loss(model, batch)
             if not torch.isfinite(loss):
@@ -169,6 +176,8 @@ def train(cfg: TrainConfig) -> Path:
                 totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
         if world > 1:  # FSDP has already averaged (reduce-scattered) the gradients
             _average(totals, world, None if sharded else model)
+        if rowgrad is not None:
+            rowgrad.apply(model.tok_embeddings.weight.grad, world)
         norm = torch.nn.utils.clip_grad_norm_(
             [p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         if isinstance(norm, DTensor):
