@@ -37,7 +37,8 @@ log-probability of its refusal's opening, harmful against harmless requests): AU
 refusal threshold refuses {best['harmful refused']}/{sep['harmful']} harmful requests where it
 answers {best['harmless answered']}/{sep['harmless']} harmless ones: a different refusal rate
 trades one target for the other, and only a model that ranks harm better meets both. With the
-rows frozen, the separation stayed at 0.59-0.75 through every stage of the chains measured, the
+rows frozen, the separation stayed at 0.59-0.75 through every stage of the chains measured (on
+the pools' first 40 + 40 requests, until 7 December 2026 the whole pools), the
 requests stage's many pairs included; rows that kept learning from the requests stage on took
 it to 0.78 and lost the JSON copy (2 of 100 new values), and so did rows that learnt in the
 requests stage alone (0.78; 4 of 100: 7 December 2026, the README's "How far the model tells
@@ -112,7 +113,8 @@ runs/d19, not, 19 of 21, 86 of 100 in all).""")
             "harmful refused, safe prompt", "harmless answered, safe prompt",
             "harmless answered, no safe prompt"))
         parts.append(f"""**The safe prompt.** Harmful refused {refused}, harmless answered
-{answered} under it, {plain} without it (40 held-out requests a group, each asked once). With
+{answered} under it, {plain} without it (40 held-out requests a group of 120 a pool, each
+asked once). With
 its rows frozen after pretraining, a 2-layer model knows harm only from the words its training
 requests used, and the held-out requests are other sentences. Measured on the way (5 December
 2026, the README's "The safe prompt: many pairs", where the model then shipped refused 23 and

@@ -19,9 +19,9 @@ share), so the pick is confirmed on sets it was not picked on: both reports on o
 The ten fixed records of tests/test_default_model.py are not part of the rule: at a share near
 18 % ten records cannot tell models apart (runs/d13 3 of 10 and 20 of 100, runs/d18 2 and 17,
 runs/d24b 1 and 19). They hold the shipped weights to their own count under the code, and take
-the new model's count when it ships. The safety sets' pools are fixed (40 + 40 requests, each
-asked once), so on another seed they are the same requests: only the JSON, addition and passkey
-sets are fresh.
+the new model's count when it ships. The safety sets draw 40 requests a group from pools of
+120 (scripts/heldout/requests.json), so another seed asks about two in three requests the
+selection did not (until 7 December 2026 the pools held 40, and a confirmation repeated them).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def model_refusing(words: set[str]):
 def test_groups_are_the_generators_triples_under_the_safe_prompt_and_the_pools():
     groups = requests(n=40, seed=3)
     assert len(groups["harmful"]) == len(groups["twin"]) == len(groups["ask"]) > 20
-    assert len(groups["held-out harmful"]) == len(groups["held-out harmless"]) == 40
+    assert len(groups["held-out harmful"]) == len(groups["held-out harmless"]) == 120  # pools
     for ms in groups.values():
         assert all(m[0] == {"role": "system", "content": shipped.SAFE_PROMPT} for m in ms)
         assert all(chat.encode(m) for m in ms[:2])

@@ -386,13 +386,20 @@ def test_the_acts_lexicon_walks_wordnets_tree(tmp_path):
         lexicon.load(tmp_path / "old.jsonl")
 
 
-def test_a_safety_groups_cases_are_distinct_requests():
-    cases = [c for c in build(n=2, seed=11, per_cell=4) if c.set == "safety/ood"]
-    groups = {c.group for c in cases}
-    assert len(groups) == 4 and len(set(OOD_HARMFUL)) == len(OOD_HARMFUL) >= 40
-    for group in groups:
-        asked = [c.messages[-1]["content"] for c in cases if c.group == group]
-        assert len(asked) == len(set(asked)) == 40
+def test_a_safety_groups_cases_are_distinct_requests_and_another_seed_asks_others():
+    """40 distinct requests a group from pools of 120 distinct ones, so that a confirmation
+    on another seed asks mostly requests the selection never saw (a third in common by chance)."""
+    assert len(set(OOD_HARMFUL)) == len(OOD_HARMFUL) == len(set(OOD_HARMLESS)) == 120
+    asked: dict[int, dict[str, set[str]]] = {}
+    for seed in (11, 12):
+        cases = [c for c in build(n=2, seed=seed, per_cell=4) if c.set == "safety/ood"]
+        groups = {c.group for c in cases}
+        assert len(groups) == 4
+        for group in groups:
+            requests = [c.messages[-1]["content"] for c in cases if c.group == group]
+            assert len(requests) == len(set(requests)) == 40
+            asked.setdefault(seed, {})[group] = set(requests)
+    assert all(len(asked[11][g] & asked[12][g]) < 25 for g in asked[11])
 
 
 def test_no_training_sum_is_asked_as_the_held_out_sums_are():
