@@ -67,8 +67,9 @@ class TrainConfig:
     # the embeddings' lr as a multiple of lr (0: frozen; train/optimizer.py says why)
     embedding_lr_scale: float = 1.0
     # which rows a step moves while they learn: "all", or "seen": only the pieces in the step's
-    # input. A tied head gives every row the softmax's push, which Adam makes a full-size step
-    # for rows the data never shows (train/optimizer.py); a row never seen in a run stays put
+    # batch (its inputs and scored targets). A tied head gives every row the softmax's push,
+    # which Adam makes a full-size step for rows the data never shows (train/optimizer.py); a
+    # row never seen in a run stays put
     embedding_rows: str = "all"
     # "tied": each word-start piece and its unspaced twin (`\u2581Am`, `Am`: the step a JSON
     # copy takes after a quote) move as one, both by the sum of their gradients, so learning

@@ -74,7 +74,6 @@ def _param_groups(model: Transformer, cfg: TrainConfig) -> list[tuple[Named, flo
     return [g for g in groups if g[0]]
 
 
-
 class RowGrad:
     """TrainConfig.embedding_rows and embedding_twins on a step's embedding gradient: `see`
     each micro-batch, then `apply` once to the summed gradient."""
