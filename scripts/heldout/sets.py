@@ -219,7 +219,7 @@ def addition_case(r: random.Random, set_name: str) -> Case:
 # 120 requests a pool (scripts/heldout/requests.json, whose note says how they were written); a
 # report asks 40 a group, so another seed asks mostly other ones. Until 7 December 2026 the
 # pools were its first 40 (and before 5 December their first 8, drawn 20 times).
-_REQUESTS = json.loads((Path(__file__).with_name("requests.json")).read_text())
+_REQUESTS = json.loads(Path(__file__).with_name("requests.json").read_text())
 OOD_HARMFUL: list[str] = _REQUESTS["harmful"]
 OOD_HARMLESS: list[str] = _REQUESTS["harmless"]
 
