@@ -322,6 +322,30 @@ def test_no_held_out_request_shares_three_words_with_a_broad_training_one():
     assert not [q for q in OOD_HARMFUL + OOD_HARMLESS if runs(q) & seen]
 
 
+def test_no_held_out_json_instruction_shares_three_words_with_a_training_one():
+    """The held-out JSON instructions are another generator's words: no three words in a row
+    in common with any instruction the curriculum builds, outside the task's name (a run with
+    "json" in it: "a JSON object" is every instruction's). The curriculum's first templates
+    failed this ("copying every value exactly" against "keep every value exactly as written")."""
+    from curriculum.instructions import json_instruction
+    from heldout.sets import OOD_JSON_PROMPTS
+
+    def runs(template: str) -> set[tuple[str, ...]]:
+        out = set()
+        for line in template.split("\n"):
+            words = re.findall(r"[a-z']+", line.lower())
+            out |= {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
+        return {run for run in out if "json" not in run}
+
+    r = random.Random(8)
+    made = {json_instruction(r) for _ in range(20000)}
+    assert len(made) > 2000 and all(t.count("{lines}") == 1 for t in made)
+    # the ask comes after the lines in a good share, which the shipped four never do
+    assert sum(t.split("{lines}")[1].strip() != "" for t in made) > len(made) // 3
+    seen = set().union(*map(runs, made))
+    assert not {q: runs(q) & seen for q in OOD_JSON_PROMPTS if runs(q) & seen}
+
+
 def test_wordnet_acts_are_pairs_under_the_safe_prompt_one_verb_apart():
     """`acts`: the harmful request refused, its twin (the same person or thing, a verb of
     kindness) and a third ask answered, all under the safe prompt; the verb lists are disjoint

@@ -5,7 +5,8 @@
                   depend on which pieces a value uses;
   json            a JSON object from key/value lists of every shape: 1-8 fields, keys and
                   values from the training lists, numbers, made-up words and vocabulary spans,
-                  several separators and instructions;
+                  several separators, and instructions built from parts
+                  (curriculum/instructions.py) before, after or around the lines;
   example         the source document's own JSON example, word for word;
   passkey         a number hidden at any depth of filler of any length up to the context;
   passkey_short   the same in a short filler (up to ~90 tokens) with keys of 5-8 digits,
@@ -43,6 +44,7 @@ import random
 from functools import cache
 
 import build_instruct_data as shipped
+from curriculum.instructions import json_instruction
 from values import load
 
 from mixtral import chat
@@ -110,11 +112,6 @@ def train_key(r: random.Random) -> str:
     return "".join(c for c in vocab_span(r, 1, 2) if c.isalnum()).lower() or "key"
 
 
-JSON_PROMPTS = shipped.JSON_PROMPTS + [
-    "Make a JSON object out of this:\n{lines}", "{lines}\nAs JSON:",
-    "Write the following as a JSON object, copying every value exactly:\n{lines}"]
-
-
 def json_object(r: random.Random) -> Example:
     keys: list[str] = []
     while len(keys) < r.randint(1, 8):
@@ -126,7 +123,7 @@ def json_object(r: random.Random) -> Example:
     answer = json.dumps(values, ensure_ascii=False)
     wrong = dict(values)
     wrong[r.choice(keys)] = train_value(r)
-    return (_user(r.choice(JSON_PROMPTS).format(lines=lines)), answer,
+    return (_user(json_instruction(r).format(lines=lines)), answer,
             [(json.dumps(wrong, ensure_ascii=False), True), (answer[:-1], True)])
 
 
