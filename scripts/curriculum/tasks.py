@@ -44,9 +44,9 @@ import random
 from functools import cache
 
 import build_instruct_data as shipped
-from curriculum.instructions import json_instruction
 from values import load
 
+from curriculum.instructions import json_instruction
 from mixtral import chat
 from mixtral.tokenizer import default_tokenizer
 
