@@ -327,7 +327,7 @@ def test_no_held_out_json_instruction_shares_three_words_with_a_training_one():
     in common with any instruction the curriculum builds, outside the task's name (a run with
     "json" in it: "a JSON object" is every instruction's). The curriculum's first templates
     failed this ("copying every value exactly" against "keep every value exactly as written")."""
-    from curriculum.instructions import json_instruction
+    from curriculum.instructions import AFTER, json_instruction
     from heldout.sets import OOD_JSON_PROMPTS
 
     def runs(template: str) -> set[tuple[str, ...]]:
@@ -340,8 +340,9 @@ def test_no_held_out_json_instruction_shares_three_words_with_a_training_one():
     r = random.Random(8)
     made = {json_instruction(r) for _ in range(20000)}
     assert len(made) > 2000 and all(t.count("{lines}") == 1 for t in made)
-    # the ask comes after the lines in a good share, which the shipped four never do
-    assert sum(t.split("{lines}")[1].strip() != "" for t in made) > len(made) // 3
+    # one of the asks that point back at the lines follows them in a good share
+    after = [t for t in made if any(a in t.split("{lines}")[1] for a in AFTER)]
+    assert len(after) > len(made) // 3
     seen = set().union(*map(runs, made))
     assert not {q: runs(q) & seen for q in OOD_JSON_PROMPTS if runs(q) & seen}
 

@@ -10,9 +10,9 @@ without a preamble, extra demands and a blank line; the separators between key a
 json_object's. The shipped generator's four templates (scripts/build_instruct_data.py) are
 kept for half the rows: they are the source document's prompt and the in-distribution sets'.
 
-None of these words is the held-out generator's (scripts/heldout/sets.py, OOD_JSON_PROMPTS):
-a test checks that no three words in a row are shared outside the task's name (the runs with
-"JSON" in them).
+No phrasing here shares three words in a row with the held-out generator's instructions
+(scripts/heldout/sets.py, OOD_JSON_PROMPTS) outside the task's name (the runs with "JSON" in
+them): a test checks it.
 """
 
 from __future__ import annotations
