@@ -136,9 +136,19 @@ def _id_row(messages: list[dict[str, str]], answer: list[int] | None) -> dict[st
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
 
 
+def stream(seed: int, name: str) -> random.Random:
+    """Task `name`'s own random stream. One stream per task, not one shared, so that changing a
+    task's generator redraws only its rows: with one shared stream, runs/d26's new
+    JSON instructions redrew every other task's rows too, and its sums fell (87 -> 70 of 100
+    held out) with no way to tell the change from the draw. A string seed is hashed (SHA-512),
+    not salted per process: the same seed gives the same rows on every machine."""
+    return random.Random(f"{seed}/{name}")
+
+
 def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
           repeats: int = 24000, induction: int = 80000) -> dict:
-    r = random.Random(seed)
+    r = stream(seed, "mix")  # which task each row is, and whether it has the safe prompt
+    text_r = stream(seed, "text")
     passages, sentences = corpus_text(corpus)
     filler = sentences or list(landmark.FILLER)
     max_chars = int((context - 96) * 3.5)  # ~3.5 characters a token, room for the question
@@ -146,29 +156,36 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
     pairs: dict[str, Callable[[random.Random], tuple[Example, ...]]] = {
         "safety": safety.safety, "harm": safety.harm, "acts": lambda r: safety.acts(r, words)}
     pending: dict[str, list[Example]] = {name: [] for name in pairs}  # a pair's second half
+    pair_r = {name: stream(seed, name) for name in pairs}
 
     def pair(name: str) -> Example:
         if not pending[name]:
-            pending[name].extend(pairs[name](r))
+            pending[name].extend(pairs[name](pair_r[name]))
         return pending[name].pop(0)
 
-    makers: dict[str, Callable[[], Example]] = {
-        "copy": lambda: tasks.copy(r), "json": lambda: tasks.json_object(r),
-        "passkey": lambda: tasks.passkey(r, filler, max_chars),
+    generators: dict[str, Callable[[random.Random], Example]] = {
+        "copy": tasks.copy, "json": tasks.json_object,
+        "passkey": lambda r: tasks.passkey(r, filler, max_chars),
         # from the numbers stage on, the keys' phrasings are varied (the skills stage's are not)
-        "passkey_short": lambda: tasks.passkey(r, filler, SHORT_FILLER, long_keys=True,
-                                               varied=True),
+        "passkey_short": lambda r: tasks.passkey(r, filler, SHORT_FILLER, long_keys=True,
+                                                 varied=True),
         # room left for the answer (<= 8 digits and </s>)
-        "passkey_full": lambda: tasks.passkey(r, filler, max_chars, max_tokens=context - 12,
-                                              varied=True),
-        "passkey_long": lambda: tasks.passkey(r, filler, max_chars, long_keys=True,
-                                              max_tokens=context - 12, few_digits=True,
-                                              varied=True),
-        "arith_practice": lambda: tasks.arith_practice(r),
-        "arith_plain": lambda: tasks.arith_plain(r), "arith_words": lambda: tasks.arith_words(r),
-        "safety": lambda: pair("safety"), "harm": lambda: pair("harm"),
-        "acts": lambda: pair("acts"),
-        "example": tasks.source_example}
+        "passkey_full": lambda r: tasks.passkey(r, filler, max_chars, max_tokens=context - 12,
+                                                varied=True),
+        "passkey_long": lambda r: tasks.passkey(r, filler, max_chars, long_keys=True,
+                                                max_tokens=context - 12, few_digits=True,
+                                                varied=True),
+        "arith_practice": tasks.arith_practice, "arith_plain": tasks.arith_plain,
+        "arith_words": tasks.arith_words}
+    task_r = {name: stream(seed, name) for name in generators}
+
+    def make(name: str) -> Example:
+        if name in pairs:
+            return pair(name)
+        if name == "example":
+            return tasks.source_example()
+        return generators[name](task_r[name])
+
     summary: dict = {"seed": seed, "context": context, "passages": len(passages),
                      "stages": {}, "note": "" if passages else "no corpus: the text task is "
                      "left out and the passkey filler is the landmark protocol's"}
@@ -184,10 +201,11 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
                     name = r.choices(names, [weights[t] for t in names])[0]
                     counts[name] += 1
                     if name == "text":  # plain text, trained on whole
-                        sft.write(json.dumps({"task": name, "text": tasks.text(r, passages)},
+                        row_text = tasks.text(text_r, passages)
+                        sft.write(json.dumps({"task": name, "text": row_text},
                                              ensure_ascii=False) + "\n")
                         continue
-                    messages, answer, rejects = makers[name]()
+                    messages, answer, rejects = make(name)
                     if name not in NOT_SAFE and stage in SAFE_SHARE and \
                             r.random() < SAFE_SHARE[stage]:
                         messages = [{"role": "system", "content": shipped.SAFE_PROMPT},

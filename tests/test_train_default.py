@@ -138,6 +138,43 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
         assert not any("sorry" in r["messages"][-1]["content"] for r in asked)
 
 
+def test_a_change_to_one_task_redraws_only_that_tasks_rows(tmp_path, monkeypatch):
+    """Each task draws from its own random stream: a JSON generator that draws more (as new
+    instructions did in runs/d26) leaves every other task's rows, and which task each row is,
+    as they were; so a chain with the change differs from the last only where it was made."""
+    import curriculum.tasks
+
+    corpus = fake_corpus(tmp_path / "corpus")
+
+    def rows(out: Path) -> dict[str, list[dict]]:
+        build_curriculum(out, corpus, n=300, seed=4, context=1024, repeats=20, induction=8)
+        files = {s: out / s / "sft.jsonl" for s in STAGES} | {"dpo": out / "dpo.jsonl"} | {
+            s: out / s / "train.jsonl" for s in ("induction", "repeats")}
+        return {s: [json.loads(line) | {"task": json.loads(line).get("task")}
+                    for line in f.read_text().splitlines()] for s, f in files.items()}
+
+    before = rows(tmp_path / "a")
+    original = curriculum.tasks.json_object
+
+    def json_object(r):  # draws twice as much, and asks otherwise
+        r.random()
+        messages, answer, rejects = original(r)
+        messages[-1]["content"] = "Changed. " + messages[-1]["content"]
+        return messages, answer, rejects
+
+    monkeypatch.setattr(curriculum.tasks, "json_object", json_object)
+    after = rows(tmp_path / "b")
+    changed = 0
+    for stage in before:
+        assert [r["task"] for r in before[stage]] == [r["task"] for r in after[stage]], stage
+        for a, b in zip(before[stage], after[stage], strict=True):
+            if a["task"] in ("json", "example"):
+                changed += a != b
+            else:
+                assert a == b, (stage, a["task"])
+    assert changed > 300  # the JSON rows did change: this test can tell
+
+
 def test_train_default_trains_the_stages_in_their_one_order():
     script = (ROOT / "scripts" / "train_default.sh").read_text()
     assert tuple(re.findall(r"recipes/(?:default|curriculum)/(\w+)\.yaml", script)) == ORDER
