@@ -140,8 +140,9 @@ def stream(seed: int, name: str) -> random.Random:
     """Task `name`'s own random stream. One stream per task, not one shared, so that changing a
     task's generator redraws only its rows: with one shared stream, runs/d26's new
     JSON instructions redrew every other task's rows too, and its sums fell (87 -> 70 of 100
-    held out) with no way to tell the change from the draw. A string seed is hashed (SHA-512),
-    not salted per process: the same seed gives the same rows on every machine."""
+    held out) with no way to tell the change from the draw (runs/d27, with the streams apart:
+    81, the draw's). A string seed is hashed (SHA-512), not salted per process: the same seed
+    gives the same rows on every machine."""
     return random.Random(f"{seed}/{name}")
 
 

@@ -239,7 +239,8 @@ def test_a_json_answer_is_a_copy_of_the_prompts_pieces(tmp_path):
     rows = [row for row in rows if row["task"] == "json"]
     assert len(rows) == summary["stages"]["copy"]["json"] > 0
     with_ids = [row for row in rows if "input_ids" in row]
-    # a value with a character JSON escapes (a span may hold `"` or `\\`) has no copy to give
+    # a value with a character JSON escapes (a span may hold a quote or a backslash) has no
+    # copy to give: its answer is written with the escape
     assert all("\\" in row["messages"][-1]["content"] for row in rows if row not in with_ids)
     assert len(with_ids) >= 0.8 * len(rows)
     for row in with_ids:

@@ -156,7 +156,7 @@ def test_a_change_to_one_task_redraws_only_that_tasks_rows(tmp_path, monkeypatch
     before = rows(tmp_path / "a")
     original = curriculum.tasks.json_object
 
-    def json_object(r):  # draws twice as much, and asks otherwise
+    def json_object(r):  # draws one number more, and asks otherwise
         r.random()
         messages, answer, rejects = original(r)
         messages[-1]["content"] = "Changed. " + messages[-1]["content"]
