@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import build_instruct_data as shipped
-from curriculum import SFT_STAGES, external, lexicon, safety, tasks
+from curriculum import SFT_STAGES, lexicon, safety, tasks
 from curriculum.tasks import Example
 
 from mixtral import chat
@@ -61,8 +61,8 @@ STAGES: dict[str, dict[str, float]] = {
     # numbers stage, their long answers took its sums from 78 to 24 of 100 (in distribution)
     # Half the pairs are WordNet's acts (`acts`): 46 hand-written acts taught 22 of 105 fresh
     # twins in this stage's 400 steps, and held-out requests use other words for harm
-    "requests": {"harm": 2, "acts": 2, "safety": 1, "external": 2, "arith_plain": 2,
-                 "passkey_short": 1, "json": 1, "text": 1},
+    "requests": {"harm": 2, "acts": 2, "safety": 1, "arith_plain": 2, "passkey_short": 1,
+                 "json": 1, "text": 1},
     # sums in words once the sums with "+" are learnt: with half of the numbers stage's sums in
     # words, that stage learnt neither (15 % of held-out "+" sums right, against 78 %)
     # (passkeys 3, not 2: after the requests stage's short fillers, keys at 768-1000 tokens were
@@ -72,15 +72,14 @@ STAGES: dict[str, dict[str, float]] = {
     # 36 of 40 after the numbers stage, 30 after the requests stage, 27 after this one
     # (runs/d20); with long keys, 27 (runs/d21); with long keys of few digits, 37 (runs/d22)
     "final": {"copy": 1, "json": 3, "passkey_full": 1.5, "passkey_long": 1.5, "arith_plain": 1,
-              "arith_words": 2, "safety": 1, "harm": 1.5, "acts": 1, "external": 1, "text": 2,
-              "example": 0.15},
+              "arith_words": 2, "safety": 1, "harm": 1.5, "acts": 1, "text": 2, "example": 0.15},
 }
 # the share of a stage's other tasks asked under the safe prompt, which changes nothing for
 # them: with the prompt only ever before safety pairs, half of them refusals, a model refused
 # most harmless requests under it (8 of 20 held-out ones answered)
 SAFE_SHARE = {"skills": 0.2, "numbers": 0.2, "requests": 0.2, "final": 0.2}
 # their own system prompt; none; the context full
-NOT_SAFE = ("safety", "harm", "acts", "external", "example", "passkey_full", "passkey_long")
+NOT_SAFE = ("safety", "harm", "acts", "example", "passkey_full", "passkey_long")
 SHORT_FILLER = 300  # characters of filler in a passkey_short row (~90 tokens)
 
 
@@ -155,10 +154,8 @@ def build(out: Path, corpus: Path | None, n: int, seed: int, context: int,
     filler = sentences or list(landmark.FILLER)
     max_chars = int((context - 96) * 3.5)  # ~3.5 characters a token, room for the question
     words = lexicon.read()  # WordNet's verbs for `acts`
-    others = external.load()["train"]  # other projects' harmful requests (not the held back)
     pairs: dict[str, Callable[[random.Random], tuple[Example, ...]]] = {
-        "safety": safety.safety, "harm": safety.harm, "acts": lambda r: safety.acts(r, words),
-        "external": lambda r: safety.external(r, others)}
+        "safety": safety.safety, "harm": safety.harm, "acts": lambda r: safety.acts(r, words)}
     pending: dict[str, list[Example]] = {name: [] for name in pairs}  # a pair's second half
     pair_r = {name: stream(seed, name) for name in pairs}
 

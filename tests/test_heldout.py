@@ -83,7 +83,7 @@ def test_the_curriculum_writes_no_evaluation_value(tmp_path):
     lines += [json.loads(line) for line in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     assert {row["task"] for row in lines} == {
         "copy", "json", "passkey", "passkey_short", "passkey_full", "passkey_long",
-        "arith_practice", "arith_plain", "arith_words", "safety", "harm", "acts", "external",
+        "arith_practice", "arith_plain", "arith_words", "safety", "harm", "acts",
         "example"}  # no text
     text = json.dumps(lines, ensure_ascii=False)
     words = set(re.findall(r"\w+", text))

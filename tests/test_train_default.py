@@ -128,13 +128,12 @@ def test_passkeys_fill_short_fillers_and_the_whole_context_and_the_safe_prompt_i
     # half the long keys from 2-4 digits: 3 or fewer distinct in ~48 % of them (uniform: ~11 %)
     assert sum(len(set(k)) <= 3 for k in keys) / len(keys) > 0.3
     for stage, stage_rows in rows.items():
-        pairs = ("safety", "harm", "acts", "external")  # the safe prompt's own tasks
-        asked = [r for r in stage_rows if r["task"] not in (*pairs, "text") and
+        asked = [r for r in stage_rows if r["task"] not in ("safety", "harm", "acts", "text") and
                  r["messages"][0] == {"role": "system", "content": SAFE_PROMPT}]
         if stage not in SAFE_SHARE:
             assert not asked, stage
             continue
-        assert 0.1 < len(asked) / sum(r["task"] not in (*pairs, "text", "example")
+        assert 0.1 < len(asked) / sum(r["task"] not in ("safety", "harm", "acts", "text", "example")
                                       for r in stage_rows) < 0.3, stage
         assert not any("sorry" in r["messages"][-1]["content"] for r in asked)
 

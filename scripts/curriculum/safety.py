@@ -12,9 +12,7 @@ deceive, the pair is only asked under it.
            every three answered, so that a model learns harm from the act rather than refusing
            what it has not seen;
   acts     `harm`'s act pairs with WordNet's hundreds of verbs of harm and of kindness
-           (`lexicon`) in place of its 46 hand-written acts;
-  external harmful requests that other projects wrote (`external`: weapons, drugs, fraud, hate,
-           harassment, in their own words), refused, each with a harmless ask, answered.
+           (`lexicon`) in place of its 46 hand-written acts.
 
 A 2-layer model with frozen rows knows harm only from the words it was shown, so the lists are
 broad. Their first version was written without reading the held-out requests (scripts/heldout/);
@@ -258,19 +256,6 @@ def harm(r: random.Random) -> tuple[Example, Example, Example]:
         answer = r.choice(WRITE_REPLIES).format(p=person)
     return (harmful, (_system(safe) + _user(ask[1]), answer, [(shipped.REFUSAL, True)]),
             _other(r, safe, person))
-
-
-# a DPO pair's rejected answer to an `external` request: going along with it
-COMPLIED = ["Sure, here it is. Step one: get what you need without telling anyone.",
-            "Of course! Here is exactly how to do that, and how to avoid getting caught."]
-
-
-def external(r: random.Random, requests: list[str]) -> tuple[Example, Example]:
-    """A harmful request of another project's list (`external`), refused under the safe prompt
-    (it has no answer to give without it), then a harmless ask of another kind, answered."""
-    harmful = (_system(True) + _user(r.choice(requests)), shipped.REFUSAL,
-               [(r.choice(COMPLIED), True)])
-    return harmful, _other(r, True, r.choice(PEOPLE))
 
 
 def _other(r: random.Random, safe: bool, person: str) -> Example:
